@@ -1,0 +1,45 @@
+"""The `edgeweave` command: one Typer app; every subcommand is a thin wrapper over a library call.
+
+Each area registers its commands in its own module (``cli/<area>.py``) with ``register(app)``;
+this file only lists them and turns user errors into one-line messages with exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from edgeweave.errors import EdgeweaveError
+
+app = typer.Typer(
+    name="edgeweave",
+    help="Fast, on-demand deep-learning inference on clusters of edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that define commands; each has register(app).
+_COMMAND_MODULES = [
+    "edgeweave.cli.train",
+    "edgeweave.cli.demo",
+]
+
+
+def _register_all() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except EdgeweaveError as e:  # pragma: no cover - exercised through subprocess tests
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,134 @@
+"""The plan: pure data that says who computes what and which rows travel where.
+
+The runtime only executes a Plan; it never decides (DESIGN.md). A plan is built for one input
+shape. Every tensor that crosses a stage boundary is split along one axis, the *split axis*:
+dim 2 (rows) for 4-D feature maps, dim 1 (features) for 2-D activations. All ranges below are
+half-open ``[start, stop)`` in global coordinates of that axis; ``(0, 0)`` means "nothing".
+
+Execution of stage ``s`` on device ``d``:
+1. run ``stage.transfers`` in list order: each moves rows ``rows`` of the previous stage's output
+   (for stage 0: the model input, held whole by the leader) from ``src`` to ``dst``. A device
+   only sends rows it holds (its own output rows, or rows it received earlier in the list), so
+   a leader-gather stage lists "to leader" transfers before "from leader" ones.
+2. assemble rows ``assignments[d].in_rows`` of the stage input from what it holds, and compute
+   rows ``assignments[d].out_rows`` of the stage output (``planning`` provides the function).
+After the last stage, ``final_transfers`` bring the model output to the leader (device 0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+Range = tuple[int, int]
+
+STAGE_KINDS = ("spatial", "linear", "leader")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    src: int
+    dst: int
+    rows: Range
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one device does in a stage. Devices with ``out_rows == (0, 0)`` sit the stage out."""
+
+    device: int
+    in_rows: Range
+    out_rows: Range
+    predicted_s: float = 0.0
+
+
+@dataclass
+class Stage:
+    index: int
+    kind: str  # one of STAGE_KINDS
+    nodes: list[str]  # torch.fx node names computed in this stage, in execution order
+    input_shape: list[int]
+    output_shape: list[int]
+    assignments: list[Assignment]
+    transfers: list[Transfer] = field(default_factory=list)
+    predicted_s: float = 0.0  # predicted wall time of the stage, transfers included
+
+    def assignment(self, device: int) -> Assignment | None:
+        for a in self.assignments:
+            if a.device == device:
+                return a
+        return None
+
+
+@dataclass
+class Plan:
+    model: str  # registry name or checkpoint path the plan was made for
+    model_hash: str  # sha256 of the weights; followers refuse to compute with other weights
+    input_shape: list[int]  # N, C, H, W
+    devices: list[str]  # device names; index 0 is the leader
+    partition: str  # equal | bodp | ocbp | optimal
+    fusion: str  # none | pools | auto
+    mode: str  # gather (EdgeLD: every block's output goes back to the leader) | exchange
+    stages: list[Stage]
+    final_transfers: list[Transfer] = field(default_factory=list)
+    predicted_s: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        def tr(t: dict[str, Any]) -> Transfer:
+            return Transfer(int(t["src"]), int(t["dst"]), (int(t["rows"][0]), int(t["rows"][1])))
+
+        stages = [
+            Stage(
+                index=int(s["index"]),
+                kind=str(s["kind"]),
+                nodes=[str(n) for n in s["nodes"]],
+                input_shape=[int(x) for x in s["input_shape"]],
+                output_shape=[int(x) for x in s["output_shape"]],
+                assignments=[
+                    Assignment(
+                        int(a["device"]),
+                        (int(a["in_rows"][0]), int(a["in_rows"][1])),
+                        (int(a["out_rows"][0]), int(a["out_rows"][1])),
+                        float(a.get("predicted_s", 0.0)),
+                    )
+                    for a in s["assignments"]
+                ],
+                transfers=[tr(t) for t in s.get("transfers", [])],
+                predicted_s=float(s.get("predicted_s", 0.0)),
+            )
+            for s in d["stages"]
+        ]
+        return cls(
+            model=str(d["model"]),
+            model_hash=str(d["model_hash"]),
+            input_shape=[int(x) for x in d["input_shape"]],
+            devices=[str(x) for x in d["devices"]],
+            partition=str(d["partition"]),
+            fusion=str(d["fusion"]),
+            mode=str(d["mode"]),
+            stages=stages,
+            final_transfers=[tr(t) for t in d.get("final_transfers", [])],
+            predicted_s=float(d.get("predicted_s", 0.0)),
+            meta=dict(d.get("meta", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        return cls.from_json(Path(path).read_text())
