@@ -69,7 +69,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 def _ensure_builtin_models_loaded() -> None:
     # Importing the model files registers them (one architecture per file, like torchvision).
-    from edgeweave.models import cifar_resnet, small  # noqa: F401
+    from edgeweave.models import cifar_resnet, compact_blocks, small  # noqa: F401
+    from edgeweave.models import multi_exit_resnet, multi_exit_small, multi_exit_torchvision  # noqa: F401
 
 
 def list_models() -> list[str]:
