@@ -40,6 +40,7 @@ def test_small_cnn_every_3x3_replaced_and_forward_matches_shape() -> None:
     assert _convs_3x3(res.model) == []  # only the inner 3x3s of CompactConv blocks remain
     assert sum(isinstance(m, CompactConv) for m in res.model.modules()) == 4
     assert len(_convs_3x3(base)) == n3  # not in place: the original is untouched
+    assert compact_model(res.model).replaced == []  # already compact: nothing left to replace
     x = torch.randn(2, 1, 28, 28)
     assert res.model(x).shape == (2, 5)
 

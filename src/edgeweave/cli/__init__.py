@@ -24,6 +24,7 @@ app = typer.Typer(
 _COMMAND_MODULES = [
     "edgeweave.cli.train",
     "edgeweave.cli.demo",
+    "edgeweave.cli.compress",
 ]
 
 

@@ -55,7 +55,9 @@ def compact_model(
         model = copy.deepcopy(model)
     result = CompactResult(model)
     # Collect first: mutating while iterating named_modules would revisit the new blocks.
-    targets = [(name, m) for name, m in model.named_modules() if _is_dense_3x3(m)]
+    # Convs inside existing CompactConv blocks are already compact: compacting twice is a no-op.
+    inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, CompactConv) for c, _ in m.named_children()}
+    targets = [(name, m) for name, m in model.named_modules() if _is_dense_3x3(m) and name not in inner]
     for name, conv in targets:
         if skip_costlier:
             orig, new = compact_cost_per_pixel(conv.in_channels, conv.out_channels, ratio)
