@@ -1,0 +1,92 @@
+"""On-demand inference API: a multi-exit model plus its calibrated operating points.
+
+    od = OnDemandModel.load("student.safetensors")
+    res = od.predict(x, latency_budget_ms=2.0)          # best accuracy within 2 ms (p95)
+    res = od.predict(x, min_accuracy=0.97)               # fastest point reaching 97 %
+    res.labels, res.exits, res.choice.satisfied, res.choice.message
+
+Operating points live in the checkpoint's ``extra["exits"]`` (``exits calibrate`` writes
+them), so a reloaded checkpoint answers with the same points it was calibrated with.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.exits.calibrate import OperatingPoint
+from edgeweave.exits.inference import early_exit
+from edgeweave.exits.policy import Choice, choose
+from edgeweave.models.multi_exit import MultiExitNet
+
+EXTRA_KEY = "exits"
+
+
+@dataclass
+class Prediction:
+    labels: torch.Tensor
+    exits: torch.Tensor
+    voted: torch.Tensor
+    choice: Choice
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels.tolist(), "exits": self.exits.tolist(), "voted": self.voted.tolist(),
+                "latency_ms": self.latency_ms, **self.choice.to_dict()}
+
+
+def exits_extra(points: Sequence[OperatingPoint], **info: Any) -> dict[str, Any]:
+    """What ``exits calibrate`` stores with the checkpoint."""
+    return {"operating_points": [p.to_dict() for p in points],
+            "measured_on": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                            "torch": torch.__version__, "threads": torch.get_num_threads(), **info}}
+
+
+def points_from_extra(extra: dict[str, Any]) -> list[OperatingPoint]:
+    data = (extra or {}).get(EXTRA_KEY, {})
+    return [OperatingPoint.from_dict(d) for d in data.get("operating_points", [])]
+
+
+class OnDemandModel:
+    def __init__(self, model: MultiExitNet, points: Sequence[OperatingPoint], default: str | None = None) -> None:
+        if not isinstance(model, MultiExitNet):
+            raise EdgeweaveError("on-demand inference needs a multi-exit model (e.g. multi_exit_small)")
+        if not points:
+            raise EdgeweaveError("this model has no operating points: run `edgeweave exits calibrate CKPT` first")
+        self.model = model.eval()
+        self.points = list(points)
+        self.default = default
+
+    @classmethod
+    def load(cls, path: str | Path, default: str | None = None) -> "OnDemandModel":
+        from edgeweave.checkpoint import load_checkpoint
+
+        model, _spec, extra = load_checkpoint(path)
+        return cls(model, points_from_extra(extra), default)  # type: ignore[arg-type]
+
+    def choose(self, latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Choice:
+        return choose(self.points, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy, default=self.default)
+
+    def predict(self, x: torch.Tensor, latency_budget_ms: float | None = None,
+                min_accuracy: float | None = None) -> Prediction:
+        """Classify ``x`` (N, C, H, W) at the operating point the request asks for. An
+        unsatisfiable request still gets answers, at the closest point, with ``satisfied=False``."""
+        import time
+
+        c = self.choose(latency_budget_ms, min_accuracy)
+        t0 = time.perf_counter()
+        r = early_exit(self.model, x, c.point.thresholds, voting_weights=c.point.voting_weights or None,
+                       confidence=c.point.confidence)
+        ms = (time.perf_counter() - t0) * 1e3
+        return Prediction(r.pred, r.exit_index, r.voted, c, ms)
+
+
+def predict(model: MultiExitNet, points: Sequence[OperatingPoint], x: torch.Tensor, *,
+            latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Prediction:
+    """Functional form of ``OnDemandModel.predict``."""
+    return OnDemandModel(model, points).predict(x, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy)
