@@ -38,9 +38,12 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from edgeweave.cli.common import normalize_json_flag
+
+    args = normalize_json_flag(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(standalone_mode=True)
+        app(args=args, prog_name="edgeweave", standalone_mode=True)
     except EdgeweaveError as e:  # pragma: no cover - exercised through subprocess tests
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

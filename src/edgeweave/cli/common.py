@@ -12,19 +12,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
+from edgeweave.console import console, progress_bar  # noqa: F401  (re-exported for commands)
 
-console = Console(stderr=True)
 
-# `--json` alone means stdout ("-"); `--json PATH` writes to PATH.
+# `--json` alone means stdout ("-"); `--json PATH` writes to PATH. Typer has no optional-value
+# options, so main() rewrites a bare `--json` to `--json -` (see normalize_json_flag).
 JsonOpt = typer.Option(
     None,
     "--json",
-    flag_value="-",
-    is_flag=False,
     metavar="[PATH]",
     help="Print one JSON object on stdout (or write it to PATH).",
 )
+
+
+def normalize_json_flag(argv: list[str]) -> list[str]:
+    """Give a bare ``--json`` (last, or followed by another option) the value ``-`` (stdout)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--json" and (i + 1 == len(argv) or argv[i + 1].startswith("-") and argv[i + 1] != "-"):
+            out.append("-")
+    return out
 
 
 def _clean(obj: Any) -> Any:

@@ -1,0 +1,3 @@
+from edgeweave.training.loop import TrainResult, evaluate, fit
+
+__all__ = ['TrainResult', 'evaluate', 'fit']

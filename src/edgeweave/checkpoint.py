@@ -1,0 +1,187 @@
+"""Checkpoints: one .safetensors file holding the weights and, in its header, the JSON that
+rebuilds the model (registry name, classes, input shape, kwargs, anything a workflow adds).
+
+Why this format: safetensors cannot execute code on load (no pickle), the header is readable
+without loading tensors, and the same bytes can be shipped to followers over the network.
+Structural changes (pruned channel counts) need no bookkeeping: after building the registered
+architecture, every Conv2d / Linear / BatchNorm whose stored tensors have another shape is
+replaced by one of the stored shape, so the file alone rebuilds the exact model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.models import build_model
+
+FORMAT_VERSION = 1
+_META_KEY = "edgeweave"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    num_classes: int = 10
+    in_channels: int = 3
+    input_size: tuple[int, int] = (224, 224)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] | None = None
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, num_classes=self.num_classes, in_channels=self.in_channels, **self.kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(
+            name=str(d["name"]),
+            num_classes=int(d.get("num_classes", 10)),
+            in_channels=int(d.get("in_channels", 3)),
+            input_size=tuple(int(x) for x in d.get("input_size", (224, 224))),  # type: ignore[arg-type]
+            kwargs=dict(d.get("kwargs", {})),
+            classes=d.get("classes"),
+        )
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage, and the file must not alias the model
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes): followers compare it before computing."""
+    return tensors_hash(model.state_dict())
+
+
+def model_to_bytes(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> bytes:
+    meta = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model)}
+    return st_save(_tensors(model), metadata={_META_KEY: json.dumps(meta)})
+
+
+def _read_header(data: bytes, where: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise EdgeweaveError(f"{where}: not a checkpoint (too short)")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise EdgeweaveError(f"{where}: not a safetensors checkpoint (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header.get("__metadata__", {})[_META_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise EdgeweaveError(f"{where}: safetensors file without edgeweave metadata (was it saved by edgeweave?)") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise EdgeweaveError(f"{where}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def _resize_to(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace layers whose stored shapes differ (pruned models) with layers of the stored shape."""
+    for mod_name, mod in list(model.named_modules()):
+        prefix = f"{mod_name}." if mod_name else ""
+        w = tensors.get(prefix + "weight")
+        new: nn.Module | None = None
+        if isinstance(mod, nn.Conv2d) and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
+            out_c, in_per_group = w.shape[0], w.shape[1]
+            depthwise = mod.groups == mod.in_channels == mod.out_channels and mod.groups > 1
+            groups = out_c if depthwise else mod.groups
+            new = nn.Conv2d(in_per_group * groups, out_c, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                            groups, mod.bias is not None, mod.padding_mode)
+        elif isinstance(mod, nn.Linear) and w is not None and tuple(w.shape) != tuple(mod.weight.shape):
+            new = nn.Linear(w.shape[1], w.shape[0], mod.bias is not None)
+        elif isinstance(mod, nn.BatchNorm2d | nn.BatchNorm1d):
+            rm = tensors.get(prefix + "running_mean", w)
+            if rm is not None and rm.shape[0] != mod.num_features:
+                new = type(mod)(rm.shape[0], mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
+        if new is not None:
+            parent = model.get_submodule(mod_name.rpartition(".")[0]) if "." in mod_name else model
+            setattr(parent, mod_name.rpartition(".")[2], new)
+
+
+def model_from_bytes(data: bytes, where: str = "checkpoint") -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    meta = _read_header(data, where)
+    try:
+        tensors = st_load(data)
+    except SafetensorError as e:
+        raise EdgeweaveError(f"{where}: corrupt checkpoint ({e})") from None
+    if tensors_hash(tensors) != meta.get("hash"):
+        raise EdgeweaveError(f"{where}: weights do not match the hash recorded in the checkpoint (corrupt file?)")
+    spec = ModelSpec.from_dict(meta["spec"])
+    model = spec.build()
+    _resize_to(model, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise EdgeweaveError(f"{where}: weights do not fit architecture {spec.name!r}: {' '.join(first[:3])[:300]}") from None
+    model.eval()
+    return model, spec, dict(meta.get("extra", {}))
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(model_to_bytes(model, spec, extra))
+    tmp.replace(p)  # atomic: a crash never leaves half a checkpoint behind
+    return p
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgeweaveError(f"checkpoint not found: {p}")
+    return model_from_bytes(p.read_bytes(), where=str(p))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's JSON (spec, extra, hash) without building the model."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdgeweaveError(f"checkpoint not found: {p}")
+    with p.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return _read_header(head + f.read(n), str(p))
+
+
+def is_checkpoint_path(name: str) -> bool:
+    return name.endswith(".safetensors") or Path(name).is_file()
+
+
+def load_model(name_or_path: str, num_classes: int = 10, in_channels: int = 3, input_size: int | tuple[int, int] = 224,
+               **kwargs: Any) -> tuple[nn.Module, ModelSpec]:
+    """A registry name builds a fresh model; a checkpoint path loads one (the CLI's ``--model M``)."""
+    if is_checkpoint_path(name_or_path):
+        model, spec, _ = load_checkpoint(name_or_path)
+        return model, spec
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    spec = ModelSpec(name_or_path, num_classes, in_channels, size, dict(kwargs))  # type: ignore[arg-type]
+    model = spec.build()
+    model.eval()
+    return model, spec
