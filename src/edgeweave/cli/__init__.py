@@ -25,6 +25,8 @@ _COMMAND_MODULES = [
     "edgeweave.cli.train",
     "edgeweave.cli.demo",
     "edgeweave.cli.compress",
+    "edgeweave.cli.profile",
+    "edgeweave.cli.testbed",
 ]
 
 

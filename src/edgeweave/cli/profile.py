@@ -1,0 +1,59 @@
+"""`edgeweave profile`: measure this device's compute model and write a device profile (JSON).
+
+Thin wrapper over :func:`edgeweave.profiling.compute.profile_device`. The link part of a
+profile (bandwidth, latency to the leader) is measured by the runtime when a follower joins,
+with :func:`edgeweave.profiling.link.probe_link` over the process group it already has.
+
+``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (per kind: a, b, n_train, n_test,
+heldout_median_rel_err, heldout_mean_rel_err, heldout_max_rel_err, train_median_rel_err),
+``out`` (the profile path), ``seconds``, ``settings``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgeweave.cli.common import JsonOpt, console, emit_json
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile)
+
+
+def profile(
+    quick: bool = typer.Option(False, "--quick", help="Fewer, smaller settings (a few seconds on a full core, ~20 s on a quarter core)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile JSON to write (default results/profile-<name>.json)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Device name stored in the profile (default: the hostname)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Torch threads while timing (the runtime uses 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the setting sample and the held-out split."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median of
+    repeats), fit seconds = a*FLOPs + b per kind, report held-out error, write the profile."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from edgeweave.profiling.compute import profile_device
+
+    name = name or socket.gethostname()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+        prof, report = profile_device(name=name, quick=quick, seed=seed, threads=threads, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    path = out or Path("results") / f"profile-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
+
+    table = Table(title=f"compute model of {name} (seconds = a*FLOPs + b, {threads} thread)")
+    for c in ("kind", "a (s/FLOP)", "GFLOP/s", "b (ms)", "train/test", "held-out median err", "held-out max err"):
+        table.add_column(c, justify="left" if c == "kind" else "right")
+    for k, f in report["fits"].items():
+        table.add_row(k, f"{f['a']:.3e}", f"{1e-9 / f['a']:.1f}", f"{f['b'] * 1e3:.3f}", f"{f['n_train']}/{f['n_test']}",
+                      f"{100 * f['heldout_median_rel_err']:.1f}%", f"{100 * f['heldout_max_rel_err']:.1f}%")
+    console.print(table)
+    console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s)")
+    emit_json({"profile": prof.to_dict(), "fits": report["fits"], "out": str(path), "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)

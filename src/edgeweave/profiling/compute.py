@@ -1,0 +1,237 @@
+"""Measure this device's compute model: seconds = a * FLOPs + b, per operator kind.
+
+What is timed: single layers (Conv2d, Linear, MaxPool2d, and BatchNorm+ReLU as the
+elementwise "other" kind) over a grid of settings (H, W, Cin, Cout, kernel, stride), batch 1,
+one thread (the runtime runs one thread per process, see ENVIRONMENT.md), median of repeats
+after a warm-up. Settings are drawn from the full factorial grid with a fixed seed so that
+quick and full runs cover the same ranges with fewer points.
+
+How it is fitted: least squares (numpy) on *relative* residuals, i.e. each equation
+a*F + b = t is divided by t. The planner compares strips of very different sizes, so a 2 ms
+strip mispredicted by 1 ms matters as much as a 200 ms one mispredicted by 100 ms; plain least
+squares would fit only the largest layers. A negative intercept is not physical (it would
+predict negative time for tiny strips), so then b is fixed at 0 and a refitted.
+
+How it is checked: the settings are split (a seeded quarter is held out), the line is fitted on
+the rest, and the relative error |pred - t| / t on the held-out settings is reported per kind.
+The coefficients written to the profile are then refitted on all settings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import random
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeweave.profiling.flops import conv_flops, conv_out, eltwise_flops, linear_flops, pool_flops
+from edgeweave.profiling.profile import DeviceProfile
+
+KINDS = ("conv", "conv1x1", "linear", "pool", "other")
+"""Fitted kinds: spatial convolutions (K > 1), pointwise convolutions (their FLOPs per second
+differ: no im2col reuse, memory-bound at small channel counts), linear layers, pooling, and
+elementwise ops (batch norm, activations, residual adds). The profile's top-level ``a, b`` is
+one line over all convolutions, the fallback for a kind the profile does not list."""
+
+
+def op_kind(module: nn.Module) -> str:
+    """The fitted kind whose line predicts ``module``'s time (planner and profiler agree here)."""
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size
+        return "conv1x1" if tuple(k) == (1, 1) and module.groups == 1 else "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return "pool"
+    return "other"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One timed layer. For linear layers h=w=k=stride=1 and cin/cout are in/out features."""
+
+    kind: str
+    h: int  # input height
+    w: int  # input width
+    cin: int
+    cout: int
+    k: int = 1
+    stride: int = 1
+
+    @property
+    def fit_kind(self) -> str:
+        return "conv1x1" if self.kind == "conv" and self.k == 1 else self.kind
+
+    def out_hw(self) -> tuple[int, int]:
+        if self.kind == "linear":
+            return 1, 1
+        if self.kind == "pool":
+            return conv_out(self.h, self.k, self.stride, padding=0), conv_out(self.w, self.k, self.stride, padding=0)
+        return conv_out(self.h, self.k, self.stride), conv_out(self.w, self.k, self.stride)
+
+    def flops(self) -> float:
+        ho, wo = self.out_hw()
+        if self.kind == "conv":
+            return conv_flops(ho, wo, self.cin, self.cout, self.k)
+        if self.kind == "linear":
+            return linear_flops(self.cin, self.cout)
+        if self.kind == "pool":
+            return pool_flops(ho, wo, self.cin, self.k)
+        return eltwise_flops(self.h * self.w * self.cin, 3)  # batch norm (2) + ReLU (1)
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        if self.kind == "conv":
+            return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2), torch.randn(1, self.cin, self.h, self.w)
+        if self.kind == "linear":
+            return nn.Linear(self.cin, self.cout), torch.randn(1, self.cin)
+        if self.kind == "pool":
+            return nn.MaxPool2d(self.k, self.stride), torch.randn(1, self.cin, self.h, self.w)
+        return nn.Sequential(nn.BatchNorm2d(self.cin).eval(), nn.ReLU()), torch.randn(1, self.cin, self.h, self.w)
+
+
+def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> list[Setting]:
+    """The settings to time: a seeded sample of each kind's factorial grid, small to large.
+
+    Sizes follow the paper's ranges (maps 7..224, channels 16..512) scaled to what a batch-1,
+    one-thread run finishes in reasonable time; ``max_flops`` drops the largest settings
+    (quick: 2e9, full: 1e10) so the run time stays bounded on slow devices.
+    """
+    rng = random.Random(seed)
+    max_flops = max_flops if max_flops is not None else (2e9 if quick else 1e10)
+    sizes = [7, 14, 28, 56, 112] if quick else [7, 14, 28, 56, 112, 224]
+    chans = [16, 32, 64, 128, 256, 512]
+    conv_all = [Setting("conv", s, s, ci, co, k, st) for s, ci, co, k, st in itertools.product(sizes, chans, chans, [1, 3], [1, 2])]
+    lin_all = [Setting("linear", 1, 1, i, o) for i, o in itertools.product([64, 256, 512, 1024, 2048, 4096], [10, 100, 256, 1000, 4096])]
+    pool_all = [Setting("pool", s, s, c, k, k, k) for s, c, k in itertools.product(sizes, chans, [2, 3])]
+    other_all = [Setting("other", s, s, c, c) for s, c in itertools.product(sizes, chans)]
+    counts = {"conv": 120, "linear": 20, "pool": 20, "other": 20} if quick else {"conv": 300, "linear": 40, "pool": 40, "other": 40}
+    out: list[Setting] = []
+    for kind, pool in (("conv", conv_all), ("linear", lin_all), ("pool", pool_all), ("other", other_all)):
+        ok = [s for s in pool if s.flops() <= max_flops]
+        out += rng.sample(ok, min(counts[kind], len(ok)))
+    return out
+
+
+def time_setting(s: Setting, repeats: int = 5, budget_s: float = 0.5) -> float:
+    """Median seconds of one forward pass (batch 1, current thread count, after a warm-up).
+
+    Repeats shrink for slow layers so one setting takes about ``budget_s`` (at least 3 runs)."""
+    mod, x = s.build()
+    mod.eval()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        mod(x)  # warm-up: allocations, kernel selection
+        first = time.perf_counter() - t0
+        n = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            mod(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fit_line(flops: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising sum(((a*F + b - t) / t)^2), with b >= 0 (see the module docstring)."""
+    flops = np.asarray(flops, dtype=float)
+    seconds = np.asarray(seconds, dtype=float)
+    if len(flops) < 2:
+        raise ValueError("need at least two settings to fit a line")
+    w = 1.0 / seconds
+    A = np.stack([flops * w, w], axis=1)
+    (a, b), *_ = np.linalg.lstsq(A, np.ones_like(seconds), rcond=None)
+    if b < 0 or not np.isfinite(b):
+        x = flops * w
+        a, b = float(x.sum() / (x * x).sum()), 0.0
+    return float(a), float(b)
+
+
+def rel_errors(a: float, b: float, flops: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    return np.abs(a * np.asarray(flops) + b - np.asarray(seconds)) / np.asarray(seconds)
+
+
+@dataclass
+class KindFit:
+    kind: str
+    a: float
+    b: float
+    n_train: int
+    n_test: int
+    heldout_median_rel_err: float
+    heldout_mean_rel_err: float
+    heldout_max_rel_err: float
+    train_median_rel_err: float
+
+
+def fit_kind(kind: str, flops: Iterable[float], seconds: Iterable[float], holdout: float = 0.25, seed: int = 0) -> KindFit:
+    """Fit on a seeded (1 - holdout) share, report errors on the rest, then refit on all."""
+    F = np.asarray(list(flops), dtype=float)
+    T = np.asarray(list(seconds), dtype=float)
+    idx = np.random.default_rng(seed).permutation(len(F))
+    n_test = max(2, int(round(holdout * len(F)))) if len(F) >= 6 else 0
+    test, train = idx[:n_test], idx[n_test:]
+    a, b = fit_line(F[train], T[train])
+    te = rel_errors(a, b, F[test], T[test]) if n_test else np.array([np.nan])
+    tr = rel_errors(a, b, F[train], T[train])
+    a_all, b_all = fit_line(F, T)
+    return KindFit(kind, a_all, b_all, len(train), n_test, float(np.median(te)), float(np.mean(te)), float(np.max(te)), float(np.median(tr)))
+
+
+def profile_device(
+    name: str | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    threads: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[DeviceProfile, dict]:
+    """Time the grid and fit every kind. Returns the profile (``a, b`` = the conv line, which
+    dominates CNN time; ``per_kind`` = every kind's [a, b]) and a report with the fits'
+    held-out errors and the raw samples."""
+    settings = grid(quick=quick, seed=seed)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    samples = []
+    t_start = time.perf_counter()
+    try:
+        for i, s in enumerate(settings):
+            t = time_setting(s, repeats=7 if quick else 11, budget_s=0.2 if quick else 0.5)
+            samples.append({**asdict(s), "flops": s.flops(), "seconds": t})
+            if progress:
+                progress(i + 1, len(settings))
+    finally:
+        torch.set_num_threads(old_threads)
+    for r, s in zip(samples, settings):
+        r["fit_kind"] = s.fit_kind
+    fits = {}
+    for kind in KINDS:
+        rows = [r for r in samples if r["fit_kind"] == kind]
+        if len(rows) >= 2:
+            fits[kind] = fit_kind(kind, [r["flops"] for r in rows], [r["seconds"] for r in rows], seed=seed)
+    convs = [r for r in samples if r["kind"] == "conv"]
+    conv = fit_kind("all_conv", [r["flops"] for r in convs], [r["seconds"] for r in convs], seed=seed)
+    prof = DeviceProfile(
+        name=name or socket.gethostname(),
+        a=conv.a,
+        b=conv.b,
+        per_kind={k: [f.a, f.b] for k, f in fits.items()},
+        meta={
+            "fit": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)},
+            "flops_convention": "conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out",
+            "threads": threads,
+            "quick": quick,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "profile_seconds": time.perf_counter() - t_start,
+        },
+    )
+    report = {"fits": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)}, "samples": samples, "seconds": time.perf_counter() - t_start}
+    return prof, report

@@ -1,0 +1,113 @@
+"""Measure a link's bandwidth and latency over the channel the runtime itself uses (gloo).
+
+Both ranks must already be in a torch.distributed process group. One side calls
+:func:`probe_link`, the other :func:`respond_link`; the prober sends a small header (sizes and
+repeats) first, so the responder needs no arguments to agree on. For every size the prober
+sends ``n`` bytes and the responder echoes them back; the round trip therefore crosses the link
+once in each direction, which averages an asymmetric link and needs no clock agreement.
+
+Model: half a round trip of ``n`` bytes takes ``8 n / bandwidth + latency``. The minimum over
+repeats (after one warm-up) is fitted by least squares over the sizes; the minimum, not the
+median, because queueing behind other traffic only ever adds time. ``latency_s`` is therefore
+the *one-way* latency (half the round trip of an empty message), the meaning of
+``DeviceProfile.latency_s``; the round trip is twice it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x65776C6B  # "ewlk": guards against a stray message being read as a header
+MAX_SIZES = 16
+DEFAULT_SIZES = (64, 64 * 1024, 1024 * 1024)
+DEFAULT_REPEATS = 3
+
+
+def _wait(work: "dist.Work", timeout_s: float, what: str) -> None:
+    try:
+        ok = work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # gloo raises on timeout
+        raise TimeoutError(f"link probe: {what} did not complete within {timeout_s:g}s ({str(e).splitlines()[0]})") from None
+    if ok is False:
+        raise TimeoutError(f"link probe: {what} did not complete within {timeout_s:g}s")
+
+
+def _send(t: torch.Tensor, peer: int, timeout_s: float, group) -> None:
+    _wait(dist.isend(t, peer, group=group), timeout_s, f"send of {t.numel() * t.element_size()} bytes to rank {peer}")
+
+
+def _recv(t: torch.Tensor, peer: int, timeout_s: float, group) -> None:
+    _wait(dist.irecv(t, peer, group=group), timeout_s, f"receive of {t.numel() * t.element_size()} bytes from rank {peer}")
+
+
+def fit_link(sizes_bytes: Sequence[float], one_way_s: Sequence[float]) -> tuple[float, float]:
+    """(bandwidth_bps, latency_s) from one-way times: t = 8 n / bw + latency, least squares.
+
+    With a non-positive slope (times did not grow with size: a link faster than the timer can
+    resolve) the bandwidth is taken from the largest message alone; latency is clamped at 0."""
+    n = np.asarray(sizes_bytes, dtype=float)
+    t = np.asarray(one_way_s, dtype=float)
+    if len(set(n.tolist())) < 2:
+        raise ValueError("link fit needs at least two distinct message sizes")
+    A = np.stack([8.0 * n, np.ones_like(n)], axis=1)
+    (inv_bw, lat), *_ = np.linalg.lstsq(A, t, rcond=None)
+    if inv_bw <= 0:
+        i = int(np.argmax(n))
+        return float(8.0 * n[i] / t[i]), max(0.0, float(t.min()))
+    return float(1.0 / inv_bw), max(0.0, float(lat))
+
+
+def probe_link(
+    peer_rank: int,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    timeout_s: float = 60.0,
+    repeats: int = DEFAULT_REPEATS,
+    group: "dist.ProcessGroup | None" = None,
+) -> tuple[float, float]:
+    """Measure the link to ``peer_rank`` (which must be in :func:`respond_link`).
+
+    Returns ``(bandwidth_bps, latency_s)``: bits per second, and one-way latency in seconds.
+    Each transfer waits at most ``timeout_s``; a silent peer raises TimeoutError. Takes about
+    ``2 * (repeats + 1) * sum(sizes) * 8 / bandwidth`` seconds (about 1.4 s at 50 Mbit/s with
+    the default sizes)."""
+    sizes = [int(s) for s in sizes]
+    if not 2 <= len(sizes) <= MAX_SIZES or min(sizes) < 1:
+        raise ValueError(f"link probe: need 2..{MAX_SIZES} positive sizes, got {sizes}")
+    if repeats < 1:
+        raise ValueError("link probe: repeats must be at least 1")
+    header = torch.zeros(3 + MAX_SIZES, dtype=torch.int64)
+    header[0], header[1], header[2] = MAGIC, len(sizes), repeats
+    header[3 : 3 + len(sizes)] = torch.tensor(sizes, dtype=torch.int64)
+    _send(header, peer_rank, timeout_s, group)
+    best: list[float] = []
+    for n in sizes:
+        buf = torch.zeros(n, dtype=torch.uint8)
+        times = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            _send(buf, peer_rank, timeout_s, group)
+            _recv(buf, peer_rank, timeout_s, group)
+            if r:  # the first round trip is a warm-up (connection, allocations)
+                times.append(time.perf_counter() - t0)
+        best.append(min(times) / 2.0)
+    return fit_link(sizes, best)
+
+
+def respond_link(peer_rank: int, timeout_s: float = 60.0, group: "dist.ProcessGroup | None" = None) -> None:
+    """The other side of :func:`probe_link`: echo every message ``peer_rank`` sends."""
+    header = torch.zeros(3 + MAX_SIZES, dtype=torch.int64)
+    _recv(header, peer_rank, timeout_s, group)
+    if int(header[0]) != MAGIC or not 2 <= int(header[1]) <= MAX_SIZES:
+        raise RuntimeError(f"link probe: rank {peer_rank} sent something that is not a probe header")
+    n_sizes, repeats = int(header[1]), int(header[2])
+    for n in header[3 : 3 + n_sizes].tolist():
+        buf = torch.empty(int(n), dtype=torch.uint8)
+        for _ in range(repeats + 1):
+            _recv(buf, peer_rank, timeout_s, group)
+            _send(buf, peer_rank, timeout_s, group)
