@@ -90,3 +90,25 @@ def predict(model: MultiExitNet, points: Sequence[OperatingPoint], x: torch.Tens
             latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Prediction:
     """Functional form of ``OnDemandModel.predict``."""
     return OnDemandModel(model, points).predict(x, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy)
+
+
+def calibrate_checkpoint(path: str | Path, bundle: Any, *, out: str | Path | None = None, confidence: str = "max_softmax",
+                         voting_weights: Sequence[float] | None = None, grid: Sequence[Sequence[float]] | None = None,
+                         limit: int | None = None, progress: bool = False) -> tuple[list[OperatingPoint], Path]:
+    """Calibrate the checkpoint's model on ``bundle`` (thresholds from the validation split,
+    operating points measured one sample at a time on the same split, batch 1) and store the
+    points in the checkpoint (or in ``out``); the weights are unchanged."""
+    from edgeweave.checkpoint import load_checkpoint, save_checkpoint
+    from edgeweave.exits.calibrate import calibrate
+
+    model, spec, extra = load_checkpoint(path)
+    if not isinstance(model, MultiExitNet):
+        raise EdgeweaveError(f"{path}: {spec.name} is not a multi-exit model")
+    points = calibrate(model, bundle.val, bundle.val, confidence=confidence, voting_weights=voting_weights,
+                       grid=grid, limit=limit, progress=progress)
+    extra = dict(extra)
+    extra[EXTRA_KEY] = exits_extra(points, dataset=getattr(bundle, "name", "?"), split="val",
+                                   samples=min(limit or len(bundle.val), len(bundle.val)))
+    target = Path(out) if out is not None else Path(path)
+    save_checkpoint(target, model, spec, extra)
+    return points, target
