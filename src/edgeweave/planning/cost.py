@@ -1,0 +1,143 @@
+"""Cost model: FLOPs per node, compute seconds per device, transfer seconds per link.
+
+Compute: EdgeLD's linear model, ``seconds = a * FLOPs + b`` per device (optionally per op kind,
+``DeviceProfile.compute_s``). FLOPs use the conv formula the report uses,
+``2 * H * W * Cin/groups * K^2 * Cout`` (+ one add per output for the bias), the analogous
+``2 * in * out`` for Linear, one operation per window element for pooling and one per output
+element for everything else. ``b`` is a per-call overhead: it is charged once per conv / linear
+node and once for all the other (cheap) nodes of a stage together.
+
+Transfers: every device has one full-duplex link (``bandwidth_bps``, one-way ``latency_s``) to a
+switch. A transfer src -> dst takes ``bytes * 8 / min(bw_src, bw_dst) + lat_src + lat_dst`` and
+occupies src's uplink and dst's downlink; transfers sharing a link are serialised in plan order,
+and a device forwards rows it received only after receiving them. In gather mode the leader's
+link carries every strip twice (in and out), so it is the shared bottleneck, as on EdgeLD's
+testbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch.fx
+
+from edgeweave.planning.graph import node_kind, node_shape, node_window, tensor_inputs
+from edgeweave.profiling.profile import DeviceProfile
+
+DTYPE_BYTES = 4  # float32 activations
+
+
+def flop_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    """Which of the profile's kinds a node's FLOPs are charged to (conv, linear or other)."""
+    k = node_kind(node)
+    if k == "window":
+        return "conv" if node_window(gm, node).op == "conv" else "other"
+    if k == "linear":
+        return "linear"
+    return "other"
+
+
+def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
+    """FLOPs to compute the node's whole output (cached in ``node.meta``)."""
+    if "ew_flops" in node.meta:
+        return float(node.meta["ew_flops"])
+    shape = node_shape(node)
+    kind = node_kind(node)
+    flops = 0.0
+    if shape is not None and node.op not in ("placeholder", "output", "get_attr"):
+        numel = 1
+        for v in shape:
+            numel *= int(v)
+        if kind == "window":
+            w = node_window(gm, node)
+            mod = gm.get_submodule(str(node.target))
+            if w.op == "conv":
+                kh, kw = mod.kernel_size
+                cin_g = mod.in_channels // mod.groups
+                flops = 2.0 * numel * cin_g * kh * kw + (numel if mod.bias is not None else 0)
+            else:
+                ks = mod.kernel_size
+                kh, kw = (ks, ks) if isinstance(ks, int) else ks
+                flops = float(numel * kh * kw)
+        elif kind == "linear":
+            mod = gm.get_submodule(str(node.target))
+            flops = 2.0 * numel * mod.in_features + (numel if mod.bias is not None else 0)
+        else:
+            ins = [i for i in tensor_inputs(node) if node_shape(i) is not None]
+            in_numel = 0
+            for i in ins:
+                n = 1
+                for v in node_shape(i) or []:
+                    n *= int(v)
+                in_numel += n
+            flops = float(max(numel, in_numel))
+    node.meta["ew_flops"] = flops
+    return flops
+
+
+def rows_of(shape: Sequence[int]) -> int:
+    """Length of the split axis (rows of a 4-D map, features of a 2-D activation)."""
+    if len(shape) == 4:
+        return int(shape[2])
+    return int(shape[1]) if len(shape) >= 2 else int(shape[0]) if shape else 1
+
+
+def row_bytes(shape: Sequence[int] | None) -> int:
+    """Bytes of one row (one unit of the split axis) of a value of this shape."""
+    if not shape:
+        return DTYPE_BYTES
+    numel = 1
+    for v in shape:
+        numel *= int(v)
+    return numel // max(rows_of(shape), 1) * DTYPE_BYTES
+
+
+def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]]) -> float:
+    """Seconds for a list of ``(kind, flops)`` items: b per conv/linear call, once for the rest."""
+    total = 0.0
+    other = 0.0
+    for kind, flops in work:
+        if flops <= 0:
+            continue
+        if kind in ("conv", "linear"):
+            total += profile.compute_s(flops, kind)
+        else:
+            other += flops
+    if other > 0:
+        total += profile.compute_s(other, "other")
+    return total
+
+
+def transfer_s(nbytes: float, src: DeviceProfile, dst: DeviceProfile) -> float:
+    """Seconds to move ``nbytes`` from src to dst over their two links."""
+    if nbytes <= 0:
+        return 0.0
+    bw = min(src.bandwidth_bps, dst.bandwidth_bps)
+    return nbytes * 8.0 / bw + src.latency_s + dst.latency_s
+
+
+def schedule_transfers(
+    transfers: Sequence[tuple[int, int, float, bool]],
+    devices: Sequence[DeviceProfile],
+) -> tuple[dict[int, float], float]:
+    """Event model of one stage's transfers ``(src, dst, nbytes, forwards_received)``.
+
+    Returns each device's ready time (when its last incoming transfer ends) and the time the
+    last transfer ends. ``forwards_received`` marks a transfer whose rows the sender received
+    earlier in the same list (the leader re-sending gathered rows): it starts only after the
+    sender's earlier receptions finished.
+    """
+    up: dict[int, float] = {}
+    down: dict[int, float] = {}
+    ready: dict[int, float] = {}
+    end_all = 0.0
+    for src, dst, nbytes, fwd in transfers:
+        if nbytes <= 0 or src == dst:
+            continue
+        start = max(up.get(src, 0.0), down.get(dst, 0.0), ready.get(src, 0.0) if fwd else 0.0)
+        end = start + transfer_s(nbytes, devices[src], devices[dst])
+        up[src] = end
+        down[dst] = end
+        ready[dst] = max(ready.get(dst, 0.0), end)
+        end_all = max(end_all, end)
+    return ready, end_all

@@ -1,0 +1,247 @@
+"""Executing a stage of a Plan on one device, and a whole Plan in one process.
+
+``run_stage`` is what the runtime calls on every device; ``simulate`` runs a whole plan
+in-process (every device in turn, moving exactly the rows the plan's transfers say) so tests can
+prove a plan exact without processes or sockets.
+
+A spatial stage is run by a row-range-aware interpreter: ``planning.halo.required_rows`` says
+which rows of every node the device's output strip needs; each window op slices those rows of
+its input, pads explicitly at the true top/bottom of the map only (zeros, or -inf for max
+pooling), and runs with H-padding 0 and its original W padding; pointwise ops run on the slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from edgeweave.planning.graph import node_kind, node_shape, node_window, nodes_by_name, tensor_inputs
+from edgeweave.planning.halo import EMPTY, Range, is_empty, required_rows, window_in_rows
+from edgeweave.planning.plan import Plan, Stage
+
+
+def split_axis(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
+    """The axis a value is split along: rows (dim 2) of 4-D maps, features (dim 1) of 2-D."""
+    n = len(shape)
+    if n == 4:
+        return 2
+    return 1 if n >= 2 else 0
+
+
+def stage_io(gm: torch.fx.GraphModule, stage: Stage) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """The stage's input node (read from outside the stage) and its output node(s).
+
+    Derived from the graph so the Plan needs only node names. A stage has exactly one input
+    value; it has one output value except possibly the last stage (a model returning a tuple).
+    """
+    by = nodes_by_name(gm)
+    names = set(stage.nodes)
+    nodes = [by[n] for n in stage.nodes]
+    ins: dict[torch.fx.Node, None] = {}
+    for n in nodes:
+        for i in tensor_inputs(n):
+            if i.name not in names and i.op != "get_attr":
+                ins.setdefault(i, None)
+    if len(ins) != 1:
+        raise ValueError(f"stage {stage.index} reads {len(ins)} values from outside ({[i.name for i in ins]}); expected 1")
+    outs = [n for n in nodes if any(u.name not in names for u in n.users)]
+    if not outs:
+        raise ValueError(f"stage {stage.index} produces nothing used later")
+    return next(iter(ins)), outs
+
+
+def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, str(node.target))(*rest, **kwargs)
+    if node.op == "get_attr":
+        obj: Any = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise ValueError(f"cannot run node {node.name} ({node.op})")
+
+
+def _run_whole(gm: torch.fx.GraphModule, stage: Stage, x: torch.Tensor) -> Any:
+    in_node, outs = stage_io(gm, stage)
+    by = nodes_by_name(gm)
+    env: dict[str, Any] = {in_node.name: x}
+    for name in stage.nodes:
+        node = by[name]
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+        env[name] = _call(gm, node, args, kwargs)
+    if len(outs) == 1:
+        return env[outs[0].name]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    return torch.fx.node.map_arg(out_node.args[0], lambda n: env[n.name])
+
+
+def _run_linear(gm: torch.fx.GraphModule, stage: Stage, out: Range, x: torch.Tensor) -> torch.Tensor:
+    by = nodes_by_name(gm)
+    first = by[stage.nodes[0]]
+    lin = gm.get_submodule(str(first.target))
+    a, b = out
+    y = F.linear(x, lin.weight[a:b], None if lin.bias is None else lin.bias[a:b])
+    prev = first
+    for name in stage.nodes[1:]:  # unary pointwise ops after the Linear act on the slice
+        node = by[name]
+        args = torch.fx.node.map_arg(node.args, lambda n: y if n is prev else _bad(n))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: y if n is prev else _bad(n))
+        y = _call(gm, node, args, kwargs)
+        prev = node
+    return y
+
+
+def _bad(n: torch.fx.Node) -> Any:
+    raise ValueError(f"linear stage reads {n.name}, which is not the previous node")
+
+
+def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Range, x: torch.Tensor) -> torch.Tensor:
+    in_node, outs = stage_io(gm, stage)
+    (out_node,) = outs
+    by = nodes_by_name(gm)
+    nodes = [by[n] for n in stage.nodes]
+    need = required_rows(gm, nodes, out_node, out)
+    want = need.get(in_node.name, EMPTY)
+    if not is_empty(want) and not (in_rows[0] <= want[0] and want[1] <= in_rows[1]):
+        raise ValueError(f"stage {stage.index}: input rows {in_rows} do not cover the needed {want}")
+    if x.shape[2] != in_rows[1] - in_rows[0]:
+        raise ValueError(f"stage {stage.index}: got {x.shape[2]} input rows, the assignment says {in_rows}")
+    env: dict[str, tuple[torch.Tensor, int]] = {in_node.name: (x, in_rows[0])}
+
+    def take(node: torch.fx.Node, lo: int, hi: int) -> torch.Tensor:
+        if hi <= lo:  # windows that see padding only: an empty slice of the right shape
+            shape = list(node_shape(node) or [])
+            shape[2] = 0
+            return x.new_zeros(shape)
+        t, off = env[node.name]
+        if lo < off or hi > off + t.shape[2]:
+            raise ValueError(f"node {node.name}: rows [{lo},{hi}) needed, [{off},{off + t.shape[2]}) computed")
+        return t.narrow(2, lo - off, hi - lo)
+
+    for node in nodes:
+        r = need.get(node.name, EMPTY)
+        if is_empty(r):
+            continue
+        kind = node_kind(node)
+        if kind == "window":
+            (inp,) = tensor_inputs(node)
+            w = node_window(gm, node)
+            mod = gm.get_submodule(str(node.target))
+            lo, hi, pt, pb = window_in_rows(w, r[0], r[1], (node_shape(inp) or [0, 0, 0])[2])
+            t = take(inp, lo, hi)
+            if pt or pb:
+                t = F.pad(t, (0, 0, pt, pb), value=float("-inf") if w.op == "max" else 0.0)
+            if w.op == "conv":
+                y = F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
+            elif w.op == "max":
+                k, s, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.dilation)
+                y = F.max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
+            else:
+                k, s = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
+                y = F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
+            if y.shape[2] != r[1] - r[0]:
+                raise AssertionError(f"node {node.name}: computed {y.shape[2]} rows for {r}")
+        elif kind == "pointwise":
+            args = torch.fx.node.map_arg(node.args, lambda n: take(n, r[0], r[1]))
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: take(n, r[0], r[1]))
+            y = _call(gm, node, args, kwargs)
+        else:
+            raise ValueError(f"node {node.name} of kind {kind} cannot run on a strip")
+        env[node.name] = (y, r[0])
+    return take(out_node, out[0], out[1]).contiguous()
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+@torch.no_grad()
+def run_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor) -> Any:
+    """Compute rows ``out_rows`` of the stage output on ``device`` from rows ``in_rows`` of its input.
+
+    ``x`` holds exactly rows ``stage.assignment(device).in_rows`` of the stage input along the
+    split axis (the whole vector for linear stages, the whole tensor for leader stages). It is
+    cloned first: models with in-place ops (``ReLU(inplace=True)``, ``+=``) must not write into a
+    buffer the caller still sends to other devices.
+    """
+    a = stage.assignment(device)
+    if a is None or is_empty(a.out_rows):
+        raise ValueError(f"device {device} has no work in stage {stage.index}")
+    x = x.clone()
+    if stage.kind == "leader":
+        return _run_whole(gm, stage, x)
+    if stage.kind == "linear":
+        return _run_linear(gm, stage, a.out_rows, x)
+    if stage.kind == "spatial":
+        return _run_spatial(gm, stage, a.in_rows, a.out_rows, x)
+    raise ValueError(f"unknown stage kind {stage.kind!r}")
+
+
+Pieces = list[tuple[int, int, Any]]
+
+
+def extract(pieces: Pieces, rows: Range, axis: int, who: str = "device") -> torch.Tensor:
+    """Assemble ``rows`` along ``axis`` from held pieces ``(lo, hi, tensor)``; fail if not held."""
+    lo, hi = rows
+    parts: list[torch.Tensor] = []
+    cur = lo
+    while cur < hi:
+        for plo, phi, t in sorted(pieces, key=lambda p: (p[0], -p[1])):
+            if plo <= cur < phi:
+                stop = min(hi, phi)
+                parts.append(t.narrow(axis, cur - plo, stop - cur))
+                cur = stop
+                break
+        else:
+            held = sorted((p[0], p[1]) for p in pieces)
+            raise AssertionError(f"{who} does not hold rows [{cur},{hi}) of [{lo},{hi}); it holds {held}")
+    if not parts:
+        raise AssertionError(f"{who}: empty range {rows} requested")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
+
+
+@torch.no_grad()
+def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor) -> Any:
+    """Execute ``plan`` in-process and return the model output as the leader assembles it.
+
+    Devices are visited in turn; before each stage its transfers run in list order, each
+    asserting that the sender holds the rows it sends (its own output strip, or rows it received
+    earlier in the list), exactly as the plan.py docstring defines execution. A value a device
+    holds is dropped after the stage that consumes it, so nothing is silently reused.
+    """
+    holdings: dict[int, Pieces] = {0: [(0, int(x.shape[split_axis(x.shape)]), x)]}
+    for stage in plan.stages:
+        axis = split_axis(stage.input_shape)
+        hold: dict[int, Pieces] = {d: list(p) for d, p in holdings.items()}
+        for t in stage.transfers:
+            piece = extract(hold.get(t.src, []), t.rows, axis, f"stage {stage.index}: device {t.src}")
+            hold.setdefault(t.dst, []).append((t.rows[0], t.rows[1], piece.clone()))
+        new: dict[int, Pieces] = {}
+        for a in stage.assignments:
+            if is_empty(a.out_rows):
+                continue
+            xin = extract(hold.get(a.device, []), a.in_rows, axis, f"stage {stage.index}: device {a.device}")
+            y = run_stage(gm, stage, a.device, xin)
+            if isinstance(y, torch.Tensor):
+                out_axis = split_axis(stage.output_shape)
+                if y.shape[out_axis] != a.out_rows[1] - a.out_rows[0]:
+                    raise AssertionError(f"stage {stage.index}: device {a.device} returned {y.shape[out_axis]} rows for {a.out_rows}")
+            new[a.device] = [(a.out_rows[0], a.out_rows[1], y)]
+        holdings = new
+    last = plan.stages[-1]
+    if len(holdings.get(0, [])) == 1 and not isinstance(holdings[0][0][2], torch.Tensor):
+        return holdings[0][0][2]
+    axis = split_axis(last.output_shape)
+    for t in plan.final_transfers:
+        piece = extract(holdings.get(t.src, []), t.rows, axis, f"final: device {t.src}")
+        holdings.setdefault(t.dst, []).append((t.rows[0], t.rows[1], piece.clone()))
+    return extract(holdings.get(0, []), (0, int(last.output_shape[axis])), axis, "final: leader")

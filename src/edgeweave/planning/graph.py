@@ -1,0 +1,256 @@
+"""Graph capture: a deterministic torch.fx graph annotated with what the planner needs.
+
+Why torch.fx: ``symbolic_trace`` names nodes after module paths (``features_0``,
+``layer1_0_conv1``), so every process that traces the same architecture gets the same names, and
+a Plan can refer to nodes by name across machines. Each node is annotated with
+
+* ``meta["ew_shape"]``: its output shape (from ``torch.fx.passes.shape_prop.ShapeProp``), or
+  ``None`` for non-tensor values;
+* ``meta["ew_kind"]``: how its output rows depend on its input rows, one of ``NODE_KINDS``:
+
+  - ``window``: a sliding-window op over rows (Conv2d, MaxPool2d, AvgPool2d) whose exact row
+    arithmetic ``planning.halo`` knows;
+  - ``pointwise``: output row r depends on input row r only, for every tensor input of the same
+    shape (activations, eval-mode BatchNorm, residual add, channel concat, eval-mode dropout);
+  - ``linear``: an ``nn.Linear`` on a 2-D input (can be split by output features);
+  - ``global``: anything else (adaptive pooling, flatten, training-mode BatchNorm, ops we do not
+    understand). Global ops run on the leader, unpartitioned: slower, never wrong;
+  - ``input`` / ``output`` / ``const`` for placeholders, the output node and ``get_attr``.
+
+Kinds are decided conservatively: an op is only ``pointwise``/``window`` when that is certainly
+exact, e.g. BatchNorm only in eval mode (training mode uses batch statistics: a global op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from edgeweave.errors import EdgeweaveError
+
+NODE_KINDS = ("input", "output", "const", "window", "pointwise", "linear", "global")
+
+# Modules whose output row r depends only on input row r (in eval mode).
+_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+    nn.Identity,
+)
+_DROPOUT_MODULES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+_BN_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+_POINTWISE_FUNCTIONS: set[Any] = {
+    torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish,
+    F.hardsigmoid, F.elu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, torch.nn.functional.mish,
+    operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.mul, torch.sub,
+}
+_POINTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "add", "add_", "mul", "mul_", "sub",
+    "contiguous", "clone",
+}
+
+
+@dataclass(frozen=True)
+class Window:
+    """Row (H) parameters of a sliding-window op plus what is needed to run it on a strip.
+
+    ``op`` is ``conv``, ``max`` or ``avg``. H parameters drive the halo arithmetic; W parameters
+    are passed to the op unchanged (we never cut along W).
+    """
+
+    op: str
+    k: int
+    s: int
+    p: int
+    d: int
+    ceil_mode: bool = False
+    pad_w: int = 0
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
+    return (int(v), int(v))
+
+
+def window_of(module: nn.Module) -> Window | None:
+    """The row arithmetic of ``module`` if it is a window op we can split exactly, else None."""
+    if type(module) is nn.Conv2d:
+        if module.padding_mode != "zeros":
+            return None  # reflect/replicate/circular padding would need neighbours' rows at borders
+        k, d, s = _pair(module.kernel_size), _pair(module.dilation), _pair(module.stride)
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                p = (0, 0)
+            else:  # "same": symmetric only when d*(k-1) is even in both dims
+                tot = (d[0] * (k[0] - 1), d[1] * (k[1] - 1))
+                if tot[0] % 2 or tot[1] % 2:
+                    return None
+                p = (tot[0] // 2, tot[1] // 2)
+        else:
+            p = _pair(module.padding)
+        return Window("conv", k[0], s[0], p[0], d[0], False, p[1])
+    if type(module) is nn.MaxPool2d:
+        if module.return_indices:
+            return None
+        k = _pair(module.kernel_size)
+        s = _pair(module.stride if module.stride is not None else module.kernel_size)
+        p, d = _pair(module.padding), _pair(module.dilation)
+        return Window("max", k[0], s[0], p[0], d[0], bool(module.ceil_mode), p[1])
+    if type(module) is nn.AvgPool2d:
+        k = _pair(module.kernel_size)
+        s = _pair(module.stride if module.stride is not None else module.kernel_size)
+        p = _pair(module.padding)
+        if not module.count_include_pad and p[0] > 0:
+            # The divisor would count only real rows, which a strip cannot see at its true
+            # borders with H-padding 0; rather than emulate it we run it on the leader.
+            return None
+        return Window("avg", k[0], s[0], p[0], 1, bool(module.ceil_mode), p[1])
+    return None
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def _same_shape_inputs(node: torch.fx.Node) -> bool:
+    """True when every tensor input has exactly the output's shape (no broadcasting)."""
+    shape = node.meta.get("ew_shape")
+    if shape is None:
+        return False
+    for a in _tensor_args(node):
+        if a.meta.get("ew_shape") != shape or a.meta.get("ew_kind") == "const":
+            return False
+    return bool(_tensor_args(node))
+
+
+def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "output":
+        return "output"
+    if node.op == "get_attr":
+        return "const"
+    shape = node.meta.get("ew_shape")
+    if shape is None:
+        return "global"
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        args = _tensor_args(node)
+        if len(args) != 1 or len(node.args) != 1 or node.kwargs:
+            return "global"
+        in_shape = args[0].meta.get("ew_shape")
+        if window_of(mod) is not None and in_shape is not None and len(in_shape) == 4:
+            return "window"
+        if type(mod) is nn.Linear and in_shape is not None and len(in_shape) == 2:
+            return "linear"
+        if isinstance(mod, _POINTWISE_MODULES) and not isinstance(mod, nn.PReLU):
+            return "pointwise" if _same_shape_inputs(node) else "global"
+        if isinstance(mod, nn.PReLU):  # per-channel weight along dim 1: fine for 4-D / 2-D rows?
+            return "pointwise" if in_shape is not None and len(in_shape) == 4 and _same_shape_inputs(node) else "global"
+        if isinstance(mod, _DROPOUT_MODULES) and not mod.training:
+            return "pointwise" if _same_shape_inputs(node) else "global"
+        if isinstance(mod, _BN_MODULES) and not mod.training and mod.track_running_stats:
+            # Eval BN is a per-channel affine map; on 2-D input the channels are the split axis,
+            # so it is only row-local for 4-D maps.
+            return "pointwise" if in_shape is not None and len(in_shape) == 4 and _same_shape_inputs(node) else "global"
+        return "global"
+    if node.op == "call_function":
+        if node.target is torch.cat:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            if (
+                dim == 1
+                and isinstance(parts, (list, tuple))
+                and len(shape) == 4
+                and all(isinstance(p, torch.fx.Node) and p.meta.get("ew_shape") is not None
+                        and p.meta.get("ew_kind") != "const"
+                        and len(p.meta["ew_shape"]) == 4
+                        and p.meta["ew_shape"][0] == shape[0]
+                        and p.meta["ew_shape"][2:] == shape[2:] for p in parts)
+            ):
+                return "pointwise"
+            return "global"
+        if node.target in _POINTWISE_FUNCTIONS:
+            return "pointwise" if _same_shape_inputs(node) else "global"
+        return "global"
+    if node.op == "call_method":
+        if node.target in _POINTWISE_METHODS:
+            return "pointwise" if _same_shape_inputs(node) else "global"
+        return "global"
+    return "global"
+
+
+@contextlib.contextmanager
+def _eval_temporarily(model: nn.Module) -> Iterator[None]:
+    """Run shape propagation without touching BatchNorm statistics; restore every flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule:
+    """Trace ``model`` with torch.fx and annotate every node with its shape and kind.
+
+    Call ``model.eval()`` first: kinds are decided from the modules' current mode (training-mode
+    BatchNorm and dropout are global/random and stay on the leader). The returned GraphModule
+    shares parameters with ``model``.
+    """
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable code
+        raise EdgeweaveError(f"cannot trace the model with torch.fx: {type(e).__name__}: {e}") from None
+    gm.training = model.training  # only the root flag: submodules are shared with ``model``
+    x = torch.zeros(*[int(v) for v in input_shape])
+    with _eval_temporarily(gm), torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        shape = list(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+        node.meta["ew_shape"] = [int(v) for v in shape] if shape is not None else None
+    for node in gm.graph.nodes:  # topological order: inputs are classified before users
+        node.meta["ew_kind"] = _classify(gm, node)
+    gm.meta["ew_input_shape"] = [int(v) for v in input_shape]
+    return gm
+
+
+def node_kind(node: torch.fx.Node) -> str:
+    return str(node.meta.get("ew_kind", "global"))
+
+
+def node_shape(node: torch.fx.Node) -> list[int] | None:
+    return node.meta.get("ew_shape")
+
+
+def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph nodes ``node`` reads (in argument order, duplicates removed)."""
+    seen: dict[torch.fx.Node, None] = {}
+    for a in _tensor_args(node):
+        seen.setdefault(a, None)
+    return list(seen)
+
+
+def node_window(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Window:
+    w = window_of(gm.get_submodule(str(node.target)))
+    assert w is not None, node.name
+    return w
+
+
+def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}

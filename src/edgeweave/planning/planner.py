@@ -1,0 +1,382 @@
+"""Plan building: (graph, cluster, choices) -> Plan. Pure: no processes, no clocks.
+
+Steps:
+1. ``fusion.atomic_segments`` cuts the graph at every point where one value is live.
+2. Runs of consecutive spatial segments are grouped into fused blocks by the fusion mode
+   (``auto``: DP whose block cost is this module's stage estimate).
+3. Linear segments become ``linear`` stages (split by output features) when that is predicted
+   faster than leaving them on the leader; everything else becomes ``leader`` stages
+   (consecutive ones merged: nothing travels between them).
+4. Stages are built in order: the partitioner splits each spatial block's output rows (or a
+   linear layer's output features) over the devices, strips go to devices top to bottom in
+   device order (the leader, device 0, computes the first strip), ``halo.required_rows`` gives
+   each strip's input rows, and transfers follow the mode:
+
+   * ``gather`` (EdgeLD): every stage's output goes back to the leader, which then sends every
+     device the input rows (halo included) of its next strip;
+   * ``exchange``: strips stay where they were computed; a device receives only the rows of its
+     next input it does not hold (halos, or rows that moved because the split changed) from the
+     devices that hold them; only leader stages and the final output pull rows to the leader.
+
+Partitioners see, per device, the predicted seconds for ``n`` rows of a *centred* strip (halo
+computation included, clipped at the map's borders) plus the link time the strip implies; the
+prediction stored in the plan is then recomputed for the actual strips and transfers with the
+event model of ``planning.cost``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch.fx
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.cost import compute_s, flop_kind, node_flops, row_bytes, rows_of, schedule_transfers
+from edgeweave.planning.fusion import FUSION_MODES, Segment, atomic_segments, choose_blocks, ends_with_pool
+from edgeweave.planning.graph import node_shape
+from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
+from edgeweave.planning.partition import PARTITIONERS
+from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+MODES = ("gather", "exchange")
+Holders = list[tuple[int, int, int]]  # (device, lo, hi) of the value the next stage reads
+
+
+@dataclass
+class Block:
+    kind: str  # spatial | linear | leader
+    nodes: list[torch.fx.Node]
+    input: torch.fx.Node
+    output: torch.fx.Node | None
+
+    @property
+    def in_shape(self) -> list[int]:
+        return list(node_shape(self.input) or [])
+
+    @property
+    def out_shape(self) -> list[int]:
+        if self.output is None:
+            return []
+        return list(node_shape(self.output) or [])
+
+
+def _merge(segs: Sequence[Segment], kind: str) -> Block:
+    nodes = [n for s in segs for n in s.nodes]
+    return Block(kind, nodes, segs[0].input, segs[-1].output)
+
+
+def _subtract(r: Range, pieces: Sequence[Range]) -> list[Range]:
+    """Parts of ``r`` not covered by ``pieces``."""
+    out, cur = [], r[0]
+    for lo, hi in sorted(p for p in pieces if not is_empty(p)):
+        if hi <= cur:
+            continue
+        if lo > cur:
+            out.append((cur, min(lo, r[1])))
+        cur = max(cur, hi)
+        if cur >= r[1]:
+            break
+    if cur < r[1]:
+        out.append((cur, r[1]))
+    return [p for p in out if not is_empty(p)]
+
+
+def _strips(counts: Sequence[int], offset: int = 0) -> list[Range]:
+    out, cur = [], offset
+    for c in counts:
+        out.append((cur, cur + c) if c > 0 else EMPTY)
+        cur += c
+    return out
+
+
+class _Planner:
+    def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: str, mode: str) -> None:
+        self.gm = gm
+        self.devices = list(devices)
+        self.k = len(self.devices)
+        self.partition = PARTITIONERS[partition]
+        self.mode = mode
+        self.capabilities = [d.capability for d in self.devices]
+
+    # ---- compute ------------------------------------------------------------------------
+    def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
+        """(kind, FLOPs) of computing ``need`` rows of every node (all rows when need is None)."""
+        work = []
+        for n in nodes:
+            f = node_flops(self.gm, n)
+            if need is not None:
+                shape = node_shape(n) or [1]
+                f = f * size(need.get(n.name, EMPTY)) / max(rows_of(shape), 1)
+            work.append((flop_kind(self.gm, n), f))
+        return work
+
+    def _linear_work(self, block: Block, n: int) -> list[tuple[str, float]]:
+        out_rows = max(rows_of(block.out_shape), 1)
+        return [(flop_kind(self.gm, nd), node_flops(self.gm, nd) * n / out_rows) for nd in block.nodes]
+
+    # ---- transfers ----------------------------------------------------------------------
+    def _transfers(self, holders: Holders, needs: Sequence[tuple[int, Range]]) -> list[tuple[Transfer, bool]]:
+        """Transfers (with "forwards received rows" flags) so each device holds what it needs."""
+        out: list[tuple[Transfer, bool]] = []
+        if self.mode == "gather":
+            for d, lo, hi in holders:
+                if d != 0 and hi > lo:
+                    out.append((Transfer(d, 0, (lo, hi)), False))
+            own = [(lo, hi) for d, lo, hi in holders if d == 0]
+            for d, r in needs:
+                if d != 0 and not is_empty(r):
+                    out.append((Transfer(0, d, r), bool(_subtract(r, own))))
+            return out
+        for d, r in needs:
+            if is_empty(r):
+                continue
+            own = [(lo, hi) for dd, lo, hi in holders if dd == d]
+            for miss in _subtract(r, own):
+                got = []
+                for h, lo, hi in sorted(holders, key=lambda t: (t[1], t[0])):
+                    if h == d:
+                        continue
+                    ov = intersect(miss, (lo, hi))
+                    if not is_empty(ov) and _subtract(ov, got):
+                        for part in _subtract(ov, got):
+                            out.append((Transfer(h, d, part), False))
+                            got.append(part)
+                if _subtract(miss, got):
+                    raise AssertionError(f"rows {miss} needed by device {d} are held by nobody")
+        return out
+
+    def _schedule(self, transfers: Sequence[tuple[Transfer, bool]], rb: int) -> tuple[dict[int, float], float]:
+        return schedule_transfers([(t.src, t.dst, size(t.rows) * rb, f) for t, f in transfers], self.devices)
+
+    # ---- stages -------------------------------------------------------------------------
+    def build(self, block: Block, counts: Sequence[int] | None, holders: Holders, index: int) -> tuple[Stage, Holders]:
+        """One Stage for ``block`` given its split and who holds its input; plus its output holders."""
+        in_shape, out_shape = block.in_shape, block.out_shape
+        in_rows_total = rows_of(in_shape)
+        compute: dict[int, float] = {}
+        if block.kind == "leader":
+            out_total = rows_of(out_shape) if out_shape else 0
+            needs = [(0, (0, in_rows_total))]
+            assignments = {0: ((0, in_rows_total), (0, out_total) if out_total else (0, 1))}
+            compute[0] = compute_s(self.devices[0], self._work(block.nodes, None))
+            new_holders: Holders = [(0, 0, out_total)]
+        else:
+            assert counts is not None
+            strips = _strips(counts)
+            assignments = {}
+            needs = []
+            for d, out in enumerate(strips):
+                if is_empty(out):
+                    continue
+                if block.kind == "spatial":
+                    assert block.output is not None
+                    need = required_rows(self.gm, block.nodes, block.output, out)
+                    in_r = need.get(block.input.name, EMPTY)
+                    if is_empty(in_r):  # windows that read padding only still need a slice
+                        in_r = (0, 1)
+                    compute[d] = compute_s(self.devices[d], self._work(block.nodes, need))
+                else:
+                    in_r = (0, in_rows_total)
+                    compute[d] = compute_s(self.devices[d], self._linear_work(block, size(out)))
+                assignments[d] = (in_r, out)
+                needs.append((d, in_r))
+            new_holders = [(d, o[0], o[1]) for d, (_, o) in assignments.items()]
+        transfers = self._transfers(holders, needs)
+        ready, end_all = self._schedule(transfers, row_bytes(in_shape))
+        assigns = []
+        finish_max = end_all
+        for d in range(self.k):
+            if d in assignments:
+                fin = ready.get(d, 0.0) + compute[d]
+                finish_max = max(finish_max, fin)
+                assigns.append(Assignment(d, assignments[d][0], assignments[d][1], fin))
+            else:
+                assigns.append(Assignment(d, EMPTY, EMPTY, 0.0))
+        stage = Stage(
+            index=index,
+            kind=block.kind,
+            nodes=[n.name for n in block.nodes],
+            input_shape=in_shape,
+            output_shape=out_shape,
+            assignments=assigns,
+            transfers=[t for t, _ in transfers],
+            predicted_s=finish_max,
+        )
+        return stage, new_holders
+
+    def gather_time(self, holders: Holders, rb: int) -> float:
+        return self._schedule([(Transfer(d, 0, (lo, hi)), False) for d, lo, hi in holders if d != 0 and hi > lo], rb)[1]
+
+    # ---- partition cost functions -------------------------------------------------------
+    def cost_fns(self, block: Block, first_in_run: bool, last_in_run: bool) -> list[Callable[[int], float]]:
+        """Per-device predicted seconds for ``n`` output rows/features of ``block`` (monotone)."""
+        in_shape, out_shape = block.in_shape, block.out_shape
+        total = rows_of(out_shape)
+        in_total = rows_of(in_shape)
+        rb_in, rb_out = row_bytes(in_shape), row_bytes(out_shape)
+        works: list[list[tuple[str, float]]] = []
+        in_counts: list[int] = []
+        for n in range(total + 1):
+            if block.kind == "spatial":
+                assert block.output is not None
+                c = (total - n) // 2
+                need = required_rows(self.gm, block.nodes, block.output, (c, c + n))
+                works.append(self._work(block.nodes, need))
+                in_counts.append(size(need.get(block.input.name, EMPTY)))
+            else:
+                works.append(self._linear_work(block, n))
+                in_counts.append(in_total if n else 0)
+        lead = self.devices[0]
+        fns = []
+        for d, dev in enumerate(self.devices):
+            bw = min(dev.bandwidth_bps, lead.bandwidth_bps)
+            lat = dev.latency_s + lead.latency_s
+            table = [0.0]
+            for n in range(1, total + 1):
+                t = compute_s(dev, works[n])
+                comm_bytes = 0.0
+                if block.kind == "linear" or self.mode == "gather" or first_in_run:
+                    if d != 0:
+                        comm_bytes += in_counts[n] * rb_in
+                else:
+                    own = round(n * in_total / max(total, 1))
+                    comm_bytes += max(0, in_counts[n] - own) * rb_in
+                if d != 0 and (block.kind == "linear" or self.mode == "gather" or last_in_run):
+                    comm_bytes += n * rb_out
+                if comm_bytes > 0:
+                    t += comm_bytes * 8.0 / bw + lat
+                table.append(max(t, table[-1]))
+            fns.append(table.__getitem__)
+        return fns
+
+    def split(self, block: Block, first_in_run: bool, last_in_run: bool) -> list[int]:
+        total = rows_of(block.out_shape)
+        if self.k == 1:
+            return [total]
+        fns = self.cost_fns(block, first_in_run, last_in_run)
+        counts = self.partition(fns, total, self.capabilities)
+        assert sum(counts) == total and all(c >= 0 for c in counts), counts
+        return counts
+
+    def block_estimate(self, block: Block, first_in_run: bool, last_in_run: bool) -> float:
+        """Predicted time of a fused block in isolation (the DP's block cost)."""
+        counts = self.split(block, first_in_run, last_in_run)
+        in_total, out_total = rows_of(block.in_shape), rows_of(block.out_shape)
+        if self.mode == "gather" or first_in_run:
+            holders: Holders = [(0, 0, in_total)]
+        else:  # canonical: the previous block's strips in the same proportions as this one's
+            holders, cum = [], 0
+            for d, c in enumerate(counts):
+                lo = round(cum * in_total / out_total)
+                cum += c
+                hi = round(cum * in_total / out_total)
+                if hi > lo:
+                    holders.append((d, lo, hi))
+        stage, out_holders = self.build(block, counts, holders, 0)
+        t = stage.predicted_s
+        if self.mode == "gather" or last_in_run:
+            t += self.gather_time(out_holders, row_bytes(block.out_shape))
+        return t
+
+
+def make_plan(
+    gm: torch.fx.GraphModule,
+    cluster: Cluster,
+    *,
+    partition: str = "optimal",
+    fusion: str = "auto",
+    mode: str = "exchange",
+    model_name: str = "",
+    model_hash: str = "",
+) -> Plan:
+    """Plan the execution of captured graph ``gm`` (``planning.graph.capture``) on ``cluster``.
+
+    Device 0 is the leader: it holds the input, computes a strip of every spatial stage, runs
+    the leader stages and ends with the output.
+    """
+    if partition not in PARTITIONERS:
+        raise EdgeweaveError(f"unknown partitioner {partition!r}; expected one of {sorted(PARTITIONERS)}")
+    if fusion not in FUSION_MODES:
+        raise EdgeweaveError(f"unknown fusion mode {fusion!r}; expected one of {list(FUSION_MODES)}")
+    if mode not in MODES:
+        raise EdgeweaveError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if not cluster.devices:
+        raise EdgeweaveError("the cluster has no devices")
+    if "ew_input_shape" not in gm.meta:
+        raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
+    pl = _Planner(gm, cluster.devices, partition, mode)
+    segs = atomic_segments(gm)
+
+    blocks: list[tuple[Block, bool, bool]] = []  # (block, first_in_run, last_in_run)
+    i = 0
+    while i < len(segs):
+        seg = segs[i]
+        if seg.kind == "spatial":
+            j = i
+            while j < len(segs) and segs[j].kind == "spatial":
+                j += 1
+            run = segs[i:j]
+            cache: dict[tuple[int, int], float] = {}
+
+            def cost(a: int, b: int, run: list[Segment] = run) -> float:
+                if (a, b) not in cache:
+                    cache[(a, b)] = pl.block_estimate(_merge(run[a:b], "spatial"), a == 0, b == len(run))
+                return cache[(a, b)]
+
+            groups = choose_blocks(len(run), fusion, [ends_with_pool(gm, s) for s in run], cost)
+            for a, b in groups:
+                blocks.append((_merge(run[a:b], "spatial"), a == 0, b == len(run)))
+            i = j
+            continue
+        if seg.kind == "linear" and pl.k > 1:
+            blk = _merge([seg], "linear")
+            split_t = pl.block_estimate(blk, True, True)
+            leader_t = compute_s(pl.devices[0], pl._work(blk.nodes, None))
+            if split_t < leader_t:
+                blocks.append((blk, True, True))
+                i += 1
+                continue
+        blocks.append((_merge([seg], "leader"), True, True))
+        i += 1
+
+    merged: list[tuple[Block, bool, bool]] = []
+    for blk, first, last in blocks:
+        if blk.kind == "leader" and merged and merged[-1][0].kind == "leader":
+            prev = merged[-1][0]
+            merged[-1] = (Block("leader", prev.nodes + blk.nodes, prev.input, blk.output), True, True)
+        else:
+            merged.append((blk, first, last))
+
+    in_shape = list(gm.meta["ew_input_shape"])
+    holders: Holders = [(0, 0, rows_of(in_shape))]
+    stages: list[Stage] = []
+    for idx, (blk, first, last) in enumerate(merged):
+        counts = None if blk.kind == "leader" else pl.split(blk, first, last)
+        stage, holders = pl.build(blk, counts, holders, idx)
+        stages.append(stage)
+    final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
+    last_shape = stages[-1].output_shape if stages else in_shape
+    final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
+    predicted = sum(s.predicted_s for s in stages) + final_s
+    all_nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    single = compute_s(pl.devices[0], pl._work(all_nodes, None))
+    return Plan(
+        model=model_name,
+        model_hash=model_hash,
+        input_shape=in_shape,
+        devices=[d.name for d in cluster.devices],
+        partition=partition,
+        fusion=fusion,
+        mode=mode,
+        stages=stages,
+        final_transfers=final,
+        predicted_s=predicted,
+        meta={
+            "single_device_s": single,
+            "predicted_speedup": single / predicted if predicted > 0 else None,
+            "final_transfer_s": final_s,
+            "segments": len(segs),
+        },
+    )
