@@ -22,6 +22,7 @@ app = typer.Typer(
 
 # Modules that define commands; each has register(app).
 _COMMAND_MODULES = [
+    "edgeweave.cli.plan",
     "edgeweave.cli.train",
     "edgeweave.cli.demo",
     "edgeweave.cli.compress",

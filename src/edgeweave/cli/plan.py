@@ -1,0 +1,119 @@
+"""`edgeweave plan`: print the plan for a model on a cluster and its predicted time (no execution).
+
+Planning is pure (DESIGN.md), so this command needs no followers: it reads the devices from a
+cluster file, or assumes ``--workers K`` identical followers plus the leader (as ``edgeweave
+run --workers K`` starts them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+
+from edgeweave.cli.common import JsonOpt, console, emit_json
+from edgeweave.errors import EdgeweaveError
+
+_TORCHVISION_SHORT = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
+
+
+def _is_imagenet(name: str) -> bool:
+    return name.startswith("torchvision:") or name in _TORCHVISION_SHORT
+
+
+def build_plan(
+    model: str,
+    *,
+    cluster: Optional[str] = None,
+    workers: Optional[int] = None,
+    input_size: Optional[int] = None,
+    batch: int = 1,
+    in_channels: int = 3,
+    num_classes: Optional[int] = None,
+    partition: str = "optimal",
+    fusion: str = "auto",
+    mode: str = "exchange",
+) -> dict[str, Any]:
+    """The library call behind the command: returns the JSON result (plan included)."""
+    from edgeweave.checkpoint import load_model, model_hash
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+    from edgeweave.profiling.profile import Cluster
+
+    if (cluster is None) == (workers is None):
+        raise EdgeweaveError("give exactly one of --cluster FILE or --workers K")
+    if workers is not None and workers < 0:
+        raise EdgeweaveError(f"--workers must be >= 0, got {workers}")
+    if batch < 1:
+        raise EdgeweaveError(f"--batch must be >= 1, got {batch}")
+    cl = Cluster.load(cluster) if cluster is not None else Cluster.uniform(int(workers or 0) + 1)
+    classes = num_classes if num_classes is not None else (1000 if _is_imagenet(model) else 10)
+    size = input_size if input_size is not None else (224 if _is_imagenet(model) else 32)
+    net, spec = load_model(model, num_classes=classes, in_channels=in_channels, input_size=size)
+    net.eval()
+    if input_size is None:
+        size = int(spec.input_size[0])
+    shape = (batch, int(spec.in_channels), size, size)
+    gm = capture(net, shape)
+    plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
+                     model_hash=model_hash(net))
+    return {
+        "model": model,
+        "input_size": size,
+        "batch": batch,
+        "devices": plan.devices,
+        "partition": partition,
+        "fusion": fusion,
+        "mode": mode,
+        "predicted_s": plan.predicted_s,
+        "single_device_s": plan.meta.get("single_device_s"),
+        "predicted_speedup": plan.meta.get("predicted_speedup"),
+        "stages": len(plan.stages),
+        "plan": plan.to_dict(),
+    }
+
+
+def _rows(r: Any) -> str:
+    return "-" if r[1] <= r[0] else f"{r[0]}:{r[1]}"
+
+
+def _print(res: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    plan = res["plan"]
+    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} batch {res['batch']} on "
+                    f"{len(res['devices'])} devices ({res['partition']}, fusion {res['fusion']}, {res['mode']})")
+    for c in ("stage", "kind", "nodes", "out rows per device", "transfers", "predicted s"):
+        t.add_column(c)
+    for s in plan["stages"]:
+        nodes = s["nodes"]
+        label = nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)})"
+        rows = " ".join(f"{a['device']}:{_rows(a['out_rows'])}" for a in s["assignments"] if a["out_rows"][1] > a["out_rows"][0])
+        t.add_row(str(s["index"]), s["kind"], label, rows, str(len(s["transfers"])), f"{s['predicted_s']:.4f}")
+    console.print(t)
+    sp = res.get("predicted_speedup")
+    console.print(f"predicted {res['predicted_s']:.4f} s; one device {res['single_device_s']:.4f} s"
+                  + (f"; speedup {sp:.2f}x" if sp else ""))
+
+
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (devices JSON/TOML; first = leader)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="K identical followers plus the leader."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", "-n", help="Input height and width."),
+    batch: int = typer.Option(1, "--batch"),
+    in_channels: int = typer.Option(3, "--in-channels"),
+    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
+    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
+    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Print the plan (who computes which rows of which block) and its predicted time."""
+    res = build_plan(model, cluster=cluster, workers=workers, input_size=input_size, batch=batch,
+                     in_channels=in_channels, partition=partition, fusion=fusion, mode=mode)
+    _print(res)
+    emit_json(res, json_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(plan)
