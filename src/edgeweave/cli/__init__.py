@@ -22,10 +22,11 @@ app = typer.Typer(
 
 # Modules that define commands; each has register(app).
 _COMMAND_MODULES = [
-    "edgeweave.cli.plan",
     "edgeweave.cli.train",
     "edgeweave.cli.demo",
     "edgeweave.cli.compress",
+    "edgeweave.cli.run",
+    "edgeweave.cli.plan",
     "edgeweave.cli.profile",
     "edgeweave.cli.testbed",
 ]

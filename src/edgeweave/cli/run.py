@@ -1,0 +1,87 @@
+"""`edgeweave run` (one distributed inference) and `edgeweave worker` (a follower process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgeweave.cli.common import JsonOpt, console, emit_json
+from edgeweave.errors import EdgeweaveError
+
+
+def run(
+    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
+    input_size: int = typer.Option(224, "--input-size", "-n", help="Input height and width."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without "
+                                          "--workers, wait for followers started by hand."),
+    listen: str = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader listens on (with --cluster)."),
+    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
+    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
+    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    batch: int = typer.Option(1, "--batch"),
+    repeat: int = typer.Option(3, "--repeat", help="Timed inferences (after one warm-up); latency is the median."),
+    check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """One inference distributed over local worker processes or a cluster."""
+    from edgeweave.runtime.run import RunConfig, run as do_run
+
+    cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check)
+    res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)
+    _print_result(res)
+    emit_json(res, json_out)
+
+
+def _print_result(res: dict) -> None:
+    from rich.table import Table
+
+    from edgeweave.runtime.run import describe_plan
+
+    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} "
+                    f"({res['partition']}, fusion {res['fusion']}, {res['mode']})")
+    for c in ("stage", "kind", "nodes", "rows per device", "measured s"):
+        t.add_column(c)
+    stages = res["timings"]["stages"]
+    for (idx, kind, nodes, rows), st in zip(describe_plan(res["plan"]), stages):
+        t.add_row(idx, kind, nodes, rows, f"{st['wall_s']:.4f}")
+    console.print(t)
+    line = f"latency {res['latency_s']:.4f} s (median of {len(res['latencies_s'])}), predicted {res['predicted_s']:.4f} s"
+    if "rel_err" in res:
+        line += f"; single device {res['single_device_s']:.4f} s; rel_err {res['rel_err']:.2e}"
+    console.print(line)
+
+
+def worker(
+    leader: str = typer.Option(..., "--leader", help="HOST:PORT of the leader."),
+    name: Optional[str] = typer.Option(None, "--name", help="Device name (default: host-pid)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads in this process."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load the model locally instead of receiving it."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="This device's profile (DeviceProfile JSON)."),
+    profile_json: Optional[str] = typer.Option(None, "--profile-json", hidden=True),
+    connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Seconds to wait for the leader."),
+) -> None:
+    """Start a follower: join the leader, receive the model and plans, compute strips."""
+    from edgeweave.runtime.follower import serve
+
+    prof = None
+    try:
+        if profile is not None:
+            if not profile.is_file():
+                raise EdgeweaveError(f"profile file not found: {profile}")
+            prof = json.loads(profile.read_text())
+        elif profile_json:
+            prof = json.loads(profile_json)
+    except ValueError as e:
+        raise EdgeweaveError(f"profile is not valid JSON: {e}") from None
+    raise typer.Exit(serve(leader, name, threads=threads, model_path=model, profile=prof,
+                           connect_timeout_s=connect_timeout))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(worker)

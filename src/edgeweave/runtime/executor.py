@@ -1,0 +1,183 @@
+"""Execute a Plan on one device: transfers in list order, then compute (planning/plan.py).
+
+The same function runs on the leader and on every follower; leader-gather and halo-exchange
+plans differ only in their transfer lists, so nothing here knows which one it runs. Sends are
+posted without waiting (and waited for at the end, keeping their tensors alive); a receive is
+waited for only when its rows are needed, either to forward them or to compute. A valid plan
+therefore never deadlocks, because waits follow the plan's own data dependencies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.plan import Plan, Stage, Transfer
+from edgeweave.runtime.wire import Channel, transfer_tag
+
+# run_stage(gm, stage, device, x) -> rows out_rows of the stage output (planning.execute).
+StageRunner = Callable[[Any, Stage, int, torch.Tensor], torch.Tensor]
+
+
+def split_axis(shape: list[int] | tuple[int, ...]) -> int:
+    """The axis a plan cuts along: rows (dim 2) of 4-D maps, features (dim 1) otherwise."""
+    return 2 if len(shape) == 4 else 1
+
+
+def _empty(n: int) -> bool:
+    return n <= 0
+
+
+@dataclass
+class _Piece:
+    start: int
+    stop: int
+    tensor: torch.Tensor
+    work: Any = None  # pending receive, or None when the rows are here
+    src: int = -1
+    what: str = ""
+
+
+@dataclass
+class Holdings:
+    """The rows of one tensor (along ``axis``) that this device holds or is receiving."""
+
+    axis: int
+    shape: list[int]
+    pieces: list[_Piece] = field(default_factory=list)
+    wait_s: float = 0.0  # time spent waiting for receives
+
+    def add(self, start: int, stop: int, t: torch.Tensor, work: Any = None, src: int = -1, what: str = "") -> None:
+        if t.shape[self.axis] != stop - start:
+            raise EdgeweaveError(f"internal: piece [{start},{stop}) has {t.shape[self.axis]} rows")
+        self.pieces.append(_Piece(start, stop, t, work, src, what))
+
+    def _ready(self, p: _Piece, ch: Channel | None) -> torch.Tensor:
+        if p.work is not None:
+            assert ch is not None
+            t0 = time.perf_counter()
+            ch.wait(p.work, p.src, f"receiving {p.what}")
+            self.wait_s += time.perf_counter() - t0
+            p.work = None
+        return p.tensor
+
+    def take(self, rows: tuple[int, int], ch: Channel | None, who: str) -> torch.Tensor:
+        """Rows ``[start, stop)`` assembled from the pieces, waiting for receives they need."""
+        start, stop = rows
+        parts: list[torch.Tensor] = []
+        pos = start
+        while pos < stop:
+            cands = [p for p in self.pieces if p.start <= pos < p.stop]
+            if not cands:
+                held = sorted((p.start, p.stop) for p in self.pieces)
+                raise EdgeweaveError(f"invalid plan: {who} needs rows [{start},{stop}) but holds only {held}")
+            # prefer rows already here, then the piece that reaches furthest
+            p = max(cands, key=lambda c: (c.work is None, c.stop))
+            end = min(p.stop, stop)
+            parts.append(self._ready(p, ch).narrow(self.axis, pos - p.start, end - pos))
+            pos = end
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=self.axis)
+
+    def drain(self, ch: Channel | None) -> None:
+        """Wait for every receive still pending (rows the plan delivered but nobody used)."""
+        for p in self.pieces:
+            if p.work is not None:
+                self._ready(p, ch)
+
+
+@dataclass
+class StageTiming:
+    wall_s: float
+    compute_s: float
+
+    @property
+    def comm_s(self) -> float:
+        return max(0.0, self.wall_s - self.compute_s)
+
+
+def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device: int, ch: Channel | None,
+               label: str) -> None:
+    for i, tr in enumerate(transfers):
+        a, b = tr.rows
+        if _empty(b - a) or tr.src == tr.dst or device not in (tr.src, tr.dst):
+            continue
+        if ch is None:
+            raise EdgeweaveError(f"invalid plan: {label} moves rows between devices but there is no channel")
+        tag = transfer_tag(stage_idx, i)
+        what = f"rows [{a},{b}) of {label} (transfer {i})"
+        if tr.src == device:
+            ch.isend(hold.take((a, b), ch, f"device {device}"), tr.dst, tag, what)
+        else:
+            shape = list(hold.shape)
+            shape[hold.axis] = b - a
+            buf = torch.empty(shape, dtype=torch.float32)
+            hold.add(a, b, buf, ch.irecv(buf, tr.src, tag), tr.src, what)
+
+
+def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: Channel | None,
+                 run_stage: StageRunner) -> tuple[torch.Tensor | None, list[StageTiming]]:
+    """Run ``plan`` as device ``device``; the leader (device 0) passes the input ``x``.
+
+    Returns the model output on the leader (None elsewhere) and this device's timings, one per
+    stage plus one for the final transfers. Sends are flushed before returning.
+    """
+    timings: list[StageTiming] = []
+    shape0 = list(plan.input_shape)
+    hold = Holdings(split_axis(shape0), shape0)
+    if device == 0:
+        if x is None or list(x.shape) != shape0:
+            got = None if x is None else list(x.shape)
+            raise EdgeweaveError(f"the plan was made for input shape {shape0}, got {got}")
+        hold.add(0, shape0[hold.axis], x.contiguous())
+    for s, stage in enumerate(plan.stages):
+        t0 = time.perf_counter()
+        if list(stage.input_shape) != hold.shape:
+            raise EdgeweaveError(f"invalid plan: stage {s} input shape {stage.input_shape} != previous output {hold.shape}")
+        label = f"stage {s} input"
+        _transfers(hold, stage.transfers, s, device, ch, label)
+        out_shape = list(stage.output_shape)
+        nxt = Holdings(split_axis(out_shape), out_shape)
+        compute = 0.0
+        a = stage.assignment(device)
+        if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
+            xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
+            c0 = time.perf_counter()
+            with torch.no_grad():
+                y = run_stage(gm, stage, device, xin)
+            compute = time.perf_counter() - c0
+            if not isinstance(y, torch.Tensor):
+                # a model returning a tuple (multi-exit): only the leader's last stage may
+                if device != 0 or s != len(plan.stages) - 1 or plan.final_transfers:
+                    raise EdgeweaveError(f"stage {s} on device {device} returned {type(y).__name__}, not a tensor; "
+                                         "only the leader's last stage may return a structure")
+                hold.drain(ch)
+                if ch is not None:
+                    ch.flush_sends()
+                timings.append(StageTiming(time.perf_counter() - t0, compute))
+                timings.append(StageTiming(0.0, 0.0))
+                return y, timings
+            want = list(out_shape)
+            want[nxt.axis] = a.out_rows[1] - a.out_rows[0]
+            if list(y.shape) != want:
+                raise EdgeweaveError(f"stage {s} on device {device} produced shape {list(y.shape)}, plan says {want}")
+            nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
+        hold.drain(ch)
+        timings.append(StageTiming(time.perf_counter() - t0, compute))
+        hold = nxt
+    t0 = time.perf_counter()
+    n = len(plan.stages)
+    _transfers(hold, plan.final_transfers, n, device, ch, "the model output")
+    out = None
+    if device == 0:
+        out = hold.take((0, hold.shape[hold.axis]), ch, "the leader (model output)")
+    hold.drain(ch)
+    if ch is not None:
+        ch.flush_sends()
+    timings.append(StageTiming(time.perf_counter() - t0, 0.0))
+    return out, timings

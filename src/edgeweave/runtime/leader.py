@@ -1,0 +1,448 @@
+"""The leader side: a session over a cluster of followers that executes plans.
+
+``LocalCluster(workers=K)`` starts K follower processes on loopback (one thread each) and always
+tears them down; ``RemoteCluster(cluster)`` waits for followers started by hand with
+``edgeweave worker --leader HOST:PORT --name NAME``. Both are context managers::
+
+    with LocalCluster(workers=2) as cl:
+        cl.load_model(model, spec)            # ships safetensors bytes; followers verify sha256
+        plan = make_plan(capture(model, shape), cl.cluster, ...)   # planning decides
+        pid = cl.load_plan(plan)
+        y, timings = cl.infer(x, pid)
+
+The leader is device 0 and computes its own strips. The session never decides anything: it
+runs the plan it is given. Every wait is bounded by ``timeout_s`` and names the device that did
+not answer; after such a failure the generation is aborted (followers leave it) and the session
+refuses further work until :meth:`regroup` starts a new generation with the devices still alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.plan import Plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave.runtime import rendezvous as rv
+from edgeweave.runtime.executor import StageTiming, execute_plan
+from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError, wait_store_keys
+
+
+@dataclass
+class Follower:
+    ticket: int
+    name: str
+    info: dict[str, Any]
+    process: subprocess.Popen | None = None  # set for local followers
+    log_path: Path | None = None
+
+
+@dataclass
+class Timings:
+    """Measured times of one inference: per stage and device, wall and compute seconds."""
+
+    total_s: float
+    names: list[str]
+    per_device: list[list[StageTiming]]  # [device][stage]; the last entry is the final transfers
+    stage_kinds: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        n = len(self.stage_kinds)
+        stages = []
+        for s in range(n + 1):
+            rows = [{"device": d, "name": self.names[d], "wall_s": t[s].wall_s, "compute_s": t[s].compute_s,
+                     "comm_s": t[s].comm_s} for d, t in enumerate(self.per_device) if s < len(t)]
+            stages.append({"index": s if s < n else "final", "kind": self.stage_kinds[s] if s < n else "final_transfers",
+                           "wall_s": max((r["wall_s"] for r in rows), default=0.0),
+                           "compute_s": max((r["compute_s"] for r in rows), default=0.0), "devices": rows})
+        return {"total_s": self.total_s, "stages": stages}
+
+
+LEADER_GRACE_S = 2.0  # see Channel.grace_s
+
+_LIVE: "weakref.WeakSet[Session]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # pragma: no cover - safety net for interpreter exit
+    for s in list(_LIVE):
+        s.close()
+
+
+class Session:
+    """A leader holding a TCPStore, a set of followers and one generation at a time."""
+
+    def __init__(self, store: Any, leader_name: str = "leader", *, timeout_s: float = 60.0, gloo_host: str = "",
+                 leader_profile: DeviceProfile | None = None):
+        self.store = store
+        self.leader_name = leader_name
+        self.timeout_s = float(timeout_s)
+        self.gloo_host = gloo_host
+        self.leader_profile = leader_profile or DeviceProfile(name=leader_name)
+        self.followers: list[Follower] = []
+        self.gen = -1
+        self.seq = 0
+        self.ch: Channel | None = None
+        self.broken: str | None = None
+        self.model: torch.nn.Module | None = None
+        self.model_hash: str | None = None
+        self.plans: dict[int, tuple[Plan, Any]] = {}
+        self._next_plan = 0
+        self._closed = False
+        _LIVE.add(self)
+
+    # -- membership --------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [self.leader_name] + [f.name for f in self.followers]
+
+    @property
+    def world(self) -> int:
+        return 1 + len(self.followers)
+
+    @property
+    def cluster(self) -> Cluster:
+        """Device profiles in rank order (device 0 = leader), for the planner."""
+        devs = [self.leader_profile]
+        for f in self.followers:
+            p = dict(f.info.get("profile") or {})
+            p["name"] = f.name
+            devs.append(DeviceProfile.from_dict(p))
+        return Cluster(devs)
+
+    def who(self, rank: int) -> str:
+        return f"device {self.names[rank]!r} (rank {rank})"
+
+    def _wait_registrations(self, expect: list[str] | int, timeout_s: float) -> list[Follower]:
+        """Followers by name (in the given order) or the first ``expect`` to register."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            regs = rv.registrations(self.store)
+            by_name: dict[str, tuple[int, dict[str, Any]]] = {}
+            for t, info in sorted(regs.items()):
+                by_name.setdefault(str(info.get("name")), (t, info))
+            if isinstance(expect, int):
+                if len(regs) >= expect:
+                    items = sorted(regs.items())[:expect]
+                    return [Follower(t, str(i.get("name")), i) for t, i in items]
+                missing_desc = f"{expect - len(regs)} of {expect} followers"
+            else:
+                missing = [n for n in expect if n not in by_name]
+                if not missing:
+                    return [Follower(by_name[n][0], n, by_name[n][1]) for n in expect]
+                missing_desc = "followers " + ", ".join(repr(n) for n in missing)
+            reason = self._probe_processes()
+            if reason:
+                raise PeerError(f"waiting for followers to register: {reason}")
+            if time.monotonic() > deadline:
+                raise PeerError(f"{missing_desc} did not register within {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def _start_generation(self) -> None:
+        self.gen = rv.latest_generation(self.store)
+        self.seq = 0
+        info = {"members": [f.ticket for f in self.followers], "names": self.names, "timeout_s": self.timeout_s,
+                "gloo_host": self.gloo_host}
+        rv.publish_generation(self.store, self.gen, info)
+        self.gstore = rv.gen_store(self.store, self.gen)
+        pg = rv.make_group(self.store, self.gen, 0, self.world, self.timeout_s, self.gloo_host)
+        self.ch = Channel(pg, 0, self.names, self.timeout_s, probe=self._probe, grace_s=LEADER_GRACE_S)
+        self.broken = None
+        self.plans = {}
+
+    def regroup(self, alive: list[str] | None = None) -> None:
+        """Start a new generation with the followers named in ``alive`` (default: all local ones
+        whose process still runs). Plans must be loaded again; the model is re-verified."""
+        if self.ch is not None and self.gen >= 0:
+            self._command({"op": "end"}) if self.broken is None else None
+        keep = [f for f in self.followers if (alive is None and (f.process is None or f.process.poll() is None))
+                or (alive is not None and f.name in alive)]
+        self.followers = keep
+        self._start_generation()
+        if self.model is not None:
+            self._ship_model()
+
+    # -- health ------------------------------------------------------------------------------
+    def _probe_processes(self) -> str | None:
+        for r, f in enumerate(self.followers, start=1):
+            if f.process is not None and f.process.poll() is not None:
+                return f"the process of {self.who(r)} exited with code {f.process.returncode}{self._log_tail(f)}"
+        return None
+
+    def _probe(self) -> str | None:
+        reason = self._probe_processes()
+        if reason:
+            return reason
+        reports = [f"{self.who(r)} reported: {self.gstore.get(f'err/{r}').decode()}"
+                   for r in range(1, self.world) if self.gstore.check([f"err/{r}"])]
+        return "; ".join(reports) or None
+
+    @staticmethod
+    def _log_tail(f: Follower) -> str:
+        if f.log_path is None or not f.log_path.exists():
+            return ""
+        lines = [ln for ln in f.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        return f" (its last log line: {lines[-1][:200]})" if lines else ""
+
+    def _fail(self, e: PeerError) -> None:
+        """Abort this generation so followers stop waiting, and refuse work until regroup()."""
+        self.broken = str(e)
+        try:
+            self.gstore.set("abort", str(e)[:1000])
+        except Exception:  # noqa: BLE001 - the store is ours; this should not fail
+            pass
+
+    def _check_usable(self) -> Channel:
+        if self._closed:
+            raise EdgeweaveError("the cluster session is closed")
+        if self.broken is not None or self.ch is None:
+            raise EdgeweaveError(f"the cluster is unusable after a failure ({self.broken}); call regroup()")
+        return self.ch
+
+    # -- commands ----------------------------------------------------------------------------
+    def _command(self, cmd: dict[str, Any]) -> int:
+        seq = self.seq
+        self.seq += 1
+        rv.set_json(self.gstore, f"cmd/{seq}", cmd)
+        return seq
+
+    def _await_acks(self, seq: int, what: str) -> list[dict[str, Any]]:
+        keys = [f"ack/{seq}/{r}" for r in range(1, self.world)]
+        wait_store_keys(self.gstore, keys, timeout_s=self.timeout_s, probe=self._probe,
+                        describe_missing=lambda m: ", ".join(self.who(int(k.rsplit("/", 1)[1])) for k in m)
+                        + f" ({what})")
+        acks = [rv.get_json(self.gstore, k) for k in keys]
+        for r, a in enumerate(acks, start=1):
+            if not a.get("ok"):
+                raise EdgeweaveError(f"{self.who(r)} failed to {what}: {a.get('error')}")
+        return acks
+
+    def ping(self) -> None:
+        self._check_usable()
+        self._await_acks(self._command({"op": "ping"}), "answer a ping")
+
+    def load_model(self, model: torch.nn.Module, spec: Any, extra: dict[str, Any] | None = None) -> str:
+        """Ship ``model`` (safetensors bytes + JSON metadata) to followers that lack it; every
+        follower verifies the sha256 of what it holds. Returns the hash."""
+        from edgeweave.checkpoint import model_to_bytes
+
+        self._check_usable()
+        model.eval()
+        self._model_bytes = model_to_bytes(model, spec, extra)
+        from edgeweave.checkpoint import model_hash
+
+        self.model, self.model_hash = model, model_hash(model)
+        self._ship_model()
+        return self.model_hash
+
+    def _ship_model(self) -> None:
+        ch = self._check_usable()
+        # followers started with --model PATH are pinned to their local weights: they must match
+        ship = [r for r, f in enumerate(self.followers, start=1)
+                if f.info.get("model_hash") != self.model_hash and not f.info.get("pinned")]
+        data = self._model_bytes
+        seq = self._command({"op": "model", "hash": self.model_hash, "nbytes": len(data), "ship": ship})
+        try:
+            for r in ship:
+                ch.send_bytes(data, r, TAG_CONTROL, "the model")
+            self._await_acks(seq, "accept the model")
+        except PeerError as e:
+            self._fail(e)
+            raise
+        for r in ship:
+            self.followers[r - 1].info["model_hash"] = self.model_hash
+
+    def load_plan(self, plan: Plan) -> int:
+        """Send ``plan`` (JSON text) to every follower; they check its model hash and capture the
+        graph. Returns the plan id for :meth:`infer`."""
+        from edgeweave.planning.graph import capture
+
+        ch = self._check_usable()
+        if self.model is None:
+            raise EdgeweaveError("load_model() before load_plan()")
+        if plan.model_hash != self.model_hash:
+            raise EdgeweaveError(f"the plan was made for weights {plan.model_hash[:12]}..., the session holds "
+                                 f"{str(self.model_hash)[:12]}...")
+        if len(plan.devices) != self.world:
+            raise EdgeweaveError(f"the plan has {len(plan.devices)} devices, the cluster {self.world} ({self.names})")
+        if list(plan.devices) != self.names:
+            raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} (in rank order)")
+        pid = self._next_plan
+        self._next_plan += 1
+        text = plan.to_json().encode()
+        seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text)})
+        try:
+            for r in range(1, self.world):
+                ch.send_bytes(text, r, TAG_CONTROL, "the plan")
+            self._await_acks(seq, "accept the plan")
+        except PeerError as e:
+            self._fail(e)
+            raise
+        self.plans[pid] = (plan, capture(self.model, tuple(plan.input_shape)))
+        return pid
+
+    def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:
+        """Run one input through the cluster with a loaded plan (default: the last one)."""
+        from edgeweave.planning.execute import run_stage
+
+        ch = self._check_usable()
+        if plan_id is None:
+            if not self.plans:
+                raise EdgeweaveError("no plan loaded: call load_plan(plan) first")
+            plan_id = max(self.plans)
+        plan, gm = self.plans[plan_id]
+        t0 = time.perf_counter()
+        self._command({"op": "infer", "plan_id": plan_id})
+        try:
+            y, mine = execute_plan(plan, 0, gm, x.detach().to(torch.float32), ch, run_stage)
+            per_device = [mine]
+            n = len(plan.stages) + 1
+            for r in range(1, self.world):
+                t = ch.recv(torch.zeros(n, 2, dtype=torch.float64), r, TAG_TIMING, "timings")
+                per_device.append([StageTiming(float(a), float(b)) for a, b in t.tolist()])
+        except PeerError as e:
+            self._fail(e)
+            raise
+        total = time.perf_counter() - t0
+        assert y is not None
+        return y, Timings(total, self.names, per_device, [s.kind for s in plan.stages])
+
+    # -- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """End the generation and tell followers to exit (local ones are also reaped)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.ch is not None and self.broken is None:
+                self._command({"op": "end"})
+            rv.publish_generation(self.store, rv.latest_generation(self.store), {"shutdown": True})
+        except Exception:  # noqa: BLE001 - best effort; local processes are killed below anyway
+            pass
+        self._reap()
+        self.ch = None
+        _LIVE.discard(self)
+
+    def _reap(self) -> None:
+        pass
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the follower gets SIGKILL if the leader dies, so no orphan survives a crash."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class LocalCluster(Session):
+    """K follower processes on loopback, one thread each; always torn down (see module doc)."""
+
+    def __init__(self, workers: int, *, timeout_s: float = 60.0, start_timeout_s: float = 120.0,
+                 profiles: Cluster | None = None, threads: int = 1, extra_args: dict[str, list[str]] | None = None):
+        if workers < 0:
+            raise EdgeweaveError(f"--workers must be >= 0, got {workers}")
+        if profiles is not None and len(profiles.devices) != workers + 1:
+            raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
+                                 f"it needs {workers + 1} (the leader first)")
+        devs = profiles.devices if profiles is not None else Cluster.uniform(workers + 1).devices
+        store = rv.host_store("127.0.0.1", 0, start_timeout_s)
+        super().__init__(store, devs[0].name, timeout_s=timeout_s, gloo_host="127.0.0.1", leader_profile=devs[0])
+        self.port = int(store.port)
+        self._logdir = Path(tempfile.mkdtemp(prefix="edgeweave-workers-"))
+        procs: list[Follower] = []
+        try:
+            import json
+
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+            for i, dev in enumerate(devs[1:], start=1):
+                log = self._logdir / f"{dev.name}.log"
+                cmd = [sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{self.port}",
+                       "--name", dev.name, "--threads", str(threads), "--profile-json", json.dumps(dev.to_dict())]
+                cmd += (extra_args or {}).get(dev.name, [])
+                with open(log, "wb") as fh:
+                    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True,
+                                         preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+                procs.append(Follower(-1, dev.name, {}, p, log))
+            self.followers = procs  # so that probes and _reap see the processes
+            regs = self._wait_registrations([d.name for d in devs[1:]], start_timeout_s)
+            for f, r in zip(procs, regs):
+                f.ticket, f.info = r.ticket, r.info
+            self._start_generation()
+        except BaseException:
+            self.followers = procs
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.process.pid for f in self.followers if f.process is not None]
+
+    def _reap(self) -> None:
+        procs = [f.process for f in self.followers if f.process is not None]
+        deadline = time.monotonic() + 5.0
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p in procs if p.poll() is None]
+            for p in alive:
+                try:
+                    os.killpg(p.pid, sig)  # the follower's own session: its children go too
+                except (ProcessLookupError, PermissionError):
+                    pass
+            for p in alive:
+                try:
+                    p.wait(timeout=3.0)
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+class RemoteCluster(Session):
+    """Followers started by hand (``edgeweave worker --leader HOST:PORT --name NAME``).
+
+    ``cluster`` lists the devices (the first is the leader); the session listens on ``listen``
+    and waits up to ``start_timeout_s`` for every named follower to register.
+    """
+
+    def __init__(self, cluster: Cluster | str | Path, listen: str = "0.0.0.0:29400", *, timeout_s: float = 60.0,
+                 start_timeout_s: float = 300.0):
+        cl = cluster if isinstance(cluster, Cluster) else Cluster.load(cluster)
+        host, port = rv.parse_address(listen)
+        store = rv.host_store(host, port, start_timeout_s)
+        super().__init__(store, cl.devices[0].name, timeout_s=timeout_s,
+                         gloo_host="" if host in ("0.0.0.0", "::") else host, leader_profile=cl.devices[0])
+        self.port = int(store.port)
+        try:
+            self.followers = self._wait_registrations([d.name for d in cl.devices[1:]], start_timeout_s)
+            self._profiles = {d.name: d for d in cl.devices}
+            for f in self.followers:  # the cluster file's profiles win over the followers' own
+                f.info["profile"] = self._profiles[f.name].to_dict()
+            self._start_generation()
+        except BaseException:
+            self.close()
+            raise

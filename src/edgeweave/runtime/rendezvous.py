@@ -1,0 +1,135 @@
+"""Rendezvous through the leader's TCPStore: registration, generations, commands.
+
+Why generations: a cluster changes (a board dies, another joins), and gloo groups cannot be
+resized. So membership is decided per *generation* N: the leader writes ``ew/gen/N`` (JSON:
+member tickets in rank order, names, time-out) and everyone in it builds a fresh gloo group on
+``PrefixStore("ew/g<N>/pg/")``. A follower that leaves a generation (the leader ends it, or
+something failed) waits for ``ew/gen/N+1``; a generation marked ``shutdown`` ends it. Followers
+that register late are simply given a rank in a later generation.
+
+Keys (all small JSON strings; never pickles):
+- ``ew/tickets``: counter; a follower's ``add(1)`` is its ticket.
+- ``ew/worker/<ticket>``: its registration (name, pid, host, profile, has_model).
+- ``ew/gen/<N>``: ``{"members": [ticket...], "names": [leader, ...], "timeout_s": T,
+  "gloo_host": H}`` or ``{"shutdown": true}``.
+- inside ``ew/g<N>/``: ``cmd/<seq>`` (leader -> all), ``ack/<seq>/<rank>`` (follower ->
+  leader), ``err/<rank>`` (a follower's failure report), ``abort`` (leader gave up the generation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from edgeweave.errors import EdgeweaveError
+
+ROOT = "ew/"
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise EdgeweaveError(f"expected HOST:PORT (for example 127.0.0.1:29400), got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def host_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
+    """The leader's store; ``port=0`` picks a free port (read it back from ``store.port``)."""
+    try:
+        return dist.TCPStore(host, port, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 - turn socket errors into one line
+        raise EdgeweaveError(f"cannot listen on {host}:{port}: {str(e).splitlines()[0][:200]}") from None
+
+
+def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
+    try:
+        return dist.TCPStore(host, port, None, False, timedelta(seconds=timeout_s), wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001
+        raise EdgeweaveError(f"cannot reach the leader at {host}:{port} within {timeout_s:g} s: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+
+
+def gen_store(store: Any, gen: int) -> dist.PrefixStore:
+    return dist.PrefixStore(f"{ROOT}g{gen}/", store)
+
+
+def get_json(store: Any, key: str) -> Any:
+    return json.loads(store.get(key).decode())
+
+
+def set_json(store: Any, key: str, obj: Any) -> None:
+    store.set(key, json.dumps(obj))
+
+
+def register(store: Any, info: dict[str, Any]) -> int:
+    """Follower: take a ticket and publish ``info``; returns the ticket."""
+    ticket = int(store.add(ROOT + "tickets", 1))
+    set_json(store, f"{ROOT}worker/{ticket}", info)
+    return ticket
+
+
+def registrations(store: Any) -> dict[int, dict[str, Any]]:
+    """Leader: every follower that has registered so far, by ticket."""
+    n = int(store.add(ROOT + "tickets", 0))
+    out = {}
+    for t in range(1, n + 1):
+        key = f"{ROOT}worker/{t}"
+        if store.check([key]):
+            out[t] = get_json(store, key)
+    return out
+
+
+def publish_generation(store: Any, gen: int, info: dict[str, Any]) -> None:
+    set_json(store, f"{ROOT}gen/{gen}", info)
+
+
+def wait_key(store: Any, key: str, poll_s: float = 1.0) -> None:
+    """Block until ``key`` exists, for as long as the store (the leader) is alive.
+
+    ``store.wait`` wakes as soon as the key is set; its time-out only lets us notice a dead
+    leader, which makes ``check`` raise.
+    """
+    while True:
+        try:
+            store.wait([key], timedelta(seconds=poll_s))
+            return
+        except Exception:  # noqa: BLE001 - time-out or lost connection; check tells which
+            if store.check([key]):  # raises when the leader is gone
+                return
+
+
+def wait_generation(store: Any, first: int, ticket: int) -> tuple[int, dict[str, Any]]:
+    """Follower: the first generation >= ``first`` that includes ``ticket`` (or shuts down)."""
+    gen = first
+    while True:
+        wait_key(store, f"{ROOT}gen/{gen}")
+        info = get_json(store, f"{ROOT}gen/{gen}")
+        if info.get("shutdown") or ticket in info.get("members", []):
+            return gen, info
+        gen += 1
+
+
+def latest_generation(store: Any) -> int:
+    """Leader: the number a new generation should take."""
+    return int(store.add(ROOT + "gen_counter", 1)) - 1
+
+
+def make_group(store: Any, gen: int, rank: int, world: int, timeout_s: float, gloo_host: str = "") -> Any:
+    """A fresh gloo process group for generation ``gen`` (no global torch.distributed state)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timedelta(seconds=timeout_s + 10.0)
+    if gloo_host:
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=gloo_host)]
+    else:
+        opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+    t0 = time.monotonic()
+    try:
+        return dist.ProcessGroupGloo(dist.PrefixStore("pg/", gen_store(store, gen)), rank, world, opts)
+    except Exception as e:  # noqa: BLE001
+        raise EdgeweaveError(
+            f"rank {rank} could not join the gloo group of generation {gen} after {time.monotonic() - t0:.1f} s: "
+            f"{str(e).splitlines()[0][:200]} (on a multi-homed host, set GLOO_SOCKET_IFNAME)") from None

@@ -1,0 +1,158 @@
+"""One distributed inference end to end (the library behind ``edgeweave run``).
+
+Load the model, start (or wait for) the followers, ask the planner for a plan, ship model and
+plan, time ``repeat`` inferences after a warm-up, optionally compare with one device. The plan
+comes from ``edgeweave.planning``; this module only wires the pieces together and measures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.profiling.profile import Cluster
+from edgeweave.runtime.leader import LocalCluster, RemoteCluster, Session, Timings
+
+PARTITIONS = ("equal", "bodp", "ocbp", "optimal")
+FUSIONS = ("none", "pools", "auto")
+MODES = ("gather", "exchange")
+
+
+@dataclass
+class RunConfig:
+    partition: str = "optimal"
+    fusion: str = "auto"
+    mode: str = "exchange"
+    batch: int = 1
+    repeat: int = 3
+    warmup: int = 1
+    check: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise EdgeweaveError(f"--partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if self.fusion not in FUSIONS:
+            raise EdgeweaveError(f"--fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.mode not in MODES:
+            raise EdgeweaveError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.batch < 1 or self.repeat < 1 or self.warmup < 0:
+            raise EdgeweaveError("--batch and --repeat must be >= 1")
+
+
+def load_for_run(model_name: str, input_size: int) -> tuple[torch.nn.Module, Any]:
+    from edgeweave.checkpoint import load_model
+
+    model, spec = load_model(model_name, num_classes=_default_classes(model_name), input_size=input_size)
+    model.eval()
+    return model, spec
+
+
+def _default_classes(name: str) -> int:
+    """ImageNet-sized heads for torchvision models, 10 classes for our CIFAR-style ones."""
+    if name.startswith("torchvision:") or name in ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50"):
+        return 1000
+    return 10
+
+
+def plan_for(session: Session, model: torch.nn.Module, shape: tuple[int, ...], cfg: RunConfig, model_name: str,
+             cluster: Cluster | None = None) -> Any:
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+
+    gm = capture(model, shape)
+    return make_plan(gm, cluster or session.cluster, partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode,
+                     model_name=model_name, model_hash=str(session.model_hash))
+
+
+def measure(session: Session, plan_id: int, x: torch.Tensor, repeat: int, warmup: int) -> tuple[torch.Tensor, list[float], Timings]:
+    """Median-ready latencies of ``repeat`` inferences after ``warmup`` untimed ones."""
+    y = None
+    for _ in range(warmup):
+        y, _t = session.infer(x, plan_id)
+    lats: list[float] = []
+    best: Timings | None = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        y, tm = session.infer(x, plan_id)
+        lats.append(time.perf_counter() - t0)
+        if best is None or tm.total_s <= best.total_s:
+            best = tm
+    assert y is not None and best is not None
+    return y, lats, best
+
+
+def single_device(model: torch.nn.Module, x: torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, float]:
+    """The reference: the whole model in this process (median seconds over ``repeat``)."""
+    with torch.no_grad():
+        y = model(x)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            y = model(x)
+            times.append(time.perf_counter() - t0)
+    return y, statistics.median(times)
+
+
+def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    err = float((y - ref).abs().max())
+    mref = float(ref.abs().max())
+    return {"max_abs_err": err, "max_abs_ref": mref, "rel_err": err / max(mref, 1e-12)}
+
+
+def run(model_name: str, input_size: int, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
+        listen: str = "0.0.0.0:29400", timeout_s: float = 60.0) -> dict[str, Any]:
+    """What ``edgeweave run`` does; returns the JSON result (see DESIGN.md's contract)."""
+    cfg.validate()
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    model, spec = load_for_run(model_name, input_size)
+    x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
+    profiles = Cluster.load(cluster_file) if cluster_file else None
+    if workers is None and profiles is None:
+        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    t_start = time.perf_counter()
+    session: Session
+    if workers is not None:
+        session = LocalCluster(workers, profiles=profiles, timeout_s=timeout_s)
+    else:
+        assert profiles is not None
+        session = RemoteCluster(profiles, listen, timeout_s=timeout_s)
+    with session:
+        startup_s = time.perf_counter() - t_start
+        session.load_model(model, spec)
+        plan = plan_for(session, model, tuple(x.shape), cfg, model_name)
+        pid = session.load_plan(plan)
+        y, lats, timings = measure(session, pid, x, cfg.repeat, cfg.warmup)
+    result: dict[str, Any] = {
+        "model": model_name, "input_size": input_size, "batch": cfg.batch, "workers": session.world - 1,
+        "devices": session.names, "partition": cfg.partition, "fusion": cfg.fusion, "mode": cfg.mode,
+        "latency_s": statistics.median(lats), "latencies_s": lats, "predicted_s": plan.predicted_s,
+        "startup_s": startup_s, "timings": timings.to_dict(), "plan": plan.to_dict(),
+    }
+    if cfg.check:
+        ref, single_s = single_device(model, x, repeat=max(1, min(cfg.repeat, 3)))
+        result.update(compare(y, ref))
+        result["single_device_s"] = single_s
+        result["speedup"] = single_s / result["latency_s"] if result["latency_s"] > 0 else None
+    return result
+
+
+def describe_plan(plan: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(stage, kind, nodes, per-device rows) lines for a human-readable plan table."""
+    rows = []
+    for s in plan["stages"]:
+        nodes = s["nodes"]
+        span = nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)})"
+        parts = []
+        for a in s["assignments"]:
+            o = a["out_rows"]
+            if o[1] > o[0]:
+                parts.append(f"{plan['devices'][a['device']]}: {o[0]}-{o[1]}")
+        rows.append((str(s["index"]), s["kind"], span, ", ".join(parts)))
+    return rows

@@ -1,0 +1,195 @@
+"""What crosses the network, and how every wait on it is bounded.
+
+Only tensors and small typed messages travel: bytes (a safetensors model, a JSON plan) go as an
+int64 length header followed by a uint8 tensor, and are decoded by safetensors / ``json`` on
+the other side. Nothing is ever unpickled (no ``send_object_list``).
+
+gloo's own time-out is fatal to a connection and cannot be interrupted, so a wait here runs
+``Work.wait`` (with the generation's time-out) on a helper thread while the caller watches the
+clock and a *liveness probe* (follower error reports in the store, dead local processes, an
+abort from the leader). The first thing that goes wrong becomes a :class:`PeerError` that names
+the device (name and rank) that did not answer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from edgeweave.errors import EdgeweaveError
+
+# Tags: data transfers use stage * TAG_STRIDE + transfer index; control traffic lives above.
+TAG_STRIDE = 4096
+TAG_CONTROL = 1 << 28
+TAG_TIMING = TAG_CONTROL + 1
+
+# A probe returns None when all is well, or a message explaining why waiting is pointless.
+Probe = Callable[[], "str | None"]
+
+
+class PeerError(EdgeweaveError):
+    """A device did not answer in time, hung up, or reported a failure."""
+
+    def __init__(self, message: str, rank: int | None = None, name: str | None = None):
+        super().__init__(message)
+        self.rank = rank
+        self.name = name
+
+
+def transfer_tag(stage: int, index: int) -> int:
+    if index >= TAG_STRIDE:
+        raise EdgeweaveError(f"stage {stage} has more than {TAG_STRIDE} transfers; the runtime cannot tag them apart")
+    return stage * TAG_STRIDE + index
+
+
+@dataclass
+class Channel:
+    """Point-to-point messages inside one generation's process group, with bounded waits.
+
+    ``names[r]`` is the device name of rank ``r``; ``timeout_s`` bounds every single wait.
+    """
+
+    pg: Any  # torch.distributed.ProcessGroupGloo
+    rank: int
+    names: list[str]
+    timeout_s: float
+    probe: Probe | None = None
+    poll_s: float = 0.2
+    # The leader waits a little longer than followers, so that when a follower waits on a
+    # silent peer, its report (naming the real culprit) reaches the leader before it gives up.
+    grace_s: float = 0.0
+    _pending_sends: list[tuple[Any, int, str, Any]] = field(default_factory=list)
+
+    def who(self, rank: int) -> str:
+        name = self.names[rank] if 0 <= rank < len(self.names) else "?"
+        return f"device {name!r} (rank {rank})"
+
+    # -- raw tensors -------------------------------------------------------------------------
+    def isend(self, t: torch.Tensor, dst: int, tag: int, what: str = "data") -> None:
+        """Post a send; it is waited for (and errors surface) in :meth:`flush_sends`."""
+        t = t.contiguous()
+        work = self.pg.send([t], dst, tag)
+        self._pending_sends.append((work, dst, what, t))  # keep ``t`` alive until sent
+
+    def irecv(self, t: torch.Tensor, src: int, tag: int) -> Any:
+        return self.pg.recv([t], src, tag)
+
+    def wait(self, work: Any, peer: int, what: str) -> None:
+        """Wait for one operation with ``peer``; raise PeerError naming it on any failure."""
+        wait_work(work, timeout_s=self.timeout_s + self.grace_s, probe=self.probe, poll_s=self.poll_s,
+                  describe=lambda: f"{self.who(peer)} during {what}", peer=(peer, self.names[peer] if peer < len(self.names) else None))
+
+    def flush_sends(self) -> None:
+        pending, self._pending_sends = self._pending_sends, []
+        for work, dst, what, _t in pending:
+            self.wait(work, dst, f"sending {what}")
+
+    def send(self, t: torch.Tensor, dst: int, tag: int, what: str) -> None:
+        t = t.contiguous()
+        self.wait(self.pg.send([t], dst, tag), dst, f"sending {what}")
+
+    def recv(self, t: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+        self.wait(self.pg.recv([t], src, tag), src, f"receiving {what}")
+        return t
+
+    # -- bytes and JSON ----------------------------------------------------------------------
+    def send_bytes(self, data: bytes, dst: int, tag: int = TAG_CONTROL, what: str = "a message") -> None:
+        self.send(torch.tensor([len(data)], dtype=torch.int64), dst, tag, f"{what} (header)")
+        if data:
+            self.send(bytes_to_tensor(data), dst, tag, what)
+
+    def recv_bytes(self, src: int, tag: int = TAG_CONTROL, what: str = "a message", max_bytes: int = 1 << 34) -> bytes:
+        head = self.recv(torch.zeros(1, dtype=torch.int64), src, tag, f"{what} (header)")
+        n = int(head.item())
+        if n < 0 or n > max_bytes:
+            raise PeerError(f"{self.who(src)} announced {n} bytes for {what}; expected 0..{max_bytes}", src)
+        if n == 0:
+            return b""
+        buf = self.recv(torch.empty(n, dtype=torch.uint8), src, tag, what)
+        return buf.numpy().tobytes()
+
+    def send_json(self, obj: Any, dst: int, tag: int = TAG_CONTROL, what: str = "a message") -> None:
+        self.send_bytes(json.dumps(obj).encode(), dst, tag, what)
+
+    def recv_json(self, src: int, tag: int = TAG_CONTROL, what: str = "a message") -> Any:
+        data = self.recv_bytes(src, tag, what, max_bytes=1 << 28)
+        try:
+            return json.loads(data.decode())
+        except (UnicodeDecodeError, ValueError):
+            raise PeerError(f"{self.who(src)} sent {what} that is not valid JSON", src) from None
+
+
+def bytes_to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def wait_work(work: Any, *, timeout_s: float, probe: Probe | None, describe: Callable[[], str],
+              poll_s: float = 0.2, peer: tuple[int, str | None] | None = None) -> None:
+    """``work.wait()`` bounded by ``timeout_s`` and interruptible by ``probe`` (see module doc)."""
+    if work.is_completed():
+        _finish(work, describe, peer)
+        return
+    done = threading.Event()
+    box: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work.wait(timedelta(seconds=timeout_s + 5.0))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box.append(e)
+        done.set()
+
+    threading.Thread(target=run, daemon=True, name="edgeweave-wait").start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(poll_s):
+        reason = probe() if probe is not None else None
+        if reason:
+            raise PeerError(f"gave up waiting for {describe()}: {reason}", *(peer or (None, None)))
+        if time.monotonic() > deadline:
+            raise PeerError(f"{describe()} did not answer within {timeout_s:g} s", *(peer or (None, None)))
+    if box:
+        reason = probe() if probe is not None else None
+        raise PeerError(f"{describe()} failed: {_short(box[0])}" + (f"; {reason}" if reason else ""), *(peer or (None, None)))
+
+
+def _finish(work: Any, describe: Callable[[], str], peer: tuple[int, str | None] | None) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise PeerError(f"{describe()} failed: {_short(e)}", *(peer or (None, None))) from None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Connection closed by peer" in text:
+        return "the connection was closed (the process died or gave up)"
+    if "Timed out" in text:
+        return "gloo time-out"
+    return text[:200]
+
+
+def wait_store_keys(store: Any, keys: list[str], *, timeout_s: float, probe: Probe | None,
+                    describe_missing: Callable[[list[str]], str], poll_s: float = 0.02) -> None:
+    """Poll the store until every key exists; raise PeerError naming what is missing."""
+    deadline = time.monotonic() + timeout_s
+    last_probe = 0.0
+    while True:
+        missing = [k for k in keys if not store.check([k])]
+        if not missing:
+            return
+        now = time.monotonic()
+        if probe is not None and now - last_probe > 0.2:
+            last_probe = now
+            reason = probe()
+            if reason:
+                raise PeerError(f"gave up waiting for {describe_missing(missing)}: {reason}")
+        if now > deadline:
+            raise PeerError(f"{describe_missing(missing)} did not answer within {timeout_s:g} s")
+        time.sleep(poll_s)

@@ -1,0 +1,213 @@
+"""Runtime on real processes over loopback TCP (gloo), with plans written by hand.
+
+Hand-made plans pin down the execution semantics independently of the planner: a one-row strip
+on the leader, halo exchange between followers, a device that sits a stage out, leader-gather.
+One LocalCluster (2 followers + the leader) is shared by the module to keep start-up cost low.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeweave.checkpoint import load_model, model_hash, save_checkpoint
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.execute import simulate
+from edgeweave.planning.graph import capture
+from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
+from edgeweave.runtime.leader import LocalCluster
+from edgeweave.runtime.wire import PeerError
+
+pytestmark = pytest.mark.timeout(300)
+
+STAGE0 = [f"features_{i}" for i in range(7)]  # conv bn relu conv bn relu pool: 28 -> 14 rows
+STAGE1 = [f"features_{i}" for i in range(7, 14)]  # ... 14 -> 7 rows
+HEAD = ["avgpool", "flatten", "classifier_0", "classifier_1", "classifier_2"]
+
+
+def small_model():
+    torch.manual_seed(0)
+    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
+    # non-trivial batch-norm statistics so that wrong halos or padding show up in the output
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval(), spec
+
+
+def plan_exchange(h: str, batch: int = 1) -> Plan:
+    """3 devices; stage 0 split 1/8/5 rows (a one-row strip on the leader), stage 1 on the
+    followers only with halo exchange between them, head on the leader."""
+    n = batch
+    s0 = Stage(0, "spatial", STAGE0, [n, 1, 28, 28], [n, 32, 14, 14],
+               [Assignment(0, (0, 4), (0, 1)), Assignment(1, (0, 20), (1, 9)), Assignment(2, (16, 28), (9, 14))],
+               [Transfer(0, 1, (0, 20)), Transfer(0, 2, (16, 28))])
+    s1 = Stage(1, "spatial", STAGE1, [n, 32, 14, 14], [n, 64, 7, 7],
+               [Assignment(1, (0, 10), (0, 4)), Assignment(2, (6, 14), (4, 7))],
+               [Transfer(0, 1, (0, 1)), Transfer(2, 1, (9, 10)), Transfer(1, 2, (6, 9))])
+    s2 = Stage(2, "leader", HEAD, [n, 64, 7, 7], [n, 10], [Assignment(0, (0, 7), (0, 10))],
+               [Transfer(1, 0, (0, 4)), Transfer(2, 0, (4, 7))])
+    return Plan("small_cnn", h, [n, 1, 28, 28], ["leader", "worker1", "worker2"], "equal", "pools", "exchange",
+                [s0, s1, s2])
+
+
+def plan_gather(h: str) -> Plan:
+    """EdgeLD style: the leader scatters the input with halos and gathers each block's output,
+    and splits the last Linear by output features (a 'linear' stage)."""
+    s0 = Stage(0, "spatial", STAGE0, [1, 1, 28, 28], [1, 32, 14, 14],
+               [Assignment(1, (0, 16), (0, 7)), Assignment(2, (12, 28), (7, 14))],
+               [Transfer(0, 1, (0, 16)), Transfer(0, 2, (12, 28))])
+    s1 = Stage(1, "spatial", STAGE1, [1, 32, 14, 14], [1, 64, 7, 7],
+               [Assignment(0, (0, 5), (0, 1)), Assignment(1, (0, 10), (1, 4)), Assignment(2, (6, 14), (4, 7))],
+               [Transfer(1, 0, (0, 7)), Transfer(2, 0, (7, 14)), Transfer(0, 1, (0, 10)), Transfer(0, 2, (6, 14))])
+    s2 = Stage(2, "leader", HEAD[:4], [1, 64, 7, 7], [1, 64], [Assignment(0, (0, 7), (0, 64))],
+               [Transfer(1, 0, (1, 4)), Transfer(2, 0, (4, 7))])
+    s3 = Stage(3, "linear", HEAD[4:], [1, 64], [1, 10],
+               [Assignment(0, (0, 64), (0, 3)), Assignment(1, (0, 64), (3, 10))],
+               [Transfer(0, 1, (0, 64))])
+    return Plan("small_cnn", h, [1, 1, 28, 28], ["leader", "worker1", "worker2"], "equal", "none", "gather",
+                [s0, s1, s2, s3], final_transfers=[Transfer(1, 0, (3, 10))])
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` a live (non-zombie) process? Reads /proc, no psutil."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    model, spec = small_model()
+    with LocalCluster(2, timeout_s=30) as cl:
+        cl.load_model(model, spec)
+        yield cl, model
+    for pid in cl.pids:
+        assert not _alive(pid)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_hand_made_exchange_plan_is_exact(cluster, batch):
+    cl, model = cluster
+    plan = plan_exchange(cl.model_hash, batch)
+    x = torch.randn(batch, 1, 28, 28)
+    pid = cl.load_plan(plan)
+    y, timings = cl.infer(x, pid)
+    with torch.no_grad():
+        ref = model(x)
+    assert y.shape == ref.shape
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), float((y - ref).abs().max())
+    # the in-process reference executor agrees bit for bit with the distributed one
+    sim = simulate(capture(model, tuple(x.shape)), plan, x)
+    assert torch.equal(y, sim)
+    d = timings.to_dict()
+    assert len(d["stages"]) == 4 and d["total_s"] > 0
+    # every device reports; device 2 computed in stages 0 and 1, not in the head
+    dev2 = [s["devices"][2] for s in d["stages"]]
+    assert dev2[0]["compute_s"] > 0 and dev2[1]["compute_s"] > 0 and dev2[2]["compute_s"] == 0
+
+
+def test_hand_made_gather_plan_with_linear_split(cluster):
+    cl, model = cluster
+    plan = plan_gather(cl.model_hash)
+    x = torch.randn(1, 1, 28, 28)
+    pid = cl.load_plan(plan)
+    for _ in range(3):  # several inferences on the same plan: tags and ordering stay straight
+        y, _ = cl.infer(x, pid)
+        with torch.no_grad():
+            assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+    x2 = torch.randn(1, 1, 28, 28)
+    y2, _ = cl.infer(x2, pid)
+    with torch.no_grad():
+        assert torch.allclose(y2, model(x2), rtol=1e-4, atol=1e-5)
+
+
+def test_plan_for_other_weights_is_refused_by_the_leader(cluster):
+    cl, _ = cluster
+    with pytest.raises(EdgeweaveError, match="made for weights"):
+        cl.load_plan(plan_exchange("0" * 64))
+
+
+def test_plan_with_wrong_device_count_is_refused(cluster):
+    cl, _ = cluster
+    plan = plan_exchange(cl.model_hash)
+    plan.devices = plan.devices[:2]
+    with pytest.raises(EdgeweaveError, match="devices"):
+        cl.load_plan(plan)
+
+
+def test_follower_refuses_a_local_model_with_another_hash(tmp_path: Path):
+    model, spec = small_model()
+    other, _ = load_model("small_cnn", in_channels=1, input_size=28)  # fresh random weights
+    assert model_hash(other) != model_hash(model)
+    ck = save_checkpoint(tmp_path / "other.safetensors", other, spec)
+    extra = {"worker1": ["--model", str(ck)]}
+    with LocalCluster(1, timeout_s=30, extra_args=extra) as cl:
+        with pytest.raises(EdgeweaveError, match=r"'worker1' \(rank 1\) refuses the model"):
+            cl.load_model(model, spec)
+        pids = cl.pids
+    assert not any(_alive(p) for p in pids)
+
+
+def test_follower_with_the_right_local_model_gets_nothing_shipped(tmp_path: Path):
+    model, spec = small_model()
+    ck = save_checkpoint(tmp_path / "same.safetensors", model, spec)
+    with LocalCluster(1, timeout_s=30, extra_args={"worker1": ["--model", str(ck)]}) as cl:
+        assert cl.followers[0].info["model_hash"] == model_hash(model)
+        cl.load_model(model, spec)
+        plan = plan_exchange(cl.model_hash)
+        # two devices: put everything of the 3-device plan's device 2 on device 1
+        plan = Plan.from_dict(plan.to_dict())
+        plan.devices = ["leader", "worker1"]
+        plan.stages = [Stage(0, "spatial", STAGE0 + STAGE1, [1, 1, 28, 28], [1, 64, 7, 7],
+                             [Assignment(0, (0, 10), (0, 1)), Assignment(1, (0, 28), (1, 7))],
+                             [Transfer(0, 1, (0, 28))]),
+                       Stage(1, "leader", HEAD, [1, 64, 7, 7], [1, 10], [Assignment(0, (0, 7), (0, 10))],
+                             [Transfer(1, 0, (1, 7))])]
+        x = torch.randn(1, 1, 28, 28)
+        y, _ = cl.infer(x, cl.load_plan(plan))
+        with torch.no_grad():
+            assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_dead_or_silent_follower_is_named_within_the_time_out(how):
+    """SIGKILL: the connection drops and the leader names the device at once. SIGSTOP: the
+    process lives but never answers, so the time-out fires. Either way nothing is left behind."""
+    model, spec = small_model()
+    timeout = 4.0
+    cl = LocalCluster(2, timeout_s=timeout)
+    pids = cl.pids
+    try:
+        cl.load_model(model, spec)
+        pid = cl.load_plan(plan_exchange(cl.model_hash))
+        x = torch.randn(1, 1, 28, 28)
+        cl.infer(x, pid)
+        victim = cl.followers[1].process
+        os.kill(victim.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError) as info:
+            cl.infer(x, pid)
+        took = time.monotonic() - t0
+        assert "'worker2' (rank 2)" in str(info.value)
+        assert took < timeout + 3.0
+        if how == "kill":
+            assert "exited" in str(info.value) or "closed" in str(info.value)
+        else:
+            assert "did not answer" in str(info.value)
+        with pytest.raises(EdgeweaveError, match="unusable"):
+            cl.infer(x, pid)
+    finally:
+        cl.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
