@@ -215,7 +215,7 @@ def spec_from_dict(data: Any) -> TestbedSpec:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise EdgeweaveError(f"testbed spec: device names must be unique; repeated: {dup}")
-    if len(devices) + 2 > net.num_addresses - 1:
+    if len(devices) + 3 > net.num_addresses:  # network, devices, bridge, broadcast
         raise EdgeweaveError(f"testbed spec: subnet {subnet} is too small for {len(devices)} devices plus the bridge")
     meta = data.get("meta", {})
     return TestbedSpec(devices=devices, prefix=prefix, subnet=str(net), meta=dict(meta) if isinstance(meta, dict) else {})

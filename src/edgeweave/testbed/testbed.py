@@ -149,6 +149,8 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
 class Testbed:
     """A running emulated cluster (or its loopback fallback); build one with :meth:`up`."""
 
+    __test__ = False  # not a pytest test class despite the name
+
     def __init__(self, spec: TestbedSpec, emulated: bool, reason: str = "", groups: dict[str, dict[str, str]] | None = None, pids: list[int] | None = None):
         self.spec = spec
         self.emulated = emulated
@@ -369,18 +371,21 @@ class Testbed:
         port = random.randint(40000, 49999)
         dst_addr, src_addr = self.address(dst), self.address(src)
         if tool == "iperf3":
+            # the server's "listening" line is block-buffered in a pipe, so retry the client
+            # until the server accepts instead of waiting for that line
             srv = self.exec(dst, ["iperf3", "-s", "-1", "-B", dst_addr, "-p", str(port)], cgroup=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                deadline = time.monotonic() + 5
+                secs = str(max(1, int(round(seconds))))  # iperf3 -t takes whole seconds
+                deadline = time.monotonic() + 10
                 while True:
-                    cli = self.exec(src, ["iperf3", "-c", dst_addr, "-p", str(port), "-t", str(seconds), "-J"], cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                    out, _ = cli.communicate(timeout=seconds + 20)
-                    if cli.returncode == 0 or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.1)
-                if cli.returncode != 0:
-                    raise EdgeweaveError(f"testbed: iperf3 {src}->{dst} failed: {out.strip()[-200:]}")
-                return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+                    cli = self.exec(src, ["iperf3", "-c", dst_addr, "-p", str(port), "-t", secs, "-J"], cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    out, _ = cli.communicate(timeout=float(secs) + 20)
+                    try:
+                        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"])
+                    except (ValueError, KeyError):
+                        if time.monotonic() > deadline or srv.poll() is not None:
+                            raise EdgeweaveError(f"testbed: iperf3 {src}->{dst} failed: {out.strip()[-200:]}") from None
+                        time.sleep(0.1)
             finally:
                 if srv.poll() is None:
                     srv.kill()
