@@ -80,11 +80,11 @@ def compact(
     ratios = compare(before, after)
     console.print(_stats_table(
         f"{spec.name} -> compact (r={ratio}) at {spec.input_size[0]}x{spec.input_size[1]}",
-        [("original", f"{before.params:,}", f"{before.flops / 1e9:.3f}", _fmt_lat(before.latency_s)),
-         ("compact", f"{after.params:,}", f"{after.flops / 1e9:.3f}", _fmt_lat(after.latency_s)),
+        [("original", f"{before.params:,}", f"{before.flops / 1e9:.3f}", _fmt_lat(before.latency_s), _fmt_lat(before.latency_min_s)),
+         ("compact", f"{after.params:,}", f"{after.flops / 1e9:.3f}", _fmt_lat(after.latency_s), _fmt_lat(after.latency_min_s)),
          ("ratio", f"{ratios['params_ratio']:.3f}", f"{ratios['flops_ratio']:.3f}",
-          "-" if ratios["latency_ratio"] is None else f"{ratios['latency_ratio']:.3f}")],
-        ["model", "params", "GFLOPs", "latency (1 thread, median)"],
+          "-" if ratios["latency_ratio"] is None else f"{ratios['latency_ratio']:.3f}", "")],
+        ["model", "params", "GFLOPs", "latency (1 thread, median)", "min"],
     ))
     new_spec = ModelSpec("compact", spec.num_classes, spec.in_channels, spec.input_size,
                          {"base": spec.name, "ratio": ratio, "base_kwargs": dict(spec.kwargs),

@@ -24,6 +24,7 @@ class ModelStats:
     flops: int
     latency_s: float | None  # median seconds per batch-1 forward, one thread; None = not measured
     input_shape: list[int]
+    latency_min_s: float | None = None  # fastest run: the better estimate on a contended machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +76,18 @@ def measure_latency(
     threads: int = 1,
 ) -> float:
     """Median wall seconds of ``repeats`` forward passes after ``warmup`` ones, on ``threads``."""
+    return statistics.median(latency_samples(model, input_shape, repeats=repeats, warmup=warmup, threads=threads))
+
+
+def latency_samples(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int = 1,
+) -> list[float]:
+    """Wall seconds of each of ``repeats`` forward passes after ``warmup`` ones, on ``threads``."""
     x = _example(model, input_shape)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -89,7 +102,7 @@ def measure_latency(
                 times.append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
-    return statistics.median(times)
+    return times
 
 
 def model_stats(
@@ -102,8 +115,9 @@ def model_stats(
 ) -> ModelStats:
     """Parameters, FLOPs and (optionally) single-thread batch-1 median latency."""
     shape = list(input_shape)
-    lat = measure_latency(model, shape, repeats=repeats, warmup=warmup) if latency else None
-    return ModelStats(count_params(model), count_flops(model, shape), lat, shape)
+    times = latency_samples(model, shape, repeats=repeats, warmup=warmup) if latency else None
+    return ModelStats(count_params(model), count_flops(model, shape), statistics.median(times) if times else None, shape,
+                      min(times) if times else None)
 
 
 def compare(before: ModelStats, after: ModelStats) -> dict[str, float | None]:
