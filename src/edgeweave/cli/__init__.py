@@ -29,6 +29,9 @@ _COMMAND_MODULES = [
     "edgeweave.cli.plan",
     "edgeweave.cli.profile",
     "edgeweave.cli.testbed",
+    "edgeweave.cli.distill",
+    "edgeweave.cli.exits",
+    "edgeweave.cli.bench",
 ]
 
 

@@ -1,0 +1,59 @@
+"""`edgeweave bench <experiment>`: experiments that write JSON (``--json PATH``), CSV and PNG
+plots under ``--out`` (default ``results/``).
+
+One Typer sub-app holds every experiment; adding one is one function here::
+
+    @bench_app.command("edgeld")
+    def edgeld(quick: bool = QuickOpt, out: Path = OutOpt, json_out: Optional[str] = JsonOpt) -> None:
+        from edgeweave.bench.edgeld import run_edgeld_bench
+        emit_json(run_edgeld_bench(quick=quick, out_dir=out), json_out)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgeweave.cli.common import JsonOpt, console, emit_json
+
+bench_app = typer.Typer(name="bench", help="Experiments: JSON, CSV and PNG plots under results/.", no_args_is_help=True)
+
+QuickOpt = typer.Option(False, "--quick", help="Smaller run (minutes on a laptop CPU).")
+OutOpt = typer.Option(Path("results"), "--out", "-o", help="Folder for plots, CSV and checkpoints.")
+
+
+@bench_app.command("exits")
+def exits(
+    quick: bool = QuickOpt,
+    dataset: str = typer.Option("mnist5k", "--dataset", "-d"),
+    root: Optional[Path] = typer.Option(None, "--root", help="Local dataset folder (cifar100, neucls)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'edgeke-cifar100': the paper's ResNet34 teacher / multi-exit ResNet18 student, 400 epochs, SGD step decay (needs --root)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds for kd_gain (default 3)."),
+    teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", min=1),
+    student_epochs: Optional[int] = typer.Option(None, "--student-epochs", min=1),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """EdgeKE on one device: teacher, student alone / distilled (kl, js, ws), every strategy,
+    operating points, budgeted requests; summary keys speedup_at_1pct_loss, kd_gain, ..."""
+    from edgeweave.bench.exits import ExitsBenchConfig, recipe_config, run_exits_bench
+
+    over = {k: v for k, v in {"seeds": seeds, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+                               "dataset": dataset, "root": str(root) if root else None}.items() if v is not None}
+    if recipe:
+        cfg = recipe_config(recipe, **over)
+    else:
+        cfg = ExitsBenchConfig.quick(**over) if quick else ExitsBenchConfig(**over)
+    result = run_exits_bench(cfg, out_dir=out)
+    s = result["summary"]
+    console.rule("bench exits summary")
+    for k in ("teacher_accuracy", "full_accuracy", "speedup_at_1pct_loss", "speedup_vs_student", "kd_gain_best", "budget_violations"):
+        console.print(f"{k}: {s[k]}")
+    console.print(f"kd_gain per distance: {s['kd_gain']} (95% CI {s['kd_gain_ci95']}); plot {result['files']['plot']}")
+    emit_json(result, json_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")

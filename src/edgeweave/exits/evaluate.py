@@ -1,0 +1,100 @@
+"""Measurements shared by `bench exits` and the demo: a plain model's batch-1 latency and
+memory, operating points re-measured on a test split, speedups within an accuracy tolerance, and
+budgeted requests served through the policy (to count latency-budget violations).
+
+All latencies are wall-clock per call at batch 1, in the calling process with its current
+thread setting (the bench sets one thread), so teacher and student are measured alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgeweave.exits.calibrate import OperatingPoint, Setting, _PeakMemory, _param_bytes, measure_operating_point, time_per_sample
+from edgeweave.exits.ondemand import OnDemandModel
+from edgeweave.models.multi_exit import MultiExitNet
+
+
+@torch.no_grad()
+def measure_plain_model(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, batch-1 latency (mean, p95) and peak memory (weights + activations) of a
+    single-exit model."""
+    model.eval()
+    lat = time_per_sample(model, xs)
+    pred = torch.cat([model(xs[i : i + 256]).argmax(1) for i in range(0, xs.shape[0], 256)])
+    with _PeakMemory() as mem:
+        model(xs[:1])
+    return {"accuracy": float((pred == ys).float().mean()), "mean_ms": float(lat.mean() * 1e3),
+            "p95_ms": float(np.percentile(lat, 95) * 1e3), "peak_memory_bytes": int(_param_bytes([model]) + mem.peak),
+            "params": int(sum(p.numel() for p in model.parameters()))}
+
+
+def remeasure(model: MultiExitNet, points: Sequence[OperatingPoint], xs: torch.Tensor, ys: torch.Tensor) -> list[OperatingPoint]:
+    """The same settings (thresholds fixed by calibration) measured on another split."""
+    cache: dict[int, int] = {}
+    out = []
+    for p in points:
+        s = Setting(p.name, p.thresholds, p.target_proportions, p.forced_exit)
+        out.append(measure_operating_point(model, xs, ys, s, voting_weights=p.voting_weights or None,
+                                           confidence=p.confidence, memory_cache=cache))
+    return out
+
+
+def best_speedup(points: Sequence[OperatingPoint], ref_accuracy: float, ref_ms: float, tolerance: float = 0.01) -> tuple[float, str | None]:
+    """Largest ref_ms / mean_ms among points with accuracy >= ref_accuracy - tolerance."""
+    ok = [p for p in points if p.accuracy >= ref_accuracy - tolerance - 1e-9]
+    if not ok:
+        return 0.0, None
+    p = min(ok, key=lambda q: q.mean_ms)
+    return ref_ms / p.mean_ms, p.name
+
+
+def budget_grid(points: Sequence[OperatingPoint], n: int) -> list[float]:
+    """``n`` budgets spread from the fastest point's p95 to 20 % above the slowest's."""
+    lo = min(p.p95_ms for p in points)
+    hi = max(p.p95_ms for p in points) * 1.2
+    return [float(v) for v in np.linspace(lo, hi, n)]
+
+
+def serve_budgets(od: OnDemandModel, xs: torch.Tensor, ys: torch.Tensor, budgets: Sequence[float],
+                  requests_per_budget: int, seed: int = 0) -> dict[str, Any]:
+    """For each budget, ``requests_per_budget`` single-sample requests through ``od.predict``;
+    a request violates its budget when its measured latency (policy + inference) exceeds it."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    total = violations = correct = 0
+    for b in budgets:
+        idx = torch.randint(0, xs.shape[0], (requests_per_budget,), generator=g)
+        lat, ok = [], 0
+        point = None
+        satisfied = True
+        for i in idx.tolist():
+            t0 = time.perf_counter()
+            r = od.predict(xs[i : i + 1], latency_budget_ms=b)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            ok += int(r.labels[0] == ys[i])
+            point, satisfied = r.choice.point.name, r.choice.satisfied
+        v = sum(1 for t in lat if t > b)
+        if satisfied:
+            total += len(lat)
+            violations += v
+            correct += ok
+        rows.append({"budget_ms": b, "point": point, "satisfied": satisfied, "requests": len(lat),
+                     "violations": v, "accuracy": ok / len(lat), "mean_ms": float(np.mean(lat)),
+                     "p95_ms": float(np.percentile(lat, 95))})
+    return {"budget_violations": violations / total if total else None, "requests": total,
+            "accuracy": correct / total if total else None, "per_budget": rows}
+
+
+def point_rows(points: Sequence[OperatingPoint]) -> list[dict[str, Any]]:
+    return [p.to_dict() for p in points]
+
+
+def shift_names(points: Sequence[OperatingPoint], suffix: str) -> list[OperatingPoint]:
+    return [replace(p, name=p.name + suffix) for p in points]
