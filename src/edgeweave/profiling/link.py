@@ -11,6 +11,10 @@ repeats (after one warm-up) is fitted by least squares over the sizes; the minim
 median, because queueing behind other traffic only ever adds time. ``latency_s`` is therefore
 the *one-way* latency (half the round trip of an empty message), the meaning of
 ``DeviceProfile.latency_s``; the round trip is twice it.
+
+A timeout raises TimeoutError. Gloo closes the connection to the peer when a wait times out
+("Application timeout caused pair closure"), so after a timeout the process group is unusable
+for that pair: treat it like a failed device and form a new group.
 """
 
 from __future__ import annotations
