@@ -112,3 +112,29 @@ def test_distill_trains_with_the_shared_loop(tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
     _, _, extra = load_checkpoint(r.checkpoint)
     assert extra["distillation"]["distance"] == "js"
+
+
+def test_cached_teacher_returns_the_teachers_outputs_and_computes_each_sample_once():
+    from edgeweave.compress.distill import CachedTeacher
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))
+    teacher.eval()
+    cached = CachedTeacher(teacher)
+    x = torch.randn(10, 6)
+    first = cached(x[:6])
+    mixed = cached(x[3:10])  # 3 cached rows, 4 new
+    assert torch.allclose(first, teacher(x[:6]), atol=1e-6)
+    assert torch.allclose(mixed, teacher(x[3:10]), atol=1e-6)
+    assert (cached.hits, cached.misses) == (3, 10)
+    cached.train()
+    assert not cached.teacher.training
+    # gradients of a student distilled through the cache equal those through the raw teacher
+    student = nn.Linear(6, 5)
+    y = torch.randint(0, 5, (10,))
+    g = []
+    for t in (teacher, cached):
+        student.zero_grad()
+        make_distill_loss_fn(t, distance="kl", temperature=2.0)(student, x, y).backward()
+        g.append(student.weight.grad.clone())
+    assert torch.allclose(g[0], g[1], atol=1e-6)

@@ -47,6 +47,8 @@ from edgeweave.errors import EdgeweaveError
 class ExitsBenchConfig:
     dataset: str = "mnist5k"
     root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    cache_teacher: bool = True  # teacher logits computed once per training sample (no augmentation)
     teacher: str = "small_resnet14"
     teacher_kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 32})
     student: str = "multi_exit_small"
@@ -67,7 +69,7 @@ class ExitsBenchConfig:
 
     @classmethod
     def quick(cls, **kw: Any) -> "ExitsBenchConfig":
-        base = dict(teacher_epochs=5, student_epochs=6, budgets=12, requests_per_budget=40)
+        base = dict(teacher_epochs=4, student_epochs=6, budgets=12, requests_per_budget=40)
         base.update(kw)
         return cls(**base)
 
@@ -87,7 +89,7 @@ def recipe_config(name: str, **overrides: Any) -> ExitsBenchConfig:
         raise EdgeweaveError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
     base: dict[str, Any] = dict(dataset="cifar100", teacher="cifar_resnet34", teacher_kwargs={}, student="multi_exit_resnet18",
                                 student_kwargs={}, teacher_epochs=400, student_epochs=400, lr=0.1, batch_size=128,
-                                temperature=1.0, beta=0.1, seeds=1, requests_per_budget=100, calib_limit=2000,
+                                temperature=1.0, beta=0.1, seeds=1, cache_teacher=False, requests_per_budget=100, calib_limit=2000,
                                 test_limit=2000)
     base.update(overrides)
     if not base.get("root"):
@@ -141,6 +143,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     """Run the benchmark described in the module docstring; returns the JSON-able result and
     writes ``exits_<dataset>.png`` and ``exits_<dataset>_points.csv`` under ``out_dir``."""
     from edgeweave.checkpoint import ModelSpec, save_checkpoint
+    from edgeweave.compress.distill import CachedTeacher
     from edgeweave.data import load_dataset
     from edgeweave.exits.calibrate import calibrate, dataset_tensors
     from edgeweave.exits.evaluate import best_speedup, budget_grid, measure_plain_model, remeasure, serve_budgets
@@ -153,7 +156,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     out = Path(out_dir)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    bundle = load_dataset(cfg.dataset, cfg.root)
+    bundle = load_dataset(cfg.dataset, cfg.root, **cfg.dataset_options)
     nc, ic = bundle.num_classes, bundle.in_channels
     fit_kw = dict(lr=cfg.lr, batch_size=cfg.batch_size, progress=progress)
 
@@ -163,6 +166,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     tr = fit(teacher, bundle, epochs=cfg.teacher_epochs, seed=0, **fit_kw)
     teacher.eval()
     console.print(f"teacher test accuracy {tr.accuracy:.4f} ({tr.seconds:.0f} s)")
+    kd_teacher = CachedTeacher(teacher) if cfg.cache_teacher else teacher
 
     # 2. student alone vs distilled, per seed
     def student():
@@ -177,7 +181,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
             torch.manual_seed(seed)
             m = student()
             r = train_multi_exit(m, bundle, strategy="sync", epochs=cfg.student_epochs, seed=seed,
-                                 teacher=teacher if distance else None, distance=distance or "kl",
+                                 teacher=kd_teacher if distance else None, distance=distance or "kl",
                                  temperature=cfg.temperature, beta=cfg.beta, **fit_kw)
             runs.append({"strategy": "sync", "kd": distance, "seed": seed, "exit_accuracies": r.exit_accuracies,
                          "val_exit_accuracies": r.val_exit_accuracies, "seconds": r.seconds})
@@ -206,7 +210,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
             torch.manual_seed(0)
             m = student()
             r = train_multi_exit(m, bundle, strategy=strategy, epochs=cfg.student_epochs, seed=0,
-                                 teacher=teacher if distance else None, distance=distance or "kl",
+                                 teacher=kd_teacher if distance else None, distance=distance or "kl",
                                  temperature=cfg.temperature, beta=cfg.beta, **fit_kw)
             runs.append({"strategy": strategy, "kd": distance, "seed": 0, "exit_accuracies": r.exit_accuracies,
                          "val_exit_accuracies": r.val_exit_accuracies, "seconds": r.seconds})

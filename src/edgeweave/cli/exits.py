@@ -11,6 +11,7 @@ import typer
 
 from edgeweave.cli.common import JsonOpt, console, emit_json
 from edgeweave.cli.distill import parse_kwargs
+from edgeweave.exits.evaluate import points_table
 
 exits_app = typer.Typer(
     name="exits",
@@ -28,19 +29,6 @@ def _floats(text: Optional[str], what: str) -> Optional[list[float]]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise EdgeweaveError(f"{what} must be comma-separated numbers, got {text!r}") from None
-
-
-def points_table(points, title: str = "operating points"):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in ("point", "accuracy", "mean ms", "p95 ms", "exit proportions", "voted", "memory KiB"):
-        t.add_column(c, justify="left" if c == "point" else "right")
-    for p in points:
-        t.add_row(p.name, f"{p.accuracy:.4f}", f"{p.mean_ms:.3f}", f"{p.p95_ms:.3f}",
-                  " ".join(f"{v:.2f}" for v in p.exit_proportions), f"{p.voted_fraction:.2f}",
-                  f"{p.peak_memory_bytes / 1024:.0f}")
-    return t
 
 
 @exits_app.command("train")

@@ -101,6 +101,51 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return teacher(x)
 
 
+class CachedTeacher(nn.Module):
+    """A frozen teacher whose outputs are remembered by input content.
+
+    Distillation runs the teacher on every batch of every epoch, and a benchmark distils many
+    students from one teacher; when the training inputs are fixed tensors (no random
+    augmentation) each sample's teacher logits never change, so they are computed once. Keys are
+    a 128-bit BLAKE2 digest of each input row's bytes; a miss (new or augmented input) simply
+    runs the teacher. The teacher stays in eval mode, so an output does not depend on which
+    batch the sample came in (up to float rounding). ``max_entries`` bounds the memory."""
+
+    def __init__(self, teacher: nn.Module, max_entries: int = 200_000) -> None:
+        super().__init__()
+        self.teacher = teacher.eval()
+        self.max_entries = max_entries
+        self._cache: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def train(self, mode: bool = True) -> "CachedTeacher":
+        super().train(False)  # a teacher never trains: keep BN statistics frozen
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import hashlib
+
+        rows = x.detach().cpu().contiguous()
+        keys = [hashlib.blake2b(r.numpy().tobytes(), digest_size=16).digest() for r in rows]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            out = self.teacher(x[missing])
+            for j, i in enumerate(missing):
+                if len(self._cache) < self.max_entries:
+                    self._cache[keys[i]] = out[j].detach().clone()
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if len(missing) == len(keys):
+            return out
+        res = []
+        fresh = {i: j for j, i in enumerate(missing)}
+        for i, k in enumerate(keys):
+            res.append(out[fresh[i]] if i in fresh else self._cache[k])
+        return torch.stack(res).to(x.device)
+
+
 def make_distill_loss_fn(teacher: nn.Module, *, distance: str = "kl", temperature: float = 4.0,
                          beta: float = 1.0) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``loss_fn(model, x, y)`` for ``training.loop.fit`` that distils ``teacher`` into model."""
@@ -127,6 +172,7 @@ def distill(teacher: nn.Module, student: nn.Module, bundle: Any, *, epochs: int,
 
 
 __all__ = [
+    "CachedTeacher",
     "DISTANCES",
     "check_distance",
     "distill",

@@ -9,7 +9,6 @@ thread setting (the bench sets one thread), so teacher and student are measured 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -96,5 +95,14 @@ def point_rows(points: Sequence[OperatingPoint]) -> list[dict[str, Any]]:
     return [p.to_dict() for p in points]
 
 
-def shift_names(points: Sequence[OperatingPoint], suffix: str) -> list[OperatingPoint]:
-    return [replace(p, name=p.name + suffix) for p in points]
+def points_table(points, title: str = "operating points"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("point", "accuracy", "mean ms", "p95 ms", "exit proportions", "voted", "memory KiB"):
+        t.add_column(c, justify="left" if c == "point" else "right")
+    for p in points:
+        t.add_row(p.name, f"{p.accuracy:.4f}", f"{p.mean_ms:.3f}", f"{p.p95_ms:.3f}",
+                  " ".join(f"{v:.2f}" for v in p.exit_proportions), f"{p.voted_fraction:.2f}",
+                  f"{p.peak_memory_bytes / 1024:.0f}")
+    return t
