@@ -44,7 +44,7 @@ def _fmt_lat(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:.1f} ms"
 
 
-@compress_app.command("compact")
+@compress_app.command("compact", short_help="EdgeDI compact architecture: each 3x3 conv -> 1x1, 3x3, channel attention, 1x1, ReLU, BN.")
 def compact(
     model: str = typer.Option(..., "--model", "-m", help="Registry name (vgg16, resnet18, cifar_resnet18, small_cnn, ...) or a checkpoint."),
     ratio: int = typer.Option(8, "--ratio", min=1, help="Channel reduction r of each block: 1x1 Cin -> Cout/r."),
@@ -100,7 +100,7 @@ def compact(
     }, json_out)
 
 
-@compress_app.command("prune")
+@compress_app.command("prune", short_help="L1 filter pruning in steps with fine-tuning, above a validation-accuracy floor.")
 def prune(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Trained model checkpoint (.safetensors)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset the model was trained on (mnist5k, digits, cifar100, neucls, synthetic)."),
