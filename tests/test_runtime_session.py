@@ -136,10 +136,13 @@ def test_plan_for_other_weights_is_refused_by_the_leader(cluster):
         cl.load_plan(plan_exchange("0" * 64))
 
 
-def test_plan_with_wrong_device_count_is_refused(cluster):
+def test_plan_for_other_devices_is_refused(cluster):
     cl, _ = cluster
     plan = plan_exchange(cl.model_hash)
-    plan.devices = plan.devices[:2]
+    plan.devices = ["leader", "worker2", "worker1"]  # ranks in the wrong order
+    with pytest.raises(EdgeweaveError, match="devices"):
+        cl.load_plan(plan)
+    plan.devices = ["leader", "worker1", "worker2", "worker3"]  # more devices than the cluster
     with pytest.raises(EdgeweaveError, match="devices"):
         cl.load_plan(plan)
 

@@ -31,6 +31,7 @@ class FollowerState:
     model: torch.nn.Module | None = None
     model_hash: str | None = None
     plans: dict[int, tuple[Plan, Any]] = field(default_factory=dict)  # plan id -> (plan, graph module)
+    graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
 
 
 def _log(name: str, msg: str) -> None:
@@ -142,6 +143,7 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
         model.eval()
         state.model, state.model_hash = model, model_hash(model)
         state.plans.clear()
+        state.graphs.clear()
     if state.model_hash != want:
         have = state.model_hash[:12] if state.model_hash else "none"
         where = " (loaded from its --model path)" if cmd.get("ship") is not None and rank not in cmd["ship"] else ""
@@ -161,7 +163,10 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     if plan.model_hash != state.model_hash:
         raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the plan: it was made for weights "
                              f"{plan.model_hash[:12]}... but this device holds {str(state.model_hash)[:12]}...")
-    gm = capture(state.model, tuple(plan.input_shape))
+    shape = tuple(plan.input_shape)
+    if shape not in state.graphs:  # tracing costs seconds; plans for one shape share a graph
+        state.graphs[shape] = capture(state.model, shape)
+    gm = state.graphs[shape]
     state.plans[int(cmd["plan_id"])] = (plan, gm)
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
 

@@ -244,6 +244,8 @@ class Session:
         from edgeweave.checkpoint import model_hash
 
         self.model, self.model_hash = model, model_hash(model)
+        self._graphs: dict[tuple[int, ...], Any] = {}
+        self.plans = {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
         return self.model_hash
 
@@ -275,10 +277,10 @@ class Session:
         if plan.model_hash != self.model_hash:
             raise EdgeweaveError(f"the plan was made for weights {plan.model_hash[:12]}..., the session holds "
                                  f"{str(self.model_hash)[:12]}...")
-        if len(plan.devices) != self.world:
-            raise EdgeweaveError(f"the plan has {len(plan.devices)} devices, the cluster {self.world} ({self.names})")
-        if list(plan.devices) != self.names:
-            raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} (in rank order)")
+        # a plan may use the first k devices only (the others sit it out): device i is rank i
+        if list(plan.devices) != self.names[: len(plan.devices)] or not plan.devices:
+            raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} "
+                                 "(or a prefix of them), in rank order")
         pid = self._next_plan
         self._next_plan += 1
         text = plan.to_json().encode()
@@ -290,7 +292,10 @@ class Session:
         except PeerError as e:
             self._fail(e)
             raise
-        self.plans[pid] = (plan, capture(self.model, tuple(plan.input_shape)))
+        shape = tuple(plan.input_shape)
+        if shape not in self._graphs:
+            self._graphs[shape] = capture(self.model, shape)
+        self.plans[pid] = (plan, self._graphs[shape])
         return pid
 
     def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:

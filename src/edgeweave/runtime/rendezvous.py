@@ -87,7 +87,7 @@ def publish_generation(store: Any, gen: int, info: dict[str, Any]) -> None:
     set_json(store, f"{ROOT}gen/{gen}", info)
 
 
-def wait_key(store: Any, key: str, poll_s: float = 1.0) -> None:
+def wait_key(store: Any, key: str, poll_s: float = 30.0) -> None:
     """Block until ``key`` exists, for as long as the store (the leader) is alive.
 
     ``store.wait`` wakes as soon as the key is set; its time-out only lets us notice a dead

@@ -1,0 +1,50 @@
+"""Shared by the runtime test modules: run a planner-made plan on a session and check it."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeweave.planning.graph import capture
+from edgeweave.planning.planner import make_plan
+from edgeweave.profiling.profile import Cluster
+from edgeweave.runtime.run import compare, load_for_run
+
+_graphs: dict = {}
+
+
+def _model(cl, name: str, size: int):
+    """Load (and ship, once per model) ``name``; returns the model."""
+    key = (name, size)
+    if getattr(cl, "_test_model_key", None) != key:
+        model, spec = load_for_run(name, size)
+        cl.load_model(model, spec)
+        cl._test_model_key = key
+        cl._test_model = model
+    return cl._test_model
+
+
+def check(cl, name: str, size: int, workers: int, partition: str = "optimal", fusion: str = "auto",
+          mode: str = "exchange", batch: int = 1, profiles: Cluster | None = None):
+    model = _model(cl, name, size)
+    shape = (batch, 3, size, size)
+    gkey = (id(model), size, batch)  # a graph holds its own model's weights
+    if gkey not in _graphs:
+        _graphs.clear()
+        _graphs[gkey] = capture(model, shape)
+    cluster = profiles or Cluster(cl.cluster.devices[: workers + 1])
+    plan = make_plan(_graphs[gkey], cluster, partition=partition, fusion=fusion, mode=mode, model_name=name,
+                     model_hash=cl.model_hash)
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    y, timings = cl.infer(x, cl.load_plan(plan))
+    with torch.no_grad():
+        ref = model(x)
+    err = compare(y, ref)
+    assert err["rel_err"] <= 1e-4, (name, size, workers, partition, fusion, mode, batch, err)
+    assert len(timings.per_device) == cl.world
+    return plan
+
+
+def strip_sizes(plan) -> list[int]:
+    return [a.out_rows[1] - a.out_rows[0] for s in plan.stages if s.kind == "spatial" for a in s.assignments
+            if a.out_rows[1] > a.out_rows[0]]

@@ -1,0 +1,70 @@
+"""Planner-made plans executed on real processes over loopback gloo, checked against one device.
+
+One LocalCluster (4 followers + the leader) serves the whole module; plans that use fewer
+workers use a prefix of its devices (the others sit those plans out), so 1 to 4 workers, every
+partitioner, fusion mode and both transfer modes are covered without restarting processes.
+Torchvision ResNets and VGG, whose weights take many seconds to ship, are in
+test_runtime_models.py (marked slow).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from _runtime_helpers import check, strip_sizes
+
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave.runtime.leader import LocalCluster
+
+pytestmark = pytest.mark.timeout(300)
+
+WORKERS = 4
+
+
+@pytest.fixture(scope="module")
+def cl():
+    with LocalCluster(WORKERS, timeout_s=60) as session:
+        yield session
+
+
+@pytest.mark.parametrize("partition,fusion,mode", list(itertools.product(
+    ["equal", "bodp", "ocbp", "optimal"], ["none", "pools", "auto"], ["gather", "exchange"])))
+def test_cifar_resnet18_every_partitioner_fusion_and_mode(cl, partition, fusion, mode):
+    plan = check(cl, "cifar_resnet18", 32, 3, partition, fusion, mode)
+    assert plan.mode == mode and plan.fusion == fusion and plan.partition == partition
+    assert any(s.kind == "spatial" for s in plan.stages)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", ["gather", "exchange"])
+def test_cifar_resnet18_one_to_four_workers(cl, workers, mode):
+    plan = check(cl, "cifar_resnet18", 32, workers, mode=mode)
+    used = {a.device for s in plan.stages for a in s.assignments if a.out_rows[1] > a.out_rows[0]}
+    assert max(used) <= workers
+
+
+def test_uneven_devices_and_one_row_strips(cl):
+    """Heterogeneous profiles give uneven strips; a 32x32 map over 5 devices, 4 of them slow,
+    gives strips of a single row. Both must be exact in both modes."""
+    names = cl.names
+    slow = [DeviceProfile(names[0], a=1e-11)] + [DeviceProfile(n, a=2e-10 * i) for i, n in enumerate(names[1:], 1)]
+    seen_one_row = False
+    for mode in ("gather", "exchange"):
+        for fusion in ("none", "auto"):
+            plan = check(cl, "cifar_resnet18", 32, WORKERS, "optimal", fusion, mode, profiles=Cluster(slow))
+            sizes = strip_sizes(plan)
+            assert len(set(sizes)) > 1, sizes  # uneven
+            seen_one_row |= 1 in sizes
+    assert seen_one_row
+
+
+def test_equal_split_of_a_small_map_has_one_row_strips(cl):
+    # layer4 of a CIFAR ResNet18 at 32x32 has 4 rows: with 4 workers, every device gets one
+    plan = check(cl, "cifar_resnet18", 32, 3, "equal", "none", "exchange")
+    assert 1 in strip_sizes(plan)
+
+
+@pytest.mark.parametrize("mode", ["gather", "exchange"])
+def test_batch_of_two(cl, mode):
+    check(cl, "cifar_resnet18", 32, 2, "ocbp", "auto", mode, batch=2)
