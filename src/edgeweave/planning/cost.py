@@ -29,12 +29,15 @@ DTYPE_BYTES = 4  # float32 activations
 
 def flop_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     """Which of the profile's kinds a node's FLOPs are charged to (conv, linear or other)."""
-    k = node_kind(node)
-    if k == "window":
-        return "conv" if node_window(gm, node).op == "conv" else "other"
-    if k == "linear":
-        return "linear"
-    return "other"
+    fk = node.meta.get("ew_flop_kind")
+    if fk is None:
+        k = node_kind(node)
+        if k == "window":
+            fk = "conv" if node_window(gm, node).op == "conv" else "other"
+        else:
+            fk = "linear" if k == "linear" else "other"
+        node.meta["ew_flop_kind"] = fk
+    return str(fk)
 
 
 def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:

@@ -18,7 +18,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from edgeweave.planning.graph import node_kind, node_shape, node_window, nodes_by_name, tensor_inputs
+from edgeweave.planning.graph import Window, node_kind, node_shape, node_window, nodes_by_name, tensor_inputs
 from edgeweave.planning.halo import EMPTY, Range, is_empty, required_rows, window_in_rows
 from edgeweave.planning.plan import Plan, Stage
 
@@ -137,17 +137,7 @@ def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Ra
             w = node_window(gm, node)
             mod = gm.get_submodule(str(node.target))
             lo, hi, pt, pb = window_in_rows(w, r[0], r[1], (node_shape(inp) or [0, 0, 0])[2])
-            t = take(inp, lo, hi)
-            if pt or pb:
-                t = F.pad(t, (0, 0, pt, pb), value=float("-inf") if w.op == "max" else 0.0)
-            if w.op == "conv":
-                y = F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
-            elif w.op == "max":
-                k, s, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.dilation)
-                y = F.max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
-            else:
-                k, s = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
-                y = F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
+            y = apply_window(mod, w, take(inp, lo, hi), pt, pb)
             if y.shape[2] != r[1] - r[0]:
                 raise AssertionError(f"node {node.name}: computed {y.shape[2]} rows for {r}")
         elif kind == "pointwise":
@@ -158,6 +148,23 @@ def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Ra
             raise ValueError(f"node {node.name} of kind {kind} cannot run on a strip")
         env[node.name] = (y, r[0])
     return take(out_node, out[0], out[1]).contiguous()
+
+
+def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
+    """Run window op ``mod`` on real rows ``t`` with explicit H padding and H-padding 0.
+
+    Padding is zeros for conv / avg pool and -inf for max pool (max pooling's own padding);
+    W keeps the module's padding, and every other argument is the module's own.
+    """
+    if pad_top or pad_bottom:
+        t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
+    if w.op == "conv":
+        return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
+    if w.op == "max":
+        k, s, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.dilation)
+        return F.max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
+    k, s = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
+    return F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
 
 
 def _pair(v: Any) -> tuple[int, int]:

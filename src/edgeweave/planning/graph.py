@@ -247,8 +247,12 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def node_window(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Window:
-    w = window_of(gm.get_submodule(str(node.target)))
-    assert w is not None, node.name
+    """The node's Window (cached in ``node.meta``: the planner asks for it many times)."""
+    w = node.meta.get("ew_window")
+    if w is None:
+        w = window_of(gm.get_submodule(str(node.target)))
+        assert w is not None, node.name
+        node.meta["ew_window"] = w
     return w
 
 

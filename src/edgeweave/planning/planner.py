@@ -41,6 +41,7 @@ from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
 from edgeweave.profiling.profile import Cluster, DeviceProfile
 
 MODES = ("gather", "exchange")
+Partitioner = Callable[..., list[int]]
 Holders = list[tuple[int, int, int]]  # (device, lo, hi) of the value the next stage reads
 
 
@@ -92,11 +93,11 @@ def _strips(counts: Sequence[int], offset: int = 0) -> list[Range]:
 
 
 class _Planner:
-    def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: str, mode: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: Partitioner, mode: str) -> None:
         self.gm = gm
         self.devices = list(devices)
         self.k = len(self.devices)
-        self.partition = PARTITIONERS[partition]
+        self.partition = partition
         self.mode = mode
         self.capabilities = [d.capability for d in self.devices]
 
@@ -285,7 +286,7 @@ def make_plan(
     gm: torch.fx.GraphModule,
     cluster: Cluster,
     *,
-    partition: str = "optimal",
+    partition: str | Partitioner = "optimal",
     fusion: str = "auto",
     mode: str = "exchange",
     model_name: str = "",
@@ -294,9 +295,15 @@ def make_plan(
     """Plan the execution of captured graph ``gm`` (``planning.graph.capture``) on ``cluster``.
 
     Device 0 is the leader: it holds the input, computes a strip of every spatial stage, runs
-    the leader stages and ends with the output.
+    the leader stages and ends with the output. ``partition`` is a name from
+    ``partition.PARTITIONERS`` or any function with the same signature ``(costs, total,
+    capabilities) -> counts`` (tests use this to force uneven splits).
     """
-    if partition not in PARTITIONERS:
+    if callable(partition):
+        part_fn, part_name = partition, getattr(partition, "__name__", "custom")
+    elif partition in PARTITIONERS:
+        part_fn, part_name = PARTITIONERS[partition], partition
+    else:
         raise EdgeweaveError(f"unknown partitioner {partition!r}; expected one of {sorted(PARTITIONERS)}")
     if fusion not in FUSION_MODES:
         raise EdgeweaveError(f"unknown fusion mode {fusion!r}; expected one of {list(FUSION_MODES)}")
@@ -306,7 +313,7 @@ def make_plan(
         raise EdgeweaveError("the cluster has no devices")
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
-    pl = _Planner(gm, cluster.devices, partition, mode)
+    pl = _Planner(gm, cluster.devices, part_fn, mode)
     segs = atomic_segments(gm)
 
     blocks: list[tuple[Block, bool, bool]] = []  # (block, first_in_run, last_in_run)
@@ -367,7 +374,7 @@ def make_plan(
         model_hash=model_hash,
         input_shape=in_shape,
         devices=[d.name for d in cluster.devices],
-        partition=partition,
+        partition=part_name,
         fusion=fusion,
         mode=mode,
         stages=stages,
