@@ -21,8 +21,9 @@ Summary keys: ``teacher_accuracy``, ``full_accuracy`` (deployed student, last ex
 ``speedup_at_1pct_loss`` (largest teacher_mean_ms / point_mean_ms among test-measured points
 within 1 accuracy point of the teacher), ``speedup_vs_student`` (the same against the student's
 forced last exit and its accuracy), ``kd_gain`` (per distance, with ``kd_gain_best``), and
-``budget_violations``. The teacher is timed before and after the student's points and the mean
-of both is used, so slow drift of a shared machine affects both sides alike.
+``budget_violations``. On the test split the teacher and every operating point are timed
+interleaved (for each sample, each of them once, in rotating order), so load drifting on a shared
+machine affects both sides alike.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ExitsBenchConfig:
     cache_teacher: bool = True  # teacher logits computed once per training sample (no augmentation)
     teacher: str = "small_resnet14"
     teacher_kwargs: dict[str, Any] = field(default_factory=lambda: {"width": 32})
+    teacher_checkpoint: str | None = None  # reuse a trained teacher instead of training one
     student: str = "multi_exit_small"
     student_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher_epochs: int = 12
@@ -161,11 +163,19 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     fit_kw = dict(lr=cfg.lr, batch_size=cfg.batch_size, progress=progress)
 
     # 1. teacher
-    console.rule(f"bench exits: teacher {cfg.teacher} {cfg.teacher_kwargs}")
-    teacher = build_model(cfg.teacher, num_classes=nc, in_channels=ic, **cfg.teacher_kwargs)
-    tr = fit(teacher, bundle, epochs=cfg.teacher_epochs, seed=0, **fit_kw)
+    if cfg.teacher_checkpoint:
+        from edgeweave.checkpoint import load_checkpoint
+
+        teacher, tspec, textra = load_checkpoint(cfg.teacher_checkpoint)
+        console.rule(f"bench exits: teacher {tspec.name} {tspec.kwargs} from {cfg.teacher_checkpoint}")
+        t_epochs, t_seconds = textra.get("epoch"), None
+    else:
+        console.rule(f"bench exits: teacher {cfg.teacher} {cfg.teacher_kwargs}")
+        teacher = build_model(cfg.teacher, num_classes=nc, in_channels=ic, **cfg.teacher_kwargs)
+        tr = fit(teacher, bundle, epochs=cfg.teacher_epochs, seed=0, **fit_kw)
+        t_epochs, t_seconds = tr.epochs, tr.seconds
+        console.print(f"teacher test accuracy {tr.accuracy:.4f} ({tr.seconds:.0f} s)")
     teacher.eval()
-    console.print(f"teacher test accuracy {tr.accuracy:.4f} ({tr.seconds:.0f} s)")
     kd_teacher = CachedTeacher(teacher) if cfg.cache_teacher else teacher
 
     # 2. student alone vs distilled, per seed
@@ -221,13 +231,13 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     model = seed0_models[deployed_label].eval()
     console.rule(f"calibrating the deployed student ({deployed_label}) on the validation split")
     xs, ys = dataset_tensors(bundle.test, cfg.test_limit)
-    teacher_before = measure_plain_model(teacher, xs, ys)
+    teacher_alone = measure_plain_model(teacher, xs, ys)  # accuracy, memory, latency timed on its own
     val_points = calibrate(model, bundle.val, bundle.val, limit=cfg.calib_limit, progress=progress)
-    test_points = remeasure(model, val_points, xs, ys)
-    teacher_after = measure_plain_model(teacher, xs, ys)
-    teacher_ms = 0.5 * (teacher_before["mean_ms"] + teacher_after["mean_ms"])
-    teacher_info = {**teacher_before, "mean_ms": teacher_ms, "mean_ms_before": teacher_before["mean_ms"],
-                    "mean_ms_after": teacher_after["mean_ms"], "epochs": tr.epochs, "train_seconds": tr.seconds}
+    console.print("re-measuring every operating point on the test split, interleaved with the teacher")
+    test_points, refs = remeasure(model, val_points, xs, ys, references={"teacher": teacher})
+    teacher_ms = refs["teacher"]["mean_ms"]
+    teacher_info = {**teacher_alone, "mean_ms": teacher_ms, "p95_ms": refs["teacher"]["p95_ms"],
+                    "mean_ms_timed_alone": teacher_alone["mean_ms"], "epochs": t_epochs, "train_seconds": t_seconds}
     full = next(p for p in test_points if p.forced_exit == model.num_exits - 1)
     speedup, speedup_point = best_speedup(test_points, teacher_info["accuracy"], teacher_ms)
     speedup_s, speedup_s_point = best_speedup(test_points, full.accuracy, full.mean_ms)

@@ -33,6 +33,7 @@ def exits(
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds for kd_gain (default 3)."),
     teacher_epochs: Optional[int] = typer.Option(None, "--teacher-epochs", min=1),
     student_epochs: Optional[int] = typer.Option(None, "--student-epochs", min=1),
+    teacher_checkpoint: Optional[Path] = typer.Option(None, "--teacher-checkpoint", help="Use this trained teacher instead of training one."),
     out: Path = OutOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:
@@ -41,7 +42,8 @@ def exits(
     from edgeweave.bench.exits import ExitsBenchConfig, recipe_config, run_exits_bench
 
     over = {k: v for k, v in {"seeds": seeds, "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
-                               "dataset": dataset, "root": str(root) if root else None}.items() if v is not None}
+                               "dataset": dataset, "root": str(root) if root else None,
+                               "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None}.items() if v is not None}
     if recipe:
         cfg = recipe_config(recipe, **over)
     else:

@@ -188,42 +188,74 @@ class OperatingPoint:
 
 
 @torch.no_grad()
+def measure_settings(model: MultiExitNet, xs: torch.Tensor, ys: torch.Tensor, settings: Sequence[Setting], *,
+                     voting_weights: Sequence[float] | None = None, confidence: str = "max_softmax",
+                     memory_cache: dict[int, int] | None = None,
+                     references: dict[str, nn.Module] | None = None) -> tuple[list[OperatingPoint], dict[str, np.ndarray]]:
+    """Measure every setting (and optional plain ``references``, e.g. the teacher) one sample
+    at a time, interleaved: for each sample, each setting and each reference model is timed once,
+    in an order that rotates from sample to sample. On a shared machine the load drifts; with
+    interleaving every point sees the same conditions, so their latencies compare fairly.
+    Returns the operating points and the per-sample latencies (seconds) of each reference."""
+    model.eval()
+    refs = dict(references or {})
+    for r in refs.values():
+        r.eval()
+    weights = check_weights(voting_weights, model.num_exits)
+    n, m = xs.shape[0], len(settings)
+    preds = torch.empty(m, n, dtype=torch.long)
+    exits = torch.empty(m, n, dtype=torch.long)
+    voted = torch.empty(m, n, dtype=torch.bool)
+    lat = np.empty((m, n))
+    ref_lat = {k: np.empty(n) for k in refs}
+    jobs: list[tuple[str, Any]] = [("s", j) for j in range(m)] + [("r", k) for k in refs]
+    for i in range(min(5, n)):  # warm-up (first calls pay for lazy initialisation)
+        for s in settings:
+            early_exit(model, xs[i : i + 1], s.thresholds, voting_weights=weights, confidence=confidence)
+        for r in refs.values():
+            r(xs[i : i + 1])
+    for i in range(n):
+        x = xs[i : i + 1]
+        rot = i % len(jobs)
+        for kind, j in jobs[rot:] + jobs[:rot]:
+            if kind == "s":
+                t0 = time.perf_counter()
+                res = early_exit(model, x, settings[j].thresholds, voting_weights=weights, confidence=confidence)
+                lat[j, i] = time.perf_counter() - t0
+                preds[j, i], exits[j, i], voted[j, i] = res.pred[0], res.exit_index[0], res.voted[0]
+            else:
+                t0 = time.perf_counter()
+                refs[j](x)
+                ref_lat[j][i] = time.perf_counter() - t0
+    cache = memory_cache if memory_cache is not None else {}
+    points = []
+    for j, s in enumerate(settings):
+        deepest = int(exits[j].max())
+        if deepest not in cache:
+            cache[deepest] = peak_memory_bytes(model, xs[:1], deepest)
+        points.append(OperatingPoint(
+            name=s.name,
+            thresholds=[float(t) for t in s.thresholds],
+            accuracy=float((preds[j] == ys).float().mean()),
+            mean_ms=float(lat[j].mean() * 1e3),
+            p95_ms=float(np.percentile(lat[j], 95) * 1e3),
+            exit_proportions=exit_proportions(exits[j], model.num_exits),
+            voted_fraction=float(voted[j].float().mean()),
+            peak_memory_bytes=int(cache[deepest]),
+            confidence=confidence,
+            voting_weights=weights,
+            target_proportions=s.target_proportions,
+            forced_exit=s.forced_exit,
+        ))
+    return points, ref_lat
+
+
 def measure_operating_point(model: MultiExitNet, xs: torch.Tensor, ys: torch.Tensor, setting: Setting, *,
                             voting_weights: Sequence[float] | None = None, confidence: str = "max_softmax",
                             memory_cache: dict[int, int] | None = None) -> OperatingPoint:
-    """Run every sample alone through segmented early-exit inference, timing each call."""
-    model.eval()
-    weights = check_weights(voting_weights, model.num_exits)
-    preds = torch.empty(xs.shape[0], dtype=torch.long)
-    exits = torch.empty(xs.shape[0], dtype=torch.long)
-    voted = torch.empty(xs.shape[0], dtype=torch.bool)
-    for j in range(min(5, xs.shape[0])):  # warm-up (first calls pay for lazy initialisation)
-        early_exit(model, xs[j : j + 1], setting.thresholds, voting_weights=weights, confidence=confidence)
-    lat = np.empty(xs.shape[0])
-    for i in range(xs.shape[0]):
-        x = xs[i : i + 1]
-        t0 = time.perf_counter()
-        r = early_exit(model, x, setting.thresholds, voting_weights=weights, confidence=confidence)
-        lat[i] = time.perf_counter() - t0
-        preds[i], exits[i], voted[i] = r.pred[0], r.exit_index[0], r.voted[0]
-    deepest = int(exits.max())
-    cache = memory_cache if memory_cache is not None else {}
-    if deepest not in cache:
-        cache[deepest] = peak_memory_bytes(model, xs[:1], deepest)
-    return OperatingPoint(
-        name=setting.name,
-        thresholds=[float(t) for t in setting.thresholds],
-        accuracy=float((preds == ys).float().mean()),
-        mean_ms=float(lat.mean() * 1e3),
-        p95_ms=float(np.percentile(lat, 95) * 1e3),
-        exit_proportions=exit_proportions(exits, model.num_exits),
-        voted_fraction=float(voted.float().mean()),
-        peak_memory_bytes=int(cache[deepest]),
-        confidence=confidence,
-        voting_weights=weights,
-        target_proportions=setting.target_proportions,
-        forced_exit=setting.forced_exit,
-    )
+    """One setting, every sample run alone through segmented early-exit inference and timed."""
+    return measure_settings(model, xs, ys, [setting], voting_weights=voting_weights, confidence=confidence,
+                            memory_cache=memory_cache)[0][0]
 
 
 def dataset_tensors(dataset, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,13 +286,7 @@ def calibrate(model: MultiExitNet, cal_set, measure_set, *, confidence: str = "m
     cal_probs, _ = all_exit_probs(model, DataLoader(cal_set, batch_size=256))
     settings = sweep_settings(model, cal_probs, confidence, grid)
     xs, ys = dataset_tensors(measure_set, limit)
-    cache: dict[int, int] = {}
-    points = []
-    bar = progress_bar(progress, transient=True)
-    with bar:
-        task = bar.add_task("calibrating", total=len(settings))
-        for s in settings:
-            points.append(measure_operating_point(model, xs, ys, s, voting_weights=voting_weights,
-                                                  confidence=confidence, memory_cache=cache))
-            bar.update(task, advance=1, description=f"calibrating {s.name}")
+    with progress_bar(progress, transient=True) as bar:
+        bar.add_task(f"measuring {len(settings)} settings on {xs.shape[0]} samples, batch 1", total=None)
+        points, _ = measure_settings(model, xs, ys, settings, voting_weights=voting_weights, confidence=confidence)
     return points

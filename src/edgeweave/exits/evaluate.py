@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgeweave.exits.calibrate import OperatingPoint, Setting, _PeakMemory, _param_bytes, measure_operating_point, time_per_sample
+from edgeweave.exits.calibrate import OperatingPoint, Setting, _PeakMemory, _param_bytes, measure_settings, time_per_sample
 from edgeweave.exits.ondemand import OnDemandModel
 from edgeweave.models.multi_exit import MultiExitNet
 
@@ -34,15 +34,17 @@ def measure_plain_model(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) ->
             "params": int(sum(p.numel() for p in model.parameters()))}
 
 
-def remeasure(model: MultiExitNet, points: Sequence[OperatingPoint], xs: torch.Tensor, ys: torch.Tensor) -> list[OperatingPoint]:
-    """The same settings (thresholds fixed by calibration) measured on another split."""
-    cache: dict[int, int] = {}
-    out = []
-    for p in points:
-        s = Setting(p.name, p.thresholds, p.target_proportions, p.forced_exit)
-        out.append(measure_operating_point(model, xs, ys, s, voting_weights=p.voting_weights or None,
-                                           confidence=p.confidence, memory_cache=cache))
-    return out
+def remeasure(model: MultiExitNet, points: Sequence[OperatingPoint], xs: torch.Tensor, ys: torch.Tensor, *,
+              references: dict[str, nn.Module] | None = None) -> tuple[list[OperatingPoint], dict[str, dict[str, float]]]:
+    """The same settings (thresholds fixed by calibration) measured on another split, interleaved
+    with the ``references`` (plain models such as the teacher) so all see the same machine load.
+    Returns the points and, per reference, its mean and p95 latency in ms."""
+    settings = [Setting(p.name, p.thresholds, p.target_proportions, p.forced_exit) for p in points]
+    weights = points[0].voting_weights or None if points else None
+    conf = points[0].confidence if points else "max_softmax"
+    new, ref_lat = measure_settings(model, xs, ys, settings, voting_weights=weights, confidence=conf, references=references)
+    refs = {k: {"mean_ms": float(v.mean() * 1e3), "p95_ms": float(np.percentile(v, 95) * 1e3)} for k, v in ref_lat.items()}
+    return new, refs
 
 
 def best_speedup(points: Sequence[OperatingPoint], ref_accuracy: float, ref_ms: float, tolerance: float = 0.01) -> tuple[float, str | None]:
