@@ -207,6 +207,26 @@ class _Planner:
         )
         return stage, new_holders
 
+    def aligned_counts(self, block: Block, holders: Holders) -> list[int] | None:
+        """Counts that keep every device on the rows it already holds (exchange mode).
+
+        The previous stage's strip boundaries are mapped to this block's output rows, so only
+        halos travel. None when the input is not spread over several devices.
+        """
+        in_total, out_total = rows_of(block.in_shape), rows_of(block.out_shape)
+        per_dev = [0] * self.k
+        for d, lo, hi in holders:
+            per_dev[d] += hi - lo
+        if sum(per_dev) != in_total or sum(1 for c in per_dev if c) < 2:
+            return None
+        counts, cum, prev = [], 0, 0
+        for c in per_dev:
+            cum += c
+            b = round(cum * out_total / in_total)
+            counts.append(b - prev)
+            prev = b
+        return counts
+
     def gather_time(self, holders: Holders, rb: int) -> float:
         return self._schedule([(Transfer(d, 0, (lo, hi)), False) for d, lo, hi in holders if d != 0 and hi > lo], rb)[1]
 
@@ -361,7 +381,16 @@ def make_plan(
     stages: list[Stage] = []
     for idx, (blk, first, last) in enumerate(merged):
         counts = None if blk.kind == "leader" else pl.split(blk, first, last)
-        stage, holders = pl.build(blk, counts, holders, idx)
+        stage, new_holders = pl.build(blk, counts, holders, idx)
+        if blk.kind == "spatial" and mode == "exchange" and part_name == "optimal":
+            # The partitioner prices a strip as if the previous split were aligned with it; the
+            # split that really keeps strips in place is also a candidate (the cheaper wins).
+            aligned = pl.aligned_counts(blk, holders)
+            if aligned is not None and aligned != list(counts or []):
+                alt, alt_holders = pl.build(blk, aligned, holders, idx)
+                if alt.predicted_s < stage.predicted_s:
+                    stage, new_holders = alt, alt_holders
+        holders = new_holders
         stages.append(stage)
     final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
     last_shape = stages[-1].output_shape if stages else in_shape

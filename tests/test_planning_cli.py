@@ -1,0 +1,64 @@
+"""`edgeweave plan` and the cost model's transfer schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgeweave.cli import app
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.cost import schedule_transfers, transfer_s
+from edgeweave.planning.plan import Plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+torch.set_num_threads(1)
+
+
+def test_plan_command_prints_json_plan(tmp_path) -> None:
+    res = CliRunner().invoke(app, ["plan", "--model", "small_cnn", "--workers", "2", "--input-size", "28",
+                                   "--in-channels", "1", "--batch", "2", "--fusion", "none", "--mode", "gather",
+                                   "--json", "-"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["devices"] == ["leader", "worker1", "worker2"]
+    assert out["plan"]["input_shape"] == [2, 1, 28, 28]
+    assert out["predicted_s"] > 0 and out["mode"] == "gather" and out["fusion"] == "none"
+    plan = Plan.from_dict(out["plan"])
+    assert any(s.kind == "spatial" for s in plan.stages)
+
+
+def test_plan_command_reads_a_cluster_file(tmp_path) -> None:
+    cl = Cluster([DeviceProfile("pi4", a=2e-10, bandwidth_bps=1e8), DeviceProfile("pi3", a=4e-10, bandwidth_bps=1e8)])
+    path = tmp_path / "cluster.json"
+    cl.save(path)
+    target = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", "--model", "cifar_resnet18", "--cluster", str(path), "--input-size", "32",
+                                   "--partition", "ocbp", "--json", str(target)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(target.read_text())
+    assert out["devices"] == ["pi4", "pi3"] and out["partition"] == "ocbp"
+
+
+def test_plan_command_needs_exactly_one_cluster_source() -> None:
+    res = CliRunner().invoke(app, ["plan", "--model", "small_cnn"])
+    assert isinstance(res.exception, EdgeweaveError)
+    res = CliRunner().invoke(app, ["plan", "--model", "small_cnn", "--workers", "1", "--partition", "nope",
+                                   "--in-channels", "1", "--input-size", "28"])
+    assert isinstance(res.exception, EdgeweaveError) and "partitioner" in str(res.exception)
+
+
+def test_leader_link_is_the_bottleneck_of_a_gather() -> None:
+    devs = [DeviceProfile(f"d{i}", bandwidth_bps=8e6, latency_s=0.0) for i in range(4)]  # 1 MB/s
+    # three followers send 1 MB each to the leader: its downlink serialises them
+    ready, end = schedule_transfers([(d, 0, 1e6, False) for d in (1, 2, 3)], devs)
+    assert end == pytest.approx(3.0) and ready[0] == pytest.approx(3.0)
+    # followers exchanging with neighbours use disjoint links: in parallel
+    ready, end = schedule_transfers([(1, 2, 1e6, False), (3, 0, 1e6, False)], devs)
+    assert end == pytest.approx(1.0)
+    # forwarding gathered rows waits for them
+    ready, end = schedule_transfers([(1, 0, 1e6, False), (0, 2, 1e6, True)], devs)
+    assert ready[2] == pytest.approx(2.0)
+    assert transfer_s(1e6, devs[0], DeviceProfile("slow", bandwidth_bps=4e6, latency_s=0.5)) == pytest.approx(2.5)
