@@ -107,13 +107,13 @@ def test_setting_builds_what_it_counts():
 
 def test_timing_orders_layers_by_work():
     torch.set_num_threads(1)
-    small = time_setting(Setting("conv", 8, 8, 16, 16, 3, 1), repeats=5)
-    big = time_setting(Setting("conv", 56, 56, 64, 64, 3, 1), repeats=5)  # ~400x the FLOPs
+    small = time_setting(Setting("conv", 8, 8, 16, 16, 3, 1), blocks=2, block_s=0.02)
+    big = time_setting(Setting("conv", 56, 56, 64, 64, 3, 1), blocks=2, block_s=0.02)  # ~400x the FLOPs
     assert 0 < small < big and big > 10 * small
 
 
 def test_quick_profile_end_to_end():
-    prof, report = profile_device(name="dev0", quick=True)
+    prof, report = profile_device(name="dev0", quick=True, block_s=0.02)
     assert set(prof.per_kind) == set(KINDS)
     assert all(a > 0 and b >= 0 for a, b in prof.per_kind.values())
     assert prof.a > 0 and prof.meta["fit"]["conv"]["n_test"] >= 2
@@ -122,7 +122,7 @@ def test_quick_profile_end_to_end():
     # and a layer that is not in the grid: a VGG-like 3x3 conv at 48x48
     s = Setting("conv", 48, 48, 64, 64, 3, 1)
     torch.set_num_threads(1)
-    t = time_setting(s, repeats=7)
+    t = time_setting(s, blocks=3, block_s=0.1)
     pred = prof.compute_s(s.flops(), "conv")
     assert 0.4 < pred / t < 2.5, (pred, t)
     again = DeviceProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
@@ -132,7 +132,7 @@ def test_quick_profile_end_to_end():
 
 def test_cli_profile_writes_a_profile(tmp_path):
     out = tmp_path / "p.json"
-    r = subprocess.run([sys.executable, "-m", "edgeweave", "profile", "--quick", "--name", "box", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run([sys.executable, "-m", "edgeweave", "profile", "--quick", "--block-s", "0.005", "--name", "box", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["out"] == str(out) and set(res["fits"]) >= set(KINDS)

@@ -201,3 +201,26 @@ def test_down_removes_everything_even_after_a_crash():
     st = Path(f"/proc/{orphan}/stat")
     assert not st.exists() or st.read_text().rsplit(")", 1)[1].split()[0] == "Z"
     assert not any(n.startswith("ewu-") for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+PROFILE_UNDER_CAP = textwrap.dedent(
+    """
+    import statistics, time, torch
+    from edgeweave.profiling.compute import Setting, time_setting
+    torch.set_num_threads(1)
+    s = Setting("conv", 14, 14, 64, 64, 3, 1)   # ~0.2 ms on a full core: shorter than the quota
+    single = time_setting(s, blocks=15, block_s=0.0)   # median of single calls
+    sustained = time_setting(s, blocks=3, block_s=0.1)   # what the profiler uses
+    print(single, sustained)
+    """
+)
+
+
+def test_profiler_timing_sees_the_cpu_cap(tb):
+    """Single short calls slip through a 0.25-core quota at full speed; the profiler's blocks of
+    back-to-back calls must not (else every capped device would profile as a full core)."""
+    p = tb.exec("a", [sys.executable, "-c", PROFILE_UNDER_CAP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, err[-2000:]
+    single, sustained = map(float, out.split())
+    assert sustained / single >= 2.5, (single, sustained)

@@ -26,15 +26,16 @@ def register(app: typer.Typer) -> None:
 
 
 def profile(
-    quick: bool = typer.Option(False, "--quick", help="Fewer, smaller settings (a few seconds on a full core, ~20 s on a quarter core)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer, smaller settings: about 20 s (the full grid takes 2-3 min)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile JSON to write (default results/profile-<name>.json)."),
     name: Optional[str] = typer.Option(None, "--name", help="Device name stored in the profile (default: the hostname)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads while timing (the runtime uses 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the setting sample and the held-out split."),
+    block_s: Optional[float] = typer.Option(None, "--block-s", min=0.0, help="Timing block length in seconds (default 0.09 quick, 0.15 full); keep it >= 0.05 on a CPU-capped device."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
-    """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median of
-    repeats), fit seconds = a*FLOPs + b per kind, report held-out error, write the profile."""
+    """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median
+    over blocks of back-to-back calls so CPU caps are seen), fit seconds = a*FLOPs + b per kind, report held-out error, write the profile."""
     from rich.progress import Progress
     from rich.table import Table
 
@@ -43,7 +44,7 @@ def profile(
     name = name or socket.gethostname()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
-        prof, report = profile_device(name=name, quick=quick, seed=seed, threads=threads, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        prof, report = profile_device(name=name, quick=quick, seed=seed, threads=threads, block_s=block_s, progress=lambda i, n: bar.update(task, completed=i, total=n))
     path = out or Path("results") / f"profile-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")

@@ -2,8 +2,11 @@
 
 What is timed: single layers (Conv2d, Linear, MaxPool2d, and BatchNorm+ReLU as the
 elementwise "other" kind) over a grid of settings (H, W, Cin, Cout, kernel, stride), batch 1,
-one thread (the runtime runs one thread per process, see ENVIRONMENT.md), median of repeats
-after a warm-up. Settings are drawn from the full factorial grid with a fixed seed so that
+one thread (the runtime runs one thread per process, see ENVIRONMENT.md), median over blocks
+of back-to-back calls after a warm-up (see :func:`time_setting` for why blocks: CPU caps).
+Profile a device where it runs, inside its caps (on the testbed:
+``testbed.exec(device, ["edgeweave", "profile", ...])``). The run time is set by the block
+length, not the device speed: about 20 s quick, 2-3 min full, capped or not. Settings are drawn from the full factorial grid with a fixed seed so that
 quick and full runs cover the same ranges with fewer points.
 
 How it is fitted: least squares (numpy) on *relative* residuals, i.e. each equation
@@ -112,7 +115,7 @@ def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> 
     lin_all = [Setting("linear", 1, 1, i, o) for i, o in itertools.product([64, 256, 512, 1024, 2048, 4096], [10, 100, 256, 1000, 4096])]
     pool_all = [Setting("pool", s, s, c, k, k, k) for s, c, k in itertools.product(sizes, chans, [2, 3])]
     other_all = [Setting("other", s, s, c, c) for s, c in itertools.product(sizes, chans)]
-    counts = {"conv": 120, "linear": 20, "pool": 20, "other": 20} if quick else {"conv": 300, "linear": 40, "pool": 40, "other": 40}
+    counts = {"conv": 56, "linear": 12, "pool": 12, "other": 12} if quick else {"conv": 200, "linear": 30, "pool": 30, "other": 30}
     out: list[Setting] = []
     for kind, pool in (("conv", conv_all), ("linear", lin_all), ("pool", pool_all), ("other", other_all)):
         ok = [s for s in pool if s.flops() <= max_flops]
@@ -120,23 +123,33 @@ def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> 
     return out
 
 
-def time_setting(s: Setting, repeats: int = 5, budget_s: float = 0.5) -> float:
-    """Median seconds of one forward pass (batch 1, current thread count, after a warm-up).
+def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1) -> float:
+    """Sustained seconds per forward pass (batch 1, current thread count): the median over
+    ``blocks`` blocks of (block wall time / calls in it), each block running calls back to back
+    for at least ``block_s``, after a warm-up call.
 
-    Repeats shrink for slow layers so one setting takes about ``budget_s`` (at least 3 runs)."""
+    Why blocks and not the median of single calls: under a CPU cap (cgroup quota, 10 ms
+    period) a call shorter than the quota runs at full speed and only the *sum* of calls is
+    throttled, so single-call medians report the uncapped speed (measured: a 0.25-core device
+    profiled as fast as a full core). Blocks spanning many periods measure the rate a device
+    really sustains over a model's many layers. A block of 0.1 s is 10 periods, so the phase of
+    the quota adds at most ~10% per block (less in the median)."""
     mod, x = s.build()
     mod.eval()
+    per_call = []
     with torch.inference_mode():
-        t0 = time.perf_counter()
         mod(x)  # warm-up: allocations, kernel selection
-        first = time.perf_counter() - t0
-        n = max(3, min(repeats, int(budget_s / max(first, 1e-6))))
-        times = []
-        for _ in range(n):
+        for _ in range(blocks):
+            n = 0
             t0 = time.perf_counter()
-            mod(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            while True:
+                mod(x)
+                n += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= block_s:
+                    break
+            per_call.append(elapsed / n)
+    return statistics.median(per_call)
 
 
 def fit_line(flops: np.ndarray, seconds: np.ndarray) -> tuple[float, float]:
@@ -191,10 +204,13 @@ def profile_device(
     seed: int = 0,
     threads: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    block_s: float | None = None,
 ) -> tuple[DeviceProfile, dict]:
     """Time the grid and fit every kind. Returns the profile (``a, b`` = the conv line, which
     dominates CNN time; ``per_kind`` = every kind's [a, b]) and a report with the fits'
-    held-out errors and the raw samples."""
+    held-out errors and the raw samples. ``block_s`` overrides the timing block length
+    (default 0.09 s quick, 0.15 s full); shorter blocks are faster and noisier, and below the
+    10 ms quota period they no longer see CPU caps."""
     settings = grid(quick=quick, seed=seed)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -202,7 +218,7 @@ def profile_device(
     t_start = time.perf_counter()
     try:
         for i, s in enumerate(settings):
-            t = time_setting(s, repeats=7 if quick else 11, budget_s=0.2 if quick else 0.5)
+            t = time_setting(s, blocks=2 if quick else 3, block_s=block_s if block_s is not None else (0.09 if quick else 0.15))
             samples.append({**asdict(s), "flops": s.flops(), "seconds": t})
             if progress:
                 progress(i + 1, len(settings))
@@ -227,6 +243,7 @@ def profile_device(
             "flops_convention": "conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out",
             "threads": threads,
             "quick": quick,
+            "timing": f"median of {2 if quick else 3} blocks of >= {block_s if block_s is not None else (0.09 if quick else 0.15)} s of back-to-back calls",
             "torch": torch.__version__,
             "machine": platform.machine(),
             "profiled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
