@@ -208,6 +208,22 @@ def test_dead_or_silent_follower_is_named_within_the_time_out(how):
             assert "did not answer" in str(info.value)
         with pytest.raises(EdgeweaveError, match="unusable"):
             cl.infer(x, pid)
+        if how == "kill":
+            # recovery hook: a new generation with the survivors runs a 2-device plan exactly
+            cl.regroup()
+            assert cl.names == ["leader", "worker1"] and cl.gen == 1
+            plan = plan_exchange(cl.model_hash)
+            plan.devices = ["leader", "worker1"]
+            for st in plan.stages:  # device 2's work and transfers go to device 1
+                st.assignments = [Assignment(a.device, a.in_rows, a.out_rows) for a in st.assignments if a.device < 2]
+            plan.stages[0].assignments = [Assignment(0, (0, 4), (0, 1)), Assignment(1, (0, 28), (1, 14))]
+            plan.stages[0].transfers = [Transfer(0, 1, (0, 28))]
+            plan.stages[1].assignments = [Assignment(1, (0, 14), (0, 7))]
+            plan.stages[1].transfers = [Transfer(0, 1, (0, 1))]
+            plan.stages[2].transfers = [Transfer(1, 0, (0, 7))]
+            y, _ = cl.infer(x, cl.load_plan(plan))
+            with torch.no_grad():
+                assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
     finally:
         cl.close()
     deadline = time.monotonic() + 5

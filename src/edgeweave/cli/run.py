@@ -38,22 +38,10 @@ def run(
 
 
 def _print_result(res: dict) -> None:
-    from rich.table import Table
+    from edgeweave.runtime.run import result_table, summary_line
 
-    from edgeweave.runtime.run import describe_plan
-
-    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} "
-                    f"({res['partition']}, fusion {res['fusion']}, {res['mode']})")
-    for c in ("stage", "kind", "nodes", "rows per device", "measured s"):
-        t.add_column(c)
-    stages = res["timings"]["stages"]
-    for (idx, kind, nodes, rows), st in zip(describe_plan(res["plan"]), stages):
-        t.add_row(idx, kind, nodes, rows, f"{st['wall_s']:.4f}")
-    console.print(t)
-    line = f"latency {res['latency_s']:.4f} s (median of {len(res['latencies_s'])}), predicted {res['predicted_s']:.4f} s"
-    if "rel_err" in res:
-        line += f"; single device {res['single_device_s']:.4f} s; rel_err {res['rel_err']:.2e}"
-    console.print(line)
+    console.print(result_table(res))
+    console.print(summary_line(res))
 
 
 def worker(

@@ -51,8 +51,8 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
         state.model, _spec = load_model(model_path)
         state.model.eval()
         state.model_hash = model_hash(state.model)
-    _preload()
     store = rv.connect_store(host, port, connect_timeout_s)
+    _preload()
     prof = dict(profile or {"name": name})
     prof["name"] = name
     ticket = rv.register(store, {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,

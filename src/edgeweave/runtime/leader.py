@@ -165,8 +165,10 @@ class Session:
     def regroup(self, alive: list[str] | None = None) -> None:
         """Start a new generation with the followers named in ``alive`` (default: all local ones
         whose process still runs). Plans must be loaded again; the model is re-verified."""
-        if self.ch is not None and self.gen >= 0:
-            self._command({"op": "end"}) if self.broken is None else None
+        if self._closed:
+            raise EdgeweaveError("the cluster session is closed")
+        if self.ch is not None and self.broken is None:
+            self._command({"op": "end"})
         keep = [f for f in self.followers if (alive is None and (f.process is None or f.process.poll() is None))
                 or (alive is not None and f.name in alive)]
         self.followers = keep

@@ -111,11 +111,14 @@ def run(model_name: str, input_size: int, workers: int | None, cfg: RunConfig, c
     cfg.validate()
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    model, spec = load_for_run(model_name, input_size)
-    x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     profiles = Cluster.load(cluster_file) if cluster_file else None
     if workers is None and profiles is None:
         raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    if workers is not None and profiles is not None and len(profiles.devices) != workers + 1:
+        raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
+                             f"it needs {workers + 1} (the leader first)")
+    model, spec = load_for_run(model_name, input_size)
+    x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     t_start = time.perf_counter()
     session: Session
     if workers is not None:
@@ -125,15 +128,23 @@ def run(model_name: str, input_size: int, workers: int | None, cfg: RunConfig, c
         session = RemoteCluster(profiles, listen, timeout_s=timeout_s)
     with session:
         startup_s = time.perf_counter() - t_start
-        session.load_model(model, spec)
-        plan = plan_for(session, model, tuple(x.shape), cfg, model_name)
-        pid = session.load_plan(plan)
-        y, lats, timings = measure(session, pid, x, cfg.repeat, cfg.warmup)
+        result = run_on_session(session, model_name, model, spec, x, cfg)
+    result["startup_s"] = startup_s
+    return result
+
+
+def run_on_session(session: Session, model_name: str, model: torch.nn.Module, spec: Any, x: torch.Tensor,
+                   cfg: RunConfig) -> dict[str, Any]:
+    """Ship the model, plan, time ``cfg.repeat`` inferences of ``x``; the contract's JSON keys."""
+    session.load_model(model, spec)
+    plan = plan_for(session, model, tuple(x.shape), cfg, model_name)
+    pid = session.load_plan(plan)
+    y, lats, timings = measure(session, pid, x, cfg.repeat, cfg.warmup)
     result: dict[str, Any] = {
-        "model": model_name, "input_size": input_size, "batch": cfg.batch, "workers": session.world - 1,
+        "model": model_name, "input_size": int(x.shape[-1]), "batch": int(x.shape[0]), "workers": session.world - 1,
         "devices": session.names, "partition": cfg.partition, "fusion": cfg.fusion, "mode": cfg.mode,
         "latency_s": statistics.median(lats), "latencies_s": lats, "predicted_s": plan.predicted_s,
-        "startup_s": startup_s, "timings": timings.to_dict(), "plan": plan.to_dict(),
+        "timings": timings.to_dict(), "plan": plan.to_dict(),
     }
     if cfg.check:
         ref, single_s = single_device(model, x, repeat=max(1, min(cfg.repeat, 3)))
@@ -156,3 +167,25 @@ def describe_plan(plan: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 parts.append(f"{plan['devices'][a['device']]}: {o[0]}-{o[1]}")
         rows.append((str(s["index"]), s["kind"], span, ", ".join(parts)))
     return rows
+
+
+def result_table(res: dict[str, Any]) -> Any:
+    """A rich table: which device computes which rows of which block, and measured times."""
+    from rich.table import Table
+
+    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} "
+                    f"({res['partition']}, fusion {res['fusion']}, {res['mode']})")
+    for c in ("stage", "kind", "nodes", "rows per device", "predicted s", "measured s"):
+        t.add_column(c, justify="right" if c.endswith(" s") else "left")
+    stages = res["timings"]["stages"]
+    for (idx, kind, nodes, rows), st, ps in zip(describe_plan(res["plan"]), stages, res["plan"]["stages"]):
+        t.add_row(idx, kind, nodes, rows, f"{ps['predicted_s']:.4f}", f"{st['wall_s']:.4f}")
+    return t
+
+
+def summary_line(res: dict[str, Any]) -> str:
+    line = (f"latency {res['latency_s']:.4f} s (median of {len(res['latencies_s'])}), "
+            f"predicted {res['predicted_s']:.4f} s")
+    if "rel_err" in res:
+        line += f"; single device {res['single_device_s']:.4f} s; rel_err {res['rel_err']:.2e}"
+    return line

@@ -1,0 +1,124 @@
+"""`edgeweave run` and `edgeweave worker` as a user runs them: real processes, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+EW = [sys.executable, "-m", "edgeweave"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children_named_worker() -> list[int]:
+    """Live `edgeweave worker` processes whose parent is this test process (orphan check)."""
+    me, out = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"worker" in cmd and b"edgeweave" in cmd and ppid in (me, 1) and _alive(int(d.name)):
+            out.append(int(d.name))
+    return out
+
+
+def test_run_local_with_cluster_profiles_gather_batch_two(tmp_path: Path):
+    cluster = {"devices": [{"name": "leader", "a": 1e-10}, {"name": "fast", "a": 5e-11}, {"name": "slow", "a": 4e-10}]}
+    cf = tmp_path / "cluster.json"
+    cf.write_text(json.dumps(cluster))
+    out = subprocess.run(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--workers", "2", "--cluster",
+                               str(cf), "--partition", "ocbp", "--fusion", "pools", "--mode", "gather", "--batch", "2",
+                               "--repeat", "2", "--check", "--json"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    for key in ("latency_s", "rel_err", "max_abs_err", "max_abs_ref", "plan", "timings", "single_device_s"):
+        assert key in res
+    assert res["rel_err"] <= 1e-4 and res["max_abs_ref"] > 0
+    assert res["plan"]["devices"] == ["leader", "fast", "slow"] and res["plan"]["mode"] == "gather"
+    assert res["plan"]["input_shape"][0] == 2 and res["batch"] == 2
+    spatial = [s for s in res["plan"]["stages"] if s["kind"] == "spatial"]
+    rows = {a["device"]: a["out_rows"][1] - a["out_rows"][0] for a in spatial[0]["assignments"]}
+    assert rows[1] > rows[2]  # the fast follower gets more rows than the slow one
+    assert len(res["latencies_s"]) == 2 and res["latency_s"] > 0
+    assert "plan:" in out.stderr  # the human-readable table goes to stderr
+    assert not _children_named_worker()
+
+
+def test_run_with_followers_started_by_hand(tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cf = tmp_path / "cluster.json"
+    cf.write_text(json.dumps({"devices": [{"name": "gl"}, {"name": "board-a"}, {"name": "board-b"}]}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    workers = [subprocess.Popen(EW + ["worker", "--leader", f"127.0.0.1:{port}", "--name", n], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for n in ("board-b", "board-a")]  # registration order must not matter
+    try:
+        out = subprocess.run(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--cluster", str(cf),
+                                   "--listen", f"127.0.0.1:{port}", "--check", "--json", "--repeat", "1"],
+                             capture_output=True, text=True, timeout=240, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res = json.loads(out.stdout)
+        assert res["rel_err"] <= 1e-4
+        assert res["devices"] == ["gl", "board-a", "board-b"]
+        for w in workers:  # the leader's shutdown ends the followers it used
+            assert w.wait(timeout=30) == 0, w.stderr.read()[-2000:]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--partition", "best"], "--partition must be one of"),
+    (["--mode", "scatter"], "--mode must be one of"),
+    ([], "give --workers K"),
+])
+def test_run_user_errors_are_one_line_exit_2(args, needle):
+    out = subprocess.run(EW + ["run", "--model", "small_cnn", "--input-size", "28"] + args,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("[W")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], out.stderr
+
+
+def test_cluster_file_that_does_not_fit_the_worker_count(tmp_path: Path):
+    cf = tmp_path / "c.json"
+    cf.write_text(json.dumps({"devices": [{"name": "leader"}, {"name": "w"}]}))
+    out = subprocess.run(EW + ["run", "--model", "small_cnn", "--input-size", "28", "--workers", "3", "--cluster", str(cf)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "needs 4" in out.stderr
+
+
+def test_worker_without_a_leader_fails_within_its_connect_timeout():
+    t0 = time.monotonic()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(EW + ["worker", "--leader", f"127.0.0.1:{port}", "--connect-timeout", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "cannot reach the leader" in out.stderr
+    assert time.monotonic() - t0 < 60
+    out = subprocess.run(EW + ["worker", "--leader", "nohostport"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "HOST:PORT" in out.stderr
