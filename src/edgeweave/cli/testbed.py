@@ -65,6 +65,7 @@ def up(
     spec: Path = typer.Option(..., "--spec", help="Spec file (JSON or TOML): devices [{name, cpu, memory, bandwidth}], the first is the leader."),
     start_workers: bool = typer.Option(False, "--start-workers", help="Start `edgeweave worker --leader LEADER:PORT --name NAME` in every follower device."),
     port: int = typer.Option(29500, "--port", help="Leader port the workers connect to."),
+    worker_args: str = typer.Option("", "--worker-args", help="Extra arguments for every worker, one string (e.g. \"--profile p.json\")."),
     emulate: Optional[bool] = typer.Option(None, "--emulate/--no-emulate", help="Force emulation (fail without root) or loopback; default: emulate when possible."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
@@ -74,7 +75,9 @@ def up(
     tb = Testbed.up(spec, emulate=emulate)
     st = tb.status(measure=False)
     if start_workers:
-        procs = tb.start_workers(port=port)
+        import shlex
+
+        procs = tb.start_workers(port=port, extra_args=shlex.split(worker_args))
         st["workers"] = {n: p.pid for n, p in procs.items()}
         console.print(f"started {len(procs)} workers -> leader {tb.address(tb.leader)}:{port}" + ("" if tb.emulated else " (loopback; they stop when this command exits)"))
         if not tb.emulated:  # nothing outlives this process in the fallback

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.testbed import cgroups
@@ -47,6 +47,9 @@ from edgeweave.testbed.spec import (
     spec_dict,
     spec_from_state,
 )
+
+if TYPE_CHECKING:
+    from edgeweave.profiling.profile import Cluster, DeviceProfile
 
 STATE_DIR = Path("/run/edgeweave")
 NETNS_ETC = Path("/etc/netns")
@@ -311,14 +314,15 @@ class Testbed:
         self._procs.append(p)
         return p
 
-    def start_workers(self, port: int = 29500, python: str | None = None, log: bool = True) -> dict[str, subprocess.Popen]:
-        """Start ``edgeweave worker --leader LEADER:PORT --name NAME`` on every non-leader device,
-        detached (own session), logging to the state directory; pids are recorded so ``down``
+    def start_workers(self, port: int = 29500, python: str | None = None, log: bool = True, extra_args: Sequence[str] = ()) -> dict[str, subprocess.Popen]:
+        """Start ``edgeweave worker --leader LEADER:PORT --name NAME [extra_args]`` on every
+        non-leader device, detached (own session), logging to the state directory
+        (``/run/edgeweave/testbed-<prefix>-logs/<name>.log``); pids are recorded so ``down``
         stops them."""
         python = python or sys.executable
         out: dict[str, subprocess.Popen] = {}
         for name in self.devices[1:]:
-            argv = C.worker_argv(python, self.address(self.leader), port, name)
+            argv = C.worker_argv(python, self.address(self.leader), port, name) + list(extra_args)
             kw: dict[str, Any] = {"start_new_session": True, "stdin": subprocess.DEVNULL}
             if log and self.emulated:
                 log_dir(self.spec.prefix).mkdir(parents=True, exist_ok=True)
@@ -361,6 +365,32 @@ class Testbed:
         """CPU seconds used so far by everything that ran in the device's cgroup."""
         g = self.groups.get(device, {}).get("cpuacct")
         return cgroups.cpu_usage_s(Path(g)) if g else None
+
+    def cluster(self, base: "DeviceProfile | None" = None) -> "Cluster":
+        """A *nominal* cluster description for the planner, from the spec alone: each device's
+        compute line is ``base`` (a full-core profile of this host) slowed by its CPU cap
+        (a and b divided by the cores), its bandwidth the device's link rate (10 Gbit/s when
+        unshaped: a veth), its address its IP. Measured profiles (``edgeweave profile`` run in
+        the device, ``probe_link`` at join) are better; this is the starting point and the
+        check. Traffic between two devices runs at the smaller of their two rates, and all
+        followers share the leader's link."""
+        from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+        base = base or DeviceProfile(name="base")
+        out = []
+        for d in self.spec.devices:
+            cpu = self._cpu.get(d.name) or 1.0
+            out.append(DeviceProfile(
+                name=d.name,
+                a=base.a / cpu,
+                b=base.b / cpu,
+                per_kind={k: [ab[0] / cpu, ab[1] / cpu] for k, ab in base.per_kind.items()},
+                bandwidth_bps=self._bw.get(d.name) or 1e10,
+                latency_s=base.latency_s,
+                address=self.address(d.name),
+                meta={"nominal": True, "cpu": self._cpu.get(d.name), "emulated": self.emulated, "base": base.name},
+            ))
+        return Cluster(out)
 
     # ---------------------------------------------------------------- measuring
     def measure_bandwidth(self, src: str, dst: str, seconds: float = 1.0, tool: str | None = None) -> float:
