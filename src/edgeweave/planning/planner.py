@@ -377,25 +377,43 @@ def make_plan(
             merged.append((blk, first, last))
 
     in_shape = list(gm.meta["ew_input_shape"])
-    holders: Holders = [(0, 0, rows_of(in_shape))]
-    stages: list[Stage] = []
-    for idx, (blk, first, last) in enumerate(merged):
-        counts = None if blk.kind == "leader" else pl.split(blk, first, last)
-        stage, new_holders = pl.build(blk, counts, holders, idx)
-        if blk.kind == "spatial" and mode == "exchange" and part_name == "optimal":
-            # The partitioner prices a strip as if the previous split were aligned with it; the
-            # split that really keeps strips in place is also a candidate (the cheaper wins).
-            aligned = pl.aligned_counts(blk, holders)
-            if aligned is not None and aligned != list(counts or []):
-                alt, alt_holders = pl.build(blk, aligned, holders, idx)
-                if alt.predicted_s < stage.predicted_s:
-                    stage, new_holders = alt, alt_holders
-        holders = new_holders
-        stages.append(stage)
-    final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
-    last_shape = stages[-1].output_shape if stages else in_shape
-    final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
-    predicted = sum(s.predicted_s for s in stages) + final_s
+
+    def assemble(leader_only: bool) -> tuple[list[Stage], list[Transfer], float, float]:
+        holders: Holders = [(0, 0, rows_of(in_shape))]
+        stages: list[Stage] = []
+        for idx, (blk, first, last) in enumerate(merged):
+            if blk.kind == "leader":
+                counts = None
+            elif leader_only:
+                counts = [rows_of(blk.out_shape)] + [0] * (pl.k - 1)
+            else:
+                counts = pl.split(blk, first, last)
+            stage, new_holders = pl.build(blk, counts, holders, idx)
+            if not leader_only and blk.kind == "spatial" and mode == "exchange" and part_name == "optimal":
+                # The partitioner prices a strip as if the previous split were aligned with it;
+                # the split that really keeps strips in place is also a candidate.
+                aligned = pl.aligned_counts(blk, holders)
+                if aligned is not None and aligned != list(counts or []):
+                    alt, alt_holders = pl.build(blk, aligned, holders, idx)
+                    if alt.predicted_s < stage.predicted_s:
+                        stage, new_holders = alt, alt_holders
+            holders = new_holders
+            stages.append(stage)
+        final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
+        last_shape = stages[-1].output_shape if stages else in_shape
+        final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
+        return stages, final, final_s, sum(s.predicted_s for s in stages) + final_s
+
+    stages, final, final_s, predicted = assemble(False)
+    fallback = False
+    if part_name == "optimal" and pl.k > 1:
+        # "optimal" promises the fastest predicted plan we can find; when spreading the work is
+        # predicted slower than not spreading it (tiny inputs, slow links, a global op in every
+        # block), the leader computes everything and the followers sit out.
+        alt = assemble(True)
+        if alt[3] < predicted:
+            stages, final, final_s, predicted = alt
+            fallback = True
     all_nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     single = compute_s(pl.devices[0], pl._work(all_nodes, None))
     return Plan(
@@ -414,5 +432,6 @@ def make_plan(
             "predicted_speedup": single / predicted if predicted > 0 else None,
             "final_transfer_s": final_s,
             "segments": len(segs),
+            "leader_only": fallback,
         },
     )
