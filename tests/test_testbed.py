@@ -259,3 +259,19 @@ def test_start_workers_runs_inside_each_follower(tb, tmp_path):
     assert "ARGS -m edgeweave worker --leader 10.77.9.1:29555 --name b --connect-timeout 5" in log
     assert "NETNS ewt-b" in log and "IF ewt-b-n" in log
     assert "/ewt-b" in log  # the cpu cgroup line
+
+
+def test_refuses_a_subnet_the_host_already_routes():
+    host_net = next((line.split()[0] for line in subprocess.run(["ip", "-o", "-4", "route", "show"], capture_output=True, text=True).stdout.splitlines()
+                     if line.split() and line.split()[0] != "default" and "/" in line.split()[0] and not line.split()[0].startswith("127.")), None)
+    if host_net is None:
+        pytest.skip("host has no non-default IPv4 route to collide with")
+    import ipaddress
+
+    if not ipaddress.ip_network(host_net).is_private:
+        pytest.skip("host route is not private (a spec may only name private subnets)")
+    from edgeweave.errors import EdgeweaveError
+
+    with pytest.raises(EdgeweaveError, match="overlaps"):
+        Testbed.up({"prefix": "ewv-", "subnet": host_net, "devices": [{"name": "a"}]})
+    assert _empty("ewv-") == {}

@@ -100,6 +100,28 @@ def _link_list() -> list[str]:
     return names
 
 
+def _check_subnet_free(spec: TestbedSpec) -> None:
+    """Refuse a subnet that overlaps a route this host already has (other than our own
+    bridge's): adding it would shadow real traffic. The testbed's subnet must exist only here."""
+    import ipaddress
+
+    ours = ipaddress.ip_network(spec.subnet)
+    r = _run(["ip", "-o", "-4", "route", "show"], check=False)
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if not parts or parts[0] == "default":
+            continue
+        dev = parts[parts.index("dev") + 1] if "dev" in parts else ""
+        if dev.startswith(spec.prefix):
+            continue
+        try:
+            net = ipaddress.ip_network(parts[0], strict=False)
+        except ValueError:
+            continue
+        if net.overlaps(ours):
+            raise EdgeweaveError(f"testbed: subnet {spec.subnet} overlaps this host's route {parts[0]} on {dev or '?'}; choose another private 'subnet' in the spec")
+
+
 def leftovers(prefix: str = DEFAULT_PREFIX) -> dict[str, list[str]]:
     """Everything on this host that carries ``prefix``: what ``down`` must remove."""
     have_ip = shutil.which("ip") is not None
@@ -182,6 +204,7 @@ class Testbed:
             if not replace:
                 raise EdgeweaveError(f"testbed: objects named {spec.prefix}* already exist ({sum(map(len, left.values()))}); run `edgeweave testbed down` first")
             down(spec.prefix)
+        _check_subnet_free(spec)
         tb = cls(spec, emulated=True)
         try:
             tb._build()
