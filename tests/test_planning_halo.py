@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +15,9 @@ from edgeweave.planning.halo import required_rows, window_in_rows, window_output
 from edgeweave.planning.plan import Assignment, Stage
 
 torch.set_num_threads(1)
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# EW_HYPOTHESIS_EXAMPLES=2000 for a deeper local run; CI keeps the file fast.
+SETTINGS = settings(max_examples=int(os.environ.get("EW_HYPOTHESIS_EXAMPLES", "120")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

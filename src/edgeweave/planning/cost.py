@@ -2,8 +2,8 @@
 
 Compute: EdgeLD's linear model, ``seconds = a * FLOPs + b`` per device (optionally per op kind,
 ``DeviceProfile.compute_s``). FLOPs use the conv formula the report uses,
-``2 * H * W * Cin/groups * K^2 * Cout`` (+ one add per output for the bias), the analogous
-``2 * in * out`` for Linear, one operation per window element for pooling and one per output
+``2 * H * W * (Cin/groups * K^2 + 1) * Cout`` (the +1 only when the conv has a bias), the
+analogous ``2 * in * out`` for Linear, one operation per window element for pooling and one per output
 element for everything else. ``b`` is a per-call overhead: it is charged once per conv / linear
 node and once for all the other (cheap) nodes of a stage together.
 
@@ -57,7 +57,8 @@ def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
             if w.op == "conv":
                 kh, kw = mod.kernel_size
                 cin_g = mod.in_channels // mod.groups
-                flops = 2.0 * numel * cin_g * kh * kw + (numel if mod.bias is not None else 0)
+                # EdgeLD's F = 2*H*W*(Cin*K^2 + 1)*Cout: the +1 (the bias add) only with a bias
+                flops = 2.0 * numel * (cin_g * kh * kw + (1 if mod.bias is not None else 0))
             else:
                 ks = mod.kernel_size
                 kh, kw = (ks, ks) if isinstance(ks, int) else ks

@@ -334,7 +334,10 @@ def make_plan(
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
     pl = _Planner(gm, cluster.devices, part_fn, mode)
-    segs = atomic_segments(gm)
+    try:
+        segs = atomic_segments(gm)
+    except ValueError as e:
+        raise EdgeweaveError(f"cannot plan this model: {e}") from None
 
     blocks: list[tuple[Block, bool, bool]] = []  # (block, first_in_run, last_in_run)
     i = 0
