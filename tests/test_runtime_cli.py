@@ -122,3 +122,40 @@ def test_worker_without_a_leader_fails_within_its_connect_timeout():
     assert time.monotonic() - t0 < 60
     out = subprocess.run(EW + ["worker", "--leader", "nohostport"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def test_killed_leader_leaves_no_followers_behind():
+    """SIGKILL the leader of `edgeweave run` mid-run: its local followers must not survive it."""
+    lead = subprocess.Popen(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--workers", "2",
+                                  "--repeat", "100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        kids: list[int] = []
+        while time.monotonic() < deadline and len(kids) < 2:
+            kids = _children(lead.pid)
+            time.sleep(0.2)
+        assert len(kids) == 2, "the leader did not start its followers"
+        time.sleep(3)  # let them register and start computing
+        assert lead.poll() is None
+        lead.kill()
+        lead.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(k) for k in kids)
+    finally:
+        if lead.poll() is None:
+            lead.kill()
+            lead.wait()

@@ -64,6 +64,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
         while True:
             gen, info = rv.wait_generation(store, gen, ticket)
             if info.get("shutdown"):
+                store.set(f"{rv.ROOT}bye/{ticket}", "1")  # lets the leader's store outlive our last read
                 _log(name, "leader shut the cluster down")
                 return 0
             rank = info["members"].index(ticket) + 1

@@ -336,6 +336,13 @@ class Session:
             if self.ch is not None and self.broken is None:
                 self._command({"op": "end"})
             rv.publish_generation(self.store, rv.latest_generation(self.store), {"shutdown": True})
+            # keep the store (ours) up until every follower has read the shutdown
+            keys = [f"{rv.ROOT}bye/{f.ticket}" for f in self.followers if f.ticket >= 0]
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and not all(self.store.check([k]) for k in keys):
+                if self._probe_processes():
+                    break
+                time.sleep(0.02)
         except Exception:  # noqa: BLE001 - best effort; local processes are killed below anyway
             pass
         self._reap()
@@ -382,7 +389,8 @@ class LocalCluster(Session):
             import json
 
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+                       TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
             for i, dev in enumerate(devs[1:], start=1):
                 log = self._logdir / f"{dev.name}.log"
                 cmd = [sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{self.port}",
