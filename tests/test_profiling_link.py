@@ -25,6 +25,12 @@ def test_fit_link_recovers_a_line():
     # times that do not grow with size: bandwidth from the largest message, latency >= 0
     got_bw, got_lat = fit_link([100, 1000], [0.001, 0.0009])
     assert got_bw == pytest.approx(8 * 1000 / 0.0009) and got_lat >= 0
+    # a shaper's bucket passes small messages at line rate: the line's intercept would be
+    # negative, the latency is the small message's own time (less its transfer time)
+    sizes = [64, 65536, 1 << 20]
+    t = [0.0003, 8 * 65536 / 50e6 - 0.004, 8 * (1 << 20) / 50e6 - 0.004]
+    got_bw, got_lat = fit_link(sizes, t)
+    assert got_bw == pytest.approx(50e6, rel=0.05) and got_lat == pytest.approx(0.0003 - 8 * 64 / got_bw)
     with pytest.raises(ValueError):
         fit_link([64, 64], [0.1, 0.1])
 

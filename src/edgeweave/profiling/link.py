@@ -7,8 +7,9 @@ sends ``n`` bytes and the responder echoes them back; the round trip therefore c
 once in each direction, which averages an asymmetric link and needs no clock agreement.
 
 Model: half a round trip of ``n`` bytes takes ``8 n / bandwidth + latency``. The minimum over
-repeats (after one warm-up) is fitted by least squares over the sizes; the minimum, not the
-median, because queueing behind other traffic only ever adds time. ``latency_s`` is therefore
+repeats (after one warm-up) is taken per size (the minimum, not the median, because queueing
+behind other traffic only ever adds time); bandwidth is the least-squares slope over the sizes
+and latency the smallest message's time (see :func:`fit_link`). ``latency_s`` is therefore
 the *one-way* latency (half the round trip of an empty message), the meaning of
 ``DeviceProfile.latency_s``; the round trip is twice it.
 
@@ -51,20 +52,27 @@ def _recv(t: torch.Tensor, peer: int, timeout_s: float, group) -> None:
 
 
 def fit_link(sizes_bytes: Sequence[float], one_way_s: Sequence[float]) -> tuple[float, float]:
-    """(bandwidth_bps, latency_s) from one-way times: t = 8 n / bw + latency, least squares.
+    """(bandwidth_bps, latency_s) from one-way times per message size.
 
-    With a non-positive slope (times did not grow with size: a link faster than the timer can
-    resolve) the bandwidth is taken from the largest message alone; latency is clamped at 0."""
+    Bandwidth is the least-squares slope of t = 8 n / bw + c over all sizes. Latency is the
+    time of the *smallest* message less its transfer time, measured rather than extrapolated:
+    a tc shaper lets small messages through at line rate from its bucket, which bends the line
+    so that its intercept can come out negative (seen on every shaped link here). With a
+    non-positive slope (a link faster than the timer resolves) the bandwidth comes from the
+    largest message alone."""
     n = np.asarray(sizes_bytes, dtype=float)
     t = np.asarray(one_way_s, dtype=float)
     if len(set(n.tolist())) < 2:
         raise ValueError("link fit needs at least two distinct message sizes")
     A = np.stack([8.0 * n, np.ones_like(n)], axis=1)
-    (inv_bw, lat), *_ = np.linalg.lstsq(A, t, rcond=None)
+    (inv_bw, _), *_ = np.linalg.lstsq(A, t, rcond=None)
     if inv_bw <= 0:
         i = int(np.argmax(n))
-        return float(8.0 * n[i] / t[i]), max(0.0, float(t.min()))
-    return float(1.0 / inv_bw), max(0.0, float(lat))
+        bw = float(8.0 * n[i] / t[i])
+    else:
+        bw = float(1.0 / inv_bw)
+    j = int(np.argmin(n))
+    return bw, max(0.0, float(t[j] - 8.0 * n[j] / bw))
 
 
 def probe_link(
