@@ -63,7 +63,7 @@ def _show(st: dict[str, Any]) -> None:
 @testbed_app.command("up")
 def up(
     spec: Path = typer.Option(..., "--spec", help="Spec file (JSON or TOML): devices [{name, cpu, memory, bandwidth}], the first is the leader."),
-    start_workers: bool = typer.Option(False, "--start-workers", help="Start `edgeweave worker --leader LEADER:PORT --name NAME` in every follower device."),
+    start_workers: bool = typer.Option(False, "--start-workers", help="Start `edgeweave worker --leader LEADER:PORT --name NAME` in every follower device (detached; in the loopback fallback this command stays in the foreground until they exit)."),
     port: int = typer.Option(29500, "--port", help="Leader port the workers connect to."),
     worker_args: str = typer.Option("", "--worker-args", help="Extra arguments for every worker, one string (e.g. \"--profile p.json\")."),
     emulate: Optional[bool] = typer.Option(None, "--emulate/--no-emulate", help="Force emulation (fail without root) or loopback; default: emulate when possible."),
