@@ -1,5 +1,6 @@
 """NEU-CLS pipeline on generated images in the original layout: train -> compact -> train ->
-prune (one step) -> reload, through the real commands (docs/neucls.md)."""
+prune (one step) -> reload -> distributed run on 2 local workers, through the real commands
+(docs/neucls.md)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,14 @@ def test_neucls_train_compact_prune_reload(tmp_path: Path) -> None:
                for b, u in zip(blocks, unpruned))
     bundle = load_dataset("neucls", data, input_size=32)
     assert evaluate(model, make_loader(bundle.test, 64, False)) == pytest.approx(extra["test_accuracy"])
+
+    # distribute: the runtime's command runs the pruned compact model on 2 local workers, exactly
+    proc = subprocess.run([sys.executable, "-m", "edgeweave", "run", "--model", str(tmp_path / "pruned.safetensors"),
+                           "--input-size", "32", "--workers", "2", "--check", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads(proc.stdout)
+    assert run["rel_err"] < 1e-4 and run["latency_s"] > 0
 
 
 def test_prune_rejects_mismatched_dataset(tmp_path: Path) -> None:
