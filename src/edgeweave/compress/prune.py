@@ -55,6 +55,12 @@ class PruneResult:
         return [s for s in self.steps if s.accepted][-1]
 
 
+def _example(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """A random input on the model's device and dtype, for tracing the dependency graph."""
+    p = next(model.parameters())
+    return torch.randn(*shape, device=p.device, dtype=p.dtype)
+
+
 def output_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """The last Conv / Linear executed in a forward pass: its outputs are the classes, never pruned."""
     order: list[nn.Module] = []
@@ -95,7 +101,7 @@ def prune_l1_once(model: nn.Module, input_shape: Sequence[int], ratio: float) ->
     """Remove ``ratio`` of every prunable conv's filters (lowest L1 first), in place; no training."""
     if not 0.0 < ratio < 1.0:
         raise EdgeweaveError(f"pruning ratio must be in (0, 1), got {ratio}")
-    example = torch.randn(*input_shape)
+    example = _example(model, input_shape)
     was_training = model.training
     model.eval()
     make_pruner(model, example, ratio, 1).step()
@@ -146,7 +152,7 @@ def prune_with_floor(
         result.steps[0].accepted = True  # nothing better to return: the model as given
         return result
 
-    example = torch.randn(*shape)
+    example = _example(model, shape)
     model.eval()
     pruner = make_pruner(model, example, n_steps * step, n_steps)
     for k in range(1, n_steps + 1):
