@@ -35,8 +35,26 @@ def train_step(out: Path, budget_s: float = 100.0) -> dict[str, Any]:
     return {"accuracy": r.accuracy, "epochs": r.epochs, "seconds": r.seconds, "checkpoint": r.checkpoint}
 
 
+def distributed_step(out: Path) -> dict[str, Any]:
+    """A 224x224 network on a real photo over local worker processes, checked against one device."""
+    from edgeweave.runtime.demo import distributed_demo_step
+
+    console.rule("2. exact distributed inference: a real photo over 2 local workers + the leader")
+    res = distributed_demo_step(workers=2, model_name="torchvision:resnet18", size=224, console=console)
+    keep = ("rel_err", "max_abs_err", "latency_s", "single_device_s", "speedup", "seconds")
+    return {k: res[k] for k in keep if k in res}
+
+
+def exits_step(out: Path) -> dict[str, Any]:
+    """Distil a multi-exit student under the CNN of step 1; serve requests with latency budgets."""
+    from edgeweave.exits.demo import exits_demo_step
+
+    console.rule("3. on-demand inference: distillation + early exits")
+    return exits_demo_step(out)
+
+
 def steps() -> list[tuple[str, Step]]:
-    return [("train", train_step)]
+    return [("train", train_step), ("distributed", distributed_step), ("exits", exits_step)]
 
 
 def run_demo(out: Path) -> dict[str, Any]:
