@@ -45,18 +45,15 @@ def test_cifar_resnet18_one_to_four_workers(cl, workers, mode):
 
 
 def test_uneven_devices_and_one_row_strips(cl):
-    """Heterogeneous profiles give uneven strips; a 32x32 map over 5 devices, 4 of them slow,
-    gives strips of a single row. Both must be exact in both modes."""
-    names = cl.names
-    slow = [DeviceProfile(names[0], a=1e-11)] + [DeviceProfile(n, a=2e-10 * i) for i, n in enumerate(names[1:], 1)]
-    seen_one_row = False
-    for mode in ("gather", "exchange"):
-        for fusion in ("none", "auto"):
-            plan = check(cl, "cifar_resnet18", 32, WORKERS, "optimal", fusion, mode, profiles=Cluster(slow))
-            sizes = strip_sizes(plan)
-            assert len(set(sizes)) > 1, sizes  # uneven
-            seen_one_row |= 1 in sizes
-    assert seen_one_row
+    """Heterogeneous profiles give uneven strips, down to one row for the slowest device (a
+    32-row map over devices of speed 1, 1, 1, 1/3, 1/10). Exact in both modes."""
+    speeds = [1e-10, 1e-10, 1e-10, 3e-10, 1e-9]
+    profiles = Cluster([DeviceProfile(n, a=a) for n, a in zip(cl.names, speeds)])
+    for partition, fusion, mode in [("bodp", "none", "gather"), ("ocbp", "auto", "exchange"),
+                                    ("optimal", "none", "exchange"), ("optimal", "auto", "gather")]:
+        plan = check(cl, "cifar_resnet18", 32, WORKERS, partition, fusion, mode, profiles=profiles)
+        sizes = strip_sizes(plan)
+        assert len(set(sizes)) > 2 and 1 in sizes, (partition, fusion, mode, sizes)
 
 
 def test_equal_split_of_a_small_map_has_one_row_strips(cl):

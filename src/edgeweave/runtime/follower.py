@@ -57,7 +57,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     prof["name"] = name
     ticket = rv.register(store, {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
                                  "profile": prof, "model_hash": state.model_hash,
-                                 "pinned": bool(model_path)})
+                                 "pinned": bool(model_path), "profile_given": profile is not None})
     _log(name, f"registered with {host}:{port} (ticket {ticket})")
     gen = 0
     try:

@@ -455,8 +455,9 @@ class RemoteCluster(Session):
         try:
             self.followers = self._wait_registrations([d.name for d in cl.devices[1:]], start_timeout_s)
             self._profiles = {d.name: d for d in cl.devices}
-            for f in self.followers:  # the cluster file's profiles win over the followers' own
-                f.info["profile"] = self._profiles[f.name].to_dict()
+            for f in self.followers:  # a profile the follower measured (--profile) wins over the file's
+                if not f.info.get("profile_given"):
+                    f.info["profile"] = self._profiles[f.name].to_dict()
             self._start_generation()
         except BaseException:
             self.close()
