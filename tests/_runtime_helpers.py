@@ -13,8 +13,8 @@ _graphs: dict = {}
 
 
 def _model(cl, name: str, size: int):
-    """Load (and ship, once per model) ``name``; returns the model."""
-    key = (name, size)
+    """Load (and ship, once per model name: weights do not depend on the input size) ``name``."""
+    key = name
     if getattr(cl, "_test_model_key", None) != key:
         model, spec = load_for_run(name, size)
         cl.load_model(model, spec)

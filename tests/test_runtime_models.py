@@ -31,10 +31,20 @@ def test_torchvision_resnet18(cl, workers, fusion, mode):
     check(cl, "torchvision:resnet18", 64, workers, "optimal", fusion, mode)
 
 
+def test_torchvision_resnet18_at_224(cl):
+    check(cl, "torchvision:resnet18", 224, 3, "optimal", "auto", "exchange")
+    check(cl, "torchvision:resnet18", 224, 2, "ocbp", "pools", "gather")
+
+
 @pytest.mark.parametrize("workers,fusion,mode,part", [(3, "auto", "exchange", "bodp"), (2, "pools", "gather", "ocbp"),
                                                       (4, "none", "exchange", "equal")])
 def test_torchvision_resnet50(cl, workers, fusion, mode, part):
     check(cl, "torchvision:resnet50", 64, workers, part, fusion, mode)
+
+
+def test_torchvision_resnet50_at_224(cl):
+    check(cl, "torchvision:resnet50", 224, 3, "optimal", "auto", "exchange")
+    check(cl, "torchvision:resnet50", 224, 4, "bodp", "none", "gather")
 
 
 @pytest.mark.parametrize("name", ["vgg13", "vgg16"])
@@ -44,6 +54,9 @@ def test_vgg_at_64(cl, name):
                                         (2, "none", "exchange", "ocbp")]:
         check(cl, name, 64, workers, part, fusion, mode)
     check(cl, name, 64, 3, "optimal", "pools", "exchange", batch=2)
+    if name == "vgg13":  # VGG16 at 224 runs through the CLI below
+        check(cl, name, 224, 3, "ocbp", "pools", "gather")
+        check(cl, name, 224, 4, "optimal", "auto", "exchange")
 
 
 def test_cli_vgg16_224_three_workers():

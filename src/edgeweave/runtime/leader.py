@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,8 +132,8 @@ class Session:
         while True:
             regs = rv.registrations(self.store)
             by_name: dict[str, tuple[int, dict[str, Any]]] = {}
-            for t, info in sorted(regs.items()):
-                by_name.setdefault(str(info.get("name")), (t, info))
+            for t, info in sorted(regs.items()):  # a device that registers again (restarted) wins
+                by_name[str(info.get("name"))] = (t, info)
             if isinstance(expect, int):
                 if len(regs) >= expect:
                     items = sorted(regs.items())[:expect]
@@ -163,8 +164,9 @@ class Session:
         self.plans = {}
 
     def regroup(self, alive: list[str] | None = None) -> None:
-        """Start a new generation with the followers named in ``alive`` (default: all local ones
-        whose process still runs). Plans must be loaded again; the model is re-verified."""
+        """Start a new generation with the followers named in ``alive`` (default: every follower
+        except local ones whose process has exited; name remote survivors explicitly). Plans
+        must be loaded again; the model is re-verified (and shipped to no one who holds it)."""
         if self._closed:
             raise EdgeweaveError("the cluster session is closed")
         if self.ch is not None and self.broken is None:
@@ -435,6 +437,8 @@ class LocalCluster(Session):
                     p.wait(timeout=3.0)
                 except subprocess.TimeoutExpired:
                     pass
+        if self.broken is None:  # after a failure the logs stay for a post-mortem
+            shutil.rmtree(self._logdir, ignore_errors=True)
 
 
 class RemoteCluster(Session):
