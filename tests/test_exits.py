@@ -172,3 +172,14 @@ def test_policy_default_and_unsatisfiable_requests():
         choose(POINTS, min_accuracy=95)
     with pytest.raises(EdgeweaveError):
         choose([], latency_budget_ms=1)
+
+
+def test_best_speedup_only_counts_points_within_the_tolerance():
+    from edgeweave.exits.evaluate import best_speedup, budget_grid
+
+    pts = [_pt("a", 0.97, 1.0, mean=0.5), _pt("b", 0.985, 2.0, mean=1.0), _pt("c", 0.99, 4.0, mean=2.0)]
+    s, name = best_speedup(pts, ref_accuracy=0.99, ref_ms=4.0)
+    assert name == "b" and s == pytest.approx(4.0)  # "a" is 2 points below: excluded
+    assert best_speedup(pts[:1], ref_accuracy=0.99, ref_ms=4.0) == (0.0, None)
+    g = budget_grid(pts, 3)
+    assert g[0] == pytest.approx(1.0) and g[-1] == pytest.approx(4.8)
