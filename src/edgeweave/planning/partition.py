@@ -73,22 +73,26 @@ def ocbp(
     ``max - min < t_tolerate`` or when the slowest device is down to ``w_step`` rows (it cannot
     give any more without vanishing). The report does not give T_tolerate; 1 ms is our default.
 
-    Two choices the report leaves open, written down here: devices with zero rows take part as
-    the "fastest" candidate (their time is 0), so a device that BODP left empty can receive
-    rows; and because one-row moves can oscillate between two splits forever when the row
-    granularity is coarser than T_tolerate, the loop is capped at ``max_iter`` moves
-    (default ``total * len(costs)``) and the best split seen is returned in that case.
+    Two choices the report leaves open, written down here: only devices that BODP gave rows take
+    part (a device BODP rounded to zero rows would otherwise always look "fastest" with time 0
+    and be handed a row it is too slow for); and because one-row moves can oscillate between
+    two splits forever when the row granularity is coarser than T_tolerate, the loop is capped
+    at ``max_iter`` moves (default ``total * len(costs)``) and the best split seen is returned
+    in that case.
     """
     k = len(costs)
     counts = bodp(costs, total, capabilities)
     if k <= 1 or total == 0:
         return counts
     limit = max_iter if max_iter is not None else total * k
+    active = [d for d in range(k) if counts[d] > 0]
+    if len(active) <= 1:
+        return counts
     best, best_t = list(counts), predicted_max(costs, counts)
     for _ in range(limit):
-        times = [costs[d](counts[d]) for d in range(k)]
-        slow = max(range(k), key=lambda d: (times[d], -d))
-        fast = min(range(k), key=lambda d: (times[d], d))
+        times = {d: costs[d](counts[d]) for d in active}
+        slow = max(active, key=lambda d: (times[d], -d))
+        fast = min(active, key=lambda d: (times[d], d))
         if times[slow] - times[fast] < t_tolerate or counts[slow] <= w_step or slow == fast:
             return counts
         counts[slow] -= w_step

@@ -51,6 +51,9 @@ class Block:
     nodes: list[torch.fx.Node]
     input: torch.fx.Node
     output: torch.fx.Node | None
+    # Exchange mode: the run-wide split (row counts at a reference height) every block of the
+    # run derives its strips from, so that strips stay in place and only halos travel.
+    ref: tuple[list[int], int] | None = None
 
     @property
     def in_shape(self) -> list[int]:
@@ -63,9 +66,20 @@ class Block:
         return list(node_shape(self.output) or [])
 
 
-def _merge(segs: Sequence[Segment], kind: str) -> Block:
+def _merge(segs: Sequence[Segment], kind: str, ref: tuple[list[int], int] | None = None) -> Block:
     nodes = [n for s in segs for n in s.nodes]
-    return Block(kind, nodes, segs[0].input, segs[-1].output)
+    return Block(kind, nodes, segs[0].input, segs[-1].output, ref)
+
+
+def scale_counts(counts: Sequence[int], ref_total: int, total: int) -> list[int]:
+    """Map a split of ``ref_total`` rows onto ``total`` rows, keeping the boundaries in place."""
+    out, cum, prev = [], 0, 0
+    for c in counts:
+        cum += c
+        b = round(cum * total / ref_total) if ref_total else 0
+        out.append(b - prev)
+        prev = b
+    return out
 
 
 def _subtract(r: Range, pieces: Sequence[Range]) -> list[Range]:
@@ -272,10 +286,36 @@ class _Planner:
             fns.append(table.__getitem__)
         return fns
 
+    def run_split(self, run: Sequence[Segment]) -> tuple[list[int], int]:
+        """Exchange mode: one split for a whole run of spatial segments.
+
+        Per device, the cost of a share of ``n`` rows at the run's largest output height is the
+        sum over the run's segments of the segment's cost for the matching rows; the
+        partitioner splits that. Every block of the run then uses the same boundaries (scaled to
+        its height), so a device keeps its strip from block to block and only halos travel; a
+        per-stage split would re-shuffle rows whenever two stages balance differently.
+        """
+        heights = [rows_of(_merge([sg], "spatial").out_shape) for sg in run]
+        ref = max(heights)
+        tables = [
+            self.cost_fns(_merge([sg], "spatial"), i == 0, i == len(run) - 1) for i, sg in enumerate(run)
+        ]
+        maps = [[round(n * h / ref) for n in range(ref + 1)] for h in heights]
+
+        def fn(d: int) -> Callable[[int], float]:
+            vals = [sum(tables[i][d](maps[i][n]) for i in range(len(run))) for n in range(ref + 1)]
+            return vals.__getitem__
+
+        counts = self.partition([fn(d) for d in range(self.k)], ref, self.capabilities)
+        assert sum(counts) == ref and all(c >= 0 for c in counts), counts
+        return list(counts), ref
+
     def split(self, block: Block, first_in_run: bool, last_in_run: bool) -> list[int]:
         total = rows_of(block.out_shape)
         if self.k == 1:
             return [total]
+        if block.ref is not None:
+            return scale_counts(block.ref[0], block.ref[1], total)
         fns = self.cost_fns(block, first_in_run, last_in_run)
         counts = self.partition(fns, total, self.capabilities)
         assert sum(counts) == total and all(c >= 0 for c in counts), counts
@@ -333,6 +373,29 @@ def make_plan(
         raise EdgeweaveError("the cluster has no devices")
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
+    plan = _make_plan(gm, cluster, part_fn, part_name, fusion, mode, model_name, model_hash)
+    if part_name == "optimal" and len(cluster.devices) > 1:
+        # The optimal split is exact for the partition cost functions, which price a strip in
+        # isolation; the plan's prediction then accounts for shared links and real strip
+        # positions. So that "optimal" never predicts worse than the capability-proportional
+        # split under that full model either, that split is built too and the faster one kept.
+        alt = _make_plan(gm, cluster, PARTITIONERS["bodp"], part_name, fusion, mode, model_name, model_hash)
+        if alt.predicted_s < plan.predicted_s:
+            alt.meta["split_from"] = "bodp"
+            plan = alt
+    return plan
+
+
+def _make_plan(
+    gm: torch.fx.GraphModule,
+    cluster: Cluster,
+    part_fn: Partitioner,
+    part_name: str,
+    fusion: str,
+    mode: str,
+    model_name: str,
+    model_hash: str,
+) -> Plan:
     pl = _Planner(gm, cluster.devices, part_fn, mode)
     try:
         segs = atomic_segments(gm)
@@ -348,16 +411,17 @@ def make_plan(
             while j < len(segs) and segs[j].kind == "spatial":
                 j += 1
             run = segs[i:j]
+            ref = pl.run_split(run) if mode == "exchange" and pl.k > 1 else None
             cache: dict[tuple[int, int], float] = {}
 
-            def cost(a: int, b: int, run: list[Segment] = run) -> float:
+            def cost(a: int, b: int, run: list[Segment] = run, ref=ref) -> float:
                 if (a, b) not in cache:
-                    cache[(a, b)] = pl.block_estimate(_merge(run[a:b], "spatial"), a == 0, b == len(run))
+                    cache[(a, b)] = pl.block_estimate(_merge(run[a:b], "spatial", ref), a == 0, b == len(run))
                 return cache[(a, b)]
 
             groups = choose_blocks(len(run), fusion, [ends_with_pool(gm, s) for s in run], cost)
             for a, b in groups:
-                blocks.append((_merge(run[a:b], "spatial"), a == 0, b == len(run)))
+                blocks.append((_merge(run[a:b], "spatial", ref), a == 0, b == len(run)))
             i = j
             continue
         if seg.kind == "linear" and pl.k > 1:
@@ -436,5 +500,6 @@ def make_plan(
             "final_transfer_s": final_s,
             "segments": len(segs),
             "leader_only": fallback,
+            "split_from": part_fn.__name__ if hasattr(part_fn, "__name__") else part_name,
         },
     )
