@@ -41,11 +41,20 @@ PAIR = textwrap.dedent(
     import torch, torch.distributed as dist
     from edgeweave.profiling.link import probe_link, respond_link
     torch.set_num_threads(1)
+    from datetime import timedelta
     rank, port, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if mode == "probe":
+        # a group built directly, as the runtime does, unknown to torch.distributed's globals
+        store = dist.TCPStore("127.0.0.1", int(port), 2, rank == 0, timedelta(seconds=30))
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        group = dist.ProcessGroupGloo(store, rank, 2, opts)
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        group = None
     if rank == 0 and mode == "probe":
         t0 = time.perf_counter()
-        bw, lat = probe_link(1, sizes=(64, 65536, 1 << 20), repeats=3)
+        bw, lat = probe_link(1, sizes=(64, 65536, 1 << 20), repeats=3, group=group)
         print(json.dumps({"bw": bw, "lat": lat, "probe_s": time.perf_counter() - t0}), flush=True)
     elif rank == 0:
         # the peer never answers: the probe must give up after its timeout, not hang
@@ -56,7 +65,7 @@ PAIR = textwrap.dedent(
         except TimeoutError as e:
             print(json.dumps({"timeout": {"after_s": time.perf_counter() - t0, "msg": str(e)}}), flush=True)
     elif mode == "probe":
-        respond_link(0, timeout_s=30)
+        respond_link(0, timeout_s=30, group=group)
     else:
         time.sleep(6)
     """

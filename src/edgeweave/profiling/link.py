@@ -1,6 +1,9 @@
 """Measure a link's bandwidth and latency over the channel the runtime itself uses (gloo).
 
-Both ranks must already be in a torch.distributed process group. One side calls
+Both ranks must already be in a torch.distributed process group: the default one
+(``group=None``), or any gloo ``ProcessGroup`` object passed as ``group``, also one built
+directly (``ProcessGroupGloo(store, rank, world, opts)``, as the runtime does) that
+torch.distributed's global state does not know; ranks are the group's own. One side calls
 :func:`probe_link`, the other :func:`respond_link`; the prober sends a small header (sizes and
 repeats) first, so the responder needs no arguments to agree on. For every size the prober
 sends ``n`` bytes and the responder echoes them back; the round trip therefore crosses the link
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 MAGIC = 0x65776C6B  # "ewlk": guards against a stray message being read as a header
+TAG = 0x656C  # message tag of probe traffic, apart from the runtime's own tags
 MAX_SIZES = 16
 DEFAULT_SIZES = (64, 64 * 1024, 1024 * 1024)
 DEFAULT_REPEATS = 3
@@ -44,11 +48,13 @@ def _wait(work: "dist.Work", timeout_s: float, what: str) -> None:
 
 
 def _send(t: torch.Tensor, peer: int, timeout_s: float, group) -> None:
-    _wait(dist.isend(t, peer, group=group), timeout_s, f"send of {t.numel() * t.element_size()} bytes to rank {peer}")
+    work = dist.isend(t, peer, tag=TAG) if group is None else group.send([t], peer, TAG)
+    _wait(work, timeout_s, f"send of {t.numel() * t.element_size()} bytes to rank {peer}")
 
 
 def _recv(t: torch.Tensor, peer: int, timeout_s: float, group) -> None:
-    _wait(dist.irecv(t, peer, group=group), timeout_s, f"receive of {t.numel() * t.element_size()} bytes from rank {peer}")
+    work = dist.irecv(t, peer, tag=TAG) if group is None else group.recv([t], peer, TAG)
+    _wait(work, timeout_s, f"receive of {t.numel() * t.element_size()} bytes from rank {peer}")
 
 
 def fit_link(sizes_bytes: Sequence[float], one_way_s: Sequence[float]) -> tuple[float, float]:
