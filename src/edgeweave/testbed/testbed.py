@@ -133,6 +133,14 @@ def leftovers(prefix: str = DEFAULT_PREFIX) -> dict[str, list[str]]:
     }
 
 
+def _in_prefixed_cgroup(pid: int, prefix: str) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return any(part.startswith(prefix) for line in text.splitlines() for part in line.split(":", 2)[-1].split("/"))
+
+
 def down(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """Remove every namespace, link, cgroup and resolver file named with ``prefix``, killing the
     processes inside them first. Works from any process, also after the one that ran ``up``
@@ -148,7 +156,8 @@ def down(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     groups = cgroups.find_groups(prefix, extra_groups)
     before = leftovers(prefix)
     # 1. processes: everything in our cgroups and namespaces, and the workers we recorded
-    pids: list[int] = list(state.get("pids", []))
+    # recorded worker pids only if still in one of our groups (a pid may have been reused)
+    pids: list[int] = [p for p in state.get("pids", []) if _in_prefixed_cgroup(p, prefix)]
     for g in groups:
         pids += cgroups.procs(g)
     for ns in before["netns"]:
@@ -251,7 +260,9 @@ class Testbed:
         """The testbed another process brought up with this prefix (read from its state file)."""
         sp = state_path(prefix)
         if not sp.is_file():
-            raise EdgeweaveError(f"testbed: none is up with prefix {prefix!r} (no {sp}); run `edgeweave testbed up --spec FILE`")
+            left = sum(len(v) for v in leftovers(prefix).values())
+            hint = f"; {left} objects named {prefix}* are left from a crash: run `edgeweave testbed down`" if left else "; run `edgeweave testbed up --spec FILE`"
+            raise EdgeweaveError(f"testbed: none is up with prefix {prefix!r} (no {sp}){hint}")
         state = json.loads(sp.read_text())
         tb = cls(spec_from_state(state["spec"]), emulated=True, groups=state.get("cgroups"), pids=state.get("pids"))
         tb._cpu.update(state.get("cpu", {}))
