@@ -111,3 +111,36 @@ def test_small_cnn_full_product() -> None:
         plan = make_plan(gm, cluster, partition=part, fusion=fus, mode=mode)
         y = simulate(gm, plan, x)
         assert float((y - ref).abs().max() / ref.abs().max()) <= 1e-5, (k, part, fus, mode)
+
+
+class TwoHeads(nn.Module):
+    """Returns a tuple; the second head reads a value the first head also reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.h1 = nn.Linear(4, 2)
+        self.h2 = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.c2(torch.relu(self.c1(x)))
+        a = self.h1(y.mean((2, 3)))
+        z = torch.relu(self.c2(y))
+        return a, self.h2(z.mean((2, 3)))
+
+
+def test_tuple_outputs_end_in_a_leader_stage() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    gm = capture(model, x.shape)
+    for mode in ("gather", "exchange"):
+        plan = make_plan(gm, Cluster.uniform(3, a=1e-8), partition="equal", mode=mode)
+        assert plan.stages[0].kind == "spatial" and plan.stages[-1].kind == "leader"
+        out = simulate(gm, plan, x)
+        assert isinstance(out, tuple) and len(out) == 2
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
