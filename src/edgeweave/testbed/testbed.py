@@ -433,7 +433,7 @@ class Testbed:
         the link, not the sender's CPU share, is what is measured."""
         tool = tool or ("iperf3" if shutil.which("iperf3") else "python")
         port = random.randint(40000, 49999)
-        dst_addr, src_addr = self.address(dst), self.address(src)
+        dst_addr = self.address(dst)
         if tool == "iperf3":
             # the server's "listening" line is block-buffered in a pipe, so retry the client
             # until the server accepts instead of waiting for that line
