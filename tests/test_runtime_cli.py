@@ -159,3 +159,15 @@ def test_killed_leader_leaves_no_followers_behind():
         if lead.poll() is None:
             lead.kill()
             lead.wait()
+
+
+def test_run_a_checkpoint_at_its_own_input_size(tmp_path: Path):
+    from edgeweave.checkpoint import load_model, save_checkpoint
+
+    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
+    ck = save_checkpoint(tmp_path / "mnist_cnn.safetensors", model, spec)
+    out = subprocess.run(EW + ["run", "--model", str(ck), "--workers", "1", "--check", "--json", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["plan"]["input_shape"] == [1, 1, 28, 28] and res["rel_err"] <= 1e-4

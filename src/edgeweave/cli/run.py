@@ -14,7 +14,8 @@ from edgeweave.errors import EdgeweaveError
 
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
-    input_size: int = typer.Option(224, "--input-size", "-n", help="Input height and width."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", "-n",
+                                             help="Input height and width (default: the checkpoint's, else 224)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader)."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without "
                                           "--workers, wait for followers started by hand."),

@@ -105,7 +105,7 @@ def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"max_abs_err": err, "max_abs_ref": mref, "rel_err": err / max(mref, 1e-12)}
 
 
-def run(model_name: str, input_size: int, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
+def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
         listen: str = "0.0.0.0:29400", timeout_s: float = 60.0) -> dict[str, Any]:
     """What ``edgeweave run`` does; returns the JSON result (see DESIGN.md's contract)."""
     cfg.validate()
@@ -117,7 +117,11 @@ def run(model_name: str, input_size: int, workers: int | None, cfg: RunConfig, c
     if workers is not None and profiles is not None and len(profiles.devices) != workers + 1:
         raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
                              f"it needs {workers + 1} (the leader first)")
-    model, spec = load_for_run(model_name, input_size)
+    model, spec = load_for_run(model_name, input_size or 224)
+    if input_size is None:  # a checkpoint knows the size it was trained for
+        input_size = int(spec.input_size[0])
+    if input_size < 1:
+        raise EdgeweaveError(f"--input-size must be positive, got {input_size}")
     x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     t_start = time.perf_counter()
     session: Session
