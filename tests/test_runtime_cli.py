@@ -63,6 +63,7 @@ def test_run_local_with_cluster_profiles_gather_batch_two(tmp_path: Path):
     assert not _children_named_worker()
 
 
+@pytest.mark.slow
 def test_run_with_followers_started_by_hand(tmp_path: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,6 +137,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_leader_leaves_no_followers_behind():
     """SIGKILL the leader of `edgeweave run` mid-run: its local followers must not survive it."""
     lead = subprocess.Popen(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--workers", "2",
