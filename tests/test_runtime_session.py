@@ -230,3 +230,23 @@ def test_dead_or_silent_follower_is_named_within_the_time_out(how):
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_inconsistent_plans_are_refused_before_anything_runs(cluster):
+    cl, model = cluster
+    plan = plan_exchange(cl.model_hash)
+    plan.stages[1].transfers = [Transfer(0, 1, (0, 2))]  # the leader holds only row 0
+    with pytest.raises(EdgeweaveError, match="holds only"):
+        cl.load_plan(plan)
+    plan = plan_exchange(cl.model_hash)
+    plan.stages[2].transfers = plan.stages[2].transfers[:1]  # the leader never gets rows 4..7
+    with pytest.raises(EdgeweaveError, match="holds only"):
+        cl.load_plan(plan)
+    # the cluster is still usable, and a wrong input shape is caught before followers wait
+    pid = cl.load_plan(plan_exchange(cl.model_hash))
+    with pytest.raises(EdgeweaveError, match="input shape"):
+        cl.infer(torch.randn(1, 1, 32, 32), pid)
+    x = torch.randn(1, 1, 28, 28)
+    y, _ = cl.infer(x, pid)
+    with torch.no_grad():
+        assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)

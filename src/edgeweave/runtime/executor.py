@@ -181,3 +181,55 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         ch.flush_sends()
     timings.append(StageTiming(time.perf_counter() - t0, 0.0))
     return out, timings
+
+
+def _covered(held: list[tuple[int, int]], rows: tuple[int, int]) -> bool:
+    pos, stop = rows
+    while pos < stop:
+        nxt = max((b for a, b in held if a <= pos < b), default=None)
+        if nxt is None:
+            return False
+        pos = nxt
+    return True
+
+
+def check_plan(plan: Plan) -> None:
+    """Check, before anything runs, that every device holds each row it sends or computes from.
+
+    A plan that breaks this would stall a generation mid-inference; here it is a clear error.
+    """
+    if not plan.stages:
+        raise EdgeweaveError("invalid plan: no stages")
+    n_dev = len(plan.devices)
+    held: dict[int, list[tuple[int, int]]] = {0: [(0, plan.input_shape[split_axis(plan.input_shape)])]}
+
+    def run(transfers: list[Transfer], where: str) -> None:
+        for i, tr in enumerate(transfers):
+            if not (0 <= tr.src < n_dev and 0 <= tr.dst < n_dev):
+                raise EdgeweaveError(f"invalid plan: {where} transfer {i} names device {tr.src}->{tr.dst}; "
+                                     f"the plan has {n_dev}")
+            if tr.rows[1] <= tr.rows[0] or tr.src == tr.dst:
+                continue
+            if not _covered(held.get(tr.src, []), tr.rows):
+                raise EdgeweaveError(f"invalid plan: {where} transfer {i} sends rows {list(tr.rows)} from device "
+                                     f"{tr.src}, which holds only {sorted(held.get(tr.src, []))}")
+            held.setdefault(tr.dst, []).append(tr.rows)
+
+    for s, stage in enumerate(plan.stages):
+        run(stage.transfers, f"stage {s}")
+        nxt: dict[int, list[tuple[int, int]]] = {}
+        for a in stage.assignments:
+            if a.out_rows[1] <= a.out_rows[0]:
+                continue
+            if not 0 <= a.device < n_dev:
+                raise EdgeweaveError(f"invalid plan: stage {s} assigns work to device {a.device}; the plan has {n_dev}")
+            if not _covered(held.get(a.device, []), a.in_rows):
+                raise EdgeweaveError(f"invalid plan: stage {s} device {a.device} computes from rows {list(a.in_rows)} "
+                                     f"but holds only {sorted(held.get(a.device, []))}")
+            nxt.setdefault(a.device, []).append(a.out_rows)
+        held = nxt
+    run(plan.final_transfers, "final")
+    last = plan.stages[-1].output_shape
+    if not _covered(held.get(0, []), (0, last[split_axis(last)])):
+        raise EdgeweaveError(f"invalid plan: the leader ends with rows {sorted(held.get(0, []))} of the output, "
+                             f"not all {last[split_axis(last)]}")

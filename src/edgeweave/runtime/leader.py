@@ -37,7 +37,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
 from edgeweave.runtime import rendezvous as rv
-from edgeweave.runtime.executor import StageTiming, execute_plan
+from edgeweave.runtime.executor import StageTiming, check_plan, execute_plan
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError, wait_store_keys
 
 
@@ -285,6 +285,7 @@ class Session:
         if list(plan.devices) != self.names[: len(plan.devices)] or not plan.devices:
             raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} "
                                  "(or a prefix of them), in rank order")
+        check_plan(plan)
         pid = self._next_plan
         self._next_plan += 1
         text = plan.to_json().encode()
@@ -311,7 +312,11 @@ class Session:
             if not self.plans:
                 raise EdgeweaveError("no plan loaded: call load_plan(plan) first")
             plan_id = max(self.plans)
+        if plan_id not in self.plans:
+            raise EdgeweaveError(f"no plan {plan_id} in this generation; loaded: {sorted(self.plans)}")
         plan, gm = self.plans[plan_id]
+        if list(x.shape) != list(plan.input_shape):  # before followers start waiting for rows
+            raise EdgeweaveError(f"plan {plan_id} was made for input shape {plan.input_shape}, got {list(x.shape)}")
         t0 = time.perf_counter()
         self._command({"op": "infer", "plan_id": plan_id})
         try:
@@ -323,6 +328,9 @@ class Session:
                 per_device.append([StageTiming(float(a), float(b)) for a, b in t.tolist()])
         except PeerError as e:
             self._fail(e)
+            raise
+        except Exception as e:  # the leader's own part failed: followers must not wait for it
+            self._fail(PeerError(f"the leader failed during inference: {e}"))
             raise
         total = time.perf_counter() - t0
         assert y is not None
