@@ -22,7 +22,7 @@ Summary keys: ``teacher_accuracy``, ``full_accuracy`` (deployed student, last ex
 within 1 accuracy point of the teacher), ``speedup_vs_student`` (the same against the student's
 forced last exit and its accuracy), ``kd_gain`` (per distance, with ``kd_gain_best``), and
 ``budget_violations``. On the test split the teacher and every operating point are timed
-interleaved (for each sample, each of them once, in rotating order), so load drifting on a shared
+interleaved (for each sample, each of them once, in a fresh random order), so load drifting on a shared
 machine affects both sides alike.
 """
 
@@ -176,6 +176,11 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
         t_epochs, t_seconds = tr.epochs, tr.seconds
         console.print(f"teacher test accuracy {tr.accuracy:.4f} ({tr.seconds:.0f} s)")
     teacher.eval()
+    teacher_ckpt = None
+    if not cfg.teacher_checkpoint:  # keep it: `--teacher-checkpoint` reuses it in a later run
+        teacher_ckpt = str(save_checkpoint(out / f"exits_{cfg.dataset}_teacher.safetensors", teacher,
+                                           ModelSpec(cfg.teacher, nc, ic, bundle.input_size, dict(cfg.teacher_kwargs),
+                                                     bundle.classes), {"dataset": cfg.dataset, "epoch": t_epochs})))
     kd_teacher = CachedTeacher(teacher) if cfg.cache_teacher else teacher
 
     # 2. student alone vs distilled, per seed
@@ -299,7 +304,8 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
         "operating_points_val": [p.to_dict() for p in val_points],
         "operating_points_test": [p.to_dict() for p in test_points],
         "serving": serving,
-        "files": {"plot": str(png), "csv": str(csv_path), "checkpoint": str(ckpt)},
+        "files": {"plot": str(png), "csv": str(csv_path), "checkpoint": str(ckpt),
+                  "teacher_checkpoint": teacher_ckpt or cfg.teacher_checkpoint},
         "seconds": time.perf_counter() - t_start,
     }
     return result

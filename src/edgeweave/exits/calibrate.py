@@ -194,7 +194,7 @@ def measure_settings(model: MultiExitNet, xs: torch.Tensor, ys: torch.Tensor, se
                      references: dict[str, nn.Module] | None = None) -> tuple[list[OperatingPoint], dict[str, np.ndarray]]:
     """Measure every setting (and optional plain ``references``, e.g. the teacher) one sample
     at a time, interleaved: for each sample, each setting and each reference model is timed once,
-    in an order that rotates from sample to sample. On a shared machine the load drifts; with
+    in a random order drawn afresh for every sample (seeded). On a shared machine the load drifts; with
     interleaving every point sees the same conditions, so their latencies compare fairly.
     Returns the operating points and the per-sample latencies (seconds) of each reference."""
     model.eval()
@@ -214,10 +214,12 @@ def measure_settings(model: MultiExitNet, xs: torch.Tensor, ys: torch.Tensor, se
             early_exit(model, xs[i : i + 1], s.thresholds, voting_weights=weights, confidence=confidence)
         for r in refs.values():
             r(xs[i : i + 1])
+    rng = np.random.default_rng(0)
     for i in range(n):
         x = xs[i : i + 1]
-        rot = i % len(jobs)
-        for kind, j in jobs[rot:] + jobs[:rot]:
+        # a fresh random order per sample: no job always follows the same one (a large reference
+        # model run just before a setting would otherwise always leave that setting cold caches)
+        for kind, j in (jobs[t] for t in rng.permutation(len(jobs))):
             if kind == "s":
                 t0 = time.perf_counter()
                 res = early_exit(model, x, settings[j].thresholds, voting_weights=weights, confidence=confidence)
