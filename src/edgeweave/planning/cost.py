@@ -96,19 +96,43 @@ def row_bytes(shape: Sequence[int] | None) -> int:
     return numel // max(rows_of(shape), 1) * DTYPE_BYTES
 
 
-def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]]) -> float:
-    """Seconds for a list of ``(kind, flops)`` items: b per conv/linear call, once for the rest."""
+Work = dict[str, tuple[float, int]]  # kind -> (FLOPs, calls)
+
+
+def aggregate(items: Iterable[tuple[str, float]]) -> Work:
+    """Sum ``(kind, flops)`` items per kind, counting the calls that do any work."""
+    out: Work = {}
+    for kind, flops in items:
+        if flops <= 0:
+            continue
+        f, c = out.get(kind, (0.0, 0))
+        out[kind] = (f + flops, c + 1)
+    return out
+
+
+def add_work(a: Work, b: Work) -> Work:
+    out = dict(a)
+    for kind, (f, c) in b.items():
+        f0, c0 = out.get(kind, (0.0, 0))
+        out[kind] = (f0 + f, c0 + c)
+    return out
+
+
+def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]] | Work) -> float:
+    """Seconds for some work: ``b`` per conv/linear call, once for all the other ops together.
+
+    ``work`` is a list of ``(kind, flops)`` items (one per node) or an aggregated ``Work``.
+    """
+    agg = work if isinstance(work, dict) else aggregate(work)
     total = 0.0
-    other = 0.0
-    for kind, flops in work:
+    for kind, (flops, calls) in agg.items():
         if flops <= 0:
             continue
         if kind in ("conv", "linear"):
-            total += profile.compute_s(flops, kind)
+            a, b = profile.per_kind.get(kind, (profile.a, profile.b))
+            total += a * flops + b * calls
         else:
-            other += flops
-    if other > 0:
-        total += profile.compute_s(other, "other")
+            total += profile.compute_s(flops, kind)
     return total
 
 

@@ -32,7 +32,17 @@ from dataclasses import dataclass
 import torch.fx
 
 from edgeweave.errors import EdgeweaveError
-from edgeweave.planning.cost import compute_s, flop_kind, node_flops, row_bytes, rows_of, schedule_transfers
+from edgeweave.planning.cost import (
+    Work,
+    add_work,
+    aggregate,
+    compute_s,
+    flop_kind,
+    node_flops,
+    row_bytes,
+    rows_of,
+    schedule_transfers,
+)
 from edgeweave.planning.fusion import FUSION_MODES, Segment, atomic_segments, choose_blocks, ends_with_pool
 from edgeweave.planning.graph import node_shape
 from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
@@ -54,6 +64,7 @@ class Block:
     # Exchange mode: the run-wide split (row counts at a reference height) every block of the
     # run derives its strips from, so that strips stay in place and only halos travel.
     ref: tuple[list[int], int] | None = None
+    segs: tuple[Segment, ...] = ()  # the atomic segments it was merged from (spatial blocks)
 
     @property
     def in_shape(self) -> list[int]:
@@ -68,7 +79,7 @@ class Block:
 
 def _merge(segs: Sequence[Segment], kind: str, ref: tuple[list[int], int] | None = None) -> Block:
     nodes = [n for s in segs for n in s.nodes]
-    return Block(kind, nodes, segs[0].input, segs[-1].output, ref)
+    return Block(kind, nodes, segs[0].input, segs[-1].output, ref, tuple(segs))
 
 
 def scale_counts(counts: Sequence[int], ref_total: int, total: int) -> list[int]:
@@ -114,6 +125,7 @@ class _Planner:
         self.partition = partition
         self.mode = mode
         self.capabilities = [d.capability for d in self.devices]
+        self._memo: dict[tuple[int, Range], tuple[Range, Work]] = {}
 
     # ---- compute ------------------------------------------------------------------------
     def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
@@ -126,6 +138,33 @@ class _Planner:
                 f = f * size(need.get(n.name, EMPTY)) / max(rows_of(shape), 1)
             work.append((flop_kind(self.gm, n), f))
         return work
+
+    def chain(self, block: Block, out: Range) -> tuple[Range, Work]:
+        """Input rows and work of a spatial block's strip ``out``, segment by segment.
+
+        Only one value crosses a segment boundary, so propagating the rows backward one segment
+        at a time is the same as propagating through the whole block; memoising per segment
+        and output range lets the fusion DP price every block of a run without redoing it.
+        """
+        if not block.segs:
+            assert block.output is not None
+            need = required_rows(self.gm, block.nodes, block.output, out)
+            return need.get(block.input.name, EMPTY), aggregate(self._work(block.nodes, need))
+        total: Work = {}
+        r = out
+        for seg in reversed(block.segs):
+            key = (id(seg), r)
+            hit = self._memo.get(key)
+            if hit is None:
+                assert seg.output is not None
+                need = required_rows(self.gm, seg.nodes, seg.output, r)
+                hit = (need.get(seg.input.name, EMPTY), aggregate(self._work(seg.nodes, need)))
+                self._memo[key] = hit
+            r, w = hit
+            total = add_work(total, w)
+            if is_empty(r):
+                break  # windows reading padding only: nothing further up is needed
+        return r, total
 
     def _linear_work(self, block: Block, n: int) -> list[tuple[str, float]]:
         out_rows = max(rows_of(block.out_shape), 1)
@@ -186,12 +225,10 @@ class _Planner:
                 if is_empty(out):
                     continue
                 if block.kind == "spatial":
-                    assert block.output is not None
-                    need = required_rows(self.gm, block.nodes, block.output, out)
-                    in_r = need.get(block.input.name, EMPTY)
+                    in_r, work = self.chain(block, out)
                     if is_empty(in_r):  # windows that read padding only still need a slice
                         in_r = (0, 1)
-                    compute[d] = compute_s(self.devices[d], self._work(block.nodes, need))
+                    compute[d] = compute_s(self.devices[d], work)
                 else:
                     in_r = (0, in_rows_total)
                     compute[d] = compute_s(self.devices[d], self._linear_work(block, size(out)))
@@ -251,15 +288,14 @@ class _Planner:
         total = rows_of(out_shape)
         in_total = rows_of(in_shape)
         rb_in, rb_out = row_bytes(in_shape), row_bytes(out_shape)
-        works: list[list[tuple[str, float]]] = []
+        works: list[Work | list[tuple[str, float]]] = []
         in_counts: list[int] = []
         for n in range(total + 1):
             if block.kind == "spatial":
-                assert block.output is not None
                 c = (total - n) // 2
-                need = required_rows(self.gm, block.nodes, block.output, (c, c + n))
-                works.append(self._work(block.nodes, need))
-                in_counts.append(size(need.get(block.input.name, EMPTY)))
+                in_r, work = self.chain(block, (c, c + n))
+                works.append(work)
+                in_counts.append(size(in_r))
             else:
                 works.append(self._linear_work(block, n))
                 in_counts.append(in_total if n else 0)
