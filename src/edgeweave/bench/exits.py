@@ -180,7 +180,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
     if not cfg.teacher_checkpoint:  # keep it: `--teacher-checkpoint` reuses it in a later run
         teacher_ckpt = str(save_checkpoint(out / f"exits_{cfg.dataset}_teacher.safetensors", teacher,
                                            ModelSpec(cfg.teacher, nc, ic, bundle.input_size, dict(cfg.teacher_kwargs),
-                                                     bundle.classes), {"dataset": cfg.dataset, "epoch": t_epochs})))
+                                                     bundle.classes), {"dataset": cfg.dataset, "epoch": t_epochs}))
     kd_teacher = CachedTeacher(teacher) if cfg.cache_teacher else teacher
 
     # 2. student alone vs distilled, per seed
