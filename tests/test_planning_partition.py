@@ -3,13 +3,20 @@ predicts worse than ocbp, bodp or equal; ocbp follows EdgeLD's rules."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+
+import torch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeweave.models import build_model
+from edgeweave.planning.graph import capture
 from edgeweave.planning.partition import PARTITIONERS, bodp, equal, ocbp, optimal, predicted_max
+from edgeweave.planning.planner import make_plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
 
 
 def _cost(a: float, b: float, per_row_comm: float, step: int):
@@ -105,3 +112,32 @@ def test_ocbp_terminates_when_one_row_moves_oscillate() -> None:
     costs = [_cost(1.0, 0, 0, 1)] * 2
     counts = ocbp(costs, 7, [1.0, 1.0], t_tolerate=1e-6)
     assert sorted(counts) == [3, 4]
+
+
+@functools.lru_cache(maxsize=None)
+def _small_graph():
+    torch.manual_seed(0)
+    return capture(build_model("small_resnet8", in_channels=1).eval(), (1, 1, 28, 28))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    speeds=st.lists(st.floats(0.2, 10.0), min_size=1, max_size=4),
+    bw=st.sampled_from([1e7, 1e8, 1e9]),
+    b=st.sampled_from([0.0, 1e-3]),
+    mode=st.sampled_from(["gather", "exchange"]),
+    fusion=st.sampled_from(["none", "pools", "auto"]),
+)
+def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b, mode, fusion) -> None:
+    gm = _small_graph()
+    cluster = Cluster([DeviceProfile(f"d{i}", a=1e-9 * s, b=b, bandwidth_bps=bw, latency_s=1e-4)
+                       for i, s in enumerate(speeds)])
+    plans = {p: make_plan(gm, cluster, partition=p, fusion=fusion, mode=mode) for p in PARTITIONERS}
+    for name, plan in plans.items():
+        # the plan's prediction is the sum of its stages plus the final gather
+        total = sum(s.predicted_s for s in plan.stages) + plan.meta["final_transfer_s"]
+        assert abs(plan.predicted_s - total) <= 1e-12 + 1e-9 * total
+        for s in plan.stages:
+            assert all(a.predicted_s <= s.predicted_s + 1e-15 for a in s.assignments)
+        assert plans["optimal"].predicted_s <= plan.predicted_s + 1e-12, name
+    assert plans["optimal"].predicted_s <= plans["optimal"].meta["single_device_s"] + 1e-12

@@ -1,11 +1,10 @@
 """Cost model: FLOPs per node, compute seconds per device, transfer seconds per link.
 
-Compute: EdgeLD's linear model, ``seconds = a * FLOPs + b`` per device (optionally per op kind,
-``DeviceProfile.compute_s``). FLOPs use the conv formula the report uses,
-``2 * H * W * (Cin/groups * K^2 + 1) * Cout`` (the +1 only when the conv has a bias), the
-analogous ``2 * in * out`` for Linear, one operation per window element for pooling and one per output
-element for everything else. ``b`` is a per-call overhead: it is charged once per conv / linear
-node and once for all the other (cheap) nodes of a stage together.
+Compute: EdgeLD's linear model, ``seconds = a * FLOPs + b`` per device and node call
+(optionally per op kind, as in ``DeviceProfile.per_kind``; see ``compute_s``). FLOPs use the
+conv formula the report uses, ``2 * H * W * (Cin/groups * K^2 + 1) * Cout`` (the +1 only when
+the conv has a bias), the analogous ``2 * in * out`` for Linear, one operation per window
+element for pooling and one per output element for everything else.
 
 Transfers: every device has one full-duplex link (``bandwidth_bps``, one-way ``latency_s``) to a
 switch. A transfer src -> dst takes ``bytes * 8 / min(bw_src, bw_dst) + lat_src + lat_dst`` and
@@ -119,20 +118,24 @@ def add_work(a: Work, b: Work) -> Work:
 
 
 def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]] | Work) -> float:
-    """Seconds for some work: ``b`` per conv/linear call, once for all the other ops together.
+    """Seconds for some work: ``a * FLOPs + b`` per node call, per kind.
 
-    ``work`` is a list of ``(kind, flops)`` items (one per node) or an aggregated ``Work``.
+    ``work`` is a list of ``(kind, flops)`` items (one per node) or an aggregated ``Work``. The
+    fixed ``b`` is a per-call overhead fitted on conv layers (EdgeLD); cheap "other" ops
+    (activations, batch norm, pooling) pay it only when the profile has an explicit
+    ``per_kind["other"]`` line, otherwise just ``a * FLOPs``. Charging per node keeps the
+    prediction independent of how the nodes are grouped into stages.
     """
     agg = work if isinstance(work, dict) else aggregate(work)
     total = 0.0
     for kind, (flops, calls) in agg.items():
         if flops <= 0:
             continue
-        if kind in ("conv", "linear"):
-            a, b = profile.per_kind.get(kind, (profile.a, profile.b))
-            total += a * flops + b * calls
+        if kind in profile.per_kind:
+            a, b = profile.per_kind[kind]
         else:
-            total += profile.compute_s(flops, kind)
+            a, b = profile.a, (profile.b if kind in ("conv", "linear") else 0.0)
+        total += a * flops + b * calls
     return total
 
 

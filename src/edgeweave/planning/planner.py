@@ -125,7 +125,8 @@ class _Planner:
         self.partition = partition
         self.mode = mode
         self.capabilities = [d.capability for d in self.devices]
-        self._memo: dict[tuple[int, Range], tuple[Range, Work]] = {}
+        # Strip pricing is a pure function of the graph: share it across make_plan calls.
+        self._memo: dict[tuple[int, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_memo", {})
 
     # ---- compute ------------------------------------------------------------------------
     def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
@@ -412,13 +413,14 @@ def make_plan(
     plan = _make_plan(gm, cluster, part_fn, part_name, fusion, mode, model_name, model_hash)
     if part_name == "optimal" and len(cluster.devices) > 1:
         # The optimal split is exact for the partition cost functions, which price a strip in
-        # isolation; the plan's prediction then accounts for shared links and real strip
-        # positions. So that "optimal" never predicts worse than the capability-proportional
-        # split under that full model either, that split is built too and the faster one kept.
-        alt = _make_plan(gm, cluster, PARTITIONERS["bodp"], part_name, fusion, mode, model_name, model_hash)
-        if alt.predicted_s < plan.predicted_s:
-            alt.meta["split_from"] = "bodp"
-            plan = alt
+        # isolation; the plan's prediction then accounts for shared links, real strip positions
+        # and re-splits between stages. So that "optimal" never predicts worse than any other
+        # partitioner under that full model either, their plans are built too and the fastest
+        # kept (meta["split_from"] says whose split won).
+        for other in ("bodp", "ocbp", "equal"):
+            alt = _make_plan(gm, cluster, PARTITIONERS[other], part_name, fusion, mode, model_name, model_hash)
+            if alt.predicted_s < plan.predicted_s:
+                plan = alt
     return plan
 
 
@@ -434,7 +436,9 @@ def _make_plan(
 ) -> Plan:
     pl = _Planner(gm, cluster.devices, part_fn, mode)
     try:
-        segs = atomic_segments(gm)
+        if "ew_segments" not in gm.meta:  # cached: the memo above is keyed by these objects
+            gm.meta["ew_segments"] = atomic_segments(gm)
+        segs = gm.meta["ew_segments"]
     except ValueError as e:
         raise EdgeweaveError(f"cannot plan this model: {e}") from None
 
