@@ -154,3 +154,23 @@ def test_vgg16_at_224_three_devices() -> None:
     assert "linear" in kinds  # the 120M-parameter classifier is split by output features
     assert rel_err(simulate(gm, plan, x), ref) <= 1e-5
     assert plan.meta["predicted_speedup"] > 1.5
+
+
+def test_simulate_rejects_plans_that_send_rows_a_device_does_not_hold() -> None:
+    """The exactness tests mean something only if simulate would notice a wrong plan."""
+    import dataclasses
+
+    _, gm, x, ref = _setup("small_cnn", (2, 1, 28, 28))
+    plan = make_plan(gm, Cluster.uniform(3, a=1e-8), partition="equal", fusion="none", mode="exchange")
+    stage = next(s for s in plan.stages[1:] if s.kind == "spatial" and s.transfers)
+    bad = Plan.from_dict(plan.to_dict())
+    t = stage.transfers[0]
+    other = next(d for d in range(3) if d not in (t.src, t.dst))
+    bad.stages[stage.index].transfers[0] = dataclasses.replace(t, src=other)
+    with pytest.raises(AssertionError, match="does not hold"):
+        simulate(gm, bad, x)
+    # a missing halo transfer is noticed too: the receiver cannot assemble its input rows
+    bad = Plan.from_dict(plan.to_dict())
+    del bad.stages[stage.index].transfers[0]
+    with pytest.raises(AssertionError, match="does not hold"):
+        simulate(gm, bad, x)
