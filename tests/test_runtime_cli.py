@@ -70,7 +70,8 @@ def test_run_with_followers_started_by_hand(tmp_path: Path):
         port = s.getsockname()[1]
     cf = tmp_path / "cluster.json"
     cf.write_text(json.dumps({"devices": [{"name": "gl"}, {"name": "board-a"}, {"name": "board-b"}]}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GLOO_SOCKET_IFNAME", None)  # followers find the interface that routes to the leader
     workers = [subprocess.Popen(EW + ["worker", "--leader", f"127.0.0.1:{port}", "--name", n], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for n in ("board-b", "board-a")]  # registration order must not matter

@@ -32,6 +32,7 @@ class FollowerState:
     model_hash: str | None = None
     plans: dict[int, tuple[Plan, Any]] = field(default_factory=dict)  # plan id -> (plan, graph module)
     graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
+    gloo_host: str = ""
 
 
 def _log(name: str, msg: str) -> None:
@@ -52,12 +53,14 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
         state.model.eval()
         state.model_hash = model_hash(state.model)
     store = rv.connect_store(host, port, connect_timeout_s)
+    state.gloo_host = rv.gloo_host_for(host, port)  # the interface that reaches the leader
     _preload()
     prof = dict(profile or {"name": name})
     prof["name"] = name
     ticket = rv.register(store, {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
                                  "profile": prof, "model_hash": state.model_hash,
-                                 "pinned": bool(model_path), "profile_given": profile is not None})
+                                 "pinned": bool(model_path), "profile_given": profile is not None,
+                                 "leader_host": host})
     _log(name, f"registered with {host}:{port} (ticket {ticket})")
     gen = 0
     try:
@@ -98,7 +101,7 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
             return f"the leader aborted generation {gen}: {gstore.get('abort').decode()[:300]}"
         return None
 
-    pg = rv.make_group(store, gen, rank, len(names), timeout_s, str(info.get("gloo_host", "")))
+    pg = rv.make_group(store, gen, rank, len(names), timeout_s, state.gloo_host)
     ch = Channel(pg, rank, names, timeout_s, probe=probe)
     seq = 0
     while True:

@@ -154,8 +154,7 @@ class Session:
     def _start_generation(self) -> None:
         self.gen = rv.latest_generation(self.store)
         self.seq = 0
-        info = {"members": [f.ticket for f in self.followers], "names": self.names, "timeout_s": self.timeout_s,
-                "gloo_host": self.gloo_host}
+        info = {"members": [f.ticket for f in self.followers], "names": self.names, "timeout_s": self.timeout_s}
         rv.publish_generation(self.store, self.gen, info)
         self.gstore = rv.gen_store(self.store, self.gen)
         pg = rv.make_group(self.store, self.gen, 0, self.world, self.timeout_s, self.gloo_host)
@@ -399,8 +398,8 @@ class LocalCluster(Session):
             import json
 
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
                        TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
+            env.pop("GLOO_SOCKET_IFNAME", None)  # everyone binds 127.0.0.1 (the route to the leader)
             for i, dev in enumerate(devs[1:], start=1):
                 log = self._logdir / f"{dev.name}.log"
                 cmd = [sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{self.port}",
@@ -461,11 +460,11 @@ class RemoteCluster(Session):
         cl = cluster if isinstance(cluster, Cluster) else Cluster.load(cluster)
         host, port = rv.parse_address(listen)
         store = rv.host_store(host, port, start_timeout_s)
-        super().__init__(store, cl.devices[0].name, timeout_s=timeout_s,
-                         gloo_host="" if host in ("0.0.0.0", "::") else host, leader_profile=cl.devices[0])
+        super().__init__(store, cl.devices[0].name, timeout_s=timeout_s, leader_profile=cl.devices[0])
         self.port = int(store.port)
         try:
             self.followers = self._wait_registrations([d.name for d in cl.devices[1:]], start_timeout_s)
+            self.gloo_host = self._own_address(host)
             self._profiles = {d.name: d for d in cl.devices}
             for f in self.followers:  # a profile the follower measured (--profile) wins over the file's
                 if not f.info.get("profile_given"):
@@ -474,3 +473,23 @@ class RemoteCluster(Session):
         except BaseException:
             self.close()
             raise
+
+    def _own_address(self, listen_host: str) -> str:
+        """Where gloo should bind: the listen address if specific; else the address the
+        followers used to reach us, when they agree and it is an IP of this machine."""
+        if os.environ.get("GLOO_SOCKET_IFNAME"):
+            return ""
+        if listen_host not in ("0.0.0.0", "::", ""):
+            return listen_host
+        seen = {str(f.info.get("leader_host", "")) for f in self.followers}
+        if len(seen) == 1:
+            (addr,) = seen
+            try:
+                import socket
+
+                with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((addr, 0))  # succeeds only for an address of this machine
+                return addr
+            except OSError:
+                pass
+        return ""

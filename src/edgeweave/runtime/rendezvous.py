@@ -11,7 +11,7 @@ Keys (all small JSON strings; never pickles):
 - ``ew/tickets``: counter; a follower's ``add(1)`` is its ticket.
 - ``ew/worker/<ticket>``: its registration (name, pid, host, profile, has_model).
 - ``ew/gen/<N>``: ``{"members": [ticket...], "names": [leader, ...], "timeout_s": T,
-  "gloo_host": H}`` or ``{"shutdown": true}``.
+  "leader_addr": A}`` or ``{"shutdown": true}``.
 - inside ``ew/g<N>/``: ``cmd/<seq>`` (leader -> all), ``ack/<seq>/<rank>`` (follower ->
   leader), ``err/<rank>`` (a follower's failure report), ``abort`` (leader gave up the generation).
 """
@@ -19,6 +19,8 @@ Keys (all small JSON strings; never pickles):
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -116,6 +118,30 @@ def wait_generation(store: Any, first: int, ticket: int) -> tuple[int, dict[str,
 def latest_generation(store: Any) -> int:
     """Leader: the number a new generation should take."""
     return int(store.add(ROOT + "gen_counter", 1)) - 1
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The local IP address this machine uses to reach ``host`` (no packet is sent).
+
+    gloo must bind to an address its peers can reach; resolving the hostname often gives
+    127.0.0.1 or 127.0.1.1 on boards and inside network namespaces. The interface that routes
+    to the leader is the right one, unless the user chose one with GLOO_SOCKET_IFNAME.
+    """
+    try:
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return ""
+
+
+def gloo_host_for(host: str, port: int) -> str:
+    """The hostname for this process's gloo device ("" = gloo's default, honouring
+    GLOO_SOCKET_IFNAME)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return ""
+    return local_address_towards(host, port)
 
 
 def make_group(store: Any, gen: int, rank: int, world: int, timeout_s: float, gloo_host: str = "") -> Any:
