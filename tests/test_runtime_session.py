@@ -250,3 +250,32 @@ def test_inconsistent_plans_are_refused_before_anything_runs(cluster):
     y, _ = cl.infer(x, pid)
     with torch.no_grad():
         assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_follower_that_joins_later_gets_a_rank_in_the_next_generation():
+    """Design for devices that come and go: a board started after the leader registers, waits,
+    and joins the next generation; the model is shipped to it and a 3-device plan runs exactly."""
+    import subprocess
+    import sys
+
+    model, spec = small_model()
+    with LocalCluster(1, timeout_s=30) as cl:
+        cl.load_model(model, spec)
+        late = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{cl.port}",
+                                 "--name", "worker2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            cl.regroup(join=["worker2"])
+            assert cl.names == ["leader", "worker1", "worker2"] and cl.gen == 1
+            x = torch.randn(1, 1, 28, 28)
+            y, _ = cl.infer(x, cl.load_plan(plan_exchange(cl.model_hash)))
+            with torch.no_grad():
+                assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+        finally:
+            cl.close()
+            try:
+                assert late.wait(timeout=20) == 0  # the shutdown reaches the newcomer too
+            finally:
+                if late.poll() is None:
+                    late.kill()
+                    late.wait()

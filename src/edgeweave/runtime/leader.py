@@ -162,16 +162,25 @@ class Session:
         self.broken = None
         self.plans = {}
 
-    def regroup(self, alive: list[str] | None = None) -> None:
-        """Start a new generation with the followers named in ``alive`` (default: every follower
-        except local ones whose process has exited; name remote survivors explicitly). Plans
-        must be loaded again; the model is re-verified (and shipped to no one who holds it)."""
+    def regroup(self, alive: list[str] | None = None, join: list[str] = (), join_timeout_s: float = 60.0) -> None:
+        """Start a new generation: the followers named in ``alive`` (default: every follower
+        except local ones whose process has exited; name remote survivors explicitly) plus the
+        devices named in ``join`` (followers that registered since, e.g. a board that came
+        back; waited for up to ``join_timeout_s``). They take the next ranks in that order.
+        Plans must be loaded again; the model is re-verified and shipped to newcomers."""
         if self._closed:
             raise EdgeweaveError("the cluster session is closed")
         if self.ch is not None and self.broken is None:
             self._command({"op": "end"})
         keep = [f for f in self.followers if (alive is None and (f.process is None or f.process.poll() is None))
                 or (alive is not None and f.name in alive)]
+        taken = {f.ticket for f in keep}
+        if join:
+            new = self._wait_registrations(list(join), join_timeout_s)
+            clash = [f.name for f in new if f.ticket in taken or f.name in {k.name for k in keep}]
+            if clash:
+                raise EdgeweaveError(f"cannot add {clash}: already members of the cluster")
+            keep = keep + new
         self.followers = keep
         self._start_generation()
         if self.model is not None:
