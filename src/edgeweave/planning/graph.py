@@ -172,7 +172,7 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
             if (
-                dim == 1
+                dim in (1, -3)  # channels of an NCHW map
                 and isinstance(parts, (list, tuple))
                 and len(shape) == 4
                 and all(isinstance(p, torch.fx.Node) and p.meta.get("ew_shape") is not None
