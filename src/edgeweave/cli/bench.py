@@ -57,5 +57,27 @@ def exits(
     emit_json(result, json_out)
 
 
+@bench_app.command("edgeld")
+def edgeld(
+    quick: bool = QuickOpt,
+    repeat: Optional[int] = typer.Option(None, "--repeat", min=1, help="Timed inferences per configuration (default 5, quick 2)."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """EdgeLD on the emulated testbed (root): followers 1..4 at 1000/100 Mbit/s, partitioners on a
+    heterogeneous cluster, fusion modes, input sizes, predicted vs measured. Writes results/edgeld/."""
+    from edgeweave.bench.edgeld import EdgeldConfig, run_edgeld_bench
+
+    cfg = EdgeldConfig.quick_config() if quick else EdgeldConfig()
+    if repeat is not None:
+        cfg.repeat = repeat
+    result = run_edgeld_bench(cfg, out_dir=out)
+    console.rule("bench edgeld summary")
+    for k, t in result["targets"].items():
+        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
+    console.print(f"report {result['files']['report']}")
+    emit_json(result, json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

@@ -1,0 +1,504 @@
+"""`edgeweave bench edgeld`: the EdgeLD report's experiments on the emulated testbed.
+
+What runs (one testbed of 5 devices: ``leader``, ``w1..w4``; 0.25 core each unless stated):
+
+(a) leader + 1..4 followers, every link at 1000 and at 100 Mbit/s, VGG13 and VGG16 at 224
+    (torchvision layout, classifier included), partition ``optimal``, fusion ``auto``, in both
+    transfer modes (``gather`` = EdgeLD's leader-gather, ``exchange`` = halo exchange);
+(b) ``equal`` / ``bodp`` / ``ocbp`` / ``optimal`` on the heterogeneous cluster (leader 0.25
+    core, followers 0.5, 0.25, 0.25, 0.125 core on links of 1000, 100, 100, 50 Mbit/s; the
+    leader's link 1000 Mbit/s), fusion ``auto``, both modes;
+(c) fusion ``none`` (layer-wise) / ``pools`` (EdgeLD's fused blocks) / ``auto``, both modes,
+    VGG16, 4 followers, 1000 Mbit/s;
+(d) input sizes 96 / 224 / 448 (VGG16, 4 followers, 1000 Mbit/s, optimal + auto, both modes);
+(e) the planner's predicted latency beside the measured one for every run.
+
+How it is measured (see :mod:`edgeweave.bench.tbcluster` for the harness):
+
+- the leader process runs inside the leader's namespace and cap; followers load the model from
+  one checkpoint on disk (weights never cross the shaped links); one process group per model
+  serves every configuration, and caps and links are changed live between phases;
+- the planner sees compute lines fitted by ``edgeweave profile`` run inside a capped namespace
+  for every distinct cap, and each link's measured TCP goodput (iperf3 / Python sender);
+- within a phase (same caps and links) repeats are interleaved round-robin over its
+  configurations, so load from other users of the host drifts over all of them alike; the
+  latency of a configuration is the median of its repeats;
+- every plan's output is compared with the whole model run in the leader (``rel_err``);
+- speedup = latency of the whole model on one 0.25-core device alone (plain torch +
+  torchvision, inference mode, no network, no edgeweave; timed at the start and at the end, the
+  median of both) over the latency on leader + k followers.
+
+Summary keys: ``speedup_vgg16_4f_1000mbit``, ``speedup_vgg16_4f_100mbit`` (best mode of
+optimal + auto), ``optimal_gain_over_bodp`` and ``ocbp_gain_over_bodp`` (heterogeneous cluster,
+gather mode: bodp latency / other latency - 1, i.e. how much faster), ``optimal_never_slower_than_ocbp``
+(per mode), ``fusion_gain_vgg16`` (layer-wise gather latency over the best latency among the
+fusion experiment's configurations), ``prediction_error_median`` (|predicted - measured| /
+measured over every distributed run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeweave.console import console
+from edgeweave.errors import EdgeweaveError
+
+NAMES = ("leader", "w1", "w2", "w3", "w4")
+TARGETS = {
+    "speedup_vgg16_4f_1000mbit": (">=", 4.0),
+    "speedup_vgg16_4f_100mbit": (">=", 3.6),
+    "optimal_gain_over_bodp": (">=", 0.15),
+    "fusion_gain_vgg16": (">=", 1.5),
+    "prediction_error_median": ("<=", 0.10),
+}
+
+
+@dataclass
+class EdgeldConfig:
+    models: tuple[str, ...] = ("vgg13", "vgg16")  # torchvision names; the last one is the main model
+    size: int = 224
+    followers: tuple[int, ...] = (1, 2, 3, 4)
+    rates: tuple[str, ...] = ("1000mbit", "100mbit")
+    modes: tuple[str, ...] = ("gather", "exchange")
+    partitions: tuple[str, ...] = ("equal", "bodp", "ocbp", "optimal")
+    fusions: tuple[str, ...] = ("none", "pools", "auto")
+    sizes: tuple[int, ...] = (96, 224, 448)
+    cpu: float = 0.25
+    hetero_caps: tuple[float, ...] = (0.25, 0.5, 0.25, 0.25, 0.125)
+    hetero_rates: tuple[str, ...] = ("1000mbit", "1000mbit", "100mbit", "100mbit", "50mbit")
+    repeat: int = 5
+    baseline_repeat: int = 3
+    profile_quick: bool = False
+    quick: bool = False
+    timeout_s: float = 600.0
+
+    @classmethod
+    def quick_config(cls) -> "EdgeldConfig":
+        """A few minutes: VGG16 only at 112, 1/2/4 followers, fewer sizes, 2 repeats, quick profiles."""
+        return cls(models=("vgg16",), size=112, followers=(1, 2, 4), sizes=(64, 112), repeat=2, baseline_repeat=2,
+                   profile_quick=True, quick=True)
+
+
+@dataclass
+class RunSpec:
+    model: str
+    size: int
+    k: int
+    partition: str
+    fusion: str
+    mode: str
+    caps: tuple[float, ...]
+    rates: tuple[str, ...]
+    experiments: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.size, self.k, self.partition, self.fusion, self.mode, self.caps, self.rates)
+
+    @property
+    def phase(self) -> tuple:
+        return (self.caps, self.rates)
+
+
+def build_runs(cfg: EdgeldConfig) -> list[RunSpec]:
+    """Every distinct configuration, tagged with the experiments that use it."""
+    runs: dict[tuple, RunSpec] = {}
+    homo = tuple([cfg.cpu] * len(NAMES))
+    main = cfg.models[-1]
+
+    def add(exp: str, **kw: Any) -> None:
+        r = RunSpec(**kw)
+        runs.setdefault(r.key, r).experiments.append(exp)
+
+    for model in cfg.models:
+        for rate in cfg.rates:
+            for k in cfg.followers:
+                for mode in cfg.modes:
+                    add("a_followers", model=model, size=cfg.size, k=k, partition="optimal", fusion="auto", mode=mode,
+                        caps=homo, rates=tuple([rate] * len(NAMES)))
+    k_max = max(cfg.followers)
+    fast = tuple([cfg.rates[0]] * len(NAMES))
+    for part in cfg.partitions:
+        for mode in cfg.modes:
+            add("b_partition", model=main, size=cfg.size, k=len(NAMES) - 1, partition=part, fusion="auto", mode=mode,
+                caps=tuple(cfg.hetero_caps), rates=tuple(cfg.hetero_rates))
+    for fusion in cfg.fusions:
+        for mode in cfg.modes:
+            add("c_fusion", model=main, size=cfg.size, k=k_max, partition="optimal", fusion=fusion, mode=mode, caps=homo,
+                rates=fast)
+    for size in cfg.sizes:
+        for mode in cfg.modes:
+            add("d_size", model=main, size=size, k=k_max, partition="optimal", fusion="auto", mode=mode, caps=homo, rates=fast)
+    return list(runs.values())
+
+
+def rel_error(pred: float, meas: float) -> float:
+    return abs(pred - meas) / meas if meas > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------ running
+def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("results")) -> dict[str, Any]:
+    """Bring the testbed up, profile, run every configuration, write JSON/CSV/PNG/markdown under
+    ``out_dir/edgeld``; returns the JSON result. Needs root and Linux (the emulated testbed)."""
+    from edgeweave.bench import tbcluster as T
+    from edgeweave.testbed import Testbed, emulation_support
+
+    cfg = cfg or EdgeldConfig()
+    ok, why = emulation_support()
+    if not ok:
+        raise EdgeweaveError(f"bench edgeld needs the emulated testbed (root, Linux, iproute2, cgroup v1): {why}")
+    out = Path(out_dir) / "edgeld"
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    t_start = time.perf_counter()
+    state_before = T.machine_state()
+    console.print(f"[bold]bench edgeld[/bold] ({'quick' if cfg.quick else 'full'}): load average {state_before['loadavg']}")
+    runs = build_runs(cfg)
+    rows: list[dict[str, Any]] = []
+    tb = Testbed.up(T.bench_spec(len(NAMES), cpu=cfg.cpu, bandwidth=cfg.rates[0]))
+    try:
+        caps = sorted({cfg.cpu, *cfg.hetero_caps})
+        console.print(f"profiling caps {caps} inside the testbed ({'quick' if cfg.profile_quick else 'full'} grid)...")
+        profiles = T.profile_caps(tb, caps, quick=cfg.profile_quick, workdir=work / "profiles", timeout_s=cfg.timeout_s)
+        for c, p in profiles.items():
+            f = p["fits"].get("conv", {})
+            console.print(f"  {c:g} core: conv a={f.get('a', float('nan')):.3e} s/FLOP, b={1e3 * f.get('b', 0):.2f} ms, "
+                          f"held-out median err {100 * f.get('heldout_median_rel_err', float('nan')):.1f}%")
+        rates = sorted({*cfg.rates, *cfg.hetero_rates}, key=lambda r: -float(r.rstrip("mbit")))
+        goodput = T.measure_rates(tb, rates)
+        console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
+        baselines = _baselines(tb, cfg, T, "start")
+        for model in cfg.models:
+            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, work, T)
+        after = _baselines(tb, cfg, T, "end")
+        for k, v in after.items():
+            baselines[k]["times_s"] += v["times_s"]
+            baselines[k]["median_s"] = statistics.median(baselines[k]["times_s"])
+    finally:
+        torn = tb.down()
+    state_after = T.machine_state()
+    for r in rows:
+        b = baselines.get(f"{r['model']}@{r['size']}")
+        r["single_device_s"] = b["median_s"] if b else None
+        r["speedup"] = b["median_s"] / r["latency_s"] if b else None
+    result = {
+        "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": T.BENCH_PREFIX},
+        "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
+                                "fits": p["fits"], "settings": p["settings"], "seconds": p["seconds"]} for c, p in profiles.items()},
+        "baselines": baselines,
+        "rows": rows,
+        "machine_before": state_before,
+        "machine_after": state_after,
+        "testbed_down": {"remaining": torn.get("remaining")},
+        "seconds": time.perf_counter() - t_start,
+    }
+    result["summary"] = summarize(rows, cfg)
+    result["targets"] = check_targets(result["summary"])
+    result["files"] = write_outputs(result, out)
+    return result
+
+
+def _baselines(tb: Any, cfg: EdgeldConfig, T: Any, when: str) -> dict[str, dict[str, Any]]:
+    """Whole-model latency on one capped device, per model and input size needed."""
+    need: dict[str, set[int]] = {m: {cfg.size} for m in cfg.models}
+    need[cfg.models[-1]] |= set(cfg.sizes)
+    out: dict[str, dict[str, Any]] = {}
+    for model, sizes in need.items():
+        console.print(f"single device ({when}): {model} at {sorted(sizes)}, {cfg.cpu:g} core...")
+        res = T.single_device_latency(tb, tb.leader, model, sorted(sizes), cfg.baseline_repeat, timeout_s=cfg.timeout_s * 3)
+        for s, v in res.items():
+            out[f"{model}@{s}"] = {"model": model, "size": s, "median_s": v["median_s"], "times_s": list(v["times_s"])}
+            console.print(f"  {model}@{s}: {v['median_s']:.3f} s")
+    return out
+
+
+def _apply_phase(tb: Any, caps: tuple[float, ...], rates: tuple[str, ...]) -> None:
+    for name, c, r in zip(NAMES, caps, rates):
+        tb.set_cpu(name, c)
+        tb.set_bandwidth(name, r)
+
+
+def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], profiles: dict, goodput: dict,
+               work: Path, T: Any) -> list[dict[str, Any]]:
+    """One cluster holding ``model``; every run of it, phase by phase, repeats round-robin."""
+    from edgeweave.checkpoint import load_checkpoint
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+
+    ckpt, mhash = T.write_checkpoint(f"torchvision:{model}", work / f"{model}.safetensors", input_size=cfg.size)
+    net, _spec, _ = load_checkpoint(ckpt)
+    net.eval()
+    graphs = {s: capture(net, (1, 3, s, s)) for s in sorted({r.size for r in runs})}
+    rows: list[dict[str, Any]] = []
+    _apply_phase(tb, tuple([cfg.cpu] * len(NAMES)), tuple([cfg.rates[0]] * len(NAMES)))
+    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput)
+    console.print(f"starting the cluster for {model} (leader + {len(NAMES) - 1} followers, weights from {ckpt})...")
+    t0 = time.perf_counter()
+    with T.BenchCluster(tb, ckpt, nominal, work / f"cluster-{model}", timeout_s=cfg.timeout_s) as bc:
+        if bc.ready["model_hash"] != mhash:
+            raise EdgeweaveError("the leader's weights differ from the checkpoint written")
+        console.print(f"  cluster up in {time.perf_counter() - t0:.1f} s")
+        phases: dict[tuple, list[RunSpec]] = {}
+        for r in runs:
+            phases.setdefault(r.phase, []).append(r)
+        for (caps, rates), prs in phases.items():
+            _apply_phase(tb, caps, rates)
+            console.print(f"phase caps {list(caps)} links {list(rates)}: {len(prs)} configurations")
+            live = []
+            for r in prs:
+                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput)
+                t1 = time.perf_counter()
+                plan = make_plan(graphs[r.size], cl, partition=r.partition, fusion=r.fusion, mode=r.mode,
+                                 model_name=f"torchvision:{model}", model_hash=mhash)
+                plan_s = time.perf_counter() - t1
+                pfile = work / "plans" / f"{model}-{r.size}-{r.k}-{r.partition}-{r.fusion}-{r.mode}-{abs(hash(r.phase)) % 10**8}.json"
+                pfile.parent.mkdir(parents=True, exist_ok=True)
+                plan.save(pfile)
+                rep = bc.call({"op": "plan", "path": str(pfile.resolve())})
+                live.append({"run": r, "plan": plan, "plan_s": plan_s, "rep": rep, "lats": [], "best": None})
+            for _ in range(cfg.repeat):
+                for e in live:
+                    res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
+                    if not e["lats"] or res["latencies_s"][0] <= min(e["lats"]):
+                        e["best"] = res["timings"]
+                    e["lats"].extend(res["latencies_s"])
+            for e in live:
+                r, plan, plan_s, rep, lats = e["run"], e["plan"], e["plan_s"], e["rep"], e["lats"]
+                med = statistics.median(lats)
+                row = {
+                    "experiments": r.experiments, "model": model, "size": r.size, "followers": r.k,
+                    "devices": list(NAMES[: r.k + 1]), "partition": r.partition, "fusion": r.fusion, "mode": r.mode,
+                    "caps": list(caps[: r.k + 1]), "rates": list(rates[: r.k + 1]),
+                    "heterogeneous": len(set(caps)) > 1 or len(set(rates)) > 1,
+                    "link": rates[1] if len(set(rates)) == 1 else "mixed",
+                    "latency_s": med, "latencies_s": lats, "predicted_s": plan.predicted_s,
+                    "prediction_error": rel_error(plan.predicted_s, med),
+                    "rel_err": rep["rel_err"], "max_abs_err": rep["max_abs_err"], "stages": len(plan.stages),
+                    "stage_kinds": [s.kind for s in plan.stages], "plan_s": plan_s,
+                    "timings": _timing_summary(e["best"]),
+                }
+                rows.append(row)
+                console.print(f"  {model}@{r.size} k={r.k} {r.partition:8s} {r.fusion:5s} {r.mode:8s} "
+                              f"{med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {rep['rel_err']:.1e})")
+    return rows
+
+
+def _timing_summary(t: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per stage of the fastest repeat: wall and max compute seconds (the rest is waiting/links)."""
+    if not t:
+        return None
+    return {"total_s": t["total_s"], "stages": [{"index": s["index"], "kind": s["kind"], "wall_s": s["wall_s"],
+                                                 "compute_s": s["compute_s"]} for s in t["stages"]]}
+
+
+# ------------------------------------------------------------------------------------ summary
+def _pick(rows: list[dict[str, Any]], **kw: Any) -> list[dict[str, Any]]:
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return min(rows, key=lambda r: r["latency_s"]) if rows else None
+
+
+def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
+    main = cfg.models[-1]
+    k_max = max(cfg.followers)
+    s: dict[str, Any] = {"main_model": main, "main_size": cfg.size}
+
+    def homo(**kw: Any) -> list[dict[str, Any]]:
+        return [r for r in _pick(rows, **kw) if not r["heterogeneous"]]
+
+    for rate in cfg.rates:
+        cand = homo(model=main, size=cfg.size, followers=k_max, link=rate, partition="optimal", fusion="auto")
+        b = _best(cand)
+        key = f"speedup_{main}_{k_max}f_{rate}" if (main, k_max) != ("vgg16", 4) else f"speedup_vgg16_4f_{rate}"
+        s[key] = b["speedup"] if b else None
+        s[f"{key}_mode"] = b["mode"] if b else None
+        s[f"{key}_latency_s"] = b["latency_s"] if b else None
+    het = [r for r in rows if r["heterogeneous"] and "b_partition" in r["experiments"]]
+    lat = {(r["partition"], r["mode"]): r["latency_s"] for r in het}
+    if ("bodp", "gather") in lat:
+        s["optimal_gain_over_bodp"] = lat[("bodp", "gather")] / lat[("optimal", "gather")] - 1 if ("optimal", "gather") in lat else None
+        s["ocbp_gain_over_bodp"] = lat[("bodp", "gather")] / lat[("ocbp", "gather")] - 1 if ("ocbp", "gather") in lat else None
+    s["optimal_vs_ocbp"] = {m: lat[("ocbp", m)] / lat[("optimal", m)] - 1 for m in cfg.modes if ("ocbp", m) in lat and ("optimal", m) in lat}
+    s["optimal_never_slower_than_ocbp"] = all(v >= 0 for v in s["optimal_vs_ocbp"].values()) if s["optimal_vs_ocbp"] else None
+    s["heterogeneous_latency_s"] = {f"{p}/{m}": v for (p, m), v in sorted(lat.items())}
+    fus = [r for r in rows if "c_fusion" in r["experiments"]]
+    lw = _pick(fus, fusion="none", mode="gather")
+    b = _best(fus)
+    s["fusion_gain_vgg16" if main == "vgg16" else f"fusion_gain_{main}"] = lw[0]["latency_s"] / b["latency_s"] if lw and b else None
+    s["fusion_best"] = f"{b['fusion']}/{b['mode']}" if b else None
+    s["fusion_latency_s"] = {f"{r['fusion']}/{r['mode']}": r["latency_s"] for r in fus}
+    errs = [r["prediction_error"] for r in rows if r["prediction_error"] == r["prediction_error"]]
+    s["prediction_error_median"] = statistics.median(errs) if errs else None
+    s["prediction_error_p90"] = sorted(errs)[int(0.9 * (len(errs) - 1))] if errs else None
+    s["max_rel_err"] = max((r["rel_err"] for r in rows), default=None)
+    s["speedups"] = {f"{r['model']}@{r['size']} k={r['followers']} {r['link']} {r['mode']}": r["speedup"]
+                     for r in rows if "a_followers" in r["experiments"]}
+    s["sizes"] = {f"{r['size']}/{r['mode']}": {"latency_s": r["latency_s"], "speedup": r["speedup"]}
+                  for r in rows if "d_size" in r["experiments"]}
+    return s
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (op, thr) in TARGETS.items():
+        v = summary.get(key)
+        met = None if v is None else (v >= thr if op == ">=" else v <= thr)
+        out[key] = {"value": v, "target": f"{op} {thr}", "met": met}
+    v = summary.get("optimal_never_slower_than_ocbp")
+    out["optimal_never_slower_than_ocbp"] = {"value": summary.get("optimal_vs_ocbp"), "target": "ocbp/optimal - 1 >= 0 in every mode", "met": v}
+    return out
+
+
+# ------------------------------------------------------------------------------------ outputs
+CSV_KEYS = ("experiments", "model", "size", "followers", "partition", "fusion", "mode", "link", "caps", "rates",
+            "latency_s", "predicted_s", "prediction_error", "single_device_s", "speedup", "rel_err", "stages")
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
+    files = {"json": str(out / "edgeld.json"), "csv": str(out / "edgeld.csv"), "report": str(out / "report.md")}
+    with open(files["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_KEYS)
+        for r in result["rows"]:
+            w.writerow([";".join(map(str, r[k])) if isinstance(r.get(k), list) else r.get(k) for k in CSV_KEYS])
+    files |= write_plots(result, out)
+    Path(files["report"]).write_text(to_markdown(result, files))
+    from edgeweave.cli.common import _clean  # noqa: PLC0415 - the same NaN cleaning as every --json
+
+    Path(files["json"]).write_text(json.dumps(_clean(result | {"files": files}), indent=2) + "\n")
+    return files
+
+
+def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    files: dict[str, str] = {}
+    # (a) latency and speedup vs followers
+    a = [r for r in rows if "a_followers" in r["experiments"]]
+    if a:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (model, link, mode) in sorted({(r["model"], r["link"], r["mode"]) for r in a}):
+            pts = sorted((r["followers"], r["latency_s"], r["speedup"]) for r in _pick(a, model=model, link=link, mode=mode))
+            lab = f"{model} {link} {mode}"
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+            axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=lab)
+        axes[0].set(xlabel="followers", ylabel="latency (s)", title="(a) latency, leader + k followers")
+        axes[1].set(xlabel="followers", ylabel="speedup over one device", title="(a) speedup")
+        ks = sorted({r["followers"] for r in a})
+        axes[1].plot(ks, [k + 1 for k in ks], "k:", label="ideal (k+1)")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        files["plot_followers"] = str(out / "followers.png")
+        fig.savefig(files["plot_followers"], dpi=110)
+        plt.close(fig)
+    # (b) partitioners and (c) fusion: grouped bars
+    for exp, key, fname, title in (("b_partition", "partition", "partition.png", "(b) heterogeneous cluster"),
+                                   ("c_fusion", "fusion", "fusion.png", "(c) fusion, 4 followers")):
+        sel = [r for r in rows if exp in r["experiments"]]
+        if not sel:
+            continue
+        cats = list(dict.fromkeys(r[key] for r in sel))
+        modes = list(dict.fromkeys(r["mode"] for r in sel))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(1, len(modes))
+        for i, m in enumerate(modes):
+            ys = [next((r["latency_s"] for r in sel if r[key] == c and r["mode"] == m), 0) for c in cats]
+            ps = [next((r["predicted_s"] for r in sel if r[key] == c and r["mode"] == m), 0) for c in cats]
+            xs = [j + i * width for j in range(len(cats))]
+            ax.bar(xs, ys, width, label=f"{m} measured")
+            ax.scatter(xs, ps, marker="_", s=300, color="k", zorder=3, label="predicted" if i == 0 else None)
+        ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(cats))], cats)
+        ax.set(ylabel="latency (s)", title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files[f"plot_{key}"] = str(out / fname)
+        fig.savefig(files[f"plot_{key}"], dpi=110)
+        plt.close(fig)
+    # (d) input sizes
+    d = [r for r in rows if "d_size" in r["experiments"]]
+    if d:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in dict.fromkeys(r["mode"] for r in d):
+            pts = sorted((r["size"], r["speedup"]) for r in d if r["mode"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set(xlabel="input size (pixels)", ylabel="speedup over one device", title="(d) input size, 4 followers")
+        ax.legend()
+        fig.tight_layout()
+        files["plot_sizes"] = str(out / "sizes.png")
+        fig.savefig(files["plot_sizes"], dpi=110)
+        plt.close(fig)
+    # (e) predicted vs measured
+    if rows:
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        for exp in ("a_followers", "b_partition", "c_fusion", "d_size"):
+            sel = [r for r in rows if r["experiments"][0] == exp]
+            ax.scatter([r["latency_s"] for r in sel], [r["predicted_s"] for r in sel], label=exp, s=18)
+        hi = max(max(r["latency_s"], r["predicted_s"]) for r in rows) * 1.1
+        ax.plot([0, hi], [0, hi], "k:", label="exact")
+        ax.plot([0, hi], [0, hi * 1.1], color="0.7", lw=0.8)
+        ax.plot([0, hi], [0, hi * 0.9], color="0.7", lw=0.8, label="+-10%")
+        ax.set(xlabel="measured latency (s)", ylabel="predicted latency (s)", xscale="log", yscale="log",
+               title="(e) planner prediction vs measurement")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["plot_prediction"] = str(out / "prediction.png")
+        fig.savefig(files["plot_prediction"], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
+    cfg, s, tg = result["config"], result["summary"], result["targets"]
+    m0, m1 = result["machine_before"], result["machine_after"]
+    L = ["# EdgeLD reproduction on the emulated testbed", "",
+         f"Mode: {'quick' if cfg['quick'] else 'full'}; {result['seconds'] / 60:.1f} min. "
+         f"Host: {m0['cpus']} CPUs, load average {m0['loadavg']} before, {m1['loadavg']} after; torch {m0['torch']}.",
+         "", "## Configuration", "",
+         f"- devices: {', '.join(cfg['devices'])}; {cfg['cpu']} core each (cgroup v1 quota, 10 ms period), 1 thread per process",
+         f"- models: {', '.join(cfg['models'])} (torchvision, classifier included), input {cfg['size']}, batch 1",
+         f"- links (tc tbf, both ends): {', '.join(cfg['rates'])}; measured goodput "
+         + ", ".join(f"{k}: {v / 1e6:.0f} Mbit/s" for k, v in cfg["link_goodput_bps"].items()),
+         f"- heterogeneous: caps {cfg['hetero_caps']}, links {cfg['hetero_rates']} (leader first)",
+         f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
+         f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end",
+         "- profiles (edgeweave profile inside a capped namespace, conv line): "
+         + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "
+                     f"{100 * p['fits'].get('conv', {}).get('heldout_median_rel_err', float('nan')):.1f}%"
+                     for c, p in result["profiles"].items()),
+         "", "## Summary and targets", "", "| key | value | target | met |", "|---|---|---|---|"]
+    for k, t in tg.items():
+        v = t["value"]
+        L.append(f"| {k} | {json.dumps(v) if isinstance(v, dict) else _fmt(v)} | {t['target']} | {t['met']} |")
+    L += ["", f"Speedup modes: 1000 Mbit/s {s.get('speedup_vgg16_4f_1000mbit_mode')}, 100 Mbit/s "
+          f"{s.get('speedup_vgg16_4f_100mbit_mode')}; fusion best {s.get('fusion_best')}; largest rel_err {s.get('max_rel_err')}",
+          "", "## Single device (plain torch)", "", "| model@size | median s |", "|---|---|"]
+    for k, b in result["baselines"].items():
+        L.append(f"| {k} | {b['median_s']:.3f} |")
+    L += ["", "## Runs", "", "| exp | model | size | k | partition | fusion | mode | links | latency s | predicted s | err | speedup |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        L.append(f"| {','.join(e[0] for e in r['experiments'])} | {r['model']} | {r['size']} | {r['followers']} | {r['partition']} | "
+                 f"{r['fusion']} | {r['mode']} | {r['link']} | {r['latency_s']:.3f} | {r['predicted_s']:.3f} | "
+                 f"{_fmt(r['prediction_error'], True)} | {_fmt(r['speedup'])} |")
+    L += ["", "Plots: " + ", ".join(Path(v).name for k, v in files.items() if k.startswith("plot_")), ""]
+    return "\n".join(L)

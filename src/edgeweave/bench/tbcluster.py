@@ -1,0 +1,270 @@
+"""A benchmark harness over the emulated testbed: one cluster up, many plans, caps changed live.
+
+Why this shape (reusable by every distributed benchmark):
+
+- The leader is a device like the others (a CPU-capped board), so the leader process runs
+  *inside* its namespace and cgroup (:mod:`edgeweave.bench.leader_driver`); the orchestrator
+  (this process, outside the testbed) only plans and talks to it through JSON lines on a pipe.
+  Planning is pure and cheap, so it is done here at full speed and shipped as a plan file.
+- Big weights never cross the shaped links: the model is written once to a checkpoint on disk
+  and every follower starts with ``edgeweave worker --model PATH`` (the leader still checks the
+  sha256 each follower reports).
+- One process group serves every configuration: a plan may use only the first k+1 devices,
+  and links (tc) and CPU caps (cgroups) are changed between configurations with
+  :meth:`Testbed.set_bandwidth` / :meth:`Testbed.set_cpu` while the processes keep running.
+- Device profiles for the planner come from ``edgeweave profile`` run inside a capped namespace,
+  once per distinct CPU cap (in parallel on different devices), and links from the measured TCP
+  goodput of each distinct rate (the tc rate is a ceiling, not what gloo gets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave.testbed import Testbed
+
+BENCH_PREFIX = "ewb-"
+BENCH_SUBNET = "10.77.30.0/24"
+
+
+def machine_state() -> dict[str, Any]:
+    """Cores and load average, recorded before and after a benchmark (the host is shared)."""
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    import platform
+
+    import torch
+
+    return {"cpus": os.cpu_count(), "loadavg": [float(x) for x in load], "torch": torch.__version__,
+            "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def bench_spec(n_devices: int, cpu: float = 0.25, bandwidth: str = "1000mbit", prefix: str = BENCH_PREFIX,
+               subnet: str = BENCH_SUBNET) -> dict[str, Any]:
+    """A testbed spec: ``leader`` plus ``w1..w{n-1}``, all with the same cap and link at first."""
+    names = ["leader"] + [f"w{i}" for i in range(1, n_devices)]
+    return {"prefix": prefix, "subnet": subnet, "devices": [{"name": n, "cpu": cpu, "bandwidth": bandwidth} for n in names]}
+
+
+def write_checkpoint(model_name: str, path: Path, input_size: int = 224, seed: int = 0) -> tuple[Path, str]:
+    """Build ``model_name`` with seeded weights and save it once (reused when present).
+    Returns the path and the weights' sha256."""
+    import torch
+
+    from edgeweave.checkpoint import load_checkpoint, model_hash, save_checkpoint
+    from edgeweave.runtime.run import load_for_run
+
+    path = Path(path)
+    if path.is_file():
+        model, _spec, _ = load_checkpoint(path)
+        return path, model_hash(model)
+    torch.manual_seed(seed)
+    model, spec = load_for_run(model_name, input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_checkpoint(tmp, model, spec)
+    tmp.replace(path)
+    return path, model_hash(model)
+
+
+# ------------------------------------------------------------------------------------ profiling
+def profile_caps(tb: Testbed, caps: Sequence[float], quick: bool = True, workdir: Path | None = None,
+                 timeout_s: float = 600.0) -> dict[float, dict[str, Any]]:
+    """Run ``edgeweave profile`` inside a capped device for every distinct cap, in parallel on
+    different devices (their caps are restored afterwards). Returns cap -> {"profile": dict,
+    "fits": dict, "seconds": s}. Needs as many devices as distinct caps."""
+    caps = sorted(set(float(c) for c in caps))
+    if len(caps) > len(tb.devices):
+        raise EdgeweaveError(f"profile_caps: {len(caps)} caps but only {len(tb.devices)} devices")
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="ewb-profile-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    before = {d: tb.cpu_cap(d) for d in tb.devices}
+    procs = []
+    try:
+        for dev, cap in zip(tb.devices, caps):
+            tb.set_cpu(dev, cap)
+            out = workdir / f"profile-{cap:g}.json"
+            rep = workdir / f"report-{cap:g}.json"
+            argv = [sys.executable, "-m", "edgeweave", "profile", "--name", f"cap{cap:g}", "--out", str(out), "--json", str(rep)]
+            if quick:
+                argv.append("--quick")
+            procs.append((cap, rep, tb.exec(dev, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        res: dict[float, dict[str, Any]] = {}
+        for cap, rep, p in procs:
+            _o, err = p.communicate(timeout=timeout_s)
+            if p.returncode != 0:
+                raise EdgeweaveError(f"profiling at {cap:g} core failed: {err.strip()[-300:]}")
+            r = json.loads(rep.read_text())
+            res[cap] = {"profile": r["profile"], "fits": r["fits"], "seconds": r["seconds"], "settings": r["settings"]}
+        return res
+    finally:
+        for _c, _r, p in procs:
+            if p.poll() is None:
+                p.kill()
+        for d, c in before.items():
+            tb.set_cpu(d, c)
+
+
+def measure_rates(tb: Testbed, rates: Sequence[str], seconds: float = 1.0) -> dict[str, float]:
+    """Measured TCP goodput (bits/s) leader -> first follower for each tc rate (links restored)."""
+    src, dst = tb.devices[0], tb.devices[1]
+    before = {d: tb._bw.get(d) for d in (src, dst)}  # noqa: SLF001 - read-only view of the spec rates
+    out: dict[str, float] = {}
+    try:
+        for r in rates:
+            tb.set_bandwidth(src, r)
+            tb.set_bandwidth(dst, r)
+            out[r] = tb.measure_bandwidth(src, dst, seconds=seconds)
+    finally:
+        for d, bps in before.items():
+            tb.set_bandwidth(d, bps)
+    return out
+
+
+def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence[str],
+                    profiles: dict[float, dict[str, Any]], goodput: dict[str, float], latency_s: float = 0.0) -> Cluster:
+    """Device profiles for the planner: each device's measured compute line at its cap and its
+    link's measured goodput."""
+    devs = []
+    for n, c, r in zip(names, caps, rates):
+        p = dict(profiles[float(c)]["profile"])
+        p.update(name=n, bandwidth_bps=goodput[r], latency_s=latency_s, meta={"cpu": c, "rate": r})
+        devs.append(DeviceProfile.from_dict(p))
+    return Cluster(devs)
+
+
+# ------------------------------------------------------------------------------------ baseline
+BASELINE = textwrap.dedent(
+    """
+    # the whole model on one device: plain torch + torchvision, no network, no edgeweave
+    import json, statistics, sys, time, torch, torchvision
+    torch.set_num_threads(1)
+    name, sizes, repeat = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
+    m = getattr(torchvision.models, name)(weights=None).eval()
+    out = {}
+    with torch.inference_mode():
+        for s in sizes:
+            x = torch.randn(1, 3, s, s)
+            m(x)
+            t = []
+            for _ in range(repeat):
+                t0 = time.perf_counter(); m(x); t.append(time.perf_counter() - t0)
+            out[str(s)] = {"median_s": statistics.median(t), "times_s": t}
+    print(json.dumps(out))
+    """
+)
+
+
+def single_device_latency(tb: Testbed, device: str, tv_name: str, sizes: Sequence[int], repeat: int,
+                          timeout_s: float = 900.0) -> dict[int, dict[str, Any]]:
+    """Latency of the whole torchvision model ``tv_name`` on ``device`` alone (inside its cap)."""
+    p = tb.exec(device, [sys.executable, "-c", BASELINE, tv_name, ",".join(map(str, sizes)), str(repeat)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=timeout_s)
+    if p.returncode != 0:
+        raise EdgeweaveError(f"single-device baseline failed: {err.strip()[-300:]}")
+    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+# ------------------------------------------------------------------------------------ cluster
+@dataclass
+class DriverReply:
+    data: dict[str, Any]
+
+    def __getitem__(self, k: str) -> Any:
+        return self.data[k]
+
+
+class BenchCluster:
+    """The leader driver in the leader's namespace plus a follower on every other device, all
+    holding the checkpoint ``ckpt``. Use as a context manager; :meth:`call` sends one command."""
+
+    def __init__(self, tb: Testbed, ckpt: Path, cluster: Cluster, workdir: Path, port: int | None = None,
+                 timeout_s: float = 300.0):
+        self.tb, self.ckpt, self.workdir = tb, Path(ckpt), Path(workdir)
+        self.port = port or random.randint(30000, 39999)
+        self.timeout_s = timeout_s
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfile = self.workdir / "cluster.json"
+        cluster.save(cfile)
+        self.log = open(self.workdir / "leader.log", "ab")
+        argv = [sys.executable, "-m", "edgeweave.bench.leader_driver", "--listen", f"0.0.0.0:{self.port}",
+                "--model", str(self.ckpt), "--cluster", str(cfile), "--timeout", str(timeout_s)]
+        env = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+        self.leader = tb.exec(tb.leader, argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                              text=True, bufsize=1)
+        self.workers = {}
+        try:
+            self.workers = tb.start_workers(port=self.port, extra_args=["--model", str(self.ckpt), "--connect-timeout",
+                                                                        str(int(timeout_s))])
+            self.ready = self._read(timeout_s * 2)
+            if self.ready.get("op") != "ready":
+                raise EdgeweaveError(f"bench leader did not start: {self.ready}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, timeout_s: float) -> dict[str, Any]:
+        from edgeweave.bench.leader_driver import PREFIX
+
+        assert self.leader.stdout is not None
+        box: dict[str, Any] = {}
+
+        def reader() -> None:
+            assert self.leader.stdout is not None
+            for line in self.leader.stdout:
+                if line.startswith(PREFIX):
+                    box["r"] = json.loads(line[len(PREFIX):])
+                    return
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        th.join(timeout_s)
+        if "r" not in box:
+            tail = (self.workdir / "leader.log").read_text(errors="replace")[-1500:]
+            raise EdgeweaveError(f"bench leader gave no reply within {timeout_s:g} s (exit {self.leader.poll()}): {tail}")
+        return box["r"]
+
+    def call(self, cmd: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        assert self.leader.stdin is not None
+        self.leader.stdin.write(json.dumps(cmd) + "\n")
+        self.leader.stdin.flush()
+        r = self._read(timeout_s or self.timeout_s)
+        if not r.get("ok", True):
+            raise EdgeweaveError(f"bench leader: {cmd.get('op')} failed: {r.get('error')}")
+        return r
+
+    def close(self) -> None:
+        try:
+            if self.leader.poll() is None:
+                self.call({"op": "quit"}, timeout_s=30)
+                self.leader.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - killed below
+            pass
+        for p in [self.leader, *self.workers.values()]:
+            if p.poll() is None:
+                p.kill()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+    def __enter__(self) -> "BenchCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
