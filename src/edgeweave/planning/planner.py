@@ -21,7 +21,11 @@ Steps:
 Partitioners see, per device, the predicted seconds for ``n`` rows of a *centred* strip (halo
 computation included, clipped at the map's borders) plus the link time the strip implies; the
 prediction stored in the plan is then recomputed for the actual strips and transfers with the
-event model of ``planning.cost``.
+event model of ``planning.cost``. In gather mode every stage is split on its own (EdgeLD); in
+exchange mode one split per run of spatial segments is scaled to every block of the run
+(``_Planner.run_split``), so strips stay in place. ``optimal`` additionally keeps the fastest of
+the plans made from every partitioner's split and from the leader alone, so its prediction is
+never worse than theirs under the full model.
 """
 
 from __future__ import annotations
