@@ -1,0 +1,83 @@
+"""The CI testbed test of issue 3: 2 devices with CPU caps on shaped links, the leader itself in
+its capped namespace (the bench harness), and a distributed result that is exact.
+
+Needs root, iproute2 and the cgroup v1 cpu controller: skipped with the reason otherwise. Its own
+prefix and subnet (ewe-, 10.77.31.0/24) keep it apart from a developer's testbed and the other
+testbed tests.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeweave.testbed import Testbed, emulation_support
+
+_OK, _WHY = emulation_support()
+pytestmark = [
+    pytest.mark.testbed,
+    pytest.mark.slow,
+    pytest.mark.skipif(not _OK, reason=f"the emulated testbed needs root, iproute2 and cgroup v1 ({_WHY})"),
+    pytest.mark.timeout(240),
+]
+
+SPEC = {"prefix": "ewe-", "subnet": "10.77.31.0/24",
+        "devices": [{"name": "leader", "cpu": 0.25, "bandwidth": "50mbit"}, {"name": "w1", "cpu": 0.25, "bandwidth": "50mbit"}]}
+
+BUSY = "import time\nt0, c0 = time.perf_counter(), time.process_time()\nwhile time.perf_counter() - t0 < 1.0: pass\nprint((time.process_time() - c0) / (time.perf_counter() - t0))"
+
+
+@pytest.fixture(scope="module")
+def tb():
+    t = Testbed.up(SPEC)
+    yield t
+    r = t.down()
+    assert not r["remaining"], r
+
+
+def test_caps_and_bandwidth_in_force(tb):
+    assert tb.cpu_cap("leader") == pytest.approx(0.25) and tb.cpu_cap("w1") == pytest.approx(0.25)
+    p = tb.exec("w1", [sys.executable, "-I", "-c", BUSY], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate(timeout=60)
+    share = float(out)
+    assert share <= 0.32, f"a busy loop under a 0.25-core cap got {share:.2f} of a core"
+    bw = tb.measure_bandwidth("leader", "w1", seconds=1.0)
+    assert 35e6 <= bw <= 55e6, f"50mbit link measured {bw / 1e6:.1f} Mbit/s"
+
+
+def test_distributed_result_is_exact_with_the_leader_in_its_namespace(tb, tmp_path):
+    """Leader driver inside the leader's namespace and cap, a follower that loads the same
+    checkpoint from disk, a plan made outside: output equals the single-device output."""
+    from edgeweave.bench.tbcluster import BenchCluster, write_checkpoint
+    from edgeweave.checkpoint import load_checkpoint
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+    from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+    ckpt, h = write_checkpoint("small_cnn", tmp_path / "m.safetensors", input_size=32)
+    model, _spec, _ = load_checkpoint(ckpt)
+    cl = Cluster([DeviceProfile(name=n, a=4e-10, b=1e-4, bandwidth_bps=48e6) for n in ("leader", "w1")])
+    t0 = time.perf_counter()
+    with BenchCluster(tb, ckpt, cl, tmp_path / "cluster", timeout_s=120) as bc:
+        assert bc.ready["names"] == ["leader", "w1"] and bc.ready["model_hash"] == h
+        # the leader process really runs in the leader's namespace and cpu cgroup
+        pid = bc.leader.pid
+        ns = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True).stdout.strip()
+        cg = Path(f"/proc/{pid}/cgroup").read_text()
+        assert ns == "ewe-leader" and "/ewe-leader" in cg, (ns, cg)
+        gm = capture(model, (1, 3, 32, 32))
+        for mode in ("gather", "exchange"):
+            plan = make_plan(gm, cl, partition="optimal", fusion="auto", mode=mode, model_name="small_cnn", model_hash=h)
+            assert any(len([a for a in s.assignments if a.out_rows[1] > a.out_rows[0]]) == 2 for s in plan.stages), \
+                "the plan should split some stage over both devices"
+            path = tmp_path / f"plan-{mode}.json"
+            plan.save(path)
+            rep = bc.call({"op": "plan", "path": str(path)})
+            assert rep["rel_err"] < 1e-5 and rep["max_abs_ref"] > 0, rep
+            res = bc.call({"op": "infer", "plan_id": rep["plan_id"], "repeat": 2})
+            assert len(res["latencies_s"]) == 2 and all(t > 0 for t in res["latencies_s"])
+    assert time.perf_counter() - t0 < 200
