@@ -130,7 +130,7 @@ class _Planner:
         self.mode = mode
         self.capabilities = [d.capability for d in self.devices]
         # Strip pricing is a pure function of the graph: share it across make_plan calls.
-        self._memo: dict[tuple[int, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_memo", {})
+        self._memo: dict[tuple[str, str, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_memo", {})
 
     # ---- compute ------------------------------------------------------------------------
     def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
@@ -158,10 +158,10 @@ class _Planner:
         total: Work = {}
         r = out
         for seg in reversed(block.segs):
-            key = (id(seg), r)
+            assert seg.output is not None
+            key = (seg.input.name, seg.output.name, r)  # names: stable even if gm is copied
             hit = self._memo.get(key)
             if hit is None:
-                assert seg.output is not None
                 need = required_rows(self.gm, seg.nodes, seg.output, r)
                 hit = (need.get(seg.input.name, EMPTY), aggregate(self._work(seg.nodes, need)))
                 self._memo[key] = hit
@@ -440,7 +440,7 @@ def _make_plan(
 ) -> Plan:
     pl = _Planner(gm, cluster.devices, part_fn, mode)
     try:
-        if "ew_segments" not in gm.meta:  # cached: the memo above is keyed by these objects
+        if "ew_segments" not in gm.meta:  # cached: cutting is a pure function of the graph
             gm.meta["ew_segments"] = atomic_segments(gm)
         segs = gm.meta["ew_segments"]
     except ValueError as e:
