@@ -401,7 +401,7 @@ class LocalCluster(Session):
         store = rv.host_store("127.0.0.1", 0, start_timeout_s)
         super().__init__(store, devs[0].name, timeout_s=timeout_s, gloo_host="127.0.0.1", leader_profile=devs[0])
         self.port = int(store.port)
-        self._logdir = Path(tempfile.mkdtemp(prefix="edgeweave-workers-"))
+        self.log_dir = Path(tempfile.mkdtemp(prefix="edgeweave-workers-"))  # followers' stdout/stderr
         procs: list[Follower] = []
         try:
             import json
@@ -410,7 +410,7 @@ class LocalCluster(Session):
                        TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
             env.pop("GLOO_SOCKET_IFNAME", None)  # everyone binds 127.0.0.1 (the route to the leader)
             for i, dev in enumerate(devs[1:], start=1):
-                log = self._logdir / f"{dev.name}.log"
+                log = self.log_dir / f"{dev.name}.log"
                 cmd = [sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{self.port}",
                        "--name", dev.name, "--threads", str(threads), "--profile-json", json.dumps(dev.to_dict())]
                 cmd += (extra_args or {}).get(dev.name, [])
@@ -428,6 +428,10 @@ class LocalCluster(Session):
             self.followers = procs
             self.close()
             raise
+
+    def _fail(self, e: PeerError) -> None:
+        super()._fail(e)
+        e.args = (f"{e} [follower logs kept in {self.log_dir}]",)
 
     @property
     def pids(self) -> list[int]:
@@ -454,7 +458,7 @@ class LocalCluster(Session):
                 except subprocess.TimeoutExpired:
                     pass
         if self.broken is None:  # after a failure the logs stay for a post-mortem
-            shutil.rmtree(self._logdir, ignore_errors=True)
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 class RemoteCluster(Session):
