@@ -337,8 +337,8 @@ class Session:
         except PeerError as e:
             self._fail(e)
             raise
-        except Exception as e:  # the leader's own part failed: followers must not wait for it
-            self._fail(PeerError(f"the leader failed during inference: {e}"))
+        except BaseException as e:  # the leader's own part failed (or Ctrl-C): followers must not wait
+            self._fail(PeerError(f"the leader failed during inference: {type(e).__name__}: {e}"))
             raise
         total = time.perf_counter() - t0
         assert y is not None
