@@ -92,10 +92,13 @@ def main() -> None:
     ap.add_argument("--model", default="torchvision:vgg16")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--workers", default="1,2,3")
+    ap.add_argument("--fusions", default="pools,none")
+    ap.add_argument("--modes", default="gather,exchange")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    res = latency_table(a.model, a.input_size, tuple(int(w) for w in a.workers.split(",")), repeat=a.repeat)
+    res = latency_table(a.model, a.input_size, tuple(int(w) for w in a.workers.split(",")),
+                        fusions=tuple(a.fusions.split(",")), modes=tuple(a.modes.split(",")), repeat=a.repeat)
     print(to_markdown(res))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
