@@ -11,7 +11,6 @@ import typer
 
 from edgeweave.cli.common import JsonOpt, console, emit_json
 from edgeweave.cli.distill import parse_kwargs
-from edgeweave.exits.evaluate import points_table
 
 exits_app = typer.Typer(
     name="exits",
@@ -101,6 +100,8 @@ def calibrate(
     points, target = calibrate_checkpoint(checkpoint, bundle, out=out, confidence=confidence,
                                           voting_weights=_floats(voting_weights, "--voting-weights"), grid=grid,
                                           limit=limit, progress=True)
+    from edgeweave.exits.evaluate import points_table
+
     console.print(points_table(points, f"operating points of {checkpoint.name} ({threads} thread, batch 1)"))
     console.print(f"stored {len(points)} operating points in {target}")
     emit_json({"checkpoint": str(target), "threads": threads, "operating_points": [p.to_dict() for p in points]}, json_out)
