@@ -75,6 +75,7 @@ class EdgeldConfig:
     repeat: int = 5
     baseline_repeat: int = 3
     profile_quick: bool = False
+    model_latency: bool = True  # give the planner the measured per-message latency between busy capped devices
     quick: bool = False
     timeout_s: float = 600.0
 
@@ -173,9 +174,13 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         rates = sorted({*cfg.rates, *cfg.hetero_rates}, key=lambda r: -float(r.rstrip("mbit")))
         goodput = T.measure_rates(tb, rates)
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
+        sync = T.sync_latency(tb, NAMES[0], NAMES[1])
+        latency_s = sync["mean_s"] / 2 if cfg.model_latency else 0.0
+        console.print(f"message latency between busy {cfg.cpu:g}-core devices: mean {1e3 * sync['mean_s']:.2f} ms, "
+                      f"median {1e3 * sync['median_s']:.2f} ms (planner: {1e3 * latency_s:.2f} ms per device and message)")
         baselines = _baselines(tb, cfg, T, "start")
         for model in cfg.models:
-            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, work, T)
+            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latency_s, work, T)
         after = _baselines(tb, cfg, T, "end")
         for k, v in after.items():
             baselines[k]["times_s"] += v["times_s"]
@@ -188,7 +193,8 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         r["single_device_s"] = b["median_s"] if b else None
         r["speedup"] = b["median_s"] / r["latency_s"] if b else None
     result = {
-        "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": T.BENCH_PREFIX},
+        "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": T.BENCH_PREFIX,
+                                 "message_latency": sync, "planner_latency_s": latency_s},
         "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
                                 "fits": p["fits"], "settings": p["settings"], "seconds": p["seconds"]} for c, p in profiles.items()},
         "baselines": baselines,
@@ -225,7 +231,7 @@ def _apply_phase(tb: Any, caps: tuple[float, ...], rates: tuple[str, ...]) -> No
 
 
 def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], profiles: dict, goodput: dict,
-               work: Path, T: Any) -> list[dict[str, Any]]:
+               latency_s: float, work: Path, T: Any) -> list[dict[str, Any]]:
     """One cluster holding ``model``; every run of it, phase by phase, repeats round-robin."""
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
@@ -237,7 +243,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
     graphs = {s: capture(net, (1, 3, s, s)) for s in sorted({r.size for r in runs})}
     rows: list[dict[str, Any]] = []
     _apply_phase(tb, tuple([cfg.cpu] * len(NAMES)), tuple([cfg.rates[0]] * len(NAMES)))
-    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput)
+    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput, latency_s)
     console.print(f"starting the cluster for {model} (leader + {len(NAMES) - 1} followers, weights from {ckpt})...")
     t0 = time.perf_counter()
     with T.BenchCluster(tb, ckpt, nominal, work / f"cluster-{model}", timeout_s=cfg.timeout_s) as bc:
@@ -252,7 +258,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             console.print(f"phase caps {list(caps)} links {list(rates)}: {len(prs)} configurations")
             live = []
             for r in prs:
-                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput)
+                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput, latency_s)
                 t1 = time.perf_counter()
                 plan = make_plan(graphs[r.size], cl, partition=r.partition, fusion=r.fusion, mode=r.mode,
                                  model_name=f"torchvision:{model}", model_hash=mhash)
@@ -294,7 +300,9 @@ def _timing_summary(t: dict[str, Any] | None) -> dict[str, Any] | None:
     if not t:
         return None
     return {"total_s": t["total_s"], "stages": [{"index": s["index"], "kind": s["kind"], "wall_s": s["wall_s"],
-                                                 "compute_s": s["compute_s"]} for s in t["stages"]]}
+                                                 "compute_s": s["compute_s"],
+                                                 "compute_by_device_s": [d["compute_s"] for d in s["devices"]]}
+                                                for s in t["stages"]]}
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -481,6 +489,9 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"- heterogeneous: caps {cfg['hetero_caps']}, links {cfg['hetero_rates']} (leader first)",
          f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end",
+         f"- message latency between two busy capped devices (gloo, the runtime's wait): mean "
+         f"{1e3 * cfg['message_latency']['mean_s']:.2f} ms, median {1e3 * cfg['message_latency']['median_s']:.2f} ms; "
+         f"planner latency_s {1e3 * cfg['planner_latency_s']:.2f} ms per device and message",
          "- profiles (edgeweave profile inside a capped namespace, conv line): "
          + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "
                      f"{100 * p['fits'].get('conv', {}).get('heldout_median_rel_err', float('nan')):.1f}%"

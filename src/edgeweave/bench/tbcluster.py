@@ -146,6 +146,63 @@ def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence
     return Cluster(devs)
 
 
+SYNC = textwrap.dedent(
+    """
+    # one-way message latency between two *busy* CPU-capped devices, through the runtime's wait
+    import json, statistics, sys, time, torch, torch.distributed as dist
+    from edgeweave.runtime.wire import wait_work
+    torch.set_num_threads(1)
+    rank, addr, port, rounds, work_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2)
+    a = torch.randn(64, 64)
+    def busy():
+        c0 = time.process_time()
+        while time.process_time() - c0 < work_ms / 1e3:
+            a @ a
+    def wait(w):
+        wait_work(w, timeout_s=30.0, probe=None, describe=lambda: "peer")
+    dist.barrier()
+    lat = []
+    for r in range(rounds):
+        busy()
+        t = torch.tensor([time.monotonic()] * 128, dtype=torch.float64)  # 1 KiB
+        if r % 2 == rank:
+            wait(dist.isend(t, 1 - rank))
+        else:
+            ready = time.monotonic()
+            wait(dist.irecv(t, 1 - rank))
+            lat.append(time.monotonic() - max(float(t[0]), ready))
+    out = torch.tensor(lat, dtype=torch.float64)
+    if rank == 1:
+        wait(dist.isend(out, 0))
+    else:
+        other = torch.empty_like(out)
+        wait(dist.irecv(other, 1))
+        allv = sorted(lat[2:] + other.tolist()[2:])
+        print(json.dumps({"median_s": statistics.median(allv), "mean_s": statistics.fmean(allv),
+                          "p90_s": allv[int(0.9 * (len(allv) - 1))], "n": len(allv), "work_ms": work_ms}))
+    dist.destroy_process_group()
+    """
+)
+
+
+def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 60, work_ms: float = 4.0, timeout_s: float = 120.0) -> dict[str, Any]:
+    """One-way latency of a small message between two devices that were both computing just
+    before (``work_ms`` of CPU each round), waited for the way the runtime waits. Under a CPU
+    quota this is far more than the wire latency: a receiver or sender that used up its quota
+    sleeps until the next period. The planner's per-message ``latency_s`` comes from this."""
+    port = str(random.randint(40000, 49999))
+    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate((a, b))]
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=timeout_s)
+        if p.returncode != 0:
+            raise EdgeweaveError(f"sync latency probe failed: {e.strip()[-300:]}")
+        outs.append(o)
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
 # ------------------------------------------------------------------------------------ baseline
 BASELINE = textwrap.dedent(
     """
