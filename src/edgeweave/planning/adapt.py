@@ -1,0 +1,207 @@
+"""Adaptive workload partitioning: estimate each device's real speed from measured step times
+and decide when a new plan is worth it (EdgeDI, ALGORITHMS.md section 3). Pure: no clocks, no
+processes; the stream driver (:mod:`edgeweave.runtime.stream`) feeds it measurements.
+
+Speed estimate. Planning priced every device with a *base* profile (``a * FLOPs + b`` per node
+call). A CPU cap, a thermal throttle or a neighbour's load scales that line, so per device we
+estimate one factor ``f = measured compute seconds / base-predicted compute seconds`` of the
+work the plan gave it (its planned FLOPs under the base line), smoothed exponentially over
+frames. The effective profile is the base one with ``a`` and ``b`` multiplied by ``f`` (so
+``a_eff = f * a`` seconds per FLOP); :func:`scaled_cluster` builds it for the planner.
+
+Re-plan policy, with hysteresis so it never flaps:
+
+1. a device *deviates* in a frame when its raw factor differs from the factor the current plan
+   was made with (its *basis*) by more than ``change`` (relative, either direction);
+2. only after ``patience`` consecutive deviating frames is the change believed: that device's
+   estimate jumps to the median of those frames (a change point; the slow average would need
+   many frames to get there) and a candidate plan is requested;
+3. the candidate replaces the current plan only if it is predicted at least ``min_gain`` faster
+   than the current plan re-priced under the same estimates (:func:`reprice`). Whatever the
+   outcome, the basis becomes the new estimate, so the same change is never re-examined.
+
+Noise below ``change`` never triggers anything; noise above it for fewer than ``patience``
+frames is ignored; a uniform slowdown (host load on every device) triggers an evaluation whose
+candidate equals the current split and is rejected by ``min_gain``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch.fx
+
+from edgeweave.planning.cost import Work, add_work, aggregate, compute_s, flop_kind, node_flops, rows_of
+from edgeweave.planning.graph import node_shape, nodes_by_name
+from edgeweave.planning.halo import EMPTY, is_empty, required_rows, size
+from edgeweave.planning.plan import Plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+
+@dataclass(frozen=True)
+class AdaptPolicy:
+    alpha: float = 0.5  # weight of the newest sample in the running factor
+    change: float = 0.3  # relative deviation from the basis that counts as a change
+    patience: int = 2  # consecutive deviating frames before a change is believed
+    min_gain: float = 0.10  # a candidate must be predicted this much faster than the current plan
+    min_compute_s: float = 1e-3  # devices predicted to compute less than this in a frame give no sample
+    warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
+
+
+@dataclass
+class AdaptState:
+    """Per device (rank order): running factor, the factor the current plan assumes, and the
+    current run of deviating samples."""
+
+    factors: list[float]
+    basis: list[float]
+    recent: list[list[float]] = field(default_factory=list)
+    frames: int = 0
+
+    @classmethod
+    def start(cls, n: int) -> "AdaptState":
+        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0)
+
+
+# ------------------------------------------------------------------------------ planned work
+def stage_works(gm: torch.fx.GraphModule, plan: Plan) -> list[list[Work]]:
+    """Planned work (per kind: FLOPs, calls) of every device in every stage: ``[stage][device]``.
+
+    The same arithmetic the planner prices: a spatial strip computes, node by node, the rows
+    its output strip needs (halo included); a linear stage a share of the output features; a
+    leader stage everything on device 0.
+    """
+    by = nodes_by_name(gm)
+    k = len(plan.devices)
+    out: list[list[Work]] = []
+    for st in plan.stages:
+        nodes = [by[n] for n in st.nodes]
+        row: list[Work] = [{} for _ in range(k)]
+        if st.kind == "leader":
+            row[0] = aggregate((flop_kind(gm, n), node_flops(gm, n)) for n in nodes)
+        elif st.kind == "linear":
+            total = max(rows_of(st.output_shape), 1)
+            for a in st.assignments:
+                if not is_empty(a.out_rows):
+                    row[a.device] = aggregate((flop_kind(gm, n), node_flops(gm, n) * size(a.out_rows) / total) for n in nodes)
+        else:
+            outs = [n for n in nodes if any(u.name not in set(st.nodes) for u in n.users)]
+            for a in st.assignments:
+                if is_empty(a.out_rows):
+                    continue
+                try:
+                    need = required_rows(gm, nodes, outs[-1], a.out_rows)
+                    items = [(flop_kind(gm, n), node_flops(gm, n) * size(need.get(n.name, EMPTY))
+                              / max(rows_of(node_shape(n) or [1]), 1)) for n in nodes]
+                except (ValueError, KeyError, IndexError):  # a node without row arithmetic: share by rows
+                    frac = size(a.out_rows) / max(rows_of(st.output_shape), 1)
+                    items = [(flop_kind(gm, n), node_flops(gm, n) * frac) for n in nodes]
+                row[a.device] = aggregate(items)
+        out.append(row)
+    return out
+
+
+def stage_compute(works: list[list[Work]], cluster: Cluster) -> list[list[float]]:
+    """Predicted compute seconds ``[stage][device]`` of planned work on ``cluster``'s profiles."""
+    return [[compute_s(cluster.devices[d], w) if w else 0.0 for d, w in enumerate(row)] for row in works]
+
+
+def device_totals(per_stage: Sequence[Sequence[float]], k: int) -> list[float]:
+    return [sum(row[d] for row in per_stage if d < len(row)) for d in range(k)]
+
+
+def device_work(works: list[list[Work]], k: int) -> list[Work]:
+    tot: list[Work] = [{} for _ in range(k)]
+    for row in works:
+        for d, w in enumerate(row):
+            tot[d] = add_work(tot[d], w)
+    return tot
+
+
+# ------------------------------------------------------------------------------ estimates
+def scale_profile(p: DeviceProfile, f: float) -> DeviceProfile:
+    """``p`` slowed down by ``f`` (``f`` > 1: slower): every compute line's a and b times f."""
+    return replace(p, a=p.a * f, b=p.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in p.per_kind.items()},
+                   meta=dict(p.meta) | {"speed_factor": f})
+
+
+def scaled_cluster(base: Cluster, factors: Sequence[float]) -> Cluster:
+    """The planner's view of the cluster under the current estimates (first ``len(factors)`` devices)."""
+    return Cluster([scale_profile(p, float(f)) for p, f in zip(base.devices, factors)])
+
+
+def _dev(x: float, basis: float) -> float:
+    """Symmetric relative deviation: 0.5 means 1.5x slower or 1.5x faster."""
+    if x <= 0 or basis <= 0:
+        return 0.0
+    return math.exp(abs(math.log(x / basis))) - 1.0
+
+
+def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[float],
+            measured: Sequence[float]) -> tuple[AdaptState, list[int]]:
+    """Fold one frame's per-device compute times into the estimate.
+
+    ``predicted_base[d]``: compute seconds device d's planned work costs under its *base*
+    profile; ``measured[d]``: what it took. Returns the new state and the devices whose change
+    is now believed (``patience`` deviating frames in a row); for those the factor has jumped
+    to the median of the deviating samples.
+    """
+    st = AdaptState(list(state.factors), list(state.basis), [list(r) for r in state.recent], state.frames + 1)
+    if st.frames <= policy.warmup:
+        return st, []
+    changed: list[int] = []
+    for d, (p, m) in enumerate(zip(predicted_base, measured)):
+        if p < policy.min_compute_s or m <= 0:
+            continue  # no (meaningful) work this frame: nothing learnt about this device
+        r = m / p
+        st.factors[d] = (1 - policy.alpha) * st.factors[d] + policy.alpha * r
+        if _dev(r, st.basis[d]) > policy.change:
+            st.recent[d].append(r)
+            if len(st.recent[d]) >= policy.patience:
+                st.factors[d] = statistics.median(st.recent[d][-policy.patience:])
+                changed.append(d)
+        else:
+            st.recent[d] = []
+    return st, changed
+
+
+def reprice(plan: Plan, compute_base: Sequence[Sequence[float]], old: Sequence[float], new: Sequence[float]) -> float:
+    """The plan's predicted latency with device speeds ``new`` instead of ``old`` (factors).
+
+    Each stage's predicted finish of device d moves by its base compute times the factor
+    change; the stage lasts until its slowest device finishes (transfers are unchanged).
+    """
+    total = 0.0
+    for st, comp in zip(plan.stages, compute_base):
+        busy = [a for a in st.assignments if not is_empty(a.out_rows)]
+        if not busy:
+            total += st.predicted_s
+            continue
+        fins = [a.predicted_s for a in busy]
+        moved = [a.predicted_s + (comp[a.device] * (new[a.device] - old[a.device]) if a.device < len(comp) else 0.0)
+                 for a in busy]
+        total += max(0.0, st.predicted_s + max(moved) - max(fins))
+    final = plan.predicted_s - sum(s.predicted_s for s in plan.stages)
+    return total + max(0.0, final)
+
+
+@dataclass(frozen=True)
+class Decision:
+    replan: bool
+    current_s: float  # current plan re-priced under the estimate
+    candidate_s: float
+    gain: float  # current_s / candidate_s - 1
+
+
+def decide(policy: AdaptPolicy, current_s: float, candidate_s: float) -> Decision:
+    """Switch only for a predicted gain of at least ``min_gain``."""
+    gain = current_s / candidate_s - 1.0 if candidate_s > 0 else 0.0
+    return Decision(gain >= policy.min_gain, current_s, candidate_s, gain)
+
+
+def rebase(state: AdaptState) -> AdaptState:
+    """After an evaluation (re-planned or not): the estimate becomes the basis, runs reset."""
+    return AdaptState(list(state.factors), list(state.factors), [[] for _ in state.factors], state.frames)

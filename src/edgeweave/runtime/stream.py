@@ -1,0 +1,115 @@
+"""Serving a stream of frames with adaptive re-planning (the leader's side).
+
+The leader runs each frame with the current plan, reads every device's measured compute time
+from the timings the followers return anyway, and lets :mod:`edgeweave.planning.adapt` update
+its speed estimates and decide whether a new plan (made by the pure planner under the
+estimated profiles) is worth loading. The session still only executes plans; the decisions
+are pure functions of measurements. ``AdaptiveStream`` keeps its state between calls, so a
+caller can serve a stream in pieces (a benchmark changes a CPU cap between pieces).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from edgeweave.errors import EdgeweaveError
+from edgeweave.planning import adapt as A
+from edgeweave.planning.plan import Plan
+from edgeweave.profiling.profile import Cluster
+
+Planner = Callable[[Any, Cluster, Plan], Plan]  # (graph, estimated cluster, current plan) -> plan
+
+
+def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
+    """Same partitioner, fusion and mode as the current plan, under the estimated profiles."""
+    from edgeweave.planning.planner import make_plan
+
+    return make_plan(gm, cluster, partition=current.partition, fusion=current.fusion, mode=current.mode,
+                     model_name=current.model, model_hash=current.model_hash)
+
+
+@dataclass
+class FrameRecord:
+    index: int
+    latency_s: float  # wall time of the inference at the leader
+    plan_id: int
+    plan_version: int  # 0 = the plan the stream started with, +1 per re-plan
+    predicted_s: float  # the plan's own prediction (under the factors it was made with)
+    estimated_s: float  # the plan re-priced under the estimate after this frame
+    factors: list[float]  # per-device speed factors after this frame (1 = as profiled)
+    compute_s: list[float]  # measured compute seconds per device
+    event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned"
+    candidate_s: float | None = None
+    gain: float | None = None
+    replan_s: float = 0.0  # planning + loading time spent after this frame (not in latency_s)
+    changed: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class AdaptiveStream:
+    """Serve frames on ``session`` starting with ``plan`` (made on ``base``'s profiles, or on
+    ``base`` scaled by ``factors``), re-planning with ``planner`` when the policy says so."""
+
+    def __init__(self, session: Any, plan: Plan, base: Cluster, *, policy: A.AdaptPolicy | None = None,
+                 planner: Planner = default_planner, plan_id: int | None = None,
+                 factors: list[float] | None = None):
+        k = len(plan.devices)
+        if [d.name for d in base.devices[:k]] != list(plan.devices):
+            raise EdgeweaveError(f"the base cluster's devices {[d.name for d in base.devices]} do not start with the "
+                                 f"plan's {plan.devices}")
+        self.session, self.policy, self.planner = session, policy or A.AdaptPolicy(), planner
+        self.base = Cluster(base.devices[:k])
+        self.k = k
+        self.state = A.AdaptState.start(k)
+        if factors is not None:
+            self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0)
+        self.version = 0
+        self.records: list[FrameRecord] = []
+        self._use(plan, plan_id if plan_id is not None else session.load_plan(plan))
+
+    def _use(self, plan: Plan, pid: int) -> None:
+        self.plan, self.plan_id = plan, pid
+        self.gm = self.session.plans[pid][1]
+        self.works = A.stage_works(self.gm, plan)
+        self.comp_base = A.stage_compute(self.works, self.base)
+        self.pred_base = A.device_totals(self.comp_base, self.k)
+
+    def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
+        y, tm = self.session.infer(x, self.plan_id)
+        measured = [sum(t.compute_s for t in tm.per_device[d]) for d in range(self.k)]
+        self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
+        rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
+                          list(self.state.factors), measured, changed=changed)
+        if changed:
+            t0 = time.perf_counter()
+            current = A.reprice(self.plan, self.comp_base, self.state.basis, self.state.factors)
+            cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
+            dec = A.decide(self.policy, current, cand.predicted_s)
+            rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
+            if dec.replan:
+                self._use(cand, self.session.load_plan(cand))
+                self.version += 1
+                rec.event = "replanned"
+            else:
+                rec.event = "kept"
+            self.state = A.rebase(self.state)
+            rec.replan_s = time.perf_counter() - t0
+        rec.estimated_s = A.reprice(self.plan, self.comp_base, self.state.basis, self.state.factors)
+        self.records.append(rec)
+        return y, rec
+
+    def serve(self, frames: Iterable[torch.Tensor]) -> list[FrameRecord]:
+        return [self.step(x)[1] for x in frames]
+
+
+def serve_stream(session: Any, frames: Iterable[torch.Tensor], plan: Plan, base: Cluster, *,
+                 policy: A.AdaptPolicy | None = None, planner: Planner = default_planner) -> list[FrameRecord]:
+    """Serve ``frames`` adaptively from ``plan``; one record per frame (see :class:`FrameRecord`)."""
+    return AdaptiveStream(session, plan, base, policy=policy, planner=planner).serve(frames)

@@ -1,0 +1,152 @@
+"""Adaptive partitioning: the pure estimator / re-plan policy and the stream driver, on
+synthetic timings (a fake session whose devices compute at chosen true speeds)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from edgeweave.models import build_model
+from edgeweave.planning import adapt as A
+from edgeweave.planning.cost import compute_s, node_flops
+from edgeweave.planning.graph import capture
+from edgeweave.planning.planner import make_plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave.runtime.executor import StageTiming
+from edgeweave.runtime.leader import Timings
+from edgeweave.runtime.stream import AdaptiveStream
+
+SHAPE = (1, 1, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def gm():
+    torch.manual_seed(0)
+    return capture(build_model("vgg11", num_classes=6, in_channels=1).eval(), SHAPE)
+
+
+def base_cluster() -> Cluster:
+    return Cluster([DeviceProfile("leader", a=4e-10, b=2e-4, bandwidth_bps=1e9),
+                    DeviceProfile("w1", a=2.7e-10, b=2e-4, bandwidth_bps=1e9),
+                    DeviceProfile("w2", a=4e-10, b=2e-4, bandwidth_bps=1e8),
+                    DeviceProfile("w3", a=2.7e-10, b=2e-4, bandwidth_bps=1e8)])
+
+
+class FakeSession:
+    """Executes nothing: each device's compute time is its planned work priced on its *true*
+    profile (base scaled by ``truth``), times random noise."""
+
+    def __init__(self, gm, base: Cluster, noise: float = 0.0, seed: int = 0):
+        self.gm, self.base, self.noise = gm, base, noise
+        self.truth = [1.0] * len(base.devices)
+        self.plans: dict[int, tuple] = {}
+        self.rng = random.Random(seed)
+
+    def load_plan(self, plan):
+        pid = len(self.plans)
+        self.plans[pid] = (plan, self.gm)
+        return pid
+
+    def infer(self, x, pid):
+        plan, gm = self.plans[pid]
+        comp = A.stage_compute(A.stage_works(gm, plan), A.scaled_cluster(self.base, self.truth))
+        k = len(plan.devices)
+        per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
+               + [StageTiming(0.0, 0.0)] for d in range(k)]
+        total = A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), [1.0] * k, self.truth)
+        return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
+
+
+def test_stage_works_cover_the_model(gm):
+    plan = make_plan(gm, base_cluster(), partition="optimal", fusion="auto", mode="exchange")
+    works = A.stage_works(gm, plan)
+    whole = sum(node_flops(gm, n) for n in gm.graph.nodes)
+    planned = sum(f for row in works for w in row for f, _c in w.values())
+    assert len(works) == len(plan.stages) and all(len(r) == 4 for r in works)
+    assert whole <= planned <= 1.3 * whole  # halos are recomputed, nothing is missing
+    # a leader-only plan puts all work on device 0, priced exactly as the planner does
+    solo = make_plan(gm, Cluster(base_cluster().devices[:1]), partition="optimal", fusion="auto")
+    comp = A.stage_compute(A.stage_works(gm, solo), Cluster(base_cluster().devices[:1]))
+    assert sum(r[0] for r in comp) == pytest.approx(solo.meta["single_device_s"], rel=1e-6)
+
+
+def test_reprice_identity_and_direction(gm):
+    base = base_cluster()
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    comp = A.stage_compute(A.stage_works(gm, plan), base)
+    ones = [1.0] * 4
+    assert A.reprice(plan, comp, ones, ones) == pytest.approx(plan.predicted_s)
+    slow = A.reprice(plan, comp, ones, [1.0, 1.0, 2.5, 1.0])
+    assert slow > plan.predicted_s * 1.1
+    # re-planning for the slow device is predicted to beat the old plan under the same speeds
+    cand = make_plan(gm, A.scaled_cluster(base, [1.0, 1.0, 2.5, 1.0]), partition="optimal", fusion="auto", mode="exchange")
+    assert cand.predicted_s < slow
+
+
+def test_observe_needs_patience_and_jumps_to_new_level():
+    pol = A.AdaptPolicy(alpha=0.5, change=0.3, patience=2, warmup=0)
+    st = A.AdaptState.start(2)
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+    assert ch == [] and st.factors[1] == pytest.approx(1.75)
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+    assert ch == [1] and st.factors[1] == pytest.approx(2.5) and st.factors[0] == pytest.approx(1.0)
+    st = A.rebase(st)
+    for _ in range(20):  # at the new level nothing deviates any more
+        st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+        assert ch == []
+    # one outlier frame is not a change
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.5, 0.25])
+    st, ch2 = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+    assert ch == [] and ch2 == []
+    # a device with no work this frame teaches nothing
+    st2, ch = A.observe(st, pol, [0.1, 0.0], [0.1, 5.0])
+    assert st2.factors[1] == st.factors[1]
+
+
+def stream(gm, noise: float, seed: int = 0):
+    base = base_cluster()
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    sess = FakeSession(gm, base, noise=noise, seed=seed)
+    return AdaptiveStream(sess, plan, base, policy=A.AdaptPolicy()), sess
+
+
+def test_no_flapping_when_nothing_changes(gm):
+    s, sess = stream(gm, noise=0.2, seed=1)
+    recs = s.serve([None] * 150)
+    assert [r for r in recs if r.event == "replanned"] == []
+    assert all(abs(f - 1.0) < 0.25 for f in s.state.factors)
+    # a uniform slowdown (host load on every device) may be evaluated but never re-plans
+    sess.truth = [1.6] * 4
+    recs = s.serve([None] * 50)
+    assert [r for r in recs if r.event == "replanned"] == []
+
+
+def test_converges_from_wrong_profiles(gm):
+    s, sess = stream(gm, noise=0.05, seed=2)
+    sess.truth = [1.0, 2.0, 1.0, 0.6]  # the profiles were wrong from the start
+    recs = s.serve([None] * 40)
+    assert s.state.factors == pytest.approx(sess.truth, rel=0.08)
+    assert 1 <= sum(r.event == "replanned" for r in recs) <= 2
+    assert all(r.event == "" for r in recs[10:])  # settled: nothing evaluated any more
+
+
+def test_replans_after_a_cap_change_and_back(gm):
+    s, sess = stream(gm, noise=0.05, seed=3)
+    s.serve([None] * 10)
+    k0 = s.plan
+    rows0 = sum(a.out_rows[1] - a.out_rows[0] for st in k0.stages if st.kind == "spatial" for a in st.assignments if a.device == 2)
+    sess.truth = [1.0, 1.0, 2.5, 1.0]  # w2: 0.25 -> 0.1 core
+    recs = s.serve([None] * 12)
+    re = [r.index for r in recs if r.event == "replanned"]
+    assert len(re) == 1 and re[0] - recs[0].index <= 2  # believed after `patience` frames
+    rows1 = sum(a.out_rows[1] - a.out_rows[0] for st in s.plan.stages if st.kind == "spatial" for a in st.assignments if a.device == 2)
+    assert rows1 < rows0
+    oracle = make_plan(gm, A.scaled_cluster(base_cluster(), sess.truth), partition="optimal", fusion="auto", mode="exchange")
+    after = [r.latency_s for r in recs[re[0] - recs[0].index + 1:]]
+    assert max(after) <= 1.1 * oracle.predicted_s  # back within 10% of the new best plan
+    sess.truth = [1.0] * 4
+    recs = s.serve([None] * 12)
+    assert sum(r.event == "replanned" for r in recs) == 1
+    assert recs[-1].latency_s <= 1.1 * k0.predicted_s
