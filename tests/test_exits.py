@@ -183,3 +183,20 @@ def test_best_speedup_only_counts_points_within_the_tolerance():
     assert best_speedup(pts[:1], ref_accuracy=0.99, ref_ms=4.0) == (0.0, None)
     g = budget_grid(pts, 3)
     assert g[0] == pytest.approx(1.0) and g[-1] == pytest.approx(4.8)
+
+
+def test_policy_scales_latencies_by_the_observed_load():
+    from edgeweave.exits.policy import LoadTracker
+
+    assert choose(POINTS, latency_budget_ms=2.6, latency_scale=2.0).point.name == "fast"  # mid: 4 ms now
+    c = choose(POINTS, latency_budget_ms=1.5, latency_scale=2.0)
+    assert not c.satisfied and c.point.name == "fast"
+    pts = [OperatingPoint("p", [0.0], 0.9, 1.0, 2.0, [1.0], 0.0, 1, p50_ms=1.0)]
+    lt = LoadTracker(window=8, min_samples=3)
+    assert lt.factor() == 1.0
+    for ms in (3.0, 3.2, 2.8):
+        lt.observe(pts[0], ms)
+    assert lt.factor() == pytest.approx(3.0)
+    for _ in range(8):
+        lt.observe(pts[0], 0.5)  # faster than calibrated: never scale below 1
+    assert lt.factor() == 1.0

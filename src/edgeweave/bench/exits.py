@@ -14,8 +14,10 @@ What runs (mnist5k by default; everything single-threaded, latencies at batch 1)
    uses), then every point is re-measured on the test split (what the summary reports);
 5. budgeted requests: budgets spread over the calibrated p95 range, each served through the
    policy one sample at a time; ``budget_violations`` is the fraction whose measured latency
-   exceeded the budget their point was chosen for (unsatisfiable budgets are not counted: they
-   get an explicit "cannot" answer).
+   exceeded the budget their point was chosen for. The policy scales calibrated latencies by the
+   slowdown it observes on recent requests (``policy.LoadTracker``); requests it answers with
+   "cannot meet this budget now" are not counted as violations but reported as
+   ``budget_unsatisfied`` (fraction of all budgeted requests).
 
 Summary keys: ``teacher_accuracy``, ``full_accuracy`` (deployed student, last exit),
 ``speedup_at_1pct_loss`` (largest teacher_mean_ms / point_mean_ms among test-measured points
@@ -291,6 +293,7 @@ def run_exits_bench(cfg: ExitsBenchConfig | None = None, *, out_dir: str | Path 
         "kd_gain_best": max(v["mean"] for v in kd_gain.values()),
         "kd_gain_all_exits": {d: v["all_exits_mean"] for d, v in kd_gain.items()},
         "budget_violations": serving["budget_violations"],
+        "budget_unsatisfied": serving["unsatisfied"] / max(serving["requests"], 1),
         "deployed_student": deployed_label,
     }
     result = {

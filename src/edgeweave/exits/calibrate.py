@@ -178,6 +178,7 @@ class OperatingPoint:
     voting_weights: list[float] = field(default_factory=list)
     target_proportions: list[float] | None = None
     forced_exit: int | None = None
+    p50_ms: float | None = None  # median latency: the reference the serving-time load factor uses
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +242,7 @@ def measure_settings(model: MultiExitNet, xs: torch.Tensor, ys: torch.Tensor, se
             accuracy=float((preds[j] == ys).float().mean()),
             mean_ms=float(lat[j].mean() * 1e3),
             p95_ms=float(np.percentile(lat[j], 95) * 1e3),
+            p50_ms=float(np.median(lat[j]) * 1e3),
             exit_proportions=exit_proportions(exits[j], model.num_exits),
             voted_fraction=float(voted[j].float().mean()),
             peak_memory_bytes=int(cache[deepest]),

@@ -77,7 +77,8 @@ def exits_demo_step(out: Path, budget_s: float = 150.0, teacher_path: Path | Non
         serving = serve_budgets(od, xs, ys, budget_grid(points, 5), 20)
         console.print(f"teacher {t_info['mean_ms']:.3f} ms/sample at accuracy {t_info['accuracy']:.4f}; "
                       f"best speedup within 1 point of it on test: {speedup:.2f}x ({at}); "
-                      f"budget violations {serving['budget_violations']:.3f} over {serving['requests']} requests")
+                      f"budget violations {serving['budget_violations'] or 0:.3f} over {serving['served']} served requests "
+                      f"({serving['unsatisfied']} answered 'cannot meet this budget now')")
         return {"teacher_accuracy": t_info["accuracy"], "teacher_mean_ms": t_info["mean_ms"],
                 "exit_accuracies": r.exit_accuracies, "operating_points": len(points),
                 "speedup_at_1pct_loss": speedup, "speedup_point": at, "budget_violations": serving["budget_violations"],

@@ -65,32 +65,38 @@ def budget_grid(points: Sequence[OperatingPoint], n: int) -> list[float]:
 
 def serve_budgets(od: OnDemandModel, xs: torch.Tensor, ys: torch.Tensor, budgets: Sequence[float],
                   requests_per_budget: int, seed: int = 0) -> dict[str, Any]:
-    """For each budget, ``requests_per_budget`` single-sample requests through ``od.predict``;
-    a request violates its budget when its measured latency (policy + inference) exceeds it."""
+    """For each budget, ``requests_per_budget`` single-sample requests through ``od.predict``.
+    A request the policy could satisfy violates its budget when its measured latency (policy +
+    inference) exceeds it; a request answered "cannot meet this budget" is counted apart
+    (``unsatisfied``), since no point was chosen for that budget."""
     g = torch.Generator().manual_seed(seed)
     rows = []
-    total = violations = correct = 0
+    total = violations = correct = unsatisfied = 0
     for b in budgets:
         idx = torch.randint(0, xs.shape[0], (requests_per_budget,), generator=g)
-        lat, ok = [], 0
-        point = None
-        satisfied = True
+        lat, ok, v, uns, points = [], 0, 0, 0, {}
         for i in idx.tolist():
             t0 = time.perf_counter()
             r = od.predict(xs[i : i + 1], latency_budget_ms=b)
-            lat.append((time.perf_counter() - t0) * 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            points[r.choice.point.name] = points.get(r.choice.point.name, 0) + 1
+            if not r.choice.satisfied:
+                uns += 1
+                continue
+            lat.append(ms)
             ok += int(r.labels[0] == ys[i])
-            point, satisfied = r.choice.point.name, r.choice.satisfied
-        v = sum(1 for t in lat if t > b)
-        if satisfied:
-            total += len(lat)
-            violations += v
-            correct += ok
-        rows.append({"budget_ms": b, "point": point, "satisfied": satisfied, "requests": len(lat),
-                     "violations": v, "accuracy": ok / len(lat), "mean_ms": float(np.mean(lat)),
-                     "p95_ms": float(np.percentile(lat, 95))})
-    return {"budget_violations": violations / total if total else None, "requests": total,
-            "accuracy": correct / total if total else None, "per_budget": rows}
+            v += int(ms > b)
+        total += len(lat)
+        violations += v
+        correct += ok
+        unsatisfied += uns
+        rows.append({"budget_ms": b, "points": points, "requests": requests_per_budget, "served": len(lat),
+                     "unsatisfied": uns, "violations": v, "accuracy": ok / len(lat) if lat else None,
+                     "mean_ms": float(np.mean(lat)) if lat else None,
+                     "p95_ms": float(np.percentile(lat, 95)) if lat else None})
+    return {"budget_violations": violations / total if total else None, "requests": total + unsatisfied,
+            "served": total, "unsatisfied": unsatisfied, "accuracy": correct / total if total else None,
+            "load_factor_end": od.load_tracker.factor() if od.load_tracker is not None else None, "per_budget": rows}
 
 
 def point_rows(points: Sequence[OperatingPoint]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import torch
 from edgeweave.errors import EdgeweaveError
 from edgeweave.exits.calibrate import OperatingPoint
 from edgeweave.exits.inference import early_exit
-from edgeweave.exits.policy import Choice, choose
+from edgeweave.exits.policy import Choice, LoadTracker, choose
 from edgeweave.models.multi_exit import MultiExitNet
 
 EXTRA_KEY = "exits"
@@ -53,7 +53,10 @@ def points_from_extra(extra: dict[str, Any]) -> list[OperatingPoint]:
 
 
 class OnDemandModel:
-    def __init__(self, model: MultiExitNet, points: Sequence[OperatingPoint], default: str | None = None) -> None:
+    def __init__(self, model: MultiExitNet, points: Sequence[OperatingPoint], default: str | None = None,
+                 adapt_to_load: bool = True) -> None:
+        """``adapt_to_load``: scale calibrated latencies by the slowdown observed on recent
+        single-sample requests (``policy.LoadTracker``) before choosing a point."""
         if not isinstance(model, MultiExitNet):
             raise EdgeweaveError("on-demand inference needs a multi-exit model (e.g. multi_exit_small)")
         if not points:
@@ -61,6 +64,7 @@ class OnDemandModel:
         self.model = model.eval()
         self.points = list(points)
         self.default = default
+        self.load_tracker = LoadTracker() if adapt_to_load else None
 
     @classmethod
     def load(cls, path: str | Path, default: str | None = None) -> "OnDemandModel":
@@ -70,7 +74,12 @@ class OnDemandModel:
         return cls(model, points_from_extra(extra), default)  # type: ignore[arg-type]
 
     def choose(self, latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Choice:
-        return choose(self.points, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy, default=self.default)
+        scale = self.load_tracker.factor() if self.load_tracker is not None else 1.0
+        c = choose(self.points, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy, default=self.default,
+                   latency_scale=scale)
+        if scale > 1 and latency_budget_ms is not None:
+            c.message += f" (calibrated latencies x{scale:.2f} for the current load)"
+        return c
 
     def predict(self, x: torch.Tensor, latency_budget_ms: float | None = None,
                 min_accuracy: float | None = None) -> Prediction:
@@ -83,6 +92,8 @@ class OnDemandModel:
         r = early_exit(self.model, x, c.point.thresholds, voting_weights=c.point.voting_weights or None,
                        confidence=c.point.confidence)
         ms = (time.perf_counter() - t0) * 1e3
+        if self.load_tracker is not None and x.shape[0] == 1:
+            self.load_tracker.observe(c.point, ms)
         return Prediction(r.pred, r.exit_index, r.voted, c, ms)
 
 

@@ -12,6 +12,12 @@ When no point satisfies the request the answer says so (``satisfied=False`` and 
 carries the closest point: the fastest point for a budget nobody meets, the most accurate one
 for an accuracy nobody reaches, and for both, the point with the smallest relative shortfall.
 Accuracies are fractions in [0, 1]; latencies are milliseconds.
+
+Load: calibrated latencies were measured under the load of calibration time; a shared device
+may be busier when serving. ``LoadTracker`` keeps the recent ratios of measured latency to the
+chosen point's calibrated median; their median (never below 1: we only react to slowdowns) scales
+every point's latency before the policy compares it with a budget, so a busier device answers
+with faster points (or says it cannot meet the budget now) instead of missing budgets.
 """
 
 from __future__ import annotations
@@ -37,6 +43,27 @@ def _latency(p: OperatingPoint, stat: str) -> float:
     return p.p95_ms if stat == "p95" else p.mean_ms
 
 
+class LoadTracker:
+    """Serving-time slowdown relative to calibration (see the module docstring)."""
+
+    def __init__(self, window: int = 32, min_samples: int = 5) -> None:
+        from collections import deque
+
+        self.ratios: "deque[float]" = deque(maxlen=window)
+        self.min_samples = min_samples
+
+    def observe(self, point: OperatingPoint, measured_ms: float) -> None:
+        ref = point.p50_ms if point.p50_ms else point.mean_ms
+        if ref > 0:
+            self.ratios.append(measured_ms / ref)
+
+    def factor(self) -> float:
+        if len(self.ratios) < self.min_samples:
+            return 1.0
+        r = sorted(self.ratios)
+        return max(1.0, r[len(r) // 2])
+
+
 def default_point(points: Sequence[OperatingPoint], name: str | None = None) -> OperatingPoint:
     if not points:
         raise EdgeweaveError("no operating points: run `edgeweave exits calibrate` first")
@@ -49,15 +76,17 @@ def default_point(points: Sequence[OperatingPoint], name: str | None = None) -> 
 
 
 def choose(points: Sequence[OperatingPoint], *, latency_budget_ms: float | None = None,
-           min_accuracy: float | None = None, default: str | None = None, latency_stat: str = "p95") -> Choice:
-    """Pick the operating point for one request; see the module docstring."""
+           min_accuracy: float | None = None, default: str | None = None, latency_stat: str = "p95",
+           latency_scale: float = 1.0) -> Choice:
+    """Pick the operating point for one request; see the module docstring. ``latency_scale``
+    multiplies every calibrated latency (the serving-time load factor, see ``LoadTracker``)."""
     if not points:
         raise EdgeweaveError("no operating points: run `edgeweave exits calibrate` first")
     if latency_budget_ms is not None and latency_budget_ms <= 0:
         raise EdgeweaveError(f"latency budget must be > 0 ms, got {latency_budget_ms}")
     if min_accuracy is not None and not 0 <= min_accuracy <= 1:
         raise EdgeweaveError(f"accuracy target is a fraction in [0, 1], got {min_accuracy}")
-    lat = lambda p: _latency(p, latency_stat)  # noqa: E731
+    lat = lambda p: _latency(p, latency_stat) * latency_scale  # noqa: E731
     if latency_budget_ms is None and min_accuracy is None:
         p = default_point(points, default)
         return Choice(p, True, f"no constraint: default point {p.name}")
