@@ -247,10 +247,12 @@ class DriverReply:
 
 class BenchCluster:
     """The leader driver in the leader's namespace plus a follower on every other device, all
-    holding the checkpoint ``ckpt``. Use as a context manager; :meth:`call` sends one command."""
+    holding the checkpoint ``ckpt``. Use as a context manager; :meth:`call` sends one command.
+    ``driver`` is the leader's module (same command line and JSON-lines protocol; another
+    benchmark may add commands, e.g. ``edgeweave.bench.edgedi_driver``)."""
 
     def __init__(self, tb: Testbed, ckpt: Path, cluster: Cluster, workdir: Path, port: int | None = None,
-                 timeout_s: float = 300.0):
+                 timeout_s: float = 300.0, driver: str = "edgeweave.bench.leader_driver"):
         self.tb, self.ckpt, self.workdir = tb, Path(ckpt), Path(workdir)
         self.port = port or random.randint(30000, 39999)
         self.timeout_s = timeout_s
@@ -258,7 +260,7 @@ class BenchCluster:
         cfile = self.workdir / "cluster.json"
         cluster.save(cfile)
         self.log = open(self.workdir / "leader.log", "ab")
-        argv = [sys.executable, "-m", "edgeweave.bench.leader_driver", "--listen", f"0.0.0.0:{self.port}",
+        argv = [sys.executable, "-m", driver, "--listen", f"0.0.0.0:{self.port}",
                 "--model", str(self.ckpt), "--cluster", str(cfile), "--timeout", str(timeout_s)]
         env = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
         self.leader = tb.exec(tb.leader, argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,

@@ -79,5 +79,30 @@ def edgeld(
     emit_json(result, json_out)
 
 
+@bench_app.command("edgedi")
+def edgedi(
+    quick: bool = QuickOpt,
+    repeat: Optional[int] = typer.Option(None, "--repeat", min=1, help="Timed inferences per configuration (default 3, quick 2)."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """EdgeDI on the emulated testbed (root): original / compact / compact+pruned VGG16 and
+    ResNet18 at 200x200 on 1-4 heterogeneous devices beside the theoretical bound, and adaptive
+    re-planning while a device's CPU cap changes mid-stream. Writes results/edgedi/."""
+    from edgeweave.bench.edgedi import EdgediConfig, run_edgedi_bench
+
+    cfg = EdgediConfig.quick_config() if quick else EdgediConfig()
+    if repeat is not None:
+        cfg.repeat = repeat
+    result = run_edgedi_bench(cfg, out_dir=out)
+    console.rule("bench edgedi summary")
+    for k, t in result["targets"].items():
+        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
+    for k in ("compact_flops_ratio", "compact_speedup_4dev", "speedup_4dev", "bound_4dev"):
+        console.print(f"{k}: {result['summary'].get(k)}")
+    console.print(f"report {result['files']['report']}")
+    emit_json(result, json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

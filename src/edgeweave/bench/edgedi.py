@@ -1,0 +1,561 @@
+"""`edgeweave bench edgedi`: EdgeDI's experiments (ALGORITHMS.md section 3) on the emulated testbed.
+
+What runs (one testbed of 4 devices, leader first: ``leader`` 0.25 core and ``w1`` 0.375 core on
+1000 Mbit/s links, ``w2`` 0.25 core and ``w3`` 0.375 core on 100 Mbit/s links):
+
+1. **Compression x distribution.** For each base model (VGG16 and ResNet18 at 200x200, one input
+   channel, 6 classes as NEU-CLS; seeded random weights, which is fine for latency) three
+   variants: the original, the EdgeDI compact form (``compact_<base>``) and the compact form
+   pruned structurally with ``edgeweave.compress.prune.prune_l1_once`` at a fixed ratio. Each
+   runs on the first 1..4 devices (partition ``optimal``, fusion ``auto``). Beside every
+   measured speedup (the model alone on the 0.25-core leader, plain torch, over the latency on
+   k devices) is the theoretical bound for the same model: the sum of the k devices' speeds
+   over the leader's speed, a device's speed being 1 / its measured single-device latency.
+2. **Adaptive partitioning.** A stream of frames of the original ResNet18 on all 4 devices,
+   served by the leader's :class:`edgeweave.runtime.stream.AdaptiveStream`; after a few frames
+   ``w2``'s CPU cap drops from 0.25 to 0.1 core, later it goes back. Per frame: latency, plan
+   version, speed estimates. The reference after each change is the prediction of the best
+   plan for the new caps (planned with the measured profile at the new cap); the oracle plan
+   is also measured once during the slow phase.
+
+The leader runs inside its own namespace and cap (:mod:`edgeweave.bench.edgedi_driver` via
+:class:`edgeweave.bench.tbcluster.BenchCluster`), followers load the checkpoint from disk, and
+the planner sees ``edgeweave profile`` lines measured inside capped namespaces and the links'
+measured goodput (same harness as ``bench edgeld``).
+
+Summary keys: ``compact_flops_ratio`` (compact VGG16 FLOPs over the original's),
+``speedup_vs_bound`` (measured speedup over the bound, original main model, 4 devices),
+``compact_speedup_4dev`` (original on the leader alone over compact on 4 devices),
+``adapt_frames_to_recover`` (worst of the two cap changes), ``adapt_replans_steady``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeweave.console import console
+from edgeweave.errors import EdgeweaveError
+
+NAMES = ("leader", "w1", "w2", "w3")
+PREFIX = "ewd-"  # not edgeld's: both benchmarks may be up at once
+SUBNET = "10.77.33.0/24"  # not edgeld's (30) nor the CI testbed test's (31)
+TARGETS = {"speedup_vs_bound": (">=", 0.9), "adapt_frames_to_recover": ("<=", 5), "adapt_replans_steady": ("<=", 0)}
+
+
+@dataclass
+class EdgediConfig:
+    models: tuple[str, ...] = ("vgg16", "resnet18")  # the first is the main model
+    variants: tuple[str, ...] = ("original", "compact", "compact_pruned")
+    size: int = 200
+    in_channels: int = 1
+    num_classes: int = 6
+    compact_ratio: int = 8
+    prune_ratio: float = 0.5
+    devices: tuple[int, ...] = (1, 2, 3, 4)
+    caps: tuple[float, ...] = (0.25, 0.375, 0.25, 0.375)
+    rates: tuple[str, ...] = ("1000mbit", "1000mbit", "100mbit", "100mbit")
+    partition: str = "optimal"
+    fusion: str = "auto"
+    mode: str = "exchange"
+    repeat: int = 3
+    baseline_repeat: int = 3
+    adapt_model: str = "resnet18"
+    adapt_device: str = "w2"
+    adapt_caps: tuple[float, float] = (0.25, 0.1)
+    adapt_frames: tuple[int, int, int] = (10, 12, 12)
+    adapt_policy: tuple[tuple[str, float], ...] = ()  # AdaptPolicy overrides
+    profile_quick: bool = True
+    model_latency: bool = True
+    quick: bool = False
+    timeout_s: float = 600.0
+
+    @classmethod
+    def quick_config(cls) -> "EdgediConfig":
+        """A few minutes: ResNet18 only at 96x96, 1/2/4 devices, 2 repeats, shorter stream."""
+        return cls(models=("resnet18",), size=96, devices=(1, 2, 4), repeat=2, baseline_repeat=2,
+                   adapt_frames=(6, 8, 8), quick=True)
+
+
+# ------------------------------------------------------------------------------------ models
+def build_variant(base: str, variant: str, cfg: EdgediConfig, seed: int = 0) -> Any:
+    """The model for ``variant`` (seeded weights). Pruning removes ``prune_ratio`` of every
+    prunable conv's filters by L1 norm (structural: the layers really shrink)."""
+    import torch
+
+    from edgeweave.models import build_model
+
+    torch.manual_seed(seed)
+    if variant == "original":
+        m = build_model(base, num_classes=cfg.num_classes, in_channels=cfg.in_channels)
+    elif variant in ("compact", "compact_pruned"):
+        m = build_model(f"compact_{base}", num_classes=cfg.num_classes, in_channels=cfg.in_channels, ratio=cfg.compact_ratio)
+        if variant == "compact_pruned":
+            from edgeweave.compress.prune import prune_l1_once
+
+            prune_l1_once(m, (1, cfg.in_channels, cfg.size, cfg.size), cfg.prune_ratio)
+    else:
+        raise EdgeweaveError(f"unknown variant {variant!r}")
+    return m.eval()
+
+
+def write_variant(base: str, variant: str, cfg: EdgediConfig, path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """Save the variant once; returns the path, its weights' hash and its size (params, FLOPs)."""
+    from edgeweave.checkpoint import ModelSpec, load_checkpoint, model_hash, save_checkpoint
+    from edgeweave.planning.cost import node_flops
+    from edgeweave.planning.graph import capture
+
+    path = Path(path)
+    if path.is_file():
+        m, _s, _ = load_checkpoint(path)
+    else:
+        m = build_variant(base, variant, cfg)
+        name = base if variant == "original" else f"compact_{base}"
+        kw = {} if variant == "original" else {"ratio": cfg.compact_ratio}
+        spec = ModelSpec(name, cfg.num_classes, cfg.in_channels, (cfg.size, cfg.size), kw)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.safetensors")
+        save_checkpoint(tmp, m, spec, extra={"variant": variant})
+        tmp.replace(path)
+    m.eval()
+    gm = capture(m, (1, cfg.in_channels, cfg.size, cfg.size))
+    flops = sum(node_flops(gm, n) for n in gm.graph.nodes)
+    return path, model_hash(m), {"params": sum(p.numel() for p in m.parameters()), "flops": flops}
+
+
+BASELINE = textwrap.dedent(
+    """
+    # the whole model on one device: plain torch, no network, no partitioning
+    import json, statistics, sys, time, torch
+    torch.set_num_threads(1)
+    from edgeweave.checkpoint import load_checkpoint
+    m, spec, _ = load_checkpoint(sys.argv[1]); m.eval()
+    size, ch, repeat = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    x = torch.randn(1, ch, size, size)
+    with torch.inference_mode():
+        m(x)
+        t = []
+        for _ in range(repeat):
+            t0 = time.perf_counter(); m(x); t.append(time.perf_counter() - t0)
+    print(json.dumps({"median_s": statistics.median(t), "times_s": t}))
+    """
+)
+
+
+def single_latency(tb: Any, device: str, ckpt: Path, cfg: EdgediConfig) -> dict[str, Any]:
+    p = tb.exec(device, [sys.executable, "-c", BASELINE, str(ckpt), str(cfg.size), str(cfg.in_channels),
+                         str(cfg.baseline_repeat)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=cfg.timeout_s)
+    if p.returncode != 0:
+        raise EdgeweaveError(f"single-device baseline failed on {device}: {err.strip()[-300:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ running
+def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("results")) -> dict[str, Any]:
+    """Bring the testbed up, profile, run every configuration and the adaptive stream; write
+    JSON/CSV/PNG/markdown under ``out_dir/edgedi``. Needs root and Linux."""
+    import torch
+
+    from edgeweave.bench import tbcluster as T
+    from edgeweave.testbed import Testbed, emulation_support
+
+    torch.set_num_threads(1)
+    cfg = cfg or EdgediConfig()
+    ok, why = emulation_support()
+    if not ok:
+        raise EdgeweaveError(f"bench edgedi needs the emulated testbed (root, Linux, iproute2, cgroup v1): {why}")
+    out = Path(out_dir) / "edgedi"
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    t_start = time.perf_counter()
+    state_before = T.machine_state()
+    console.print(f"[bold]bench edgedi[/bold] ({'quick' if cfg.quick else 'full'}): load average {state_before['loadavg']}")
+    spec = {"prefix": PREFIX, "subnet": SUBNET,
+            "devices": [{"name": n, "cpu": c, "bandwidth": r} for n, c, r in zip(NAMES, cfg.caps, cfg.rates)]}
+    rows: list[dict[str, Any]] = []
+    models: dict[str, dict[str, Any]] = {}
+    adapt: dict[str, Any] = {}
+    tb = Testbed.up(spec)
+    try:
+        caps = sorted({*cfg.caps, *cfg.adapt_caps})
+        console.print(f"profiling caps {caps} inside the testbed...")
+        profiles = T.profile_caps(tb, caps, quick=cfg.profile_quick, workdir=work / "profiles", timeout_s=cfg.timeout_s)
+        goodput = T.measure_rates(tb, sorted(set(cfg.rates), key=lambda r: -float(r.rstrip("mbit"))))
+        console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
+        sync = T.sync_latency(tb, NAMES[0], NAMES[1]) if cfg.model_latency else {}
+        latency_s = _planner_latency(sync)
+        for base in cfg.models:
+            for variant in cfg.variants:
+                key = f"{base}/{variant}"
+                ckpt, mhash, size = write_variant(base, variant, cfg, work / f"{base}-{variant}-{cfg.size}.safetensors")
+                single = {NAMES[i]: single_latency(tb, NAMES[i], ckpt, cfg) for i in _distinct_caps(cfg)}
+                models[key] = {"base": base, "variant": variant, "checkpoint": str(ckpt), "hash": mhash, **size,
+                               "single_s": {d: v["median_s"] for d, v in single.items()}, "single_times_s": single}
+                console.print(f"{key}: {size['flops'] / 1e9:.2f} GFLOPs, {size['params'] / 1e6:.2f} M params, single "
+                              + ", ".join(f"{d} {v['median_s']:.3f} s" for d, v in single.items()))
+                with_adapt = cfg.adapt_model == base and variant == "original"
+                r, a = _run_model(tb, cfg, key, ckpt, mhash, profiles, goodput, latency_s, work, T, with_adapt)
+                rows += r
+                if a:
+                    adapt = a
+    finally:
+        torn = tb.down()
+    state_after = T.machine_state()
+    _speedups(rows, models, cfg)
+    result = {
+        "config": asdict(cfg) | {"device_names": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": PREFIX,
+                                 "message_latency": sync, "planner_latency_s": latency_s},
+        "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
+                                "fits": p["fits"]} for c, p in profiles.items()},
+        "models": models,
+        "rows": rows,
+        "adapt": adapt,
+        "machine_before": state_before,
+        "machine_after": state_after,
+        "loadavg": {"before": state_before["loadavg"], "after": state_after["loadavg"]},
+        "testbed_down": {"remaining": torn.get("remaining")},
+        "seconds": time.perf_counter() - t_start,
+    }
+    result["summary"] = summarize(result, cfg)
+    result["targets"] = check_targets(result["summary"])
+    result["files"] = write_outputs(result, out)
+    return result
+
+
+def _planner_latency(sync: dict[str, Any]) -> float:
+    """Per-device, per-message latency for the planner from the harness's synchronisation probe
+    (whichever form it reports: a sync overhead or a one-way message latency), half each side."""
+    v = sync.get("overhead_s", sync.get("mean_s", 0.0))
+    return max(0.0, float(v)) / 2
+
+
+def _distinct_caps(cfg: EdgediConfig) -> list[int]:
+    """Device indices, one per distinct cap (the leader first): whose single latency we need."""
+    seen: dict[float, int] = {}
+    for i, c in enumerate(cfg.caps):
+        seen.setdefault(c, i)
+    return sorted(seen.values())
+
+
+def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, profiles: dict, goodput: dict,
+               latency_s: float, work: Path, T: Any, with_adapt: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from edgeweave.checkpoint import load_checkpoint
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+
+    net, _spec, _ = load_checkpoint(ckpt)
+    net.eval()
+    gm = capture(net, (1, cfg.in_channels, cfg.size, cfg.size))
+    for n, c, r in zip(NAMES, cfg.caps, cfg.rates):
+        tb.set_cpu(n, c)
+        tb.set_bandwidth(n, r)
+    nominal = T.planner_cluster(NAMES, cfg.caps, cfg.rates, profiles, goodput, latency_s)
+    tag = key.replace("/", "-")
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with T.BenchCluster(tb, ckpt, nominal, work / f"cluster-{tag}", timeout_s=cfg.timeout_s,
+                        driver="edgeweave.bench.edgedi_driver") as bc:
+        if bc.ready["model_hash"] != mhash:
+            raise EdgeweaveError("the leader's weights differ from the checkpoint written")
+        console.print(f"  cluster up in {time.perf_counter() - t0:.1f} s")
+        live = []
+        for k in cfg.devices:
+            cl = T.planner_cluster(NAMES[:k], cfg.caps[:k], cfg.rates[:k], profiles, goodput, latency_s)
+            t1 = time.perf_counter()
+            plan = make_plan(gm, cl, partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode, model_name=key, model_hash=mhash)
+            plan_s = time.perf_counter() - t1
+            pfile = work / "plans" / f"{tag}-{cfg.size}-{k}.json"
+            pfile.parent.mkdir(parents=True, exist_ok=True)
+            plan.save(pfile)
+            rep = bc.call({"op": "plan", "path": str(pfile.resolve())})
+            live.append({"k": k, "plan": plan, "plan_s": plan_s, "rep": rep, "lats": []})
+        for _ in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
+            for e in live:
+                e["lats"] += bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})["latencies_s"]
+        for e in live:
+            med = statistics.median(e["lats"])
+            plan = e["plan"]
+            rows.append({"model": key, "base": key.split("/")[0], "variant": key.split("/")[1], "devices": e["k"],
+                         "caps": list(cfg.caps[: e["k"]]), "rates": list(cfg.rates[: e["k"]]), "latency_s": med,
+                         "latencies_s": e["lats"], "predicted_s": plan.predicted_s,
+                         "prediction_error": abs(plan.predicted_s - med) / med, "rel_err": e["rep"]["rel_err"],
+                         "max_abs_err": e["rep"]["max_abs_err"], "stage_kinds": [s.kind for s in plan.stages],
+                         "leader_only": plan.meta.get("leader_only"), "plan_s": e["plan_s"]})
+            console.print(f"  {key} k={e['k']}: {med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {e['rep']['rel_err']:.1e})")
+        adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latency_s, work, T) if with_adapt else {}
+    return rows, adapt
+
+
+def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, profiles: dict, goodput: dict,
+           latency_s: float, work: Path, T: Any) -> dict[str, Any]:
+    """The stream with a cap change and back (see module doc)."""
+    from edgeweave.planning.planner import make_plan
+
+    dev = cfg.adapt_device
+    i = NAMES.index(dev)
+    hi, lo = cfg.adapt_caps
+    caps_nom = list(cfg.caps)
+    caps_nom[i] = hi
+    caps_low = list(caps_nom)
+    caps_low[i] = lo
+    tb.set_cpu(dev, hi)
+    nominal = T.planner_cluster(NAMES, caps_nom, cfg.rates, profiles, goodput, latency_s)
+    low = T.planner_cluster(NAMES, caps_low, cfg.rates, profiles, goodput, latency_s)
+    kw = dict(partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode, model_name=key, model_hash=mhash)
+    p_nom = make_plan(gm, nominal, **kw)
+    p_low = make_plan(gm, low, **kw)  # the best plan for the new caps: the reference after the change
+    d = work / "adapt"
+    d.mkdir(parents=True, exist_ok=True)
+    p_nom.save(d / "nominal.json")
+    p_low.save(d / "oracle_low.json")
+    nominal.save(d / "cluster.json")
+    console.print(f"adaptive stream: {key} on {len(NAMES)} devices; {dev} {hi:g} -> {lo:g} -> {hi:g} core "
+                  f"(predicted {p_nom.predicted_s:.3f} s nominal, {p_low.predicted_s:.3f} s best at {lo:g})")
+    start = bc.call({"op": "stream_start", "path": str((d / "nominal.json").resolve()),
+                     "cluster": str((d / "cluster.json").resolve()), "policy": dict(cfg.adapt_policy)})
+    recs: list[dict[str, Any]] = []
+    phases = []
+    for ph, (cap, n) in enumerate(zip((hi, lo, hi), cfg.adapt_frames)):
+        tb.set_cpu(dev, cap)
+        first = len(recs)
+        r = bc.call({"op": "stream", "frames": n}, timeout_s=cfg.timeout_s)["records"]
+        for x in r:
+            x["phase"], x["cap"] = ph, cap
+        recs += r
+        phases.append({"phase": ph, "cap": cap, "first_frame": first, "frames": n})
+        console.print(f"  phase {ph} ({dev} at {cap:g} core): " + " ".join(
+            f"{x['latency_s']:.2f}{'*' if x['event'] == 'replanned' else ''}" for x in r))
+        if ph == 1:  # the oracle plan, measured in the slow phase, for reference
+            rep = bc.call({"op": "plan", "path": str((d / "oracle_low.json").resolve())})
+            lats = bc.call({"op": "infer", "plan_id": rep["plan_id"], "repeat": 3})["latencies_s"]
+            phases[-1]["oracle_measured_s"] = statistics.median(lats)
+    check = bc.call({"op": "check"})
+    tb.set_cpu(dev, hi)
+    refs = {1: p_low.predicted_s, 2: p_nom.predicted_s}
+    for ph in phases:
+        ph["reference_s"] = refs.get(ph["phase"], p_nom.predicted_s)
+        sel = [x for x in recs if x["phase"] == ph["phase"]]
+        ph["replans"] = sum(x["event"] == "replanned" for x in sel)
+        ph["evaluations"] = sum(x["event"] != "" for x in sel)
+        if ph["phase"] > 0:
+            ph.update(recovery(sel, ph["reference_s"]))
+            if "oracle_measured_s" in ph:
+                ph["frames_to_recover_vs_measured_oracle"] = recovery(sel, ph["oracle_measured_s"])["frames_to_recover"]
+    return {"model": key, "device": dev, "caps": [hi, lo, hi], "frames": list(cfg.adapt_frames),
+            "start_rel_err": start["rel_err"], "final_rel_err": check["rel_err"], "records": recs, "phases": phases,
+            "nominal_predicted_s": p_nom.predicted_s, "oracle_predicted_s": p_low.predicted_s,
+            "policy": dict(cfg.adapt_policy)}
+
+
+def recovery(records: list[dict[str, Any]], reference_s: float, tol: float = 0.10) -> dict[str, Any]:
+    """Frames (1 = the first frame after the change) until latency is within ``tol`` of the
+    reference; also how many of the later frames stayed there (noise on a shared host)."""
+    lats = [r["latency_s"] for r in records]
+    ok = [x <= (1 + tol) * reference_s for x in lats]
+    first = next((j for j, v in enumerate(ok) if v), None)
+    later = ok[first:] if first is not None else []
+    return {"frames_to_recover": first + 1 if first is not None else None,
+            "within_after_recovery": sum(later) / len(later) if later else None,
+            "median_after_recovery_over_ref": (statistics.median(lats[first:]) / reference_s) if first is not None else None,
+            "first_replan_frame": next((j + 1 for j, r in enumerate(records) if r["event"] == "replanned"), None)}
+
+
+def _speedups(rows: list[dict[str, Any]], models: dict[str, dict[str, Any]], cfg: EdgediConfig) -> None:
+    """Speedup over the same model on the leader alone, its bound, and over the original model."""
+    for r in rows:
+        m = models[r["model"]]
+        speed = {c: 1.0 / m["single_s"][NAMES[i]] for c, i in ((cfg.caps[i], i) for i in _distinct_caps(cfg))}
+        lead = m["single_s"][NAMES[0]]
+        r["single_device_s"] = lead
+        r["speedup"] = lead / r["latency_s"]
+        r["bound"] = sum(speed[c] for c in cfg.caps[: r["devices"]]) / speed[cfg.caps[0]]
+        r["speedup_vs_bound"] = r["speedup"] / r["bound"]
+        orig = models.get(f"{r['base']}/original")
+        r["speedup_vs_original"] = orig["single_s"][NAMES[0]] / r["latency_s"] if orig else None
+
+
+def _row(rows: list[dict[str, Any]], model: str, k: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["model"] == model and r["devices"] == k), None)
+
+
+def summarize(result: dict[str, Any], cfg: EdgediConfig) -> dict[str, Any]:
+    rows, models, adapt = result["rows"], result["models"], result["adapt"]
+    main, kmax = cfg.models[0], max(cfg.devices)
+    s: dict[str, Any] = {"main_model": main, "devices_max": kmax}
+    o, c = models.get(f"{main}/original"), models.get(f"{main}/compact")
+    s["compact_flops_ratio"] = c["flops"] / o["flops"] if o and c else None
+    s["flops_ratio"] = {k: v["flops"] / models[f"{v['base']}/original"]["flops"] for k, v in models.items()}
+    r = _row(rows, f"{main}/original", kmax)
+    s["speedup_vs_bound"] = r["speedup_vs_bound"] if r else None
+    s["speedup_4dev"], s["bound_4dev"] = (r["speedup"], r["bound"]) if r else (None, None)
+    rc = _row(rows, f"{main}/compact", kmax)
+    s["compact_speedup_4dev"] = rc["speedup_vs_original"] if rc else None
+    rp = _row(rows, f"{main}/compact_pruned", kmax)
+    s["compact_pruned_speedup_4dev"] = rp["speedup_vs_original"] if rp else None
+    s["speedup_vs_bound_all"] = {f"{x['model']} k={x['devices']}": x["speedup_vs_bound"] for x in rows}
+    s["max_rel_err"] = max((x["rel_err"] for x in rows), default=None)
+    errs = [x["prediction_error"] for x in rows]
+    s["prediction_error_median"] = statistics.median(errs) if errs else None
+    if adapt:
+        ph = adapt["phases"]
+        rec = [p.get("frames_to_recover") for p in ph[1:]]
+        s["adapt_frames_to_recover"] = None if any(v is None for v in rec) else max(rec)
+        s["adapt_frames_to_recover_per_change"] = rec
+        s["adapt_frames_to_recover_vs_measured_oracle"] = ph[1].get("frames_to_recover_vs_measured_oracle")
+        s["adapt_replans_per_phase"] = [p["replans"] for p in ph]
+        s["adapt_replans_steady"] = ph[0]["replans"] + sum(max(0, p["replans"] - 1) for p in ph[1:])
+        s["adapt_replan_s_max"] = max((x["replan_s"] for x in adapt["records"]), default=0.0)
+    else:
+        s["adapt_frames_to_recover"] = None
+        s["adapt_replans_steady"] = None
+    return s
+
+
+def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (op, thr) in TARGETS.items():
+        v = summary.get(key)
+        out[key] = {"value": v, "target": f"{op} {thr}", "met": None if v is None else (v >= thr if op == ">=" else v <= thr)}
+    return out
+
+
+# ------------------------------------------------------------------------------------ outputs
+CSV_KEYS = ("model", "devices", "caps", "rates", "latency_s", "predicted_s", "prediction_error", "single_device_s",
+            "speedup", "bound", "speedup_vs_bound", "speedup_vs_original", "rel_err")
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
+    files = {"json": str(out / "edgedi.json"), "csv": str(out / "edgedi.csv"), "report": str(out / "report.md")}
+    with open(files["csv"], "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_KEYS)
+        for r in result["rows"]:
+            w.writerow([";".join(map(str, r[k])) if isinstance(r.get(k), list) else r.get(k) for k in CSV_KEYS])
+    if result["adapt"]:
+        files["adapt_csv"] = str(out / "adapt.csv")
+        with open(files["adapt_csv"], "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["index", "phase", "cap", "latency_s", "plan_version", "predicted_s", "estimated_s", "event", "factors"])
+            for x in result["adapt"]["records"]:
+                w.writerow([x["index"], x["phase"], x["cap"], x["latency_s"], x["plan_version"], x["predicted_s"],
+                            x["estimated_s"], x["event"], ";".join(f"{f:.3f}" for f in x["factors"])])
+    files |= write_plots(result, out)
+    Path(files["report"]).write_text(to_markdown(result, files))
+    from edgeweave.cli.common import _clean  # noqa: PLC0415 - the same NaN cleaning as every --json
+
+    Path(files["json"]).write_text(json.dumps(_clean(result | {"files": files}), indent=2) + "\n")
+    return files
+
+
+def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: dict[str, str] = {}
+    rows = result["rows"]
+    if rows:
+        bases = list(dict.fromkeys(r["base"] for r in rows))
+        fig, axes = plt.subplots(1, len(bases), figsize=(5.5 * len(bases), 4), squeeze=False)
+        for ax, b in zip(axes[0], bases):
+            for model in dict.fromkeys(r["model"] for r in rows if r["base"] == b):
+                pts = sorted((r["devices"], r["speedup_vs_original"], r["bound"]) for r in rows if r["model"] == model)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model.split('/')[1]} measured")
+                if model.endswith("/original"):
+                    ax.plot([p[0] for p in pts], [p[2] for p in pts], "k:", label="bound (original)")
+            ax.set(xlabel="devices", ylabel="speedup over the original on the leader alone", title=b)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["plot_speedup"] = str(out / "speedup.png")
+        fig.savefig(files["plot_speedup"], dpi=110)
+        plt.close(fig)
+    ad = result["adapt"]
+    if ad:
+        recs = ad["records"]
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+        xs = [r["index"] for r in recs]
+        ax.plot(xs, [r["latency_s"] for r in recs], marker="o", ms=3, label="measured latency")
+        ax.plot(xs, [r["estimated_s"] for r in recs], ls="--", color="0.5", label="current plan, re-priced on estimates")
+        for ph in ad["phases"]:
+            x0, x1 = ph["first_frame"] - 0.5, ph["first_frame"] + ph["frames"] - 0.5
+            ref = ph["reference_s"]
+            ax.hlines(ref, x0, x1, colors="g", label="best plan's prediction" if ph["phase"] == 0 else None)
+            ax.fill_between([x0, x1], [ref] * 2, [1.1 * ref] * 2, color="g", alpha=0.12, label="+10%" if ph["phase"] == 0 else None)
+            if ph["phase"] > 0:
+                ax.axvline(x0, color="r", lw=0.8)
+                ax.text(x0 + 0.2, ref, f" {ad['device']} -> {ph['cap']:g} core", color="r", fontsize=8, va="bottom")
+            if "oracle_measured_s" in ph:
+                ax.hlines(ph["oracle_measured_s"], x0, x1, colors="m", linestyles=":", label="best plan, measured")
+        rx = [r["index"] for r in recs if r["event"] == "replanned"]
+        ax.scatter(rx, [r["latency_s"] for r in recs if r["event"] == "replanned"], marker="*", s=140, color="k", zorder=4, label="re-plan")
+        ax.set(ylabel="latency (s)", title=f"adaptive partitioning: {ad['model']}, {ad['device']} {ad['caps'][0]:g} -> {ad['caps'][1]:g} -> {ad['caps'][2]:g} core")
+        ax.legend(fontsize=7)
+        names = result["config"]["device_names"]
+        for d in range(len(recs[0]["factors"])):
+            ax2.plot(xs, [r["factors"][d] for r in recs], label=names[d])
+        ax2.set(xlabel="frame", ylabel="speed factor (1 = profiled)")
+        ax2.legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        files["plot_adapt"] = str(out / "adapt.png")
+        fig.savefig(files["plot_adapt"], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
+    cfg, s, tg = result["config"], result["summary"], result["targets"]
+    m0, m1 = result["machine_before"], result["machine_after"]
+    L = ["# EdgeDI on the emulated testbed", "",
+         f"Mode: {'quick' if cfg['quick'] else 'full'}; {result['seconds'] / 60:.1f} min. Host: {m0['cpus']} CPUs (shared), "
+         f"load average {m0['loadavg']} before, {m1['loadavg']} after; torch {m0['torch']}.", "",
+         f"- devices {', '.join(f'{n} {c:g} core @ {r}' for n, c, r in zip(cfg['device_names'], cfg['caps'], cfg['rates']))} "
+         f"(cgroup v1 quota, 10 ms period; 1 thread per process; leader in its own namespace and cap)",
+         f"- models {', '.join(cfg['models'])} at {cfg['size']}x{cfg['size']}, {cfg['in_channels']} channel, {cfg['num_classes']} classes; "
+         f"variants {', '.join(cfg['variants'])} (compact ratio {cfg['compact_ratio']}, L1 structural pruning {cfg['prune_ratio']:g})",
+         f"- planner: {cfg['partition']} / {cfg['fusion']} / {cfg['mode']}; link goodput "
+         + ", ".join(f"{k}: {v / 1e6:.0f} Mbit/s" for k, v in cfg["link_goodput_bps"].items()),
+         f"- speedup = the same model on the 0.25-core leader alone (plain torch) / latency on k devices; bound = sum of "
+         "the k devices' speeds / the leader's (speed = 1 / measured single-device latency of that model)",
+         "", "## Summary and targets", "", "| key | value | target | met |", "|---|---|---|---|"]
+    for k, t in tg.items():
+        L.append(f"| {k} | {_f(t['value'])} | {t['target']} | {t['met']} |")
+    for k in ("compact_flops_ratio", "speedup_4dev", "bound_4dev", "compact_speedup_4dev", "compact_pruned_speedup_4dev",
+              "prediction_error_median", "max_rel_err", "adapt_frames_to_recover_per_change",
+              "adapt_frames_to_recover_vs_measured_oracle", "adapt_replans_per_phase", "adapt_replan_s_max"):
+        if k in s:
+            L.append(f"| {k} | {_f(s[k]) if not isinstance(s[k], list) else s[k]} | | |")
+    L += ["", "## Models", "", "| model | GFLOPs | M params | single s (per cap) |", "|---|---|---|---|"]
+    for k, m in result["models"].items():
+        L.append(f"| {k} | {m['flops'] / 1e9:.3f} | {m['params'] / 1e6:.3f} | "
+                 + ", ".join(f"{d}: {v:.3f}" for d, v in m["single_s"].items()) + " |")
+    L += ["", "## Runs", "", "| model | k | latency s | predicted s | speedup | bound | speedup/bound | vs original | rel_err |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        L.append(f"| {r['model']} | {r['devices']} | {r['latency_s']:.3f} | {r['predicted_s']:.3f} | {r['speedup']:.2f} | "
+                 f"{r['bound']:.2f} | {r['speedup_vs_bound']:.2f} | {_f(r['speedup_vs_original'], 2)} | {r['rel_err']:.1e} |")
+    ad = result["adapt"]
+    if ad:
+        L += ["", "## Adaptive partitioning", "",
+              f"{ad['model']}, {ad['device']} at {ad['caps']} core, {ad['frames']} frames; nominal plan predicted "
+              f"{ad['nominal_predicted_s']:.3f} s, best plan at the low cap {ad['oracle_predicted_s']:.3f} s; policy "
+              f"{ad['policy'] or 'defaults'}; output rel_err at start {ad['start_rel_err']:.1e}, end {ad['final_rel_err']:.1e}.", "",
+              "| phase | cap | frames | re-plans | evaluations | reference s | frames to recover | within 10% after |", "|---|---|---|---|---|---|---|---|"]
+        for p in ad["phases"]:
+            L.append(f"| {p['phase']} | {p['cap']} | {p['frames']} | {p['replans']} | {p['evaluations']} | {p['reference_s']:.3f} | "
+                     f"{_f(p.get('frames_to_recover'))} | {_f(p.get('within_after_recovery'), 2)} |")
+    L += ["", "Files: " + ", ".join(Path(v).name for v in files.values()), ""]
+    return "\n".join(L)
