@@ -109,7 +109,7 @@ def test_outputs_written(tmp_path):
 
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": {"1000mbit": 9.4e8},
-                                 "message_latency": {"mean_s": 4e-3, "median_s": 2e-3}, "planner_latency_s": 2e-3},
+                                 "message_latency": {"overhead_s": 4e-3, "work_ms": 4.0}, "planner_latency_s": 2e-3},
         "profiles": {"0.25": {"a": 5e-11, "b": 2e-4, "per_kind": {}, "fits": {"conv": {"heldout_median_rel_err": 0.1}}}},
         "baselines": {"vgg16@112": {"median_s": 4.0, "times_s": [4.0]}},
         "rows": rows, "machine_before": {"cpus": 2, "loadavg": [0.5, 0.5, 0.5], "torch": "x"},

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ class EdgeldConfig:
     repeat: int = 5
     baseline_repeat: int = 3
     profile_quick: bool = False
+    nice: int = -10  # scheduling priority of every benchmark process (root): the boards are dedicated, the host is shared
     model_latency: bool = True  # give the planner the measured per-message latency between busy capped devices
     quick: bool = False
     timeout_s: float = 600.0
@@ -156,6 +158,11 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         raise EdgeweaveError(f"bench edgeld needs the emulated testbed (root, Linux, iproute2, cgroup v1): {why}")
     out = Path(out_dir) / "edgeld"
     out.mkdir(parents=True, exist_ok=True)
+    old_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if cfg.nice and os.geteuid() == 0:
+        # inherited by everything started below (devices, baselines, probes): the emulated boards
+        # are dedicated machines, so other users of this host should not take their CPU share
+        os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)
     work = out / "work"
     t_start = time.perf_counter()
     state_before = T.machine_state()
@@ -175,9 +182,9 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         goodput = T.measure_rates(tb, rates)
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
         sync = T.sync_latency(tb, NAMES[0], NAMES[1])
-        latency_s = sync["mean_s"] / 2 if cfg.model_latency else 0.0
-        console.print(f"message latency between busy {cfg.cpu:g}-core devices: mean {1e3 * sync['mean_s']:.2f} ms, "
-                      f"median {1e3 * sync['median_s']:.2f} ms (planner: {1e3 * latency_s:.2f} ms per device and message)")
+        latency_s = max(0.0, sync["overhead_s"]) / 2 if cfg.model_latency else 0.0
+        console.print(f"synchronisation cost between busy {cfg.cpu:g}-core devices: {1e3 * sync['overhead_s']:.2f} ms "
+                      f"(planner: latency {1e3 * latency_s:.2f} ms per device and message)")
         baselines = _baselines(tb, cfg, T, "start")
         for model in cfg.models:
             rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latency_s, work, T)
@@ -187,6 +194,8 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
             baselines[k]["median_s"] = statistics.median(baselines[k]["times_s"])
     finally:
         torn = tb.down()
+        if os.geteuid() == 0:
+            os.setpriority(os.PRIO_PROCESS, 0, old_nice)
     state_after = T.machine_state()
     for r in rows:
         b = baselines.get(f"{r['model']}@{r['size']}")
@@ -482,16 +491,17 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"Mode: {'quick' if cfg['quick'] else 'full'}; {result['seconds'] / 60:.1f} min. "
          f"Host: {m0['cpus']} CPUs, load average {m0['loadavg']} before, {m1['loadavg']} after; torch {m0['torch']}.",
          "", "## Configuration", "",
-         f"- devices: {', '.join(cfg['devices'])}; {cfg['cpu']} core each (cgroup v1 quota, 10 ms period), 1 thread per process",
+         f"- devices: {', '.join(cfg['devices'])}; {cfg['cpu']} core each (cgroup v1 quota, 10 ms period), 1 thread per process, "
+         f"nice {cfg.get('nice', 0)} (the host is shared; the boards they stand for are not)",
          f"- models: {', '.join(cfg['models'])} (torchvision, classifier included), input {cfg['size']}, batch 1",
          f"- links (tc tbf, both ends): {', '.join(cfg['rates'])}; measured goodput "
          + ", ".join(f"{k}: {v / 1e6:.0f} Mbit/s" for k, v in cfg["link_goodput_bps"].items()),
          f"- heterogeneous: caps {cfg['hetero_caps']}, links {cfg['hetero_rates']} (leader first)",
          f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end",
-         f"- message latency between two busy capped devices (gloo, the runtime's wait): mean "
-         f"{1e3 * cfg['message_latency']['mean_s']:.2f} ms, median {1e3 * cfg['message_latency']['median_s']:.2f} ms; "
-         f"planner latency_s {1e3 * cfg['planner_latency_s']:.2f} ms per device and message",
+         f"- synchronisation cost between two busy capped devices (rounds of {cfg['message_latency']['work_ms']:g} ms CPU "
+         f"with and without a message exchange, gloo, the runtime's wait): {1e3 * cfg['message_latency']['overhead_s']:.2f} ms "
+         f"per round; planner latency_s {1e3 * cfg['planner_latency_s']:.2f} ms per device and message",
          "- profiles (edgeweave profile inside a capped namespace, conv line): "
          + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "
                      f"{100 * p['fits'].get('conv', {}).get('heldout_median_rel_err', float('nan')):.1f}%"

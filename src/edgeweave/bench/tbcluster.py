@@ -148,7 +148,7 @@ def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence
 
 SYNC = textwrap.dedent(
     """
-    # one-way message latency between two *busy* CPU-capped devices, through the runtime's wait
+    # what one synchronisation costs two busy CPU-capped devices, waited for as the runtime waits
     import json, statistics, sys, time, torch, torch.distributed as dist
     from edgeweave.runtime.wire import wait_work
     torch.set_num_threads(1)
@@ -161,36 +161,40 @@ SYNC = textwrap.dedent(
             a @ a
     def wait(w):
         wait_work(w, timeout_s=30.0, probe=None, describe=lambda: "peer")
-    dist.barrier()
-    lat = []
-    for r in range(rounds):
-        busy()
-        t = torch.tensor([time.monotonic()] * 128, dtype=torch.float64)  # 1 KiB
-        if r % 2 == rank:
-            wait(dist.isend(t, 1 - rank))
-        else:
-            ready = time.monotonic()
-            wait(dist.irecv(t, 1 - rank))
-            lat.append(time.monotonic() - max(float(t[0]), ready))
-    out = torch.tensor(lat, dtype=torch.float64)
+    def timed(exchange):
+        out = []
+        dist.barrier()
+        for r in range(rounds):
+            t0 = time.monotonic()
+            busy()
+            if exchange:   # like a stage boundary: both send a halo-sized message, both wait
+                s = dist.isend(torch.zeros(256), 1 - rank)
+                wait(dist.irecv(torch.empty(256), 1 - rank))
+                wait(s)
+            out.append(time.monotonic() - t0)
+        return out[2:]
+    alone, synced = timed(False), timed(True)
+    res = torch.tensor([statistics.fmean(alone), statistics.fmean(synced), statistics.median(alone), statistics.median(synced)], dtype=torch.float64)
     if rank == 1:
-        wait(dist.isend(out, 0))
+        wait(dist.isend(res, 0))
     else:
-        other = torch.empty_like(out)
+        other = torch.empty_like(res)
         wait(dist.irecv(other, 1))
-        allv = sorted(lat[2:] + other.tolist()[2:])
-        print(json.dumps({"median_s": statistics.median(allv), "mean_s": statistics.fmean(allv),
-                          "p90_s": allv[int(0.9 * (len(allv) - 1))], "n": len(allv), "work_ms": work_ms}))
+        m = ((res + other) / 2).tolist()
+        print(json.dumps({"busy_round_s": m[0], "synced_round_s": m[1], "overhead_s": m[1] - m[0],
+                          "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms}))
     dist.destroy_process_group()
     """
 )
 
 
-def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 60, work_ms: float = 4.0, timeout_s: float = 120.0) -> dict[str, Any]:
-    """One-way latency of a small message between two devices that were both computing just
-    before (``work_ms`` of CPU each round), waited for the way the runtime waits. Under a CPU
-    quota this is far more than the wire latency: a receiver or sender that used up its quota
-    sleeps until the next period. The planner's per-message ``latency_s`` comes from this."""
+def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0) -> dict[str, Any]:
+    """What one synchronisation costs two busy devices: rounds of ``work_ms`` CPU seconds each,
+    alone and then ending with a small message exchange (as at a stage boundary), waited for the
+    way the runtime waits; ``overhead_s`` = mean synced round - mean busy round. Under a CPU
+    quota this is far more than the wire latency: a device that used up its quota sleeps until
+    the next period, and the two devices finish their work out of phase. The planner's
+    per-message ``latency_s`` (added once at each end of a transfer) comes from this."""
     port = str(random.randint(40000, 49999))
     procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate((a, b))]
