@@ -12,15 +12,32 @@ pooling), and runs with H-padding 0 and its original W padding; pointwise ops ru
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from edgeweave.planning.graph import Window, node_kind, node_shape, node_window, nodes_by_name, tensor_inputs
+from edgeweave.planning.graph import (
+    Reduce,
+    Window,
+    is_small,
+    node_kind,
+    node_reduce,
+    node_shape,
+    node_window,
+    nodes_by_name,
+    side_inputs,
+    tensor_inputs,
+)
 from edgeweave.planning.halo import EMPTY, Range, is_empty, required_rows, window_in_rows
-from edgeweave.planning.plan import Plan, Stage
+from edgeweave.planning.plan import Plan, Reduction, Stage
+
+# A device's side of a reduction: (index in stage.reductions, its partial sum or None) in,
+# the total over all devices out (None on followers of a ``reduce`` stage, which need no total).
+ReduceFn = Callable[[int, "torch.Tensor | None"], "torch.Tensor | None"]
+Program = Generator[tuple[int, "torch.Tensor | None"], "torch.Tensor | None", Any]
 
 
 def split_axis(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
@@ -104,18 +121,51 @@ def _bad(n: torch.fx.Node) -> Any:
     raise ValueError(f"linear stage reads {n.name}, which is not the previous node")
 
 
-def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Range, x: torch.Tensor) -> torch.Tensor:
+def partial_sum(t: torch.Tensor) -> torch.Tensor:
+    """A strip's share of a reduction over H and W: ``[N, C, 1, 1]`` (the wire format)."""
+    return t.sum(dim=(2, 3), keepdim=True)
+
+
+def finish_reduce(red: Reduce, total: torch.Tensor) -> torch.Tensor:
+    """The reducing node's value from the total of the partial sums."""
+    v = total / red.count if red.op == "mean" else total
+    return v if red.keepdim else v[:, :, 0, 0]
+
+
+def partial_shape(gm: torch.fx.GraphModule, r: Reduction) -> list[int]:
+    shape = node_shape(nodes_by_name(gm)[r.source]) or [0, 0]
+    return [int(shape[0]), int(shape[1]), 1, 1]
+
+
+def _small_value(gm: torch.fx.GraphModule, node: torch.fx.Node, small: dict[str, Any]) -> Any:
+    def arg(n: torch.fx.Node) -> Any:
+        if n.name in small:
+            return small[n.name]
+        if n.op == "get_attr":
+            return _call(gm, n, (), {})
+        raise ValueError(f"small node {node.name} reads {n.name}, which is not a small value")
+
+    args = torch.fx.node.map_arg(node.args, arg)
+    kwargs = torch.fx.node.map_arg(node.kwargs, arg)
+    return _call(gm, node, args, kwargs)
+
+
+def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_rows: Range, out: Range,
+                     x: torch.Tensor) -> Program:
     in_node, outs = stage_io(gm, stage)
     (out_node,) = outs
     by = nodes_by_name(gm)
     nodes = [by[n] for n in stage.nodes]
-    need = required_rows(gm, nodes, out_node, out)
+    reds = {r.node: (i, r) for i, r in enumerate(stage.reductions)}
+    extra = {r.source: r.owned(device) for r in stage.reductions}
+    need = required_rows(gm, nodes, out_node, out, extra)
     want = need.get(in_node.name, EMPTY)
     if not is_empty(want) and not (in_rows[0] <= want[0] and want[1] <= in_rows[1]):
         raise ValueError(f"stage {stage.index}: input rows {in_rows} do not cover the needed {want}")
     if x.shape[2] != in_rows[1] - in_rows[0]:
         raise ValueError(f"stage {stage.index}: got {x.shape[2]} input rows, the assignment says {in_rows}")
     env: dict[str, tuple[torch.Tensor, int]] = {in_node.name: (x, in_rows[0])}
+    small: dict[str, Any] = {}
 
     def take(node: torch.fx.Node, lo: int, hi: int) -> torch.Tensor:
         if hi <= lo:  # windows that see padding only: an empty slice of the right shape
@@ -128,10 +178,23 @@ def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Ra
         return t.narrow(2, lo - off, hi - lo)
 
     for node in nodes:
+        if node.name in reds:
+            i, red = reds[node.name]
+            own = red.owned(device)
+            part = None if is_empty(own) else partial_sum(take(by[red.source], own[0], own[1]))
+            total = yield (i, part)
+            if total is None:
+                raise ValueError(f"stage {stage.index}: no total for reduction {node.name}")
+            small[node.name] = finish_reduce(node_reduce(node) or _no_reduce(node), total)
+            continue
+        if is_small(node) and any(i.name in small for i in tensor_inputs(node)):
+            small[node.name] = _small_value(gm, node, small)
+            continue
         r = need.get(node.name, EMPTY)
         if is_empty(r):
             continue
         kind = node_kind(node)
+        side = side_inputs(node)
         if kind == "window":
             (inp,) = tensor_inputs(node)
             w = node_window(gm, node)
@@ -140,14 +203,103 @@ def _run_spatial(gm: torch.fx.GraphModule, stage: Stage, in_rows: Range, out: Ra
             y = apply_window(mod, w, take(inp, lo, hi), pt, pb)
             if y.shape[2] != r[1] - r[0]:
                 raise AssertionError(f"node {node.name}: computed {y.shape[2]} rows for {r}")
-        elif kind == "pointwise":
-            args = torch.fx.node.map_arg(node.args, lambda n: take(n, r[0], r[1]))
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: take(n, r[0], r[1]))
+        elif kind == "pointwise" or side:
+            def arg(n: torch.fx.Node, r: Range = r, side: tuple[str, ...] = side) -> Any:
+                if n.name in side:
+                    if n.name not in small:
+                        raise ValueError(f"node {node.name}: side input {n.name} is not computed in this stage")
+                    return small[n.name]
+                return take(n, r[0], r[1])
+
+            args = torch.fx.node.map_arg(node.args, arg)
+            kwargs = torch.fx.node.map_arg(node.kwargs, arg)
             y = _call(gm, node, args, kwargs)
         else:
             raise ValueError(f"node {node.name} of kind {kind} cannot run on a strip")
         env[node.name] = (y, r[0])
     return take(out_node, out[0], out[1]).contiguous()
+
+
+def _no_reduce(node: torch.fx.Node) -> Reduce:
+    raise ValueError(f"node {node.name} is listed as a reduction but is not a sum/mean over H and W")
+
+
+def _reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
+    """A ``reduce`` stage: partial sums of the held rows; the leader finishes the small nodes."""
+    in_node, outs = stage_io(gm, stage)
+    by = nodes_by_name(gm)
+    reds = {r.node: (i, r) for i, r in enumerate(stage.reductions)}
+    small: dict[str, Any] = {}
+    for name in stage.nodes:
+        node = by[name]
+        if name in reds:
+            i, red = reds[name]
+            if red.source != in_node.name:
+                raise ValueError(f"stage {stage.index}: reduction {name} must read the stage input")
+            own = red.owned(device)
+            if not is_empty(own) and (x is None or x.shape[2] != own[1] - own[0]):
+                raise ValueError(f"stage {stage.index}: device {device} holds no rows {own} to reduce")
+            total = yield (i, None if is_empty(own) or x is None else partial_sum(x))
+            if total is None:  # a follower: its part is done
+                return None
+            small[name] = finish_reduce(node_reduce(node) or _no_reduce(node), total)
+        else:
+            small[name] = _small_value(gm, node, small)
+    if len(outs) == 1:
+        return small[outs[0].name]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    return torch.fx.node.map_arg(out_node.args[0], lambda n: small[n.name])
+
+
+def stage_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
+    """``run_stage`` as a generator that yields at every reduction (see ``run_stage``)."""
+    a = stage.assignment(device)
+    if stage.kind == "reduce":
+        return _reduce_program(gm, stage, device, None if x is None else x.clone())
+    if a is None or is_empty(a.out_rows):
+        raise ValueError(f"device {device} has no work in stage {stage.index}")
+    assert x is not None
+    x = x.clone()
+    if stage.kind == "spatial":
+        return _spatial_program(gm, stage, device, a.in_rows, a.out_rows, x)
+    if stage.reductions:
+        raise ValueError(f"stage {stage.index}: only spatial and reduce stages have reductions")
+
+    def plain() -> Program:
+        if stage.kind == "leader":
+            return _run_whole(gm, stage, x)
+        if stage.kind == "linear":
+            return _run_linear(gm, stage, a.out_rows, x)
+        raise ValueError(f"unknown stage kind {stage.kind!r}")
+        yield  # a generator that never yields
+
+    return plain()
+
+
+def drive(program: Program, reduce_fn: ReduceFn | None, stage: Stage) -> Any:
+    """Run a stage program to its end, answering each reduction with ``reduce_fn``."""
+    try:
+        msg = next(program)
+        while True:
+            if reduce_fn is None:
+                raise ValueError(f"stage {stage.index} has reductions; run_stage needs a reduce_fn")
+            msg = program.send(reduce_fn(*msg))
+    except StopIteration as stop:
+        return stop.value
+
+
+def sum_partials(red: Reduction, parts: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Add the partial sums in the plan's order (the same order everywhere: reproducible)."""
+    total: torch.Tensor | None = None
+    for d, rows in red.rows:
+        if is_empty(rows):
+            continue
+        if d not in parts:
+            raise AssertionError(f"reduction {red.node}: no partial sum from device {d}")
+        total = parts[d].clone() if total is None else total + parts[d]
+    if total is None:
+        raise AssertionError(f"reduction {red.node}: nobody owns any rows")
+    return total
 
 
 def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
@@ -172,25 +324,22 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def run_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor) -> Any:
+def run_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None,
+              reduce_fn: ReduceFn | None = None) -> Any:
     """Compute rows ``out_rows`` of the stage output on ``device`` from rows ``in_rows`` of its input.
 
     ``x`` holds exactly rows ``stage.assignment(device).in_rows`` of the stage input along the
     split axis (the whole vector for linear stages, the whole tensor for leader stages). It is
     cloned first: models with in-place ops (``ReLU(inplace=True)``, ``+=``) must not write into a
     buffer the caller still sends to other devices.
+
+    Stages with ``reductions`` (plan.py) need ``reduce_fn(i, partial) -> total``: at reduction
+    ``i`` the device hands over its partial sum (None when it owns no rows) and gets the total
+    over all devices (the runtime sends it through the leader; ``simulate`` adds it in-process).
+    In a ``reduce`` stage ``x`` is the device's held rows (None on a leader holding none) and
+    followers return None.
     """
-    a = stage.assignment(device)
-    if a is None or is_empty(a.out_rows):
-        raise ValueError(f"device {device} has no work in stage {stage.index}")
-    x = x.clone()
-    if stage.kind == "leader":
-        return _run_whole(gm, stage, x)
-    if stage.kind == "linear":
-        return _run_linear(gm, stage, a.out_rows, x)
-    if stage.kind == "spatial":
-        return _run_spatial(gm, stage, a.in_rows, a.out_rows, x)
-    raise ValueError(f"unknown stage kind {stage.kind!r}")
+    return drive(stage_program(gm, stage, device, x), reduce_fn, stage)
 
 
 Pieces = list[tuple[int, int, Any]]
@@ -233,11 +382,24 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor) -> Any:
             piece = extract(hold.get(t.src, []), t.rows, axis, f"stage {stage.index}: device {t.src}")
             hold.setdefault(t.dst, []).append((t.rows[0], t.rows[1], piece.clone()))
         new: dict[int, Pieces] = {}
-        for a in stage.assignments:
-            if is_empty(a.out_rows):
+        programs: dict[int, Program] = {}
+        if stage.kind == "reduce":
+            for a in stage.assignments:
+                if a.device == 0 or not is_empty(a.in_rows):
+                    xin = None if is_empty(a.in_rows) else extract(hold.get(a.device, []), a.in_rows, axis,
+                                                                   f"stage {stage.index}: device {a.device}")
+                    programs[a.device] = stage_program(gm, stage, a.device, xin)
+        else:
+            for a in stage.assignments:
+                if is_empty(a.out_rows):
+                    continue
+                xin = extract(hold.get(a.device, []), a.in_rows, axis, f"stage {stage.index}: device {a.device}")
+                programs[a.device] = stage_program(gm, stage, a.device, xin)
+        for d, y in _lockstep(stage, programs).items():
+            if y is None:
                 continue
-            xin = extract(hold.get(a.device, []), a.in_rows, axis, f"stage {stage.index}: device {a.device}")
-            y = run_stage(gm, stage, a.device, xin)
+            a = stage.assignment(d)
+            assert a is not None
             if isinstance(y, torch.Tensor):
                 out_axis = split_axis(stage.output_shape)
                 if y.shape[out_axis] != a.out_rows[1] - a.out_rows[0]:
@@ -252,3 +414,39 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor) -> Any:
         piece = extract(holdings.get(t.src, []), t.rows, axis, f"final: device {t.src}")
         holdings.setdefault(t.dst, []).append((t.rows[0], t.rows[1], piece.clone()))
     return extract(holdings.get(0, []), (0, int(last.output_shape[axis])), axis, "final: leader")
+
+
+def _lockstep(stage: Stage, programs: dict[int, Program]) -> dict[int, Any]:
+    """Run every device's stage program; at each reduction add the partials in plan order.
+
+    Every program must reach the same reduction next (they run the same nodes), so this is the
+    in-process equivalent of the runtime's "partials to the leader, total back" exchange.
+    """
+    results: dict[int, Any] = {}
+    msgs: dict[int, tuple[int, torch.Tensor | None]] = {}
+
+    def step(d: int, value: torch.Tensor | None, first: bool) -> None:
+        try:
+            msgs[d] = next(programs[d]) if first else programs[d].send(value)
+        except StopIteration as stop:
+            results[d] = stop.value
+
+    for d in sorted(programs):
+        step(d, None, True)
+    while msgs:
+        idx = {i for i, _ in msgs.values()}
+        if len(idx) != 1:
+            raise AssertionError(f"stage {stage.index}: devices reached different reductions {sorted(idx)}")
+        (i,) = idx
+        red = stage.reductions[i]
+        parts = {d: p for d, (_, p) in msgs.items() if p is not None}
+        extra = set(parts) - {d for d, r in red.rows if not is_empty(r)}
+        if extra:
+            raise AssertionError(f"stage {stage.index}: devices {sorted(extra)} sent partial sums they do not own")
+        total = sum_partials(red, parts)
+        pending = dict(msgs)
+        msgs.clear()
+        for d in sorted(pending):
+            answer = total.clone() if stage.kind != "reduce" or d == 0 else None
+            step(d, answer, False)
+    return results

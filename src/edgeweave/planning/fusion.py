@@ -12,7 +12,14 @@ The atomic pieces between consecutive candidate cuts are ``Segment`` s, classifi
 * ``spatial``: only window and pointwise ops on 4-D maps: its rows can be split into strips;
 * ``linear``: an ``nn.Linear`` on a 2-D input followed by unary pointwise ops: split by output
   features;
-* ``leader``: anything else, run whole on the leader.
+* ``leader``: anything else, run whole on the leader. A leader segment made only of reductions
+  over H and W of its input (``graph.reduction_of``, e.g. a final global average pool) and
+  small ops on their results is *reducible* (``is_reduce_segment``): the planner computes it
+  from partial sums of the strips where they are, without gathering the map.
+
+A spatial segment may also contain reductions (a channel-attention squeeze): its small nodes
+(``graph.is_small``) are computed whole from exact partial sums, and elementwise ops broadcast
+them over the map (``graph.side_inputs``).
 
 Fusion modes choose which cuts between consecutive spatial segments to keep:
 ``none`` (all: layer-wise), ``pools`` (EdgeLD: a block ends after a pooling op) and ``auto``
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from edgeweave.planning.graph import node_kind, node_shape, node_window, tensor_inputs
+from edgeweave.planning.graph import is_small, node_kind, node_reduce, node_shape, node_window, side_inputs, tensor_inputs
 
 FUSION_MODES = ("none", "pools", "auto")
 
@@ -56,6 +63,50 @@ def _classify(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], inp: torch.f
         and all(len(node_shape(n) or []) == 4 for n in nodes)
     ):
         return "spatial"
+    if len(in_shape) == 4 and not is_small(inp) and not is_small(out) and _reducible(nodes, inp, out):
+        return "spatial"
+    return _classify_rest(nodes, inp, out, in_shape)
+
+
+def _reducible(nodes: list[torch.fx.Node], inp: torch.fx.Node, out: torch.fx.Node) -> bool:
+    """Spatial-with-reductions (out is a map) or reduce (out is small); see the module docstring."""
+    names = {n.name for n in nodes} | {inp.name}
+    if not any(node_reduce(n) is not None for n in nodes):
+        return False
+    for n in nodes:
+        if n.op == "get_attr":
+            continue
+        ins = tensor_inputs(n)
+        if any(i.name not in names and i.op != "get_attr" for i in ins):
+            return False
+        if is_small(n):
+            if node_reduce(n) is None and not all(is_small(i) or i.op == "get_attr" for i in ins):
+                return False
+            if is_small(out) and node_reduce(n) is not None and ins != [inp]:
+                return False  # a reduce segment only reduces its input
+            continue
+        if is_small(out):
+            return False  # a reduce segment computes nothing on the map
+        if len(node_shape(n) or []) != 4:
+            return False
+        side = side_inputs(n)
+        if side:
+            if not all(is_small(i) for i in ins if i.name in side):
+                return False
+        elif node_kind(n) not in ("window", "pointwise") or any(is_small(i) for i in ins):
+            return False
+    return True
+
+
+def is_reduce_segment(seg: Segment) -> bool:
+    """True for a leader segment the planner can run as a ``reduce`` stage (module docstring)."""
+    if seg.kind != "leader" or seg.output is None or not is_small(seg.output):
+        return False
+    shape = node_shape(seg.input)
+    return shape is not None and len(shape) == 4 and not is_small(seg.input) and _reducible(seg.nodes, seg.input, seg.output)
+
+
+def _classify_rest(nodes: list[torch.fx.Node], inp: torch.fx.Node, out: torch.fx.Node, in_shape: list[int]) -> str:
     first = nodes[0]
     if node_kind(first) == "linear" and tensor_inputs(first) == [inp] and len(in_shape) == 2 and nodes[-1] is out:
         prev = first

@@ -226,6 +226,7 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
         node.meta["ew_shape"] = [int(v) for v in shape] if shape is not None else None
     for node in gm.graph.nodes:  # topological order: inputs are classified before users
         node.meta["ew_kind"] = _classify(gm, node)
+    _annotate_reductions(gm)
     gm.meta["ew_input_shape"] = [int(v) for v in input_shape]
     return gm
 
@@ -258,3 +259,122 @@ def node_window(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Window:
 
 def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     return {n.name: n for n in gm.graph.nodes}
+
+
+# ---- global reductions (exact partial sums over strips) ---------------------------------------
+#
+# A *reducing* node sums or averages a 4-D map over H and W (``x.mean((2, 3))``,
+# ``torch.sum(x, dim=(-2, -1), keepdim=True)``, ``adaptive_avg_pool2d(x, 1)``). Its value is
+# the sum of per-strip partial sums over disjoint row ranges, so a map split into strips can be
+# reduced exactly without gathering it. Its result and everything computed from results like it
+# (Linear, sigmoid, indexing: ``meta["ew_small"]``) is a small whole tensor; an elementwise op
+# that combines a map with such small values broadcast over H and W (``x * w[..., None, None]``)
+# stays row-local, with the small values as *side inputs* (``meta["ew_side"]``). The kinds of
+# these nodes are unchanged (``global``); the planner decides whether to use the reduction.
+
+@dataclass(frozen=True)
+class Reduce:
+    """How a reducing node turns the total of its partial sums into its value."""
+
+    op: str  # "mean" or "sum"
+    keepdim: bool  # output [N, C, 1, 1] (True) or [N, C]
+    count: int  # H * W of the reduced map (the divisor of a mean)
+
+
+_REDUCE_METHODS = {"mean": "mean", "sum": "sum"}
+_REDUCE_FUNCTIONS: dict[Any, str] = {torch.mean: "mean", torch.sum: "sum"}
+
+
+def _is_hw(dims: Any) -> bool:
+    if not isinstance(dims, (tuple, list)) or len(dims) != 2:
+        return False
+    return sorted(int(d) % 4 for d in dims if isinstance(d, int)) == [2, 3]
+
+
+def _is_one(size: Any) -> bool:
+    return size == 1 or (isinstance(size, (tuple, list)) and len(size) == 2 and all(v == 1 for v in size))
+
+
+def reduction_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Reduce | None:
+    """The node's ``Reduce`` if it is a sum/mean over H and W of one 4-D map, else None."""
+    args = _tensor_args(node)
+    if len(args) != 1 or not node.args or node.args[0] is not args[0]:
+        return None
+    shape = args[0].meta.get("ew_shape")
+    if shape is None or len(shape) != 4 or args[0].meta.get("ew_kind") == "const":
+        return None
+    count = int(shape[2]) * int(shape[3])
+    op: str | None = None
+    rest, kw = list(node.args[1:]), dict(node.kwargs)
+    if node.op == "call_method" and node.target in _REDUCE_METHODS:
+        op = _REDUCE_METHODS[str(node.target)]
+    elif node.op == "call_function" and node.target in _REDUCE_FUNCTIONS:
+        op = _REDUCE_FUNCTIONS[node.target]
+    if op is not None:
+        dims = kw.pop("dim", rest.pop(0) if rest else None)
+        keep = kw.pop("keepdim", rest.pop(0) if rest else False)
+        if rest or kw or not _is_hw(dims) or not isinstance(keep, bool):
+            return None  # dtype=..., out=...: not worth the risk
+        return Reduce(op, keep, count)
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = kw.pop("output_size", rest.pop(0) if rest else None)
+        return Reduce("mean", True, count) if not rest and not kw and _is_one(size) else None
+    if node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        mod = gm.get_submodule(str(node.target))
+        if type(mod) is nn.AdaptiveAvgPool2d and _is_one(mod.output_size):
+            return Reduce("mean", True, count)
+    return None
+
+
+def _broadcasts_over_hw(small: Sequence[int], out: Sequence[int]) -> bool:
+    """True when a value of shape ``small`` broadcasts to the 4-D ``out`` with H and W of size 1."""
+    if len(small) > 4:
+        return False
+    padded = [1] * (4 - len(small)) + [int(v) for v in small]
+    return padded[2] == 1 and padded[3] == 1 and all(p in (1, o) for p, o in zip(padded[:2], out[:2]))
+
+
+def _annotate_reductions(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        red = reduction_of(gm, node)
+        if red is not None:
+            node.meta["ew_reduce"] = red
+            node.meta["ew_small"] = True
+            continue
+        args = _tensor_args(node)
+        smalls = [a for a in args if a.meta.get("ew_small")]
+        if smalls and all(a.meta.get("ew_small") or a.meta.get("ew_kind") == "const" for a in args):
+            node.meta["ew_small"] = True
+            continue
+        shape = node.meta.get("ew_shape")
+        elementwise = (
+            (node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _POINTWISE_METHODS)
+        )
+        if smalls and elementwise and shape is not None and len(shape) == 4:
+            maps = [a for a in args if not a.meta.get("ew_small")]
+            if maps and all(
+                a.meta.get("ew_shape") == shape and a.meta.get("ew_kind") != "const" for a in maps
+            ) and all(_broadcasts_over_hw(a.meta.get("ew_shape") or [0] * 5, shape) for a in smalls):
+                node.meta["ew_side"] = tuple(a.name for a in smalls)
+
+
+def is_small(node: torch.fx.Node) -> bool:
+    """True for a reducing node's result and values computed only from such results."""
+    return bool(node.meta.get("ew_small"))
+
+
+def node_reduce(node: torch.fx.Node) -> Reduce | None:
+    return node.meta.get("ew_reduce")
+
+
+def side_inputs(node: torch.fx.Node) -> tuple[str, ...]:
+    """Names of the small values an elementwise op broadcasts over a map (empty: none)."""
+    return tuple(node.meta.get("ew_side", ()))
+
+
+def is_rowwise(node: torch.fx.Node) -> bool:
+    """Pointwise, or elementwise with small side inputs: row r of the output needs row r of the maps."""
+    return node_kind(node) == "pointwise" or bool(node.meta.get("ew_side"))

@@ -25,11 +25,11 @@ Two pooling details:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.fx
 
-from edgeweave.planning.graph import Window, node_kind, node_shape, node_window, tensor_inputs
+from edgeweave.planning.graph import Window, node_kind, node_shape, node_window, side_inputs, tensor_inputs
 
 Range = tuple[int, int]
 EMPTY: Range = (0, 0)
@@ -103,6 +103,9 @@ def node_input_rows(gm: torch.fx.GraphModule, node: torch.fx.Node, out: Range) -
         return {inp: (lo, hi)}
     if kind in ("pointwise", "linear"):
         return {i: out for i in tensor_inputs(node)}
+    side = side_inputs(node)
+    if side:  # small values broadcast over the map: known whole, no rows needed
+        return {i: out for i in tensor_inputs(node) if i.name not in side}
     raise ValueError(f"node {node.name} ({kind}) has no row arithmetic; it must run whole")
 
 
@@ -111,6 +114,7 @@ def required_rows(
     nodes: Sequence[torch.fx.Node],
     out_node: torch.fx.Node,
     out: Range,
+    extra: Mapping[str, Range] | None = None,
 ) -> dict[str, Range]:
     """Backward propagation through a fused block: the rows each node must compute.
 
@@ -118,9 +122,11 @@ def required_rows(
     maps every node name (block nodes and the block's input) to the hull of the rows its
     consumers inside the block need (the union over consumers, which is contiguous here because
     each consumer's request is an interval around the same strip). Nodes that nobody needs map
-    to an empty range and are skipped by the executor.
+    to an empty range and are skipped by the executor. ``extra`` adds rows a node must compute
+    beyond what its consumers need (a device's owned rows of a value it reduces by partial sums).
     """
-    need: dict[str, Range] = {out_node.name: (int(out[0]), int(out[1]))}
+    need: dict[str, Range] = {k: (int(v[0]), int(v[1])) for k, v in (extra or {}).items() if not is_empty(v)}
+    need[out_node.name] = hull(need.get(out_node.name, EMPTY), (int(out[0]), int(out[1])))
     for node in reversed(list(nodes)):
         r = need.get(node.name, EMPTY)
         if is_empty(r):

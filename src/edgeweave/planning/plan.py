@@ -13,6 +13,25 @@ Execution of stage ``s`` on device ``d``:
 2. assemble rows ``assignments[d].in_rows`` of the stage input from what it holds, and compute
    rows ``assignments[d].out_rows`` of the stage output (``planning`` provides the function).
 After the last stage, ``final_transfers`` bring the model output to the leader (device 0).
+
+Global reductions (optional, additive; plans without them execute as above). A sum or mean over
+H and W of a map (``planning.graph.reduction_of``) is computed exactly from strips:
+``stage.reductions`` lists, in execution order, each reducing node of the stage with the value
+it reduces (``source``) and ``rows``: ``(device, owned rows of source)`` pairs whose ranges tile
+the source's rows (no halo: every row is counted once). At a reducing node each listed device
+sums its owned rows over dims 2 and 3 (keepdim, ``[N, C, 1, 1]``) and sends that partial sum to
+the leader; the leader adds the partials *in the order of ``rows``* (reproducible results)
+and
+
+* in a ``spatial`` stage, sends the total to every device with work in the stage, and every
+  such device computes the reducing node's value (mean: total / (H*W)) and the small nodes
+  computed from it (Linear, sigmoid, ...) whole, then goes on with its strip (an elementwise op
+  broadcasting such small values over a map is row-local). A device's ``in_rows`` include its
+  owned rows of every source; the leader coordinates the sums even when it has no strip;
+* in a ``reduce`` stage (nodes: reducing nodes reading the stage input, then small nodes), the
+  stage input is not moved at all (``transfers`` is empty): the assignments' ``in_rows`` are the
+  rows each device already holds (its owned rows, equal to ``rows``), followers have
+  ``out_rows == (0, 0)``, and the leader finishes the small nodes and holds the whole output.
 """
 
 from __future__ import annotations
@@ -24,7 +43,7 @@ from typing import Any
 
 Range = tuple[int, int]
 
-STAGE_KINDS = ("spatial", "linear", "leader")
+STAGE_KINDS = ("spatial", "linear", "leader", "reduce")
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,21 @@ class Assignment:
     predicted_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """An exact reduction of ``source`` over H and W, by partial sums (module docstring)."""
+
+    node: str  # the reducing node (torch.fx name)
+    source: str  # the 4-D value it reduces (a node of the stage, or the stage input)
+    rows: tuple[tuple[int, Range], ...]  # (device, owned rows of source), in summation order
+
+    def owned(self, device: int) -> Range:
+        for d, r in self.rows:
+            if d == device:
+                return r
+        return (0, 0)
+
+
 @dataclass
 class Stage:
     index: int
@@ -54,6 +88,7 @@ class Stage:
     assignments: list[Assignment]
     transfers: list[Transfer] = field(default_factory=list)
     predicted_s: float = 0.0  # predicted wall time of the stage, transfers included
+    reductions: list[Reduction] = field(default_factory=list)  # exact global sums (see above)
 
     def assignment(self, device: int) -> Assignment | None:
         for a in self.assignments:
@@ -105,6 +140,14 @@ class Plan:
                 ],
                 transfers=[tr(t) for t in s.get("transfers", [])],
                 predicted_s=float(s.get("predicted_s", 0.0)),
+                reductions=[
+                    Reduction(
+                        str(r["node"]),
+                        str(r["source"]),
+                        tuple((int(d), (int(rr[0]), int(rr[1]))) for d, rr in r["rows"]),
+                    )
+                    for r in s.get("reductions", [])
+                ],
             )
             for s in d["stages"]
         ]

@@ -26,6 +26,14 @@ exchange mode one split per run of spatial segments is scaled to every block of 
 (``_Planner.run_split``), so strips stay in place. ``optimal`` additionally keeps the fastest of
 the plans made from every partitioner's split and from the leader alone, so its prediction is
 never worse than theirs under the full model.
+
+Global reductions (``plan.py``): a spatial block may contain sums/means over H and W (a
+channel-attention squeeze). Each device owns the rows of the reduced value that correspond to its
+output strip scaled to that value's height (``owned_rows``; the owned ranges tile the rows, so
+every row is summed once), computes them besides its halo-extended strip, and contributes their
+partial sum; the reduction costs one small message per device to the leader and one back. A
+``reduce`` segment (a final global average pool) becomes a ``reduce`` stage: partial sums of the
+strips where they are, only ``[N, C, 1, 1]`` per device travels to the leader.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.cost import (
     Work,
     add_work,
+    DTYPE_BYTES,
     aggregate,
     compute_s,
     flop_kind,
@@ -47,11 +56,18 @@ from edgeweave.planning.cost import (
     rows_of,
     schedule_transfers,
 )
-from edgeweave.planning.fusion import FUSION_MODES, Segment, atomic_segments, choose_blocks, ends_with_pool
-from edgeweave.planning.graph import node_shape
+from edgeweave.planning.fusion import (
+    FUSION_MODES,
+    Segment,
+    atomic_segments,
+    choose_blocks,
+    ends_with_pool,
+    is_reduce_segment,
+)
+from edgeweave.planning.graph import is_small, node_reduce, node_shape
 from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
 from edgeweave.planning.partition import PARTITIONERS
-from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
+from edgeweave.planning.plan import Assignment, Plan, Reduction, Stage, Transfer
 from edgeweave.profiling.profile import Cluster, DeviceProfile
 
 MODES = ("gather", "exchange")
@@ -61,7 +77,7 @@ Holders = list[tuple[int, int, int]]  # (device, lo, hi) of the value the next s
 
 @dataclass
 class Block:
-    kind: str  # spatial | linear | leader
+    kind: str  # spatial | linear | leader | reduce
     nodes: list[torch.fx.Node]
     input: torch.fx.Node
     output: torch.fx.Node | None
@@ -113,6 +129,28 @@ def _subtract(r: Range, pieces: Sequence[Range]) -> list[Range]:
     return [p for p in out if not is_empty(p)]
 
 
+def owned_rows(out: Range, total: int, height: int) -> Range:
+    """The rows of a ``height``-row value a device owns when it computes strip ``out`` of ``total``.
+
+    A pure function of the strip boundaries, so strips that tile ``[0, total)`` give owned
+    ranges that tile ``[0, height)``.
+    """
+    if is_empty(out) or total <= 0:
+        return EMPTY
+    lo, hi = round(out[0] * height / total), round(out[1] * height / total)
+    return (lo, hi) if hi > lo else EMPTY
+
+
+def _reducers(nodes: Sequence[torch.fx.Node]) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(reducing node, the value it reduces) for the reductions among ``nodes``."""
+    out = []
+    for n in nodes:
+        if node_reduce(n) is not None:
+            (src,) = [a for a in n.all_input_nodes if a.op != "get_attr"]
+            out.append((n, src))
+    return out
+
+
 def _strips(counts: Sequence[int], offset: int = 0) -> list[Range]:
     out, cur = [], offset
     for c in counts:
@@ -151,25 +189,60 @@ class _Planner:
         at a time is the same as propagating through the whole block; memoising per segment
         and output range lets the fusion DP price every block of a run without redoing it.
         """
+        block_total = rows_of(block.out_shape)
         if not block.segs:
             assert block.output is not None
-            need = required_rows(self.gm, block.nodes, block.output, out)
-            return need.get(block.input.name, EMPTY), aggregate(self._work(block.nodes, need))
+            extra = self._extra(block.nodes, out, block_total)
+            need = required_rows(self.gm, block.nodes, block.output, out, extra)
+            work = self._work(block.nodes, need) + self._small_work(block.nodes, extra)
+            return need.get(block.input.name, EMPTY), aggregate(work)
         total: Work = {}
         r = out
         for seg in reversed(block.segs):
             assert seg.output is not None
-            key = (seg.input.name, seg.output.name, r)  # names: stable even if gm is copied
+            extra = self._extra(seg.nodes, out, block_total)
+            # names: stable even if gm is copied; owned rows of reductions are part of the key
+            key = (seg.input.name, seg.output.name, r, *sorted(extra.items()))
             hit = self._memo.get(key)
             if hit is None:
-                need = required_rows(self.gm, seg.nodes, seg.output, r)
-                hit = (need.get(seg.input.name, EMPTY), aggregate(self._work(seg.nodes, need)))
+                need = required_rows(self.gm, seg.nodes, seg.output, r, extra)
+                work = self._work(seg.nodes, need) + self._small_work(seg.nodes, extra)
+                hit = (need.get(seg.input.name, EMPTY), aggregate(work))
                 self._memo[key] = hit
             r, w = hit
             total = add_work(total, w)
             if is_empty(r):
                 break  # windows reading padding only: nothing further up is needed
         return r, total
+
+    def _extra(self, nodes: Sequence[torch.fx.Node], out: Range, block_total: int) -> dict[str, Range]:
+        """Owned rows of every value reduced among ``nodes`` for block output strip ``out``."""
+        return {
+            src.name: owned_rows(out, block_total, rows_of(node_shape(src) or [1]))
+            for _, src in _reducers(nodes)
+        }
+
+    def _small_work(self, nodes: Sequence[torch.fx.Node], extra: dict[str, Range]) -> list[tuple[str, float]]:
+        """Partial sums over the owned rows, plus the small nodes every device computes whole."""
+        work = []
+        for n in nodes:
+            red = node_reduce(n)
+            if red is not None:
+                (src,) = [a for a in n.all_input_nodes if a.op != "get_attr"]
+                h = max(rows_of(node_shape(src) or [1]), 1)
+                work.append(("other", node_flops(self.gm, n) * size(extra.get(src.name, EMPTY)) / h))
+            elif is_small(n):
+                work.append((flop_kind(self.gm, n), node_flops(self.gm, n)))
+        return work
+
+    def reduction_s(self, reductions: Sequence[Reduction], receivers: Sequence[int], nbytes: Sequence[int]) -> float:
+        """Partials to the leader, then (to ``receivers``) the total back, per reduction."""
+        t = 0.0
+        for red, nb in zip(reductions, nbytes):
+            moves = [(d, 0, float(nb), False) for d, r in red.rows if d != 0 and not is_empty(r)]
+            moves += [(0, d, float(nb), True) for d in receivers if d != 0]
+            t += schedule_transfers(moves, self.devices)[1]
+        return t
 
     def _linear_work(self, block: Block, n: int) -> list[tuple[str, float]]:
         out_rows = max(rows_of(block.out_shape), 1)
@@ -215,6 +288,8 @@ class _Planner:
         in_shape, out_shape = block.in_shape, block.out_shape
         in_rows_total = rows_of(in_shape)
         compute: dict[int, float] = {}
+        if block.kind == "reduce":
+            return self._build_reduce(block, holders, index)
         if block.kind == "leader":
             out_total = rows_of(out_shape) if out_shape else 0
             needs = [(0, (0, in_rows_total))]
@@ -242,6 +317,18 @@ class _Planner:
             new_holders = [(d, o[0], o[1]) for d, (_, o) in assignments.items()]
         transfers = self._transfers(holders, needs)
         ready, end_all = self._schedule(transfers, row_bytes(in_shape))
+        reductions: list[Reduction] = []
+        red_s = 0.0
+        if block.kind == "spatial":
+            out_total = rows_of(out_shape)
+            sizes = []
+            for node, src in _reducers(block.nodes):
+                h = rows_of(node_shape(src) or [1])
+                rows = tuple((d, owned_rows(o, out_total, h)) for d, (_, o) in sorted(assignments.items()))
+                reductions.append(Reduction(node.name, src.name, rows))
+                shape = node_shape(src) or [1, 1]
+                sizes.append(int(shape[0]) * int(shape[1]) * DTYPE_BYTES)
+            red_s = self.reduction_s(reductions, sorted(assignments), sizes)
         assigns = []
         finish_max = end_all
         for d in range(self.k):
@@ -259,9 +346,34 @@ class _Planner:
             output_shape=out_shape,
             assignments=assigns,
             transfers=[t for t, _ in transfers],
-            predicted_s=finish_max,
+            predicted_s=finish_max + red_s,
+            reductions=reductions,
         )
         return stage, new_holders
+
+    def _build_reduce(self, block: Block, holders: Holders, index: int) -> tuple[Stage, Holders]:
+        """A ``reduce`` stage: every holder sums its own rows; only partial sums travel."""
+        in_shape, out_shape = block.in_shape, block.out_shape
+        out_total = rows_of(out_shape)
+        held = {d: (lo, hi) for d, lo, hi in holders if hi > lo}
+        reds = _reducers(block.nodes)
+        reductions = [Reduction(n.name, src.name, tuple(sorted(held.items()))) for n, src in reds]
+        h = max(rows_of(in_shape), 1)
+        finish = 0.0
+        for d, r in held.items():
+            work = [("other", node_flops(self.gm, n) * size(r) / h) for n, _ in reds]
+            finish = max(finish, compute_s(self.devices[d], work))
+        nbytes = int(in_shape[0]) * int(in_shape[1]) * DTYPE_BYTES
+        t = finish + self.reduction_s(reductions, [0], [nbytes] * len(reductions))
+        t += compute_s(self.devices[0], [(flop_kind(self.gm, n), node_flops(self.gm, n))
+                                         for n in block.nodes if node_reduce(n) is None])
+        assigns = [
+            Assignment(d, held.get(d, EMPTY), (0, out_total) if d == 0 else EMPTY, t if d == 0 else 0.0)
+            for d in range(self.k)
+        ]
+        stage = Stage(index, "reduce", [n.name for n in block.nodes], in_shape, out_shape, assigns, [], t,
+                      reductions)
+        return stage, [(0, 0, out_total)]
 
     def aligned_counts(self, block: Block, holders: Holders) -> list[int] | None:
         """Counts that keep every device on the rows it already holds (exchange mode).
@@ -468,6 +580,10 @@ def _make_plan(
                 blocks.append((_merge(run[a:b], "spatial", ref), a == 0, b == len(run)))
             i = j
             continue
+        if is_reduce_segment(seg):
+            blocks.append((_merge([seg], "reduce"), True, True))
+            i += 1
+            continue
         if seg.kind == "linear" and pl.k > 1:
             blk = _merge([seg], "linear")
             split_t = pl.block_estimate(blk, True, True)
@@ -493,7 +609,7 @@ def _make_plan(
         holders: Holders = [(0, 0, rows_of(in_shape))]
         stages: list[Stage] = []
         for idx, (blk, first, last) in enumerate(merged):
-            if blk.kind == "leader":
+            if blk.kind in ("leader", "reduce"):
                 counts = None
             elif leader_only:
                 counts = [rows_of(blk.out_shape)] + [0] * (pl.k - 1)

@@ -1,0 +1,255 @@
+"""Exact partitioning of blocks with global context (issue 5 part 3), without processes.
+
+A channel-attention squeeze (``x.mean((2, 3))`` -> Linear -> sigmoid -> ``x * w[..., None,
+None]``) and a final global average pool are computed from per-strip partial sums over owned
+rows: ``simulate`` must equal the model, and no device may receive a whole feature map that only
+a reduction reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeweave.models import build_model
+from edgeweave.planning.execute import simulate
+from edgeweave.planning.graph import capture, is_small, reduction_of, side_inputs
+from edgeweave.planning.halo import is_empty
+from edgeweave.planning.plan import Plan
+from edgeweave.planning.planner import make_plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+torch.set_num_threads(1)
+
+PARTITIONS = ("equal", "bodp", "ocbp", "optimal")
+FUSIONS = ("none", "pools", "auto")
+MODES = ("gather", "exchange")
+
+
+def hetero(k: int, bw: float = 1e9) -> Cluster:
+    return Cluster([DeviceProfile(f"d{i}", a=1e-10 * (1 + 0.7 * i), b=1e-5, bandwidth_bps=bw, latency_s=1e-5)
+                    for i in range(k)])
+
+
+def uniform(k: int) -> Cluster:
+    return Cluster([DeviceProfile(f"d{i}", a=1e-9, b=1e-4, bandwidth_bps=1e9, latency_s=1e-4) for i in range(k)])
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name: str, shape: tuple[int, ...]):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, in_channels=shape[1]).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        ref = model(x)
+    return model, capture(model, shape), x, ref
+
+
+MODELS = [
+    ("compact_small_cnn", (2, 3, 32, 32)),
+    ("compact_vgg11", (2, 3, 32, 32)),
+    ("compact_cifar_resnet18", (2, 3, 32, 32)),
+    ("compact_resnet18", (2, 3, 64, 64)),
+]
+
+
+def uneven(costs, total, capabilities=None):
+    """One-row strips at both ends, a zero-row device (k >= 3), the rest on the last device."""
+    k = len(costs)
+    if k == 1:
+        return [total]
+    counts = [0] * k
+    counts[0] = 1
+    counts[k - 1] = total - 1
+    if k >= 3 and total >= 3:
+        counts[k - 2] = 1
+        counts[k - 1] -= 1
+    return counts
+
+
+def leader_idle(costs, total, capabilities=None):
+    """The leader computes no strip: it must still coordinate the partial sums."""
+    k = len(costs)
+    if k == 1:
+        return [total]
+    counts = [0] + [total // (k - 1)] * (k - 1)
+    counts[-1] += total - sum(counts)
+    return counts
+
+
+def _check_reductions(plan: Plan) -> None:
+    """Structural rules of plan.py: owned rows tile the source, reduce stages move nothing."""
+    for s in plan.stages:
+        for r in s.reductions:
+            owned = sorted(rows for _, rows in r.rows if not is_empty(rows))
+            assert owned[0][0] == 0 and all(a[1] == b[0] for a, b in zip(owned, owned[1:])), (s.index, owned)
+            devices = [d for d, _ in r.rows]
+            assert devices == sorted(devices), "summation order is device order"
+        if s.kind == "reduce":
+            assert not s.transfers
+            assert [a.device for a in s.assignments if not is_empty(a.out_rows)] == [0]
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m[0] for m in MODELS])
+def test_compact_models_are_exact_for_every_partitioner_fusion_and_mode(name: str, shape: tuple[int, ...]) -> None:
+    """All 24 (partition, fusion, mode) combinations, batch 2; the device count cycles 1-4."""
+    _, gm, x, ref = _setup(name, shape)
+    for i, (part, fus, mode) in enumerate(itertools.product(PARTITIONS, FUSIONS, MODES)):
+        k = 1 + i % 4
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode, model_name=name)
+        plan = Plan.from_json(plan.to_json())  # what a follower gets
+        _check_reductions(plan)
+        y = simulate(gm, plan, x)
+        assert rel_err(y, ref) <= 1e-5, (name, k, part, fus, mode)
+        if k > 1 and not plan.meta["leader_only"]:
+            # every squeeze is a reduction, not a leader stage
+            assert not any(s.kind == "leader" and any(n.startswith("mean") for n in s.nodes) for s in plan.stages)
+            assert sum(len(s.reductions) for s in plan.stages) >= 1
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("split", [uneven, leader_idle], ids=["uneven", "leader_idle"])
+def test_uneven_splits_and_an_idle_leader(name: str, shape: tuple[int, ...], split) -> None:
+    _, gm, x, ref = _setup(name, shape)
+    for k, (fus, mode) in zip(itertools.cycle([2, 3, 4]), itertools.product(FUSIONS, MODES)):
+        plan = make_plan(gm, hetero(k), partition=split, fusion=fus, mode=mode)
+        _check_reductions(plan)
+        spatial = [s for s in plan.stages if s.kind == "spatial"]
+        if split is leader_idle:
+            assert any(s.reductions and is_empty(s.assignment(0).out_rows) for s in spatial)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (name, k, fus, mode, split.__name__)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,shape", MODELS[:3], ids=[m[0] for m in MODELS[:3]])
+def test_full_grid_of_devices_partitioners_fusions_modes(name: str, shape: tuple[int, ...]) -> None:
+    _, gm, x, ref = _setup(name, shape)
+    for k, part, fus, mode in itertools.product([2, 3, 4], PARTITIONS, FUSIONS, MODES):
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (name, k, part, fus, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_device_receives_the_whole_map_of_an_attention_block(mode: str) -> None:
+    """The squeeze reads a whole map, yet every device receives only a strip (+halo) of it."""
+    _, gm, x, ref = _setup("compact_vgg11", (1, 3, 32, 32))
+    plan = make_plan(gm, uniform(3), partition="equal", fusion="none", mode=mode)
+    attn = [s for s in plan.stages if s.reductions]
+    assert len(attn) == 8  # one squeeze per compacted 3x3 conv of VGG11
+    for s in attn:
+        h = s.input_shape[2]
+        for d in range(3):
+            a = s.assignment(d)
+            received = sum(t.rows[1] - t.rows[0] for t in s.transfers if t.dst == d)
+            held = a.in_rows[1] - a.in_rows[0]
+            assert held < h and received < h, (s.index, d, a.in_rows, received)
+        # the reduced map is the stage input here: its owned rows are exactly the strips
+        (red,) = s.reductions
+        assert [rows for _, rows in red.rows] == [a.out_rows for a in s.assignments if not is_empty(a.out_rows)]
+    # the final global pool (if any) is reduced where the strips are; nothing gathers a map
+    # for it, and in exchange mode no stage before the classifier sends a whole map anywhere
+    for s in plan.stages:
+        if s.kind == "leader":
+            assert len(s.input_shape) != 4 or s.input_shape[2] * s.input_shape[3] <= 1, s.nodes
+    assert rel_err(simulate(gm, plan, x), ref) <= 1e-5
+
+
+def test_final_global_pool_is_a_reduce_stage_that_moves_no_rows() -> None:
+    _, gm, x, ref = _setup("compact_cifar_resnet18", (2, 3, 32, 32))
+    plan = make_plan(gm, uniform(3), partition="equal", fusion="pools", mode="exchange")
+    (red,) = [s for s in plan.stages if s.kind == "reduce"]
+    assert red.nodes == ["avgpool"] and not red.transfers
+    before = plan.stages[red.index - 1]
+    assert [(a.device, a.out_rows) for a in before.assignments if not is_empty(a.out_rows)] == \
+        [(d, rows) for d, rows in red.reductions[0].rows]
+    assert rel_err(simulate(gm, plan, x), ref) <= 1e-5
+
+
+def test_results_are_reproducible_and_json_round_trip_keeps_reductions() -> None:
+    _, gm, x, ref = _setup("compact_small_cnn", (2, 3, 32, 32))
+    plan = make_plan(gm, uniform(4), partition="bodp", fusion="auto", mode="exchange")
+    again = Plan.from_json(plan.to_json())
+    assert again.to_dict() == plan.to_dict()
+    assert any(s.reductions for s in again.stages)
+    y1, y2 = simulate(gm, plan, x), simulate(gm, again, x)
+    assert torch.equal(y1, y2)  # fixed summation order: bit-identical
+    # an old plan (no "reductions" key; a model without global context) still loads and runs
+    _, gm, x, ref = _setup("small_cnn", (2, 1, 28, 28))
+    d = Plan.from_json(make_plan(gm, uniform(3), fusion="none").to_json()).to_dict()
+    popped = 0
+    for s in d["stages"]:
+        if not s["reductions"]:
+            s.pop("reductions")
+            popped += 1
+    assert popped >= 3
+    old = Plan.from_dict(d)
+    assert old.to_dict() == Plan.from_dict(Plan.from_json(json.dumps(d)).to_dict()).to_dict()
+    assert rel_err(simulate(gm, old, x), ref) <= 1e-5
+
+
+class _GenericSE(nn.Module):
+    """Squeezes written four ways, a 1x1 conv on the squeezed vector, a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, stride=2)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x))
+        s = torch.sum(x, dim=(-2, -1), keepdim=True)
+        x = x * torch.sigmoid(self.se(s / 100.0)) + x
+        y = self.c2(x)
+        y = y + F.adaptive_avg_pool2d(y, 1)
+        y = y * y.mean((2, 3))[:, :, None, None]
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def test_generic_squeezes_are_recognised_and_exact() -> None:
+    torch.manual_seed(1)
+    model = _GenericSE().eval()
+    x = torch.randn(2, 3, 19, 13)
+    gm = capture(model, x.shape)
+    reds = [n.name for n in gm.graph.nodes if reduction_of(gm, n) is not None]
+    assert len(reds) == 4, reds
+    assert sum(bool(side_inputs(n)) for n in gm.graph.nodes) == 3
+    assert not any(is_small(n) for n in gm.graph.nodes if n.name in ("c1", "c2", "relu"))
+    with torch.no_grad():
+        ref = model(x)
+    for k, part, fus, mode in itertools.product([1, 2, 3], ["equal", uneven, leader_idle], FUSIONS, MODES):
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
+        if k > 1:
+            assert sum(len(s.reductions) for s in plan.stages) == 4, (k, fus, mode)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
+
+
+def test_not_reductions() -> None:
+    class M(nn.Module):
+        def forward(self, x):
+            return x.mean(1) + x.sum(dim=(1, 2)).sum() + F.adaptive_avg_pool2d(x, 2).sum()
+
+    gm = capture(M().eval(), (1, 3, 8, 8))
+    assert not any(reduction_of(gm, n) for n in gm.graph.nodes)
+
+
+def test_compact_vgg16_at_200_predicts_a_speedup_on_four_uniform_devices() -> None:
+    _, gm, x, ref = _setup("compact_vgg16", (1, 3, 200, 200))
+    plans = {k: make_plan(gm, uniform(k), partition="optimal", fusion="auto", mode="exchange") for k in (1, 4)}
+    p4 = plans[4]
+    assert not p4.meta["leader_only"]
+    assert sum(len(s.reductions) for s in p4.stages) == 13
+    assert p4.meta["predicted_speedup"] > 2.0, p4.meta
+    assert rel_err(simulate(gm, p4, x), ref) <= 1e-5
