@@ -17,7 +17,7 @@ import torch
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.plan import Plan, Stage, Transfer
-from edgeweave.runtime.wire import Channel, transfer_tag
+from edgeweave.runtime.wire import TAG_STRIDE, Channel, transfer_tag
 
 # run_stage(gm, stage, device, x) -> rows out_rows of the stage output (planning.execute).
 StageRunner = Callable[[Any, Stage, int, torch.Tensor], torch.Tensor]
@@ -120,6 +120,52 @@ def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device
             hold.add(a, b, buf, ch.irecv(buf, tr.src, tag), tr.src, what)
 
 
+def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Channel | None) -> Callable[..., Any]:
+    """This device's side of the stage's reductions (plan.py): partials to the leader, total back.
+
+    The leader adds the partial sums in the order of ``reduction.rows`` (``sum_partials``), so a
+    result does not depend on which message arrived first.
+    """
+    from edgeweave.planning.execute import partial_shape, sum_partials
+
+    n_red = len(stage.reductions)
+    if len(stage.transfers) > TAG_STRIDE - 2 * n_red:
+        raise EdgeweaveError(f"stage {s} has too many transfers and reductions for the runtime's tags")
+    workers = [a.device for a in stage.assignments if a.out_rows[1] > a.out_rows[0]]
+
+    def fn(i: int, part: torch.Tensor | None) -> torch.Tensor | None:
+        red = stage.reductions[i]
+        shape = partial_shape(gm, red)
+        tag_part, tag_total = transfer_tag(s, TAG_STRIDE - 1 - 2 * i), transfer_tag(s, TAG_STRIDE - 2 - 2 * i)
+        owners = [d for d, r in red.rows if r[1] > r[0]]
+        if device != 0:
+            if part is not None:
+                if ch is None:
+                    raise EdgeweaveError("invalid plan: a follower reduces without a channel")
+                ch.isend(part, 0, tag_part, f"partial sum {red.node} of stage {s}")
+            if stage.kind == "reduce":
+                return None
+            assert ch is not None
+            return ch.recv(torch.empty(shape), 0, tag_total, f"the total of {red.node} in stage {s}")
+        parts: dict[int, torch.Tensor] = {}
+        if part is not None:
+            parts[0] = part
+        for d in owners:
+            if d != 0:
+                if ch is None:
+                    raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
+                parts[d] = ch.recv(torch.empty(shape), d, tag_part, f"partial sum {red.node} of stage {s}")
+        total = sum_partials(red, parts)
+        if stage.kind != "reduce":
+            for d in workers:
+                if d != 0:
+                    assert ch is not None
+                    ch.isend(total, d, tag_total, f"the total of {red.node} in stage {s}")
+        return total
+
+    return fn
+
+
 def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: Channel | None,
                  run_stage: StageRunner) -> tuple[torch.Tensor | None, list[StageTiming]]:
     """Run ``plan`` as device ``device``; the leader (device 0) passes the input ``x``.
@@ -145,11 +191,32 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         nxt = Holdings(split_axis(out_shape), out_shape)
         compute = 0.0
         a = stage.assignment(device)
+        if stage.reductions:
+            # Exact global sums (plan.py): this device contributes its partial sums; the
+            # leader coordinates them even when it computes no strip.
+            rfn = _reduce_fn(plan, stage, s, device, gm, ch)
+            holds = a is not None and not _empty(a.in_rows[1] - a.in_rows[0])
+            works = a is not None and not _empty(a.out_rows[1] - a.out_rows[0])
+            if stage.kind == "reduce" and (holds or device == 0):
+                xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
+                c0 = time.perf_counter()
+                with torch.no_grad():
+                    y = run_stage(gm, stage, device, xin, reduce_fn=rfn)
+                compute = time.perf_counter() - c0
+                if device == 0:
+                    assert a is not None
+                    nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
+                a = None  # handled
+            elif stage.kind != "reduce" and not works and device == 0:
+                for i in range(len(stage.reductions)):
+                    rfn(i, None)
+        else:
+            rfn = None
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
             c0 = time.perf_counter()
             with torch.no_grad():
-                y = run_stage(gm, stage, device, xin)
+                y = run_stage(gm, stage, device, xin) if rfn is None else run_stage(gm, stage, device, xin, reduce_fn=rfn)
             compute = time.perf_counter() - c0
             if not isinstance(y, torch.Tensor):
                 # a model returning a tuple (multi-exit): only the leader's last stage may
@@ -217,6 +284,13 @@ def check_plan(plan: Plan) -> None:
 
     for s, stage in enumerate(plan.stages):
         run(stage.transfers, f"stage {s}")
+        for r in stage.reductions:  # every owner of rows of a reduced value takes part
+            for d, rows in r.rows:
+                if not 0 <= d < n_dev:
+                    raise EdgeweaveError(f"invalid plan: stage {s} reduction {r.node} names device {d}")
+                if stage.kind == "reduce" and not _covered(held.get(d, []), rows):
+                    raise EdgeweaveError(f"invalid plan: stage {s} device {d} reduces rows {list(rows)} "
+                                         f"but holds only {sorted(held.get(d, []))}")
         nxt: dict[int, list[tuple[int, int]]] = {}
         for a in stage.assignments:
             if a.out_rows[1] <= a.out_rows[0]:
