@@ -88,17 +88,22 @@ def test_reprice_identity_and_direction(gm):
 def test_observe_needs_patience_and_jumps_to_new_level():
     pol = A.AdaptPolicy(alpha=0.5, change=0.3, patience=2, warmup=0)
     st = A.AdaptState.start(2)
-    st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
-    assert ch == [] and st.factors[1] == pytest.approx(1.75)
-    st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
-    assert ch == [1] and st.factors[1] == pytest.approx(2.5) and st.factors[0] == pytest.approx(1.0)
+    st, ch = A.observe(st, pol, [0.1, 0.0], [0.12, 0.0])  # w1 idle: it takes the measured devices' factor
+    assert ch == [] and st.factors == pytest.approx([1.2, 1.2]) and st.sampled == [True, False]
+    st = A.rebase(st)
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.12, 0.12])  # first own sample replaces the prior
+    assert ch == [] and st.factors[1] == pytest.approx(1.2)
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.12, 0.25])
+    assert ch == [] and st.factors[1] == pytest.approx(1.85)
+    st, ch = A.observe(st, pol, [0.1, 0.1], [0.12, 0.25])
+    assert ch == [1] and st.factors[1] == pytest.approx(2.5) and st.factors[0] == pytest.approx(1.2)
     st = A.rebase(st)
     for _ in range(20):  # at the new level nothing deviates any more
-        st, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+        st, ch = A.observe(st, pol, [0.1, 0.1], [0.12, 0.25])
         assert ch == []
     # one outlier frame is not a change
     st, ch = A.observe(st, pol, [0.1, 0.1], [0.5, 0.25])
-    st, ch2 = A.observe(st, pol, [0.1, 0.1], [0.1, 0.25])
+    st, ch2 = A.observe(st, pol, [0.1, 0.1], [0.12, 0.25])
     assert ch == [] and ch2 == []
     # a device with no work this frame teaches nothing
     st2, ch = A.observe(st, pol, [0.1, 0.0], [0.1, 5.0])

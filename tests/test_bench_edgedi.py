@@ -11,6 +11,7 @@ import torch
 from edgeweave.bench import edgedi as E
 
 
+@pytest.mark.slow
 def test_variants_shrink_and_compact_vgg16_is_at_most_a_fifth(tmp_path):
     cfg = E.EdgediConfig(size=64)
     sizes = {}
@@ -30,9 +31,10 @@ def test_variants_shrink_and_compact_vgg16_is_at_most_a_fifth(tmp_path):
 
 
 def test_recovery_counts_frames_from_the_change():
-    recs = [{"latency_s": x, "event": e} for x, e in [(2.0, ""), (2.1, "replanned"), (1.05, ""), (1.2, ""), (1.0, "")]]
-    r = E.recovery(recs, 1.0)
-    assert r["frames_to_recover"] == 3 and r["first_replan_frame"] == 2
+    lat = [(2.0, ""), (1.0, ""), (2.1, "replanned"), (2.0, ""), (1.05, ""), (1.2, ""), (1.0, "")]
+    recs = [{"latency_s": x, "event": e} for x, e in lat]
+    r = E.recovery(recs, 1.0)  # one lucky frame (the 2nd) is not a recovery
+    assert r["frames_to_recover"] == 5 and r["first_replan_frame"] == 3
     assert r["within_after_recovery"] == pytest.approx(2 / 3)
     assert E.recovery([{"latency_s": 3.0, "event": ""}], 1.0)["frames_to_recover"] is None
 
@@ -49,19 +51,26 @@ def synthetic_result(cfg):
                 rows.append({"model": key, "base": b, "variant": v, "devices": k, "caps": list(cfg.caps[:k]),
                              "rates": list(cfg.rates[:k]), "latency_s": single[v] / (0.8 * k), "predicted_s": single[v] / k,
                              "prediction_error": 0.2, "rel_err": 1e-7})
-    recs = [{"index": i, "phase": p, "cap": c, "latency_s": x, "event": e, "plan_version": 0, "predicted_s": 1.0,
-             "estimated_s": 1.0, "factors": [1.0, 1.0, f, 1.0], "replan_s": 0.01}
-            for i, (p, c, x, e, f) in enumerate([(0, .25, 1.0, "", 1), (0, .25, 1.0, "", 1), (1, .1, 2.0, "", 2.4),
-                                                  (1, .1, 2.0, "replanned", 2.5), (1, .1, 1.3, "", 2.5),
-                                                  (2, .25, 1.0, "", 1.0), (2, .25, 1.0, "replanned", 1.0), (2, .25, 0.95, "", 1)])]
-    phases = [{"phase": 0, "cap": .25, "first_frame": 0, "frames": 2, "replans": 0, "evaluations": 0, "reference_s": 1.0},
-              {"phase": 1, "cap": .1, "first_frame": 2, "frames": 3, "replans": 1, "evaluations": 1, "reference_s": 1.25,
-               **E.recovery(recs[2:5], 1.25)},
-              {"phase": 2, "cap": .25, "first_frame": 5, "frames": 3, "replans": 1, "evaluations": 1, "reference_s": 1.0,
-               **E.recovery(recs[5:], 1.0)}]
-    adapt = {"model": "resnet18/original", "device": "w2", "caps": [.25, .1, .25], "frames": [2, 3, 3], "records": recs,
-             "phases": phases, "start_rel_err": 0.0, "final_rel_err": 0.0, "nominal_predicted_s": 1.0,
-             "oracle_predicted_s": 1.25, "policy": {}}
+    spec = [(0, "calibrate", .25, 1.3, "", 1), (0, "calibrate", .25, 1.0, "replanned", 1), (1, "steady", .25, 1.0, "", 1),
+            (1, "steady", .25, 1.0, "kept", 1), (2, "low", .1, 2.0, "", 2.4), (2, "low", .1, 2.0, "replanned", 2.5),
+            (2, "low", .1, 1.3, "", 2.5), (2, "low", .1, 1.2, "", 2.5), (3, "back", .25, 1.0, "", 1.0),
+            (3, "back", .25, 1.0, "replanned", 1.0), (3, "back", .25, 0.95, "", 1)]
+    recs = [{"index": i, "phase": p, "phase_name": n, "cap": c, "latency_s": x, "event": e, "plan_version": 0,
+             "predicted_s": 1.0, "estimated_s": 1.0, "factors": [1.0, 1.0, f, 1.0], "replan_s": 0.01}
+            for i, (p, n, c, x, e, f) in enumerate(spec)]
+    phases = []
+    for p, n, first, cnt, ref in [(0, "calibrate", 0, 2, 1.0), (1, "steady", 2, 2, 1.0), (2, "low", 4, 4, 1.25), (3, "back", 8, 3, 1.0)]:
+        sel = recs[first:first + cnt]
+        ph = {"phase": p, "name": n, "cap": sel[0]["cap"], "first_frame": first, "frames": cnt, "reference_s": ref,
+              "replans": sum(r["event"] == "replanned" for r in sel), "evaluations": sum(r["event"] != "" for r in sel),
+              "median_latency_s": 1.0}
+        if n in ("low", "back"):
+            ph.update(E.recovery(sel, ref))
+        phases.append(ph)
+    adapt = {"model": "resnet18/original", "device": "w2", "caps": [.25, .25, .1, .25], "frames": [2, 2, 4, 3],
+             "records": recs, "phases": phases, "start_rel_err": 0.0, "final_rel_err": 0.0, "nominal_predicted_s": 1.0,
+             "calibrated_predicted_s": 1.0, "oracle_predicted_s": 1.25, "oracle_rows_of_device": {"calibrated": 50, "low": 20},
+             "policy": {}}
     m = {"cpus": 2, "loadavg": [1.0, 1.0, 1.0], "torch": torch.__version__}
     return {"config": {**E.asdict(cfg), "device_names": list(E.NAMES), "link_goodput_bps": {"1000mbit": 9.5e8}},
             "models": models, "rows": rows, "adapt": adapt, "machine_before": m, "machine_after": m, "seconds": 60.0}
@@ -77,8 +86,9 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     s = E.summarize(res, cfg)
     assert s["compact_flops_ratio"] == pytest.approx(0.25)
     assert s["compact_speedup_4dev"] == pytest.approx(1.0 / (0.25 / 3.2))
-    assert s["adapt_frames_to_recover"] == 3  # the worse of 3 (down) and 1 (up)
-    assert s["adapt_replans_steady"] == 0
+    assert s["adapt_frames_to_recover_per_change"] == [3, 1]  # median of 3 frames within 10% from the 3rd frame on
+    assert s["adapt_frames_to_recover"] == 3
+    assert s["adapt_replans_steady"] == 0 and s["adapt_calibration_replans"] == 1
     tg = E.check_targets(s)
     assert tg["speedup_vs_bound"]["met"] is False and tg["adapt_frames_to_recover"]["met"] is True
     res["summary"], res["targets"] = s, tg

@@ -60,10 +60,11 @@ class AdaptState:
     basis: list[float]
     recent: list[list[float]] = field(default_factory=list)
     frames: int = 0
+    sampled: list[bool] = field(default_factory=list)  # measured at least once
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
-        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0)
+        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0, [False] * n)
 
 
 # ------------------------------------------------------------------------------ planned work
@@ -149,7 +150,9 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     is now believed (``patience`` deviating frames in a row); for those the factor has jumped
     to the median of the deviating samples.
     """
-    st = AdaptState(list(state.factors), list(state.basis), [list(r) for r in state.recent], state.frames + 1)
+    n = len(state.factors)
+    st = AdaptState(list(state.factors), list(state.basis), [list(r) for r in state.recent], state.frames + 1,
+                    list(state.sampled) or [False] * n)
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -157,6 +160,9 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
         if p < policy.min_compute_s or m <= 0:
             continue  # no (meaningful) work this frame: nothing learnt about this device
         r = m / p
+        if not st.sampled[d]:  # first sample: no history to average with
+            st.sampled[d] = True
+            st.factors[d] = r
         st.factors[d] = (1 - policy.alpha) * st.factors[d] + policy.alpha * r
         if _dev(r, st.basis[d]) > policy.change:
             st.recent[d].append(r)
@@ -165,6 +171,14 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
                 changed.append(d)
         else:
             st.recent[d] = []
+    # A device never measured (it had no work yet) is assumed as far off its profile as the
+    # median measured device: profiles measured on the same host share their errors.
+    seen = [st.factors[d] for d in range(n) if st.sampled[d]]
+    if seen:
+        prior = statistics.median(seen)
+        for d in range(n):
+            if not st.sampled[d]:
+                st.factors[d] = prior
     return st, changed
 
 
@@ -204,4 +218,5 @@ def decide(policy: AdaptPolicy, current_s: float, candidate_s: float) -> Decisio
 
 def rebase(state: AdaptState) -> AdaptState:
     """After an evaluation (re-planned or not): the estimate becomes the basis, runs reset."""
-    return AdaptState(list(state.factors), list(state.factors), [[] for _ in state.factors], state.frames)
+    return AdaptState(list(state.factors), list(state.factors), [[] for _ in state.factors], state.frames,
+                      list(state.sampled))

@@ -69,7 +69,7 @@ class AdaptiveStream:
         self.k = k
         self.state = A.AdaptState.start(k)
         if factors is not None:
-            self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0)
+            self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
         self.version = 0
         self.records: list[FrameRecord] = []
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan))
