@@ -30,9 +30,10 @@ def test_full_config_covers_every_experiment_once():
     assert len(by("a_followers")) == 2 * 2 * 4 * 2
     assert {r.k for r in by("a_followers")} == {1, 2, 3, 4}
     assert {r.model for r in by("a_followers")} == {"vgg13", "vgg16"}
-    # (b) 4 partitioners x 2 modes on the heterogeneous cluster, nothing else there
+    # (b) 4 partitioners x 2 modes x 2 fusions on the heterogeneous cluster, nothing else there
     b = by("b_partition")
-    assert len(b) == 8 and {r.partition for r in b} == {"equal", "bodp", "ocbp", "optimal"}
+    assert len(b) == 16 and {r.partition for r in b} == {"equal", "bodp", "ocbp", "optimal"}
+    assert {r.fusion for r in b} == {"pools", "auto"}
     assert all(r.caps == (0.25, 0.5, 0.25, 0.25, 0.125) and r.rates == ("1000mbit", "1000mbit", "100mbit", "100mbit", "50mbit") for r in b)
     # (c) 3 fusions x 2 modes, (d) 3 sizes x 2 modes, both at 4 followers on fast links
     assert len(by("c_fusion")) == 6 and len(by("d_size")) == 6
@@ -65,9 +66,11 @@ def test_summary_keys_from_rows():
         _row("a_followers", mode="exchange", lat=0.8, pred=0.8),
         _row("a_followers", mode="exchange", link="100mbit", lat=1.25, pred=1.0),
         _row("a_followers", mode="gather", link="100mbit", lat=2.0, pred=2.0),
-        _row("b_partition", partition="bodp", het=True, lat=2.2),
-        _row("b_partition", partition="ocbp", het=True, lat=2.1),
-        _row("b_partition", partition="optimal", het=True, lat=2.0),
+        _row("b_partition", partition="bodp", fusion="pools", het=True, lat=2.2),
+        _row("b_partition", partition="ocbp", fusion="pools", het=True, lat=2.1),
+        _row("b_partition", partition="optimal", fusion="pools", het=True, lat=2.0),
+        _row("b_partition", partition="bodp", het=True, lat=1.0),  # auto: not the summary's gain
+        _row("b_partition", partition="optimal", het=True, lat=0.5),
         _row("b_partition", partition="ocbp", mode="exchange", het=True, lat=1.5),
         _row("b_partition", partition="optimal", mode="exchange", het=True, lat=1.6),
         _row("c_fusion", fusion="none", mode="gather", lat=1.6),
@@ -79,7 +82,9 @@ def test_summary_keys_from_rows():
     assert s["speedup_vgg16_4f_100mbit"] == pytest.approx(4.0 / 1.25)
     assert s["optimal_gain_over_bodp"] == pytest.approx(2.2 / 2.0 - 1)
     assert s["ocbp_gain_over_bodp"] == pytest.approx(2.2 / 2.1 - 1)
-    assert s["optimal_vs_ocbp"]["exchange"] == pytest.approx(1.5 / 1.6 - 1)
+    assert s["optimal_vs_ocbp"]["auto/exchange"] == pytest.approx(1.5 / 1.6 - 1)
+    assert s["partition_gains"]["auto/gather"]["optimal_over_bodp"] == pytest.approx(1.0)
+    assert s["partition_gains"]["pools/exchange"]["optimal_over_bodp"] is None
     assert s["optimal_never_slower_than_ocbp"] is False
     assert s["fusion_gain_vgg16"] == pytest.approx(1.6 / 0.8) and s["fusion_best"] == "auto/exchange"
     # errors: 0.05, 0, 0.2, 0 and zeros elsewhere -> median 0

@@ -7,7 +7,8 @@ What runs (one testbed of 5 devices: ``leader``, ``w1..w4``; 0.25 core each unle
     transfer modes (``gather`` = EdgeLD's leader-gather, ``exchange`` = halo exchange);
 (b) ``equal`` / ``bodp`` / ``ocbp`` / ``optimal`` on the heterogeneous cluster (leader 0.25
     core, followers 0.5, 0.25, 0.25, 0.125 core on links of 1000, 100, 100, 50 Mbit/s; the
-    leader's link 1000 Mbit/s), fusion ``auto``, both modes;
+    leader's link 1000 Mbit/s), both modes, with EdgeLD's fusion (``pools``: blocks between
+    pooling layers, the report's setting, used by the summary's gains) and with ``auto``;
 (c) fusion ``none`` (layer-wise) / ``pools`` (EdgeLD's fused blocks) / ``auto``, both modes,
     VGG16, 4 followers, 1000 Mbit/s;
 (d) input sizes 96 / 224 / 448 (VGG16, 4 followers, 1000 Mbit/s, optimal + auto, both modes);
@@ -30,8 +31,8 @@ How it is measured (see :mod:`edgeweave.bench.tbcluster` for the harness):
 
 Summary keys: ``speedup_vgg16_4f_1000mbit``, ``speedup_vgg16_4f_100mbit`` (best mode of
 optimal + auto), ``optimal_gain_over_bodp`` and ``ocbp_gain_over_bodp`` (heterogeneous cluster,
-gather mode: bodp latency / other latency - 1, i.e. how much faster), ``optimal_never_slower_than_ocbp``
-(per mode), ``fusion_gain_vgg16`` (layer-wise gather latency over the best latency among the
+gather mode, pools fusion: bodp latency / other latency - 1, i.e. how much faster; every mode and
+fusion in ``partition_gains``), ``optimal_never_slower_than_ocbp`` (every mode and fusion), ``fusion_gain_vgg16`` (layer-wise gather latency over the best latency among the
 fusion experiment's configurations), ``prediction_error_median`` (|predicted - measured| /
 measured over every distributed run).
 """
@@ -73,6 +74,9 @@ class EdgeldConfig:
     cpu: float = 0.25
     hetero_caps: tuple[float, ...] = (0.25, 0.5, 0.25, 0.25, 0.125)
     hetero_rates: tuple[str, ...] = ("1000mbit", "1000mbit", "100mbit", "100mbit", "50mbit")
+    # (b) runs with EdgeLD's own fusion (blocks between pools: the report's setting, which the
+    # summary's gains use) and with ``auto`` (which re-fuses for each partitioner)
+    hetero_fusions: tuple[str, ...] = ("pools", "auto")
     repeat: int = 5
     baseline_repeat: int = 3
     profile_quick: bool = False
@@ -85,7 +89,7 @@ class EdgeldConfig:
     def quick_config(cls) -> "EdgeldConfig":
         """A few minutes: VGG16 only at 112, 1/2/4 followers, fewer sizes, 2 repeats, quick profiles."""
         return cls(models=("vgg16",), size=112, followers=(1, 2, 4), sizes=(64, 112), repeat=2, baseline_repeat=2,
-                   profile_quick=True, quick=True)
+                   hetero_fusions=("pools",), profile_quick=True, quick=True)
 
 
 @dataclass
@@ -127,10 +131,11 @@ def build_runs(cfg: EdgeldConfig) -> list[RunSpec]:
                         caps=homo, rates=tuple([rate] * len(NAMES)))
     k_max = max(cfg.followers)
     fast = tuple([cfg.rates[0]] * len(NAMES))
-    for part in cfg.partitions:
-        for mode in cfg.modes:
-            add("b_partition", model=main, size=cfg.size, k=len(NAMES) - 1, partition=part, fusion="auto", mode=mode,
-                caps=tuple(cfg.hetero_caps), rates=tuple(cfg.hetero_rates))
+    for fusion in cfg.hetero_fusions:
+        for part in cfg.partitions:
+            for mode in cfg.modes:
+                add("b_partition", model=main, size=cfg.size, k=len(NAMES) - 1, partition=part, fusion=fusion, mode=mode,
+                    caps=tuple(cfg.hetero_caps), rates=tuple(cfg.hetero_rates))
     for fusion in cfg.fusions:
         for mode in cfg.modes:
             add("c_fusion", model=main, size=cfg.size, k=k_max, partition="optimal", fusion=fusion, mode=mode, caps=homo,
@@ -339,13 +344,22 @@ def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
         s[f"{key}_mode"] = b["mode"] if b else None
         s[f"{key}_latency_s"] = b["latency_s"] if b else None
     het = [r for r in rows if r["heterogeneous"] and "b_partition" in r["experiments"]]
-    lat = {(r["partition"], r["mode"]): r["latency_s"] for r in het}
-    if ("bodp", "gather") in lat:
-        s["optimal_gain_over_bodp"] = lat[("bodp", "gather")] / lat[("optimal", "gather")] - 1 if ("optimal", "gather") in lat else None
-        s["ocbp_gain_over_bodp"] = lat[("bodp", "gather")] / lat[("ocbp", "gather")] - 1 if ("ocbp", "gather") in lat else None
-    s["optimal_vs_ocbp"] = {m: lat[("ocbp", m)] / lat[("optimal", m)] - 1 for m in cfg.modes if ("ocbp", m) in lat and ("optimal", m) in lat}
+    lat = {(r["partition"], r["mode"], r["fusion"]): r["latency_s"] for r in het}
+
+    def gain(base: str, other: str, mode: str, fusion: str) -> float | None:
+        a, b = lat.get((base, mode, fusion)), lat.get((other, mode, fusion))
+        return a / b - 1 if a and b else None
+
+    f0 = cfg.hetero_fusions[0] if cfg.hetero_fusions else "auto"
+    s["partition_fusion"] = f0
+    s["optimal_gain_over_bodp"] = gain("bodp", "optimal", "gather", f0)
+    s["ocbp_gain_over_bodp"] = gain("bodp", "ocbp", "gather", f0)
+    s["partition_gains"] = {f"{f}/{m}": {"optimal_over_bodp": gain("bodp", "optimal", m, f), "ocbp_over_bodp": gain("bodp", "ocbp", m, f),
+                                         "optimal_over_ocbp": gain("ocbp", "optimal", m, f)}
+                            for f in cfg.hetero_fusions for m in cfg.modes}
+    s["optimal_vs_ocbp"] = {k: v["optimal_over_ocbp"] for k, v in s["partition_gains"].items() if v["optimal_over_ocbp"] is not None}
     s["optimal_never_slower_than_ocbp"] = all(v >= 0 for v in s["optimal_vs_ocbp"].values()) if s["optimal_vs_ocbp"] else None
-    s["heterogeneous_latency_s"] = {f"{p}/{m}": v for (p, m), v in sorted(lat.items())}
+    s["heterogeneous_latency_s"] = {f"{p}/{m}/{f}": v for (p, m, f), v in sorted(lat.items())}
     fus = [r for r in rows if "c_fusion" in r["experiments"]]
     lw = _pick(fus, fusion="none", mode="gather")
     b = _best(fus)
@@ -427,14 +441,15 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         if not sel:
             continue
         cats = list(dict.fromkeys(r[key] for r in sel))
-        modes = list(dict.fromkeys(r["mode"] for r in sel))
-        fig, ax = plt.subplots(figsize=(7, 4))
+        series = "fusion" if key == "partition" else None
+        modes = list(dict.fromkeys((r["mode"], r[series] if series else "") for r in sel))
+        fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / max(1, len(modes))
         for i, m in enumerate(modes):
-            ys = [next((r["latency_s"] for r in sel if r[key] == c and r["mode"] == m), 0) for c in cats]
-            ps = [next((r["predicted_s"] for r in sel if r[key] == c and r["mode"] == m), 0) for c in cats]
+            ys = [next((r["latency_s"] for r in sel if r[key] == c and (r["mode"], r[series] if series else "") == m), 0) for c in cats]
+            ps = [next((r["predicted_s"] for r in sel if r[key] == c and (r["mode"], r[series] if series else "") == m), 0) for c in cats]
             xs = [j + i * width for j in range(len(cats))]
-            ax.bar(xs, ys, width, label=f"{m} measured")
+            ax.bar(xs, ys, width, label=f"{' '.join(x for x in m if x)} measured")
             ax.scatter(xs, ps, marker="_", s=300, color="k", zorder=3, label="predicted" if i == 0 else None)
         ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(cats))], cats)
         ax.set(ylabel="latency (s)", title=title)
