@@ -126,6 +126,8 @@ def test_no_flapping_when_nothing_changes(gm):
     sess.truth = [1.6] * 4
     recs = s.serve([None] * 50)
     assert [r for r in recs if r.event == "replanned"] == []
+    # the kept plan is re-priced from the speeds its prediction assumed, not from the last basis
+    assert recs[-1].estimated_s == pytest.approx(1.6 * s.plan.predicted_s, rel=0.2)
 
 
 def test_converges_from_wrong_profiles(gm):

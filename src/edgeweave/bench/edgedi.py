@@ -530,7 +530,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
                 ax.hlines(ph["oracle_measured_s"], x0, x1, colors="m", linestyles=":", label="best plan, measured")
         rx = [r["index"] for r in recs if r["event"] == "replanned"]
         ax.scatter(rx, [r["latency_s"] for r in recs if r["event"] == "replanned"], marker="*", s=140, color="k", zorder=4, label="re-plan")
-        ax.set(ylabel="latency (s)", title=f"adaptive partitioning: {ad['model']}, {ad['device']} {ad['caps'][0]:g} -> {ad['caps'][1]:g} -> {ad['caps'][2]:g} core")
+        ax.set(ylabel="latency (s)", title=f"adaptive partitioning: {ad['model']}, {ad['device']} " + " -> ".join(f"{c:g}" for c in ad["caps"][1:]) + " core")
         ax.legend(fontsize=7)
         names = result["config"]["device_names"]
         for d in range(len(recs[0]["factors"])):

@@ -72,10 +72,11 @@ class AdaptiveStream:
             self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
         self.version = 0
         self.records: list[FrameRecord] = []
-        self._use(plan, plan_id if plan_id is not None else session.load_plan(plan))
+        self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
-    def _use(self, plan: Plan, pid: int) -> None:
-        self.plan, self.plan_id = plan, pid
+    def _use(self, plan: Plan, pid: int, factors: list[float]) -> None:
+        # ``factors``: the speeds the plan's own prediction assumes (re-pricing starts from them)
+        self.plan, self.plan_id, self.plan_factors = plan, pid, factors
         self.gm = self.session.plans[pid][1]
         self.works = A.stage_works(self.gm, plan)
         self.comp_base = A.stage_compute(self.works, self.base)
@@ -89,19 +90,19 @@ class AdaptiveStream:
                           list(self.state.factors), measured, changed=changed)
         if changed:
             t0 = time.perf_counter()
-            current = A.reprice(self.plan, self.comp_base, self.state.basis, self.state.factors)
+            current = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             dec = A.decide(self.policy, current, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
             if dec.replan:
-                self._use(cand, self.session.load_plan(cand))
+                self._use(cand, self.session.load_plan(cand), list(self.state.factors))
                 self.version += 1
                 rec.event = "replanned"
             else:
                 rec.event = "kept"
             self.state = A.rebase(self.state)
             rec.replan_s = time.perf_counter() - t0
-        rec.estimated_s = A.reprice(self.plan, self.comp_base, self.state.basis, self.state.factors)
+        rec.estimated_s = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
         self.records.append(rec)
         return y, rec
 
