@@ -8,6 +8,11 @@ A spatial stage is run by a row-range-aware interpreter: ``planning.halo.require
 which rows of every node the device's output strip needs; each window op slices those rows of
 its input, pads explicitly at the true top/bottom of the map only (zeros, or -inf for max
 pooling), and runs with H-padding 0 and its original W padding; pointwise ops run on the slices.
+
+Stages with global reductions (plan.py) are generators (``stage_program``) that yield each
+device's partial sum at every reducing node and resume with the total: ``run_stage`` answers
+through a ``reduce_fn`` (the runtime's messages), ``simulate`` runs all devices in lockstep and
+adds the partials in the plan's order, so both produce bit-identical sums.
 """
 
 from __future__ import annotations
