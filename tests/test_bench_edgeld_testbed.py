@@ -81,3 +81,16 @@ def test_distributed_result_is_exact_with_the_leader_in_its_namespace(tb, tmp_pa
             res = bc.call({"op": "infer", "plan_id": rep["plan_id"], "repeat": 2})
             assert len(res["latencies_s"]) == 2 and all(t > 0 for t in res["latencies_s"])
     assert time.perf_counter() - t0 < 200
+
+
+def test_probes_used_by_the_planner_and_the_baseline(tb):
+    """The synchronisation probe sees the capped devices' rounds (4 ms of CPU at 0.25 core take
+    at least ~12 ms of wall time) and returns a finite overhead; the single-device baseline runs
+    plain torchvision inside the cap and reports a median per size."""
+    from edgeweave.bench.tbcluster import single_device_latency, sync_latency
+
+    s = sync_latency(tb, "leader", "w1", rounds=12, work_ms=4.0)
+    assert s["busy_round_s"] >= 0.012, s
+    assert s["synced_round_s"] > 0 and abs(s["overhead_s"]) < 0.2, s
+    b = single_device_latency(tb, "w1", "mobilenet_v3_small", [32, 64], repeat=2, timeout_s=180)
+    assert set(b) == {32, 64} and all(v["median_s"] > 0 and len(v["times_s"]) == 2 for v in b.values())
