@@ -288,6 +288,10 @@ def check_plan(plan: Plan) -> None:
             for d, rows in r.rows:
                 if not 0 <= d < n_dev:
                     raise EdgeweaveError(f"invalid plan: stage {s} reduction {r.node} names device {d}")
+                if stage.kind != "reduce" and rows[1] > rows[0] and not any(
+                        a.device == d and a.out_rows[1] > a.out_rows[0] for a in stage.assignments):
+                    raise EdgeweaveError(f"invalid plan: stage {s} device {d} owns rows {list(rows)} of "
+                                         f"{r.source} but computes nothing in the stage")
                 if stage.kind == "reduce" and not _covered(held.get(d, []), rows):
                     raise EdgeweaveError(f"invalid plan: stage {s} device {d} reduces rows {list(rows)} "
                                          f"but holds only {sorted(held.get(d, []))}")
