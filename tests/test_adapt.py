@@ -114,7 +114,7 @@ def stream(gm, noise: float, seed: int = 0):
     base = base_cluster()
     plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
     sess = FakeSession(gm, base, noise=noise, seed=seed)
-    return AdaptiveStream(sess, plan, base, policy=A.AdaptPolicy()), sess
+    return AdaptiveStream(sess, plan, base, policy=A.AdaptPolicy(min_gain=0.1, min_compute_s=1e-3)), sess
 
 
 def test_no_flapping_when_nothing_changes(gm):

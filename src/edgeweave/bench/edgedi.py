@@ -68,7 +68,7 @@ class EdgediConfig:
     mode: str = "exchange"
     repeat: int = 3
     baseline_repeat: int = 3
-    adapt_model: str = "resnet18"
+    adapt_model: str = "vgg16"  # the model whose plans the profiles predict well (ResNet18's small layers: not)
     adapt_device: str = "w2"
     adapt_caps: tuple[float, float] = (0.25, 0.1)
     adapt_frames: tuple[int, int, int, int] = (8, 8, 12, 12)  # calibrate, steady, low cap, back
@@ -77,12 +77,14 @@ class EdgediConfig:
     model_latency: bool = True
     quick: bool = False
     timeout_s: float = 600.0
+    prefix: str = PREFIX  # testbed names (tests use their own so they never touch a running bench)
+    subnet: str = SUBNET
 
     @classmethod
     def quick_config(cls) -> "EdgediConfig":
         """A few minutes: ResNet18 only at 96x96, 1/2/4 devices, 2 repeats, shorter stream."""
         return cls(models=("resnet18",), size=96, devices=(1, 2, 4), repeat=2, baseline_repeat=2,
-                   adapt_frames=(5, 5, 8, 8), quick=True)
+                   adapt_model="resnet18", adapt_frames=(5, 5, 8, 8), quick=True)
 
 
 # ------------------------------------------------------------------------------------ models
@@ -179,7 +181,7 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
     t_start = time.perf_counter()
     state_before = T.machine_state()
     console.print(f"[bold]bench edgedi[/bold] ({'quick' if cfg.quick else 'full'}): load average {state_before['loadavg']}")
-    spec = {"prefix": PREFIX, "subnet": SUBNET,
+    spec = {"prefix": cfg.prefix, "subnet": cfg.subnet,
             "devices": [{"name": n, "cpu": c, "bandwidth": r} for n, c, r in zip(NAMES, cfg.caps, cfg.rates)]}
     rows: list[dict[str, Any]] = []
     models: dict[str, dict[str, Any]] = {}
@@ -212,7 +214,7 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
     state_after = T.machine_state()
     _speedups(rows, models, cfg)
     result = {
-        "config": asdict(cfg) | {"device_names": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": PREFIX,
+        "config": asdict(cfg) | {"device_names": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": cfg.prefix,
                                  "message_latency": sync, "planner_latency_s": latency_s},
         "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
                                 "fits": p["fits"]} for c, p in profiles.items()},

@@ -46,8 +46,11 @@ class AdaptPolicy:
     alpha: float = 0.5  # weight of the newest sample in the running factor
     change: float = 0.3  # relative deviation from the basis that counts as a change
     patience: int = 2  # consecutive deviating frames before a change is believed
-    min_gain: float = 0.10  # a candidate must be predicted this much faster than the current plan
-    min_compute_s: float = 1e-3  # devices predicted to compute less than this in a frame give no sample
+    min_gain: float = 0.20  # a candidate must be predicted this much faster than the current plan
+    # Devices predicted to compute less than this in a frame give no sample: tiny strips are
+    # dominated by fixed per-call costs and CPU-quota periods (10 ms), not by the device's speed,
+    # and counting them would feed back (less work -> larger ratio -> even less work).
+    min_compute_s: float = 0.02
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
 
 

@@ -80,11 +80,15 @@ class AdaptiveStream:
         self.gm = self.session.plans[pid][1]
         self.works = A.stage_works(self.gm, plan)
         self.comp_base = A.stage_compute(self.works, self.base)
-        self.pred_base = A.device_totals(self.comp_base, self.k)
+        # Speed samples come from the stages that are split (their time scales with the planned
+        # FLOPs); the leader's whole-map stages (pooling heads, attention scales, ...) are small
+        # and dominated by fixed costs, so they would bias the leader's factor.
+        self.sampled_stages = [s for s, st in enumerate(plan.stages) if st.kind in ("spatial", "linear")]
+        self.pred_base = [sum(self.comp_base[s][d] for s in self.sampled_stages) for d in range(self.k)]
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
         y, tm = self.session.infer(x, self.plan_id)
-        measured = [sum(t.compute_s for t in tm.per_device[d]) for d in range(self.k)]
+        measured = [sum(tm.per_device[d][s].compute_s for s in self.sampled_stages) for d in range(self.k)]
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
         rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
                           list(self.state.factors), measured, changed=changed)

@@ -1,0 +1,44 @@
+"""bench edgedi end to end on a tiny emulated testbed: capped devices, shaped links, the leader in
+its own namespace running the adaptive stream while a follower's cap changes.
+
+Needs root, iproute2 and the cgroup v1 cpu controller (skipped otherwise). Its own prefix and
+subnet (ewf-, 10.77.34.0/24) keep it apart from a running benchmark and the other testbed tests.
+Timing on a shared host is noisy, so it asserts what must hold regardless: exact outputs, every
+record present, caps in force (the throttled follower measured slower), files written.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeweave.testbed import emulation_support
+
+_OK, _WHY = emulation_support()
+pytestmark = [
+    pytest.mark.testbed,
+    pytest.mark.slow,
+    pytest.mark.skipif(not _OK, reason=f"the emulated testbed needs root, iproute2 and cgroup v1 ({_WHY})"),
+    pytest.mark.timeout(600),
+]
+
+
+def test_edgedi_bench_tiny(tmp_path):
+    from edgeweave.bench import edgedi as E
+
+    cfg = E.EdgediConfig(models=("resnet18",), variants=("original", "compact"), size=64, devices=(1, 4), repeat=1,
+                         baseline_repeat=1, adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.05), model_latency=False,
+                         prefix="ewf-", subnet="10.77.34.0/24", quick=True)
+    res = E.run_edgedi_bench(cfg, out_dir=tmp_path)
+    assert not res["testbed_down"]["remaining"]
+    assert {(r["model"], r["devices"]) for r in res["rows"]} == {(m, k) for m in ("resnet18/original", "resnet18/compact") for k in (1, 4)}
+    assert all(r["rel_err"] < 1e-4 for r in res["rows"])
+    assert res["models"]["resnet18/original"]["single_s"]["leader"] > res["models"]["resnet18/original"]["single_s"]["w1"] * 1.1
+    ad = res["adapt"]
+    assert len(ad["records"]) == sum(cfg.adapt_frames) and ad["final_rel_err"] < 1e-4
+    assert [p["name"] for p in ad["phases"]] == ["calibrate", "steady", "low", "back"]
+    s = res["summary"]
+    assert s["compact_flops_ratio"] < 0.2 and "adapt_frames_to_recover" in s
+    out = json.loads((tmp_path / "edgedi" / "edgedi.json").read_text())
+    assert out["loadavg"]["before"] and (tmp_path / "edgedi" / "adapt.png").stat().st_size > 0
