@@ -120,12 +120,24 @@ def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device
             hold.add(a, b, buf, ch.irecv(buf, tr.src, tag), tr.src, what)
 
 
-def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Channel | None) -> Callable[..., Any]:
+def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
+               waited: list[float]) -> Callable[..., Any]:
     """This device's side of the stage's reductions (plan.py): partials to the leader, total back.
 
     The leader adds the partial sums in the order of ``reduction.rows`` (``sum_partials``), so a
-    result does not depend on which message arrived first.
+    result does not depend on which message arrived first. Seconds spent waiting for messages
+    are added to ``waited[0]`` so that they count as communication, not compute (a device that
+    waits for a slower one must not look slow itself).
     """
+
+    def recv(shape: list[int], src: int, tag: int, what: str) -> torch.Tensor:
+        assert ch is not None
+        t0 = time.perf_counter()
+        try:
+            return ch.recv(torch.empty(shape), src, tag, what)
+        finally:
+            waited[0] += time.perf_counter() - t0
+
     from edgeweave.planning.execute import partial_shape, sum_partials
 
     n_red = len(stage.reductions)
@@ -145,8 +157,7 @@ def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Chann
                 ch.isend(part, 0, tag_part, f"partial sum {red.node} of stage {s}")
             if stage.kind == "reduce":
                 return None
-            assert ch is not None
-            return ch.recv(torch.empty(shape), 0, tag_total, f"the total of {red.node} in stage {s}")
+            return recv(shape, 0, tag_total, f"the total of {red.node} in stage {s}")
         parts: dict[int, torch.Tensor] = {}
         if part is not None:
             parts[0] = part
@@ -154,7 +165,7 @@ def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Chann
             if d != 0:
                 if ch is None:
                     raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
-                parts[d] = ch.recv(torch.empty(shape), d, tag_part, f"partial sum {red.node} of stage {s}")
+                parts[d] = recv(shape, d, tag_part, f"partial sum {red.node} of stage {s}")
         total = sum_partials(red, parts)
         if stage.kind != "reduce":
             for d in workers:
@@ -194,7 +205,8 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         if stage.reductions:
             # Exact global sums (plan.py): this device contributes its partial sums; the
             # leader coordinates them even when it computes no strip.
-            rfn = _reduce_fn(plan, stage, s, device, gm, ch)
+            waited = [0.0]
+            rfn = _reduce_fn(plan, stage, s, device, gm, ch, waited)
             holds = a is not None and not _empty(a.in_rows[1] - a.in_rows[0])
             works = a is not None and not _empty(a.out_rows[1] - a.out_rows[0])
             if stage.kind == "reduce" and (holds or device == 0):
@@ -202,7 +214,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                 c0 = time.perf_counter()
                 with torch.no_grad():
                     y = run_stage(gm, stage, device, xin, reduce_fn=rfn)
-                compute = time.perf_counter() - c0
+                compute = time.perf_counter() - c0 - waited[0]
                 if device == 0:
                     assert a is not None
                     nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
@@ -211,13 +223,13 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                 for i in range(len(stage.reductions)):
                     rfn(i, None)
         else:
-            rfn = None
+            rfn, waited = None, [0.0]
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
             c0 = time.perf_counter()
             with torch.no_grad():
                 y = run_stage(gm, stage, device, xin) if rfn is None else run_stage(gm, stage, device, xin, reduce_fn=rfn)
-            compute = time.perf_counter() - c0
+            compute = time.perf_counter() - c0 - waited[0]
             if not isinstance(y, torch.Tensor):
                 # a model returning a tuple (multi-exit): only the leader's last stage may
                 if device != 0 or s != len(plan.stages) - 1 or plan.final_transfers:
