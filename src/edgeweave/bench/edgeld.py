@@ -517,7 +517,8 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"- synchronisation cost between two busy capped devices (rounds of {cfg['message_latency']['work_ms']:g} ms CPU "
          f"with and without a message exchange, gloo, the runtime's wait): {1e3 * cfg['message_latency']['overhead_s']:.2f} ms "
          f"per round; planner latency_s {1e3 * cfg['planner_latency_s']:.2f} ms per device and message",
-         "- profiles (edgeweave profile inside a capped namespace, conv line): "
+         "- profiles (edgeweave profile inside a capped namespace; a, b of the all-conv line, held-out median error "
+         "of the conv fit): "
          + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "
                      f"{100 * p['fits'].get('conv', {}).get('heldout_median_rel_err', float('nan')):.1f}%"
                      for c, p in result["profiles"].items()),
