@@ -161,14 +161,16 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
     ok, why = emulation_support()
     if not ok:
         raise EdgeweaveError(f"bench edgeld needs the emulated testbed (root, Linux, iproute2, cgroup v1): {why}")
-    out = Path(out_dir) / "edgeld"
+    # a quick run writes beside the full one (results/edgeld/quick/) instead of over it;
+    # both share the checkpoints and plans in results/edgeld/work/
+    work = Path(out_dir) / "edgeld" / "work"
+    out = Path(out_dir) / "edgeld" / ("quick" if cfg.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     old_nice = os.getpriority(os.PRIO_PROCESS, 0)
     if cfg.nice and os.geteuid() == 0:
         # inherited by everything started below (devices, baselines, probes): the emulated boards
         # are dedicated machines, so other users of this host should not take their CPU share
         os.setpriority(os.PRIO_PROCESS, 0, cfg.nice)
-    work = out / "work"
     t_start = time.perf_counter()
     state_before = T.machine_state()
     console.print(f"[bold]bench edgeld[/bold] ({'quick' if cfg.quick else 'full'}): load average {state_before['loadavg']}")

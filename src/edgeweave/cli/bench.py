@@ -65,7 +65,8 @@ def edgeld(
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """EdgeLD on the emulated testbed (root): followers 1..4 at 1000/100 Mbit/s, partitioners on a
-    heterogeneous cluster, fusion modes, input sizes, predicted vs measured. Writes results/edgeld/."""
+    heterogeneous cluster, fusion modes, input sizes, predicted vs measured. Writes results/edgeld/
+    (--quick: results/edgeld/quick/)."""
     from edgeweave.bench.edgeld import EdgeldConfig, run_edgeld_bench
 
     cfg = EdgeldConfig.quick_config() if quick else EdgeldConfig()
