@@ -273,3 +273,17 @@ def test_runtime_check_plan_rejects_an_owner_without_work() -> None:
     s.reductions = [r] + s.reductions[1:]
     with pytest.raises(EdgeweaveError, match="owns rows"):
         check_plan(plan)
+
+
+@pytest.mark.parametrize("mode", ["gather", "exchange"])
+def test_attention_on_a_one_by_one_map_is_exact(mode):
+    """torchvision ResNet18 at 32x32 ends at 1x1: there `map * scale` has the scale's shape and is
+    classed pointwise; the scale must still be treated as a whole side input, not asked for rows."""
+    model = build_model("compact_resnet18", num_classes=6, in_channels=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    gm = capture(model, tuple(x.shape))
+    with torch.no_grad():
+        ref = model(x)
+        for fusion in ("none", "auto"):
+            y = simulate(gm, make_plan(gm, Cluster.uniform(3), mode=mode, fusion=fusion), x)
+            assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5

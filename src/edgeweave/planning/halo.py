@@ -101,10 +101,10 @@ def node_input_rows(gm: torch.fx.GraphModule, node: torch.fx.Node, out: Range) -
         assert shape is not None
         lo, hi, _, _ = window_in_rows(node_window(gm, node), out[0], out[1], shape[2])
         return {inp: (lo, hi)}
-    if kind in ("pointwise", "linear"):
-        return {i: out for i in tensor_inputs(node)}
+    # small values broadcast over the map are known whole: no rows needed. Checked for pointwise
+    # nodes too: on a 1x1 map, `map * scale` has the scale's shape and is classed pointwise.
     side = side_inputs(node)
-    if side:  # small values broadcast over the map: known whole, no rows needed
+    if kind in ("pointwise", "linear") or side:
         return {i: out for i in tensor_inputs(node) if i.name not in side}
     raise ValueError(f"node {node.name} ({kind}) has no row arithmetic; it must run whole")
 
