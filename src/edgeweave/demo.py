@@ -49,8 +49,7 @@ def exits_step(out: Path) -> dict[str, Any]:
     """Distil a multi-exit student under the CNN of step 1; serve requests with latency budgets."""
     from edgeweave.exits.demo import exits_demo_step
 
-    console.rule("3. on-demand inference: distillation + early exits")
-    return exits_demo_step(out)
+    return exits_demo_step(out)  # prints its own heading
 
 
 def steps() -> list[tuple[str, Step]]:
