@@ -14,106 +14,42 @@ Started like the leader driver (``--listen``, ``--model``, ``--cluster``, ``--ti
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
-import traceback
 from typing import Any
 
-import torch
-
-from edgeweave.bench.leader_driver import bench_input, reply
+from edgeweave.bench.leader_driver import LeaderDriver, main
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="edgeweave EdgeDI benchmark leader (JSON lines on stdin/stdout)")
-    ap.add_argument("--listen", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--cluster", required=True)
-    ap.add_argument("--timeout", type=float, default=300.0)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    from edgeweave.checkpoint import load_checkpoint
-    from edgeweave.planning.adapt import AdaptPolicy
-    from edgeweave.planning.plan import Plan
-    from edgeweave.profiling.profile import Cluster
-    from edgeweave.runtime.leader import RemoteCluster
-    from edgeweave.runtime.run import compare
-    from edgeweave.runtime.stream import AdaptiveStream
+class EdgeDIDriver(LeaderDriver):
+    description = "edgeweave EdgeDI benchmark leader (JSON lines on stdin/stdout)"
+    stream: Any = None
 
-    t0 = time.perf_counter()
-    model, spec, _extra = load_checkpoint(a.model)
-    model.eval()
-    refs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    def op_stream_start(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        from edgeweave.planning.adapt import AdaptPolicy
+        from edgeweave.profiling.profile import Cluster
+        from edgeweave.runtime.stream import AdaptiveStream
 
-    def ref_for(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = tuple(plan.input_shape)
-        if shape not in refs:
-            x = bench_input(shape[-1], shape[1], shape[0])
-            with torch.no_grad():
-                refs[shape] = (x, model(x))
-        return refs[shape]
+        plan, pid, res = self.load_and_check(cmd["path"])
+        self.stream = AdaptiveStream(self.cl, plan, Cluster.load(cmd["cluster"]),
+                                     policy=AdaptPolicy(**cmd.get("policy", {})), plan_id=pid)
+        return res
 
-    stream: AdaptiveStream | None = None
-    with RemoteCluster(Cluster.load(a.cluster), a.listen, timeout_s=a.timeout, start_timeout_s=a.timeout) as cl:
-        h = cl.load_model(model, spec)
-        reply({"op": "ready", "names": cl.names, "model_hash": h, "startup_s": time.perf_counter() - t0})
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            cmd = json.loads(line)
-            op = cmd.get("op")
-            try:
-                if op == "quit":
-                    reply({"op": "bye"})
-                    break
-                if op in ("plan", "stream_start"):
-                    plan = Plan.load(cmd["path"])
-                    pid = cl.load_plan(plan)
-                    x, ref = ref_for(plan)
-                    t1 = time.perf_counter()
-                    y, _tm = cl.infer(x, pid)
-                    warm = time.perf_counter() - t1
-                    extra: dict[str, Any] = {}
-                    if op == "stream_start":
-                        stream = AdaptiveStream(cl, plan, Cluster.load(cmd["cluster"]),
-                                                policy=AdaptPolicy(**cmd.get("policy", {})), plan_id=pid)
-                    reply({"op": op, "ok": True, "plan_id": pid, "warmup_s": warm, **compare(y, ref), **extra})
-                elif op == "infer":
-                    pid = int(cmd["plan_id"])
-                    plan, _gm = cl.plans[pid]
-                    x, _ref = ref_for(plan)
-                    lats, best = [], None
-                    for _ in range(int(cmd.get("repeat", 1))):
-                        t1 = time.perf_counter()
-                        _y, tm = cl.infer(x, pid)
-                        lats.append(time.perf_counter() - t1)
-                        if best is None or tm.total_s <= best.total_s:
-                            best = tm
-                    reply({"op": "infer", "ok": True, "latencies_s": lats, "timings": best.to_dict() if best else None})
-                elif op == "stream":
-                    if stream is None:
-                        raise RuntimeError("stream before stream_start")
-                    x, _ref = ref_for(stream.plan)
-                    recs = stream.serve([x] * int(cmd["frames"]))
-                    reply({"op": "stream", "ok": True, "records": [r.to_dict() for r in recs],
-                           "plan": stream.plan.to_dict() if cmd.get("with_plan") else None})
-                elif op == "check":
-                    if stream is None:
-                        raise RuntimeError("check before stream_start")
-                    x, ref = ref_for(stream.plan)
-                    y, _tm = cl.infer(x, stream.plan_id)
-                    reply({"op": "check", "ok": True, **compare(y, ref)})
-                else:
-                    reply({"op": str(op), "ok": False, "error": f"unknown op {op!r}"})
-            except Exception as e:  # noqa: BLE001 - report to the orchestrator, which decides
-                traceback.print_exc()
-                reply({"op": str(op), "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
-                if cl.broken:
-                    break
-    return 0
+    def op_stream(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.stream is None:
+            raise RuntimeError("stream before stream_start")
+        x, _ref = self.ref_for(self.stream.plan)
+        recs = self.stream.serve([x] * int(cmd["frames"]))
+        return {"records": [r.to_dict() for r in recs], "plan": self.stream.plan.to_dict() if cmd.get("with_plan") else None}
+
+    def op_check(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        from edgeweave.runtime.run import compare
+
+        if self.stream is None:
+            raise RuntimeError("check before stream_start")
+        x, ref = self.ref_for(self.stream.plan)
+        y, _tm = self.cl.infer(x, self.stream.plan_id)
+        return compare(y, ref)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(driver=EdgeDIDriver))

@@ -43,8 +43,56 @@ def bench_input(size: int, channels: int = 3, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, generator=g)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="edgeweave benchmark leader (JSON lines on stdin/stdout)")
+class LeaderDriver:
+    """Holds the leader's session and answers commands; ``op_<name>`` methods are the commands,
+    so a benchmark adds its own by subclassing (see :mod:`edgeweave.bench.edgedi_driver`)."""
+
+    description = "edgeweave benchmark leader (JSON lines on stdin/stdout)"
+
+    def __init__(self, cl: Any, model: torch.nn.Module) -> None:
+        self.cl, self.model = cl, model
+        self.refs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ref_for(self, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seeded input for the plan's shape and the whole model's output on it."""
+        shape = tuple(plan.input_shape)
+        if shape not in self.refs:
+            x = bench_input(shape[-1], shape[1], shape[0])
+            with torch.no_grad():
+                self.refs[shape] = (x, self.model(x))
+        return self.refs[shape]
+
+    def load_and_check(self, path: str) -> tuple[Any, int, dict[str, Any]]:
+        """Load a plan, run it once (warm-up) and compare with the whole model."""
+        from edgeweave.planning.plan import Plan
+        from edgeweave.runtime.run import compare
+
+        plan = Plan.load(path)
+        pid = self.cl.load_plan(plan)
+        x, ref = self.ref_for(plan)
+        t1 = time.perf_counter()
+        y, _tm = self.cl.infer(x, pid)
+        return plan, pid, {"plan_id": pid, "warmup_s": time.perf_counter() - t1, **compare(y, ref)}
+
+    def op_plan(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        return self.load_and_check(cmd["path"])[2]
+
+    def op_infer(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        pid = int(cmd["plan_id"])
+        plan, _gm = self.cl.plans[pid]
+        x, _ref = self.ref_for(plan)
+        lats, best = [], None
+        for _ in range(int(cmd.get("repeat", 1))):
+            t1 = time.perf_counter()
+            _y, tm = self.cl.infer(x, pid)
+            lats.append(time.perf_counter() - t1)
+            if best is None or tm.total_s <= best.total_s:
+                best = tm
+        return {"latencies_s": lats, "timings": best.to_dict() if best else None}
+
+
+def main(argv: list[str] | None = None, driver: type[LeaderDriver] = LeaderDriver) -> int:
+    ap = argparse.ArgumentParser(description=driver.description)
     ap.add_argument("--listen", required=True)
     ap.add_argument("--model", required=True, help="checkpoint path (the followers load the same file)")
     ap.add_argument("--cluster", required=True, help="cluster JSON (leader first); names must match the followers")
@@ -52,54 +100,30 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     from edgeweave.checkpoint import load_checkpoint
-    from edgeweave.planning.plan import Plan
     from edgeweave.profiling.profile import Cluster
     from edgeweave.runtime.leader import RemoteCluster
-    from edgeweave.runtime.run import compare
 
     t0 = time.perf_counter()
     model, spec, _extra = load_checkpoint(a.model)
     model.eval()
-    refs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     with RemoteCluster(Cluster.load(a.cluster), a.listen, timeout_s=a.timeout, start_timeout_s=a.timeout) as cl:
         h = cl.load_model(model, spec)
+        d = driver(cl, model)
         reply({"op": "ready", "names": cl.names, "model_hash": h, "startup_s": time.perf_counter() - t0})
         for line in sys.stdin:
             if not line.strip():
                 continue
             cmd = json.loads(line)
             op = cmd.get("op")
+            if op == "quit":
+                reply({"op": "bye"})
+                break
+            handler = getattr(d, f"op_{op}", None) if isinstance(op, str) else None
+            if handler is None:
+                reply({"op": str(op), "ok": False, "error": f"unknown op {op!r}"})
+                continue
             try:
-                if op == "quit":
-                    reply({"op": "bye"})
-                    break
-                if op == "plan":
-                    plan = Plan.load(cmd["path"])
-                    pid = cl.load_plan(plan)
-                    shape = tuple(plan.input_shape)
-                    if shape not in refs:
-                        x = bench_input(shape[-1], shape[1], shape[0])
-                        with torch.no_grad():
-                            refs[shape] = (x, model(x))
-                    x, ref = refs[shape]
-                    t1 = time.perf_counter()
-                    y, _tm = cl.infer(x, pid)
-                    warm = time.perf_counter() - t1
-                    reply({"op": "plan", "ok": True, "plan_id": pid, "warmup_s": warm, **compare(y, ref)})
-                elif op == "infer":
-                    pid = int(cmd["plan_id"])
-                    plan, _gm = cl.plans[pid]
-                    x, _ref = refs[tuple(plan.input_shape)]
-                    lats, best = [], None
-                    for _ in range(int(cmd.get("repeat", 1))):
-                        t1 = time.perf_counter()
-                        _y, tm = cl.infer(x, pid)
-                        lats.append(time.perf_counter() - t1)
-                        if best is None or tm.total_s <= best.total_s:
-                            best = tm
-                    reply({"op": "infer", "ok": True, "latencies_s": lats, "timings": best.to_dict() if best else None})
-                else:
-                    reply({"op": str(op), "ok": False, "error": f"unknown op {op!r}"})
+                reply({"op": op, "ok": True, **handler(cmd)})
             except Exception as e:  # noqa: BLE001 - report to the orchestrator, which decides
                 traceback.print_exc()
                 reply({"op": str(op), "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]})
