@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeweave.jsonio import write_json
 from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
 
@@ -482,9 +483,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
                             x["estimated_s"], x["event"], ";".join(f"{f:.3f}" for f in x["factors"])])
     files |= write_plots(result, out)
     Path(files["report"]).write_text(to_markdown(result, files))
-    from edgeweave.cli.common import _clean  # noqa: PLC0415 - the same NaN cleaning as every --json
-
-    Path(files["json"]).write_text(json.dumps(_clean(result | {"files": files}), indent=2) + "\n")
+    write_json(files["json"], result | {"files": files})  # NaN -> null, like every --json
     return files
 
 

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeweave.jsonio import write_json
 from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
 
@@ -404,9 +405,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
             w.writerow([";".join(map(str, r[k])) if isinstance(r.get(k), list) else r.get(k) for k in CSV_KEYS])
     files |= write_plots(result, out)
     Path(files["report"]).write_text(to_markdown(result, files))
-    from edgeweave.cli.common import _clean  # noqa: PLC0415 - the same NaN cleaning as every --json
-
-    Path(files["json"]).write_text(json.dumps(_clean(result | {"files": files}), indent=2) + "\n")
+    write_json(files["json"], result | {"files": files})  # NaN -> null, like every --json
     return files
 
 

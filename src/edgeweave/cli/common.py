@@ -6,13 +6,12 @@ PATH; tables and progress bars go to stderr so stdout stays machine-readable.
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
 from edgeweave.console import console, progress_bar  # noqa: F401  (re-exported for commands)
+from edgeweave.jsonio import dumps, write_json
 
 
 # `--json` alone means stdout ("-"); `--json PATH` writes to PATH. Typer has no optional-value
@@ -35,26 +34,11 @@ def normalize_json_flag(argv: list[str]) -> list[str]:
     return out
 
 
-def _clean(obj: Any) -> Any:
-    """Make NaN/inf JSON-safe (null) so every consumer can parse the output."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
 def emit_json(result: dict[str, Any], target: Optional[str]) -> None:
     """Write ``result`` per the contract; does nothing when ``--json`` was not given."""
     if target is None:
         return
-    text = json.dumps(_clean(result), indent=2)
     if target == "-":
-        typer.echo(text)
+        typer.echo(dumps(result))
     else:
-        p = Path(target)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text + "\n")
-        console.print(f"[dim]wrote {p}[/dim]")
+        console.print(f"[dim]wrote {write_json(target, result)}[/dim]")
