@@ -44,7 +44,7 @@ def distributed_demo_step(workers: int = 2, model_name: str = "torchvision:resne
     check it against one device, print the plan and times on stderr, and return the summary
     (``rel_err``, ``latency_s``, ``single_device_s``, ``speedup``, ``plan``, ...)."""
     if console is None:
-        from edgeweave.cli.common import console
+        from edgeweave.console import console
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per process, like the followers: a fair comparison
     t0 = time.perf_counter()
