@@ -328,11 +328,14 @@ class Session:
         t0 = time.perf_counter()
         self._command({"op": "infer", "plan_id": plan_id})
         try:
+            # timings are posted first so that they are in by the time the leader's part ends
+            n = len(plan.stages) + 1
+            bufs = {r: torch.zeros(n, 2, dtype=torch.float64) for r in range(1, self.world)}
+            posted = {r: ch.irecv(t, r, TAG_TIMING) for r, t in bufs.items()}
             y, mine = execute_plan(plan, 0, gm, x.detach().to(torch.float32), ch, run_stage)
             per_device = [mine]
-            n = len(plan.stages) + 1
-            for r in range(1, self.world):
-                t = ch.recv(torch.zeros(n, 2, dtype=torch.float64), r, TAG_TIMING, "timings")
+            for r, t in bufs.items():
+                ch.wait(posted[r], r, "receiving timings")
                 per_device.append([StageTiming(float(a), float(b)) for a, b in t.tolist()])
         except PeerError as e:
             self._fail(e)
