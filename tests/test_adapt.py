@@ -4,6 +4,7 @@ synthetic timings (a fake session whose devices compute at chosen true speeds)."
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ class FakeSession:
     def __init__(self, gm, base: Cluster, noise: float = 0.0, seed: int = 0):
         self.gm, self.base, self.noise = gm, base, noise
         self.truth = [1.0] * len(base.devices)
+        self.overhead = 1.0  # measured latency / cost model: what the model leaves out
         self.plans: dict[int, tuple] = {}
         self.rng = random.Random(seed)
 
@@ -55,7 +57,7 @@ class FakeSession:
         k = len(plan.devices)
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
                + [StageTiming(0.0, 0.0)] for d in range(k)]
-        total = A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), [1.0] * k, self.truth)
+        total = self.overhead * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), [1.0] * k, self.truth)
         return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
 
 
@@ -157,3 +159,32 @@ def test_replans_after_a_cap_change_and_back(gm):
     recs = s.serve([None] * 12)
     assert sum(r.event == "replanned" for r in recs) == 1
     assert recs[-1].latency_s <= 1.1 * k0.predicted_s
+
+
+def test_observe_latency_counts_steady_frames_only():
+    pol = A.AdaptPolicy(warmup=1, ratio_window=4)
+    st = A.AdaptState.start(2)
+    assert st.latency_ratio == 1.0
+    st = replace(st, frames=1)
+    assert A.observe_latency(st, pol, 1.2, 1.0).ratios == []  # warm-up frame
+    st = replace(st, frames=2)
+    for m in (1.2, 1.1, 5.0, 1.3, 1.2, 1.25):
+        st = A.observe_latency(st, pol, m, 1.0)
+    assert st.ratios == pytest.approx([5.0, 1.3, 1.2, 1.25])  # the last ratio_window frames
+    assert st.latency_ratio == pytest.approx(1.275)  # their median: one outlier does not move it
+    assert A.calibrated(st, 2.0) == pytest.approx(2.55)
+    deviating = replace(st, recent=[[], [2.5]])  # a change not yet believed: not a sample
+    assert A.observe_latency(deviating, pol, 9.0, 1.0).ratios == st.ratios
+
+
+def test_latency_ratio_calibrates_the_stream(gm):
+    s, sess = stream(gm, noise=0.05, seed=4)
+    sess.overhead = 1.15
+    recs = s.serve([None] * 12)
+    assert recs[-1].latency_ratio == pytest.approx(1.15, rel=0.03)
+    assert recs[-1].calibrated_s == pytest.approx(recs[-1].latency_s, rel=0.05)
+    sess.truth = [1.0, 1.0, 2.5, 1.0]
+    recs = s.serve([None] * 12)
+    # frames before the change is believed do not drag the ratio along
+    assert all(abs(r.latency_ratio - 1.15) < 0.1 for r in recs)
+    assert recs[-1].calibrated_s == pytest.approx(recs[-1].latency_s, rel=0.08)

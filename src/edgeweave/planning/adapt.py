@@ -52,6 +52,7 @@ class AdaptPolicy:
     # and counting them would feed back (less work -> larger ratio -> even less work).
     min_compute_s: float = 0.02
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
+    ratio_window: int = 8  # steady frames whose measured / estimated latency calibrate predictions
 
 
 @dataclass
@@ -64,10 +65,18 @@ class AdaptState:
     recent: list[list[float]] = field(default_factory=list)
     frames: int = 0
     sampled: list[bool] = field(default_factory=list)  # measured at least once
+    ratios: list[float] = field(default_factory=list)  # recent steady measured / estimated latencies
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
         return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0, [False] * n)
+
+    @property
+    def latency_ratio(self) -> float:
+        """How far measured latencies run from the cost model's (1 until measured): what the
+        model leaves out (synchronisation under CPU quotas, Python overheads) is nearly a
+        constant share, so predictions are multiplied by it (:func:`calibrated`)."""
+        return statistics.median(self.ratios) if self.ratios else 1.0
 
 
 # ------------------------------------------------------------------------------ planned work
@@ -155,7 +164,7 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     """
     n = len(state.factors)
     st = AdaptState(list(state.factors), list(state.basis), [list(r) for r in state.recent], state.frames + 1,
-                    list(state.sampled) or [False] * n)
+                    list(state.sampled) or [False] * n, list(state.ratios))
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -183,6 +192,24 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
             if not st.sampled[d]:
                 st.factors[d] = prior
     return st, changed
+
+
+def observe_latency(state: AdaptState, policy: AdaptPolicy, measured_s: float, estimated_s: float) -> AdaptState:
+    """Fold one frame's measured latency over the estimate into the calibration ratio.
+
+    Only steady frames count (after warm-up, no device in a run of deviating samples): while a
+    change is not yet believed the estimate is knowingly stale, and counting those frames
+    would make the ratio chase the change instead of the model's bias.
+    """
+    if state.frames <= policy.warmup or measured_s <= 0 or estimated_s <= 0 or any(state.recent):
+        return state
+    ratios = (list(state.ratios) + [measured_s / estimated_s])[-policy.ratio_window:]
+    return replace(state, ratios=ratios)
+
+
+def calibrated(state: AdaptState, predicted_s: float) -> float:
+    """A cost-model prediction corrected by the measured ratio (see ``latency_ratio``)."""
+    return predicted_s * state.latency_ratio
 
 
 def reprice(plan: Plan, compute_base: Sequence[Sequence[float]], old: Sequence[float], new: Sequence[float]) -> float:
@@ -222,4 +249,4 @@ def decide(policy: AdaptPolicy, current_s: float, candidate_s: float) -> Decisio
 def rebase(state: AdaptState) -> AdaptState:
     """After an evaluation (re-planned or not): the estimate becomes the basis, runs reset."""
     return AdaptState(list(state.factors), list(state.factors), [[] for _ in state.factors], state.frames,
-                      list(state.sampled))
+                      list(state.sampled), list(state.ratios))

@@ -48,6 +48,8 @@ class FrameRecord:
     gain: float | None = None
     replan_s: float = 0.0  # planning + loading time spent after this frame (not in latency_s)
     changed: list[int] = field(default_factory=list)
+    latency_ratio: float = 1.0  # measured / estimated latency over recent steady frames
+    calibrated_s: float = 0.0  # estimated_s * latency_ratio: the stream's latency prediction
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,10 @@ class AdaptiveStream:
             self.state = A.rebase(self.state)
             rec.replan_s = time.perf_counter() - t0
         rec.estimated_s = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
+        if not changed:
+            self.state = A.observe_latency(self.state, self.policy, tm.total_s, rec.estimated_s)
+        rec.latency_ratio = self.state.latency_ratio
+        rec.calibrated_s = A.calibrated(self.state, rec.estimated_s)
         self.records.append(rec)
         return y, rec
 
