@@ -57,7 +57,8 @@ class FakeSession:
         k = len(plan.devices)
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
                + [StageTiming(0.0, 0.0)] for d in range(k)]
-        total = self.overhead * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), [1.0] * k, self.truth)
+        made_with = plan.meta.get("speed_factors", [1.0] * k)  # what the plan's prediction assumes
+        total = self.overhead * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), made_with, self.truth)
         return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
 
 

@@ -62,3 +62,11 @@ def test_leader_link_is_the_bottleneck_of_a_gather() -> None:
     ready, end = schedule_transfers([(1, 0, 1e6, False), (0, 2, 1e6, True)], devs)
     assert ready[2] == pytest.approx(2.0)
     assert transfer_s(1e6, devs[0], DeviceProfile("slow", bandwidth_bps=4e6, latency_s=0.5)) == pytest.approx(2.5)
+    # a fast leader sending to followers on slower links serves them side by side: its uplink
+    # is busy 1 s per MB, each transfer lasts 4 s (the follower's link)
+    slow = [devs[0]] + [DeviceProfile(f"s{i}", bandwidth_bps=2e6, latency_s=0.0) for i in (1, 2, 3)]
+    ready, end = schedule_transfers([(0, d, 1e6, False) for d in (1, 2, 3)], slow)
+    assert [ready[d] for d in (1, 2, 3)] == pytest.approx([4.0, 5.0, 6.0]) and end == pytest.approx(6.0)
+    # two transfers into one slow link still queue behind each other
+    ready, end = schedule_transfers([(0, 1, 1e6, False), (2, 1, 1e6, False)], slow)
+    assert ready[1] == pytest.approx(8.0)

@@ -8,7 +8,8 @@ element for pooling and one per output element for everything else.
 
 Transfers: every device has one full-duplex link (``bandwidth_bps``, one-way ``latency_s``) to a
 switch. A transfer src -> dst takes ``bytes * 8 / min(bw_src, bw_dst) + lat_src + lat_dst`` and
-occupies src's uplink and dst's downlink; transfers sharing a link are serialised in plan order,
+occupies src's uplink for ``bytes * 8 / bw_src`` and dst's downlink for ``bytes * 8 / bw_dst``
+(a link is busy for the bytes at its own rate); transfers sharing a link queue in plan order,
 and a device forwards rows it received only after receiving them. In gather mode the leader's
 link carries every strip twice (in and out), so it is the shared bottleneck, as on EdgeLD's
 testbed.
@@ -21,18 +22,21 @@ from collections.abc import Iterable, Sequence
 import torch.fx
 
 from edgeweave.planning.graph import node_kind, node_shape, node_window, tensor_inputs
+from edgeweave.profiling.compute import op_kind
 from edgeweave.profiling.profile import DeviceProfile
 
 DTYPE_BYTES = 4  # float32 activations
 
 
 def flop_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """Which of the profile's kinds a node's FLOPs are charged to (conv, linear or other)."""
+    """Which of the profile's kinds a node's FLOPs are charged to (``profiling.compute.KINDS``)."""
     fk = node.meta.get("ew_flop_kind")
     if fk is None:
         k = node_kind(node)
-        if k == "window":
-            fk = "conv" if node_window(gm, node).op == "conv" else "other"
+        if k in ("window", "linear") and node.op == "call_module":
+            fk = op_kind(gm.get_submodule(str(node.target)))  # the profiler's kinds
+        elif k == "window":
+            fk = "conv" if node_window(gm, node).op == "conv" else "pool"
         else:
             fk = "linear" if k == "linear" else "other"
         node.meta["ew_flop_kind"] = fk
@@ -133,8 +137,10 @@ def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]] | Work) 
             continue
         if kind in profile.per_kind:
             a, b = profile.per_kind[kind]
+        elif kind.startswith("conv") and "conv" in profile.per_kind:  # a profile without this conv kind
+            a, b = profile.per_kind["conv"]
         else:
-            a, b = profile.a, (profile.b if kind in ("conv", "linear") else 0.0)
+            a, b = profile.a, (profile.b if kind.startswith("conv") or kind == "linear" else 0.0)
         total += a * flops + b * calls
     return total
 
@@ -167,8 +173,11 @@ def schedule_transfers(
             continue
         start = max(up.get(src, 0.0), down.get(dst, 0.0), ready.get(src, 0.0) if fwd else 0.0)
         end = start + transfer_s(nbytes, devices[src], devices[dst])
-        up[src] = end
-        down[dst] = end
+        # each link is held for the bytes at its own rate: a fast leader sending to followers
+        # on slower links serves them side by side, each transfer lasting as long as its
+        # slower end allows (the links are shaped separately, as on the testbed)
+        up[src] = start + nbytes * 8.0 / devices[src].bandwidth_bps
+        down[dst] = start + nbytes * 8.0 / devices[dst].bandwidth_bps
         ready[dst] = max(ready.get(dst, 0.0), end)
         end_all = max(end_all, end)
     return ready, end_all

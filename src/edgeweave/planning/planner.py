@@ -661,5 +661,7 @@ def _make_plan(
             "segments": len(segs),
             "leader_only": fallback,
             "split_from": part_fn.__name__ if hasattr(part_fn, "__name__") else part_name,
+            # the speed estimates the prediction assumes (adapt.scaled_cluster); 1 = as profiled
+            "speed_factors": [float(d.meta.get("speed_factor", 1.0)) for d in cluster.devices],
         },
     )

@@ -38,18 +38,26 @@ from torch import nn
 from edgeweave.profiling.flops import conv_flops, conv_out, eltwise_flops, linear_flops, pool_flops
 from edgeweave.profiling.profile import DeviceProfile
 
-KINDS = ("conv", "conv1x1", "linear", "pool", "other")
-"""Fitted kinds: spatial convolutions (K > 1), pointwise convolutions (their FLOPs per second
-differ: no im2col reuse, memory-bound at small channel counts), linear layers, pooling, and
-elementwise ops (batch norm, activations, residual adds). The profile's top-level ``a, b`` is
-one line over all convolutions, the fallback for a kind the profile does not list."""
+KINDS = ("conv", "conv_strided", "conv1x1", "linear", "pool", "other")
+"""Fitted kinds: spatial convolutions (K > 1) with stride 1 and with a larger stride (strided
+ones reuse less of each input row: measured ~25 % more seconds per FLOP, and one line over
+both over-predicted VGG's stride-1 layers by ~10 %), pointwise convolutions (no im2col reuse,
+memory-bound at small channel counts), linear layers, pooling (torch's max pooling costs far
+more per element than an activation), and elementwise ops (batch norm, activations, residual
+adds). The profile's top-level ``a, b`` is one line over all convolutions, the fallback for a
+kind the profile does not list."""
+
+
+def conv_kind(kernel: tuple[int, ...], stride: tuple[int, ...], groups: int = 1) -> str:
+    if tuple(kernel) == (1, 1) and groups == 1:
+        return "conv1x1"
+    return "conv_strided" if max(stride) > 1 else "conv"
 
 
 def op_kind(module: nn.Module) -> str:
     """The fitted kind whose line predicts ``module``'s time (planner and profiler agree here)."""
     if isinstance(module, nn.Conv2d):
-        k = module.kernel_size
-        return "conv1x1" if tuple(k) == (1, 1) and module.groups == 1 else "conv"
+        return conv_kind(tuple(module.kernel_size), tuple(module.stride), module.groups)
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -71,7 +79,7 @@ class Setting:
 
     @property
     def fit_kind(self) -> str:
-        return "conv1x1" if self.kind == "conv" and self.k == 1 else self.kind
+        return conv_kind((self.k, self.k), (self.stride, self.stride)) if self.kind == "conv" else self.kind
 
     def out_hw(self) -> tuple[int, int]:
         if self.kind == "linear":
