@@ -189,3 +189,22 @@ def test_latency_ratio_calibrates_the_stream(gm):
     # frames before the change is believed do not drag the ratio along
     assert all(abs(r.latency_ratio - 1.15) < 0.1 for r in recs)
     assert recs[-1].calibrated_s == pytest.approx(recs[-1].latency_s, rel=0.08)
+
+
+def test_one_calibration_evaluation_when_every_device_is_off_by_less_than_change(gm):
+    def run(calibrate_after: int):
+        base = base_cluster()
+        plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+        sess = FakeSession(gm, base, noise=0.02, seed=5)
+        sess.truth = [1.0, 0.78, 1.0, 1.27]  # each within the 30 % change threshold
+        pol = A.AdaptPolicy(min_gain=0.02, min_compute_s=1e-3, calibrate_after=calibrate_after)
+        s = AdaptiveStream(sess, plan, base, policy=pol)
+        return s, s.serve([None] * 20)
+
+    _s, recs = run(0)
+    assert [r.event for r in recs if r.event] == []  # the per-device rule alone never looks
+    s, recs = run(4)
+    events = [(r.index, r.event) for r in recs if r.event]
+    assert len(events) == 1 and events[0][0] == 4  # warm-up frame + 4 measured frames
+    assert events[0][1] == "replanned" and recs[4].changed == []
+    assert recs[-1].latency_s < recs[0].latency_s  # the split that matches the real speeds is faster

@@ -56,6 +56,10 @@ class AdaptPolicy:
     min_compute_s: float = 0.02
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
     ratio_window: int = 8  # steady frames whose measured / estimated latency calibrate predictions
+    # One evaluation once this many frames are measured, even if no device deviated by
+    # ``change``: profiles often err by less than that on every device, yet add up to a split
+    # the estimates already know to be worse (0 = never).
+    calibrate_after: int = 4
 
 
 @dataclass

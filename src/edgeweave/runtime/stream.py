@@ -73,6 +73,7 @@ class AdaptiveStream:
         if factors is not None:
             self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
         self.version = 0
+        self.evaluated = False  # any evaluation yet (the calibration one is due until then)
         self.records: list[FrameRecord] = []
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
@@ -94,7 +95,10 @@ class AdaptiveStream:
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
         rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
                           list(self.state.factors), measured, changed=changed)
-        if changed:
+        calibration_due = (not self.evaluated and self.policy.calibrate_after > 0 and not any(self.state.recent)
+                           and self.state.frames >= self.policy.warmup + self.policy.calibrate_after)
+        if changed or calibration_due:
+            self.evaluated = True
             t0 = time.perf_counter()
             current = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
