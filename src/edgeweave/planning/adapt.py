@@ -56,10 +56,7 @@ class AdaptPolicy:
     min_compute_s: float = 0.02
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
     ratio_window: int = 8  # steady frames whose measured / estimated latency calibrate predictions
-    # One evaluation once this many frames are measured, even if no device deviated by
-    # ``change``: profiles often err by less than that on every device, yet add up to a split
-    # the estimates already know to be worse (0 = never).
-    calibrate_after: int = 4
+    calibrate_after: int = 4  # measured frames before the one calibration evaluation (0 = never)
 
 
 @dataclass
@@ -73,6 +70,7 @@ class AdaptState:
     frames: int = 0
     sampled: list[bool] = field(default_factory=list)  # measured at least once
     ratios: list[float] = field(default_factory=list)  # recent steady measured / estimated latencies
+    evaluated: bool = False  # a candidate plan was evaluated at least once (see ``evaluation_due``)
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
@@ -170,8 +168,8 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     to the median of the deviating samples.
     """
     n = len(state.factors)
-    st = AdaptState(list(state.factors), list(state.basis), [list(r) for r in state.recent], state.frames + 1,
-                    list(state.sampled) or [False] * n, list(state.ratios))
+    st = replace(state, factors=list(state.factors), recent=[list(r) for r in state.recent], frames=state.frames + 1,
+                 sampled=list(state.sampled) or [False] * n)
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -199,6 +197,17 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
             if not st.sampled[d]:
                 st.factors[d] = prior
     return st, changed
+
+
+def evaluation_due(state: AdaptState, policy: AdaptPolicy, changed: Sequence[int]) -> bool:
+    """Evaluate a candidate plan now? When a change is believed (``observe``), and once after
+    ``calibrate_after`` measured frames if nothing was evaluated yet (no device mid-change):
+    profiles often err by less than ``change`` on every device, yet add up to a split the
+    estimates already know to be worse."""
+    if changed:
+        return True
+    return (not state.evaluated and policy.calibrate_after > 0 and not any(state.recent)
+            and state.frames >= policy.warmup + policy.calibrate_after)
 
 
 def observe_latency(state: AdaptState, policy: AdaptPolicy, measured_s: float, estimated_s: float) -> AdaptState:
@@ -255,5 +264,4 @@ def decide(policy: AdaptPolicy, current_s: float, candidate_s: float) -> Decisio
 
 def rebase(state: AdaptState) -> AdaptState:
     """After an evaluation (re-planned or not): the estimate becomes the basis, runs reset."""
-    return AdaptState(list(state.factors), list(state.factors), [[] for _ in state.factors], state.frames,
-                      list(state.sampled), list(state.ratios))
+    return replace(state, basis=list(state.factors), recent=[[] for _ in state.factors], evaluated=True)

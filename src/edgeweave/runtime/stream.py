@@ -73,7 +73,6 @@ class AdaptiveStream:
         if factors is not None:
             self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
         self.version = 0
-        self.evaluated = False  # any evaluation yet (the calibration one is due until then)
         self.records: list[FrameRecord] = []
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
@@ -95,28 +94,28 @@ class AdaptiveStream:
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
         rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
                           list(self.state.factors), measured, changed=changed)
-        calibration_due = (not self.evaluated and self.policy.calibrate_after > 0 and not any(self.state.recent)
-                           and self.state.frames >= self.policy.warmup + self.policy.calibrate_after)
-        if changed or calibration_due:
-            self.evaluated = True
+        # the plan that ran, re-priced under the updated estimate: the latency ratio's sample,
+        # and the current plan's side of an evaluation
+        estimated = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
+        if not changed:
+            self.state = A.observe_latency(self.state, self.policy, tm.total_s, estimated)
+        if A.evaluation_due(self.state, self.policy, changed):
             t0 = time.perf_counter()
-            current = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
-            dec = A.decide(self.policy, current, cand.predicted_s)
+            dec = A.decide(self.policy, estimated, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
             if dec.replan:
                 self._use(cand, self.session.load_plan(cand), list(self.state.factors))
                 self.version += 1
                 rec.event = "replanned"
+                estimated = cand.predicted_s  # made under these very factors
             else:
                 rec.event = "kept"
             self.state = A.rebase(self.state)
             rec.replan_s = time.perf_counter() - t0
-        rec.estimated_s = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
-        if not changed:
-            self.state = A.observe_latency(self.state, self.policy, tm.total_s, rec.estimated_s)
+        rec.estimated_s = estimated
         rec.latency_ratio = self.state.latency_ratio
-        rec.calibrated_s = A.calibrated(self.state, rec.estimated_s)
+        rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
         return y, rec
 
