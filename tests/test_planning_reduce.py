@@ -146,7 +146,7 @@ def test_no_device_receives_the_whole_map_of_an_attention_block(mode: str) -> No
     """The squeeze reads a whole map, yet every device receives only a strip (+halo) of it."""
     _, gm, x, ref = _setup("compact_vgg11", (1, 3, 32, 32))
     plan = make_plan(gm, uniform(3), partition="equal", fusion="none", mode=mode)
-    attn = [s for s in plan.stages if s.reductions]
+    attn = [s for s in plan.stages if s.reductions and s.kind == "spatial"]
     assert len(attn) == 8  # one squeeze per compacted 3x3 conv of VGG11
     for s in attn:
         h = s.input_shape[2]
@@ -287,3 +287,125 @@ def test_attention_on_a_one_by_one_map_is_exact(mode):
         for fusion in ("none", "auto"):
             y = simulate(gm, make_plan(gm, Cluster.uniform(3), mode=mode, fusion=fusion), x)
             assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+class _FlatHead(nn.Module):
+    """conv -> pool -> flatten (three spellings) -> Linear -> ReLU -> Linear, like VGG's classifier."""
+
+    def __init__(self, flatten: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.same = nn.AdaptiveAvgPool2d((5, 5))  # the identity on a 5x5 map (VGG's avgpool)
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(6 * 5 * 5, 12)
+        self.fc2 = nn.Linear(12, 4)
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.same(self.pool(F.relu(self.conv(x))))
+        if self.flatten == "module":
+            x = self.flat(x)
+        elif self.flatten == "method":
+            x = x.flatten(1)
+        else:
+            x = torch.flatten(x, 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("flatten", ["module", "method", "function"])
+def test_first_linear_on_a_flattened_map_is_reduced_from_the_strips(flatten: str) -> None:
+    """``fc(flatten(x))`` is a sum over rows: partial products of the held rows, no gather."""
+    torch.manual_seed(0)
+    model = _FlatHead(flatten).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    gm = capture(model, tuple(x.shape))
+    for k, part, fus, mode in itertools.product((1, 2, 3, 4), PARTITIONS, FUSIONS, MODES):
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
+        _check_reductions(plan)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
+        if k > 1 and not plan.meta["leader_only"]:
+            (red,) = [s for s in plan.stages if s.kind == "reduce"]
+            assert red.nodes[:2] == ["flat" if flatten == "module" else "flatten", "fc1"], red.nodes
+            assert red.reductions[0].source == "same"  # the map, not the flattened vector
+            assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
+    for split in (uneven, leader_idle):
+        plan = make_plan(gm, hetero(3), partition=split, fusion="none", mode="exchange")
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, split.__name__
+
+
+def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
+    class TwoUses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = torch.flatten(self.conv(x), 1)
+            return self.fc(f) + f.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = TwoUses().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = capture(model, tuple(x.shape))
+    assert not any(n.meta.get("ew_folded") or n.meta.get("ew_reduce") for n in gm.graph.nodes)
+    plan = make_plan(gm, hetero(3), partition="optimal", fusion="auto", mode="exchange")
+    with torch.no_grad():
+        assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-6
+
+
+def test_weight_columns_are_cut_once_and_the_whole_map_needs_no_copy() -> None:
+    from edgeweave.planning import execute
+
+    w = torch.randn(7, 2 * 4 * 3)
+    whole = execute._weight_rows(w, [1, 2, 4, 3], (0, 4))
+    assert whole.data_ptr() == w.data_ptr()
+    part = execute._weight_rows(w, [1, 2, 4, 3], (1, 3))
+    assert part is execute._weight_rows(w, [1, 2, 4, 3], (1, 3))  # kept, not cut again
+    assert torch.equal(part, w.view(7, 2, 4, 3)[:, :, 1:3, :].reshape(7, -1))
+    for lo in range(4):
+        execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 1))
+    assert len(execute._WEIGHT_ROWS) <= execute._WEIGHT_ROWS_KEPT
+
+
+@pytest.mark.slow
+def test_vgg_classifier_at_224_reduces_its_first_layer_where_the_strips_are() -> None:
+    """VGG's avgpool is the identity at 224 px and stays in the strips; fc1 is a reduce stage."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11().eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(x)
+    gm = capture(model, tuple(x.shape))
+    for mode in MODES:
+        plan = make_plan(gm, uniform(3), partition="optimal", fusion="pools", mode=mode)
+        kinds = [s.kind for s in plan.stages]
+        red = plan.stages[kinds.index("reduce")]
+        assert red.nodes[:2] == ["flatten", "classifier_0"] and "avgpool" in plan.stages[red.index - 1].nodes
+        assert len([d for d, r in red.reductions[0].rows if not is_empty(r)]) == 3
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, mode
+
+
+def test_adapt_charges_each_holder_its_share_of_a_linear_reduction() -> None:
+    """The stream's per-device speed estimate compares measured compute with this work: the
+    holders of the map's rows multiply them by the weight, not the leader alone."""
+    from edgeweave.planning.adapt import stage_works
+    from edgeweave.planning.cost import node_flops
+    from edgeweave.planning.graph import nodes_by_name
+
+    model = _FlatHead("function").eval()
+    gm = capture(model, (1, 3, 10, 10))
+    plan = make_plan(gm, uniform(3), partition="equal", fusion="none", mode="exchange")
+    (red,) = [s for s in plan.stages if s.kind == "reduce"]
+    works = stage_works(gm, plan)[red.index]
+    fc1 = node_flops(gm, nodes_by_name(gm)["fc1"])
+    rows = dict(red.reductions[0].rows)
+    assert all(rows[d][1] > rows[d][0] for d in range(3))
+    for d in range(3):
+        assert works[d]["linear"][0] == pytest.approx(fc1 * (rows[d][1] - rows[d][0]) / 5)
+    assert sum(w["linear"][0] for w in works) == pytest.approx(fc1)

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field, replace
 
 import torch.fx
 
-from edgeweave.planning.cost import Work, add_work, aggregate, compute_s, flop_kind, node_flops, rows_of
-from edgeweave.planning.graph import node_shape, nodes_by_name
+from edgeweave.planning.cost import Work, add_work, aggregate, compute_s, flop_kind, node_flops, partial_work, rows_of
+from edgeweave.planning.graph import is_folded, node_shape, nodes_by_name
 from edgeweave.planning.halo import EMPTY, is_empty, required_rows, size
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
@@ -100,6 +100,17 @@ def stage_works(gm: torch.fx.GraphModule, plan: Plan) -> list[list[Work]]:
         row: list[Work] = [{} for _ in range(k)]
         if st.kind == "leader":
             row[0] = aggregate((flop_kind(gm, n), node_flops(gm, n)) for n in nodes)
+        elif st.kind == "reduce":
+            # every holder computes its rows' partial sums; the leader then the small nodes
+            h = max(rows_of(st.input_shape), 1)
+            reducing = {r.node for r in st.reductions}
+            for red in st.reductions:
+                node = by[red.node]
+                for d, rows in red.rows:
+                    if not is_empty(rows):
+                        row[d] = add_work(row[d], aggregate([partial_work(gm, node, size(rows), h)]))
+            row[0] = add_work(row[0], aggregate((flop_kind(gm, n), node_flops(gm, n)) for n in nodes
+                                                if n.name not in reducing and not is_folded(n)))
         elif st.kind == "linear":
             total = max(rows_of(st.output_shape), 1)
             for a in st.assignments:

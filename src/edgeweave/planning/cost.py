@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import torch.fx
 
-from edgeweave.planning.graph import node_kind, node_shape, node_window, tensor_inputs
+from edgeweave.planning.graph import node_kind, node_reduce, node_shape, node_window, tensor_inputs
 from edgeweave.profiling.compute import op_kind
 from edgeweave.profiling.profile import DeviceProfile
 
@@ -43,6 +43,17 @@ def flop_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     return str(fk)
 
 
+def partial_work(gm: torch.fx.GraphModule, node: torch.fx.Node, n_rows: int, h: int) -> tuple[str, float]:
+    """(kind, FLOPs) of a reducing node's partial sum over ``n_rows`` of the ``h`` rows it reduces.
+
+    A linear reduction is a matmul with the matching weight columns (priced as ``linear``);
+    sums and means are cheap adds (``other``).
+    """
+    red = node_reduce(node)
+    kind = flop_kind(gm, node) if red is not None and red.op == "linear" else "other"
+    return kind, node_flops(gm, node) * n_rows / max(h, 1)
+
+
 def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
     """FLOPs to compute the node's whole output (cached in ``node.meta``)."""
     if "ew_flops" in node.meta:
@@ -57,7 +68,9 @@ def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
         if kind == "window":
             w = node_window(gm, node)
             mod = gm.get_submodule(str(node.target))
-            if w.op == "conv":
+            if w.op == "identity":
+                flops = float(numel)
+            elif w.op == "conv":
                 kh, kw = mod.kernel_size
                 cin_g = mod.in_channels // mod.groups
                 # EdgeLD's F = 2*H*W*(Cin*K^2 + 1)*Cout: the +1 (the bias add) only with a bias

@@ -17,6 +17,7 @@ adds the partials in the plan's order, so both produce bit-identical sums.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -27,12 +28,15 @@ import torch.nn.functional as F
 from edgeweave.planning.graph import (
     Reduce,
     Window,
+    is_folded,
     is_small,
     node_kind,
     node_reduce,
     node_shape,
     node_window,
     nodes_by_name,
+    reduce_partial_shape,
+    reduce_source,
     side_inputs,
     tensor_inputs,
 )
@@ -126,20 +130,56 @@ def _bad(n: torch.fx.Node) -> Any:
     raise ValueError(f"linear stage reads {n.name}, which is not the previous node")
 
 
-def partial_sum(t: torch.Tensor) -> torch.Tensor:
-    """A strip's share of a reduction over H and W: ``[N, C, 1, 1]`` (the wire format)."""
-    return t.sum(dim=(2, 3), keepdim=True)
+def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, rows: Range) -> torch.Tensor:
+    """A strip's share of reducing node ``node``: ``t`` holds rows ``rows`` of the reduced map.
+
+    Sums and means: ``[N, C, 1, 1]``; a linear reduction: the strip's rows times the matching
+    weight columns, ``[N, out]`` without the bias (``graph.reduce_partial_shape``).
+    """
+    red = node_reduce(node) or _no_reduce(node)
+    if red.op != "linear":
+        return t.sum(dim=(2, 3), keepdim=True)
+    weight = gm.get_submodule(str(node.target)).weight
+    shape = node_shape(reduce_source(node)) or []
+    return F.linear(t.reshape(t.shape[0], -1), _weight_rows(weight, shape, rows))
 
 
-def finish_reduce(red: Reduce, total: torch.Tensor) -> torch.Tensor:
+_WEIGHT_ROWS: OrderedDict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_WEIGHT_ROWS_KEPT = 4
+
+
+def _weight_rows(weight: torch.Tensor, map_shape: list[int], rows: Range) -> torch.Tensor:
+    """The columns of ``weight`` that multiply rows ``rows`` of the flattened map, contiguous.
+
+    Cut once per (weight, rows) and kept: cutting them per frame would copy up to the whole
+    weight every time (VGG16's first classifier layer is 411 MB). A device holding the whole map
+    gets the weight itself (no copy).
+    """
+    key = (id(weight), weight._version, rows[0], rows[1])
+    hit = _WEIGHT_ROWS.get(key)
+    if hit is not None and hit[0] is weight:
+        _WEIGHT_ROWS.move_to_end(key)
+        return hit[1]
+    _, c, h, w = (int(v) for v in map_shape)
+    cols = weight.view(weight.shape[0], c, h, w)[:, :, rows[0]:rows[1], :].reshape(weight.shape[0], -1).contiguous()
+    _WEIGHT_ROWS[key] = (weight, cols)
+    while len(_WEIGHT_ROWS) > _WEIGHT_ROWS_KEPT:
+        _WEIGHT_ROWS.popitem(last=False)
+    return cols
+
+
+def finish_reduce(gm: torch.fx.GraphModule, node: torch.fx.Node, total: torch.Tensor) -> torch.Tensor:
     """The reducing node's value from the total of the partial sums."""
+    red = node_reduce(node) or _no_reduce(node)
+    if red.op == "linear":
+        bias = gm.get_submodule(str(node.target)).bias
+        return total if bias is None else total + bias
     v = total / red.count if red.op == "mean" else total
     return v if red.keepdim else v[:, :, 0, 0]
 
 
 def partial_shape(gm: torch.fx.GraphModule, r: Reduction) -> list[int]:
-    shape = node_shape(nodes_by_name(gm)[r.source]) or [0, 0]
-    return [int(shape[0]), int(shape[1]), 1, 1]
+    return reduce_partial_shape(nodes_by_name(gm)[r.node])
 
 
 def _small_value(gm: torch.fx.GraphModule, node: torch.fx.Node, small: dict[str, Any]) -> Any:
@@ -186,11 +226,11 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
         if node.name in reds:
             i, red = reds[node.name]
             own = red.owned(device)
-            part = None if is_empty(own) else partial_sum(take(by[red.source], own[0], own[1]))
+            part = None if is_empty(own) else partial_sum(gm, node, take(by[red.source], own[0], own[1]), own)
             total = yield (i, part)
             if total is None:
                 raise ValueError(f"stage {stage.index}: no total for reduction {node.name}")
-            small[node.name] = finish_reduce(node_reduce(node) or _no_reduce(node), total)
+            small[node.name] = finish_reduce(gm, node, total)
             continue
         if is_small(node) and any(i.name in small for i in tensor_inputs(node)):
             small[node.name] = _small_value(gm, node, small)
@@ -244,10 +284,12 @@ def _reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torc
             own = red.owned(device)
             if not is_empty(own) and (x is None or x.shape[2] != own[1] - own[0]):
                 raise ValueError(f"stage {stage.index}: device {device} holds no rows {own} to reduce")
-            total = yield (i, None if is_empty(own) or x is None else partial_sum(x))
+            total = yield (i, None if is_empty(own) or x is None else partial_sum(gm, node, x, own))
             if total is None:  # a follower: its part is done
                 return None
-            small[name] = finish_reduce(node_reduce(node) or _no_reduce(node), total)
+            small[name] = finish_reduce(gm, node, total)
+        elif is_folded(node):
+            continue  # the flatten of a linear reduction: computed as part of it
         else:
             small[name] = _small_value(gm, node, small)
     if len(outs) == 1:
@@ -315,6 +357,8 @@ def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int,
     """
     if pad_top or pad_bottom:
         t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
+    if w.op == "identity":
+        return t
     if w.op == "conv":
         return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
     if w.op == "max":

@@ -15,7 +15,9 @@ The atomic pieces between consecutive candidate cuts are ``Segment`` s, classifi
 * ``leader``: anything else, run whole on the leader. A leader segment made only of reductions
   over H and W of its input (``graph.reduction_of``, e.g. a final global average pool) and
   small ops on their results is *reducible* (``is_reduce_segment``): the planner computes it
-  from partial sums of the strips where they are, without gathering the map.
+  from partial sums of the strips where they are, without gathering the map. A Linear layer on
+  the flattened map (VGG's first classifier layer) is such a reduction too; no cut separates it
+  from its flatten.
 
 A spatial segment may also contain reductions (a channel-attention squeeze): its small nodes
 (``graph.is_small``) are computed whole from exact partial sums, and elementwise ops broadcast
@@ -34,7 +36,17 @@ from dataclasses import dataclass
 
 import torch.fx
 
-from edgeweave.planning.graph import is_small, node_kind, node_reduce, node_shape, node_window, side_inputs, tensor_inputs
+from edgeweave.planning.graph import (
+    is_folded,
+    is_small,
+    node_kind,
+    node_reduce,
+    node_shape,
+    node_window,
+    reduce_source,
+    side_inputs,
+    tensor_inputs,
+)
 
 FUSION_MODES = ("none", "pools", "auto")
 
@@ -74,15 +86,18 @@ def _reducible(nodes: list[torch.fx.Node], inp: torch.fx.Node, out: torch.fx.Nod
     if not any(node_reduce(n) is not None for n in nodes):
         return False
     for n in nodes:
-        if n.op == "get_attr":
+        if n.op == "get_attr" or (is_folded(n) and tensor_inputs(n) == [inp]):
             continue
         ins = tensor_inputs(n)
         if any(i.name not in names and i.op != "get_attr" for i in ins):
             return False
+        red = node_reduce(n)
+        if red is not None and red.op == "linear" and not is_small(out):
+            return False  # a linear reduction only ends a reduce segment
         if is_small(n):
             if node_reduce(n) is None and not all(is_small(i) or i.op == "get_attr" for i in ins):
                 return False
-            if is_small(out) and node_reduce(n) is not None and ins != [inp]:
+            if is_small(out) and node_reduce(n) is not None and reduce_source(n) is not inp:
                 return False  # a reduce segment only reduces its input
             continue
         if is_small(out):
@@ -104,6 +119,21 @@ def is_reduce_segment(seg: Segment) -> bool:
         return False
     shape = node_shape(seg.input)
     return shape is not None and len(shape) == 4 and not is_small(seg.input) and _reducible(seg.nodes, seg.input, seg.output)
+
+
+def unfold_flatten(gm: torch.fx.GraphModule, seg: Segment) -> list[Segment]:
+    """``seg`` cut after its folded flatten (if any): the flatten, then the Linear and the rest.
+
+    For a map the leader holds whole anyway (a global op before it), a linear reduction would
+    put the whole layer on the leader; the plain cut lets the Linear be split by features.
+    """
+    cut = next((i for i, n in enumerate(seg.nodes) if is_folded(n)), None)
+    if cut is None or cut == len(seg.nodes) - 1:
+        return [seg]
+    flat = seg.nodes[cut]
+    head = Segment(seg.nodes[: cut + 1], seg.input, flat, _classify(gm, seg.nodes[: cut + 1], seg.input, flat))
+    tail = Segment(seg.nodes[cut + 1:], flat, seg.output, _classify(gm, seg.nodes[cut + 1:], flat, seg.output))
+    return [head, tail]
 
 
 def _classify_rest(nodes: list[torch.fx.Node], inp: torch.fx.Node, out: torch.fx.Node, in_shape: list[int]) -> str:
@@ -153,6 +183,8 @@ def atomic_segments(gm: torch.fx.GraphModule) -> list[Segment]:
         nxt = order[i + 1]
         if node_kind(nxt) == "pointwise" and v in tensor_inputs(nxt) and v is n:
             continue  # keep pointwise ops with their producer
+        if is_folded(v):
+            continue  # a flatten stays with the linear reduction that reads it
         if v is seg_input or node_shape(v) is None:
             continue
         nodes = order[seg_start : i + 1]

@@ -64,7 +64,7 @@ _POINTWISE_METHODS = {
 class Window:
     """Row (H) parameters of a sliding-window op plus what is needed to run it on a strip.
 
-    ``op`` is ``conv``, ``max`` or ``avg``. H parameters drive the halo arithmetic; W parameters
+    ``op`` is ``conv``, ``max``, ``avg`` or ``identity``. H parameters drive the halo arithmetic; W parameters
     are passed to the op unchanged (we never cut along W).
     """
 
@@ -75,6 +75,9 @@ class Window:
     d: int
     ceil_mode: bool = False
     pad_w: int = 0
+
+
+IDENTITY_WINDOW = Window("identity", 1, 1, 0, 1)  # adaptive pooling to the input's own size
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -153,6 +156,13 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
             return "global"
         in_shape = args[0].meta.get("ew_shape")
         if window_of(mod) is not None and in_shape is not None and len(in_shape) == 4:
+            return "window"
+        if (isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and in_shape is not None
+                and len(in_shape) == 4 and list(in_shape[2:]) == list(shape[2:]) and shape[2] * shape[3] > 1):
+            # VGG's AdaptiveAvgPool2d((7, 7)) on a 7x7 map: every window is one element, the
+            # op is the identity; as a 1-row window it stays in the strips. (To 1x1 it is a
+            # global reduction, see reduction_of.)
+            node.meta["ew_window"] = IDENTITY_WINDOW
             return "window"
         if type(mod) is nn.Linear and in_shape is not None and len(in_shape) == 2:
             return "linear"
@@ -271,12 +281,18 @@ def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
 # that combines a map with such small values broadcast over H and W (``x * w[..., None, None]``)
 # stays row-local, with the small values as *side inputs* (``meta["ew_side"]``). The kinds of
 # these nodes are unchanged (``global``); the planner decides whether to use the reduction.
+#
+# A Linear layer on a flattened 4-D map (VGG's first classifier layer, ``fc(flatten(x, 1))``)
+# is such a sum too: ``W @ flatten(x)`` is the sum over rows h of ``W[:, cols(h)] @ x[:, :, h]``,
+# so each device multiplies the rows it holds by the matching columns of the weight and only the
+# ``[N, out]`` partial products travel (op ``linear``; the bias is added to the total). The
+# flatten is folded into the reduction (``meta["ew_folded"]``) and never computed.
 
 @dataclass(frozen=True)
 class Reduce:
     """How a reducing node turns the total of its partial sums into its value."""
 
-    op: str  # "mean" or "sum"
+    op: str  # "mean", "sum" or "linear" (a Linear layer on the flattened map)
     keepdim: bool  # output [N, C, 1, 1] (True) or [N, C]
     count: int  # H * W of the reduced map (the divisor of a mean)
 
@@ -326,6 +342,48 @@ def reduction_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Reduce | None
     return None
 
 
+def _flattened_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The 4-D map ``node`` flattens from dim 1, else None.
+
+    ``torch.flatten(x, 1)``, ``x.flatten(1)`` and ``nn.Flatten()``.
+    """
+    args, kw = list(node.args), dict(node.kwargs)
+    if not args or not isinstance(args[0], torch.fx.Node):
+        return None
+    src = args[0]
+    shape = src.meta.get("ew_shape")
+    if shape is None or len(shape) != 4 or src.meta.get("ew_kind") == "const" or src.meta.get("ew_small"):
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if type(mod) is not nn.Flatten or len(args) != 1 or kw:
+            return None
+        start, end = mod.start_dim, mod.end_dim
+    elif (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        start = kw.pop("start_dim", args[1] if len(args) > 1 else 0)
+        end = kw.pop("end_dim", args[2] if len(args) > 2 else -1)
+        if kw or len(args) > 3:
+            return None
+    else:
+        return None
+    return src if start == 1 and end in (-1, 3) else None
+
+
+def _linear_reduction(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Reduce, torch.fx.Node] | None:
+    """(Reduce, flatten node) when ``node`` is an ``nn.Linear`` reading only ``flatten(map, 1)``."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if type(gm.get_submodule(str(node.target))) is not nn.Linear:
+        return None
+    flat = node.args[0]
+    src = _flattened_map(gm, flat)
+    if src is None or len(flat.users) != 1:
+        return None
+    shape = src.meta["ew_shape"]
+    return Reduce("linear", False, int(shape[2]) * int(shape[3])), flat
+
+
 def _broadcasts_over_hw(small: Sequence[int], out: Sequence[int]) -> bool:
     """True when a value of shape ``small`` broadcasts to the 4-D ``out`` with H and W of size 1."""
     if len(small) > 4:
@@ -340,7 +398,14 @@ def _annotate_reductions(gm: torch.fx.GraphModule) -> None:
             continue
         red = reduction_of(gm, node)
         if red is not None:
+            src = _tensor_args(node)[0]
+        elif (lin := _linear_reduction(gm, node)) is not None:
+            red, flat = lin
+            flat.meta["ew_folded"] = True
+            src = flat.args[0]
+        if red is not None:
             node.meta["ew_reduce"] = red
+            node.meta["ew_reduce_source"] = src
             node.meta["ew_small"] = True
             continue
         args = _tensor_args(node)
@@ -368,6 +433,25 @@ def is_small(node: torch.fx.Node) -> bool:
 
 def node_reduce(node: torch.fx.Node) -> Reduce | None:
     return node.meta.get("ew_reduce")
+
+
+def reduce_source(node: torch.fx.Node) -> torch.fx.Node:
+    """The 4-D map a reducing node sums over (for a linear reduction: the map before the flatten)."""
+    return node.meta["ew_reduce_source"]
+
+
+def is_folded(node: torch.fx.Node) -> bool:
+    """A flatten computed as part of the linear reduction that reads it (never run on its own)."""
+    return bool(node.meta.get("ew_folded"))
+
+
+def reduce_partial_shape(node: torch.fx.Node) -> list[int]:
+    """Shape of one device's partial sum for a reducing node (the wire format)."""
+    red = node_reduce(node)
+    if red is not None and red.op == "linear":
+        return [int(v) for v in node_shape(node) or []]
+    shape = node_shape(reduce_source(node)) or [0, 0]
+    return [int(shape[0]), int(shape[1]), 1, 1]
 
 
 def side_inputs(node: torch.fx.Node) -> tuple[str, ...]:

@@ -32,12 +32,14 @@ channel-attention squeeze). Each device owns the rows of the reduced value that 
 output strip scaled to that value's height (``owned_rows``; the owned ranges tile the rows, so
 every row is summed once), computes them besides its halo-extended strip, and contributes their
 partial sum; the reduction costs one small message per device to the leader and one back. A
-``reduce`` segment (a final global average pool) becomes a ``reduce`` stage: partial sums of the
-strips where they are, only ``[N, C, 1, 1]`` per device travels to the leader.
+``reduce`` segment (a final global average pool, or VGG's first classifier layer on the flattened
+map) becomes a ``reduce`` stage: partial sums of the strips where they are, only ``[N, C, 1, 1]``
+(or the layer's ``[N, out]`` partial products) per device travels to the leader.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +54,7 @@ from edgeweave.planning.cost import (
     compute_s,
     flop_kind,
     node_flops,
+    partial_work,
     row_bytes,
     rows_of,
     schedule_transfers,
@@ -63,8 +66,9 @@ from edgeweave.planning.fusion import (
     choose_blocks,
     ends_with_pool,
     is_reduce_segment,
+    unfold_flatten,
 )
-from edgeweave.planning.graph import is_small, node_reduce, node_shape
+from edgeweave.planning.graph import is_folded, is_small, node_reduce, node_shape, reduce_partial_shape, reduce_source
 from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
 from edgeweave.planning.partition import PARTITIONERS
 from edgeweave.planning.plan import Assignment, Plan, Reduction, Stage, Transfer
@@ -146,8 +150,7 @@ def _reducers(nodes: Sequence[torch.fx.Node]) -> list[tuple[torch.fx.Node, torch
     out = []
     for n in nodes:
         if node_reduce(n) is not None:
-            (src,) = [a for a in n.all_input_nodes if a.op != "get_attr"]
-            out.append((n, src))
+            out.append((n, reduce_source(n)))
     return out
 
 
@@ -228,7 +231,7 @@ class _Planner:
         for n in nodes:
             red = node_reduce(n)
             if red is not None:
-                (src,) = [a for a in n.all_input_nodes if a.op != "get_attr"]
+                src = reduce_source(n)
                 h = max(rows_of(node_shape(src) or [1]), 1)
                 work.append(("other", node_flops(self.gm, n) * size(extra.get(src.name, EMPTY)) / h))
             elif is_small(n):
@@ -361,12 +364,12 @@ class _Planner:
         h = max(rows_of(in_shape), 1)
         finish = 0.0
         for d, r in held.items():
-            work = [("other", node_flops(self.gm, n) * size(r) / h) for n, _ in reds]
+            work = [partial_work(self.gm, n, size(r), h) for n, _ in reds]
             finish = max(finish, compute_s(self.devices[d], work))
-        nbytes = int(in_shape[0]) * int(in_shape[1]) * DTYPE_BYTES
-        t = finish + self.reduction_s(reductions, [0], [nbytes] * len(reductions))
+        nbytes = [math.prod(reduce_partial_shape(n)) * DTYPE_BYTES for n, _ in reds]
+        t = finish + self.reduction_s(reductions, [0], nbytes)
         t += compute_s(self.devices[0], [(flop_kind(self.gm, n), node_flops(self.gm, n))
-                                         for n in block.nodes if node_reduce(n) is None])
+                                         for n in block.nodes if node_reduce(n) is None and not is_folded(n)])
         assigns = [
             Assignment(d, held.get(d, EMPTY), (0, out_total) if d == 0 else EMPTY, t if d == 0 else 0.0)
             for d in range(self.k)
@@ -554,7 +557,7 @@ def _make_plan(
     try:
         if "ew_segments" not in gm.meta:  # cached: cutting is a pure function of the graph
             gm.meta["ew_segments"] = atomic_segments(gm)
-        segs = gm.meta["ew_segments"]
+        segs = list(gm.meta["ew_segments"])  # copied: unfold_flatten may re-cut it below
     except ValueError as e:
         raise EdgeweaveError(f"cannot plan this model: {e}") from None
 
@@ -580,6 +583,11 @@ def _make_plan(
                 blocks.append((_merge(run[a:b], "spatial", ref), a == 0, b == len(run)))
             i = j
             continue
+        if is_reduce_segment(seg) and not (blocks and blocks[-1][0].kind == "spatial"):
+            parts = unfold_flatten(gm, seg)
+            if len(parts) > 1:  # nothing is spread out to reduce from: split the Linear instead
+                segs[i:i + 1] = parts
+                continue
         if is_reduce_segment(seg):
             blocks.append((_merge([seg], "reduce"), True, True))
             i += 1
