@@ -357,18 +357,27 @@ def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
         assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-6
 
 
-def test_weight_columns_are_cut_once_and_the_whole_map_needs_no_copy() -> None:
+def test_weight_columns_are_cut_once_and_kept_within_the_weights_size() -> None:
     from edgeweave.planning import execute
 
     w = torch.randn(7, 2 * 4 * 3)
     whole = execute._weight_rows(w, [1, 2, 4, 3], (0, 4))
-    assert whole.data_ptr() == w.data_ptr()
+    assert whole.data_ptr() == w.data_ptr()  # the whole map: no copy, nothing kept
     part = execute._weight_rows(w, [1, 2, 4, 3], (1, 3))
     assert part is execute._weight_rows(w, [1, 2, 4, 3], (1, 3))  # kept, not cut again
     assert torch.equal(part, w.view(7, 2, 4, 3)[:, :, 1:3, :].reshape(7, -1))
-    for lo in range(4):
-        execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 1))
-    assert len(execute._WEIGHT_ROWS) <= execute._WEIGHT_ROWS_KEPT
+    # cuts of 2 + 4 x 1 + 2 x 2 rows = 10 rows > 2 x 4: the oldest (part) goes first, and what
+    # is kept never exceeds WEIGHT_ROWS_KEPT copies of the weight
+    singles = [execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 1)) for lo in range(4)]
+    for lo in (0, 2):
+        execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 2))
+    kept = [c for wt, c in execute._WEIGHT_ROWS.values() if wt is w]
+    assert sum(c.numel() for c in kept) <= execute.WEIGHT_ROWS_KEPT * w.numel()
+    assert not any(c is part for c in kept)
+    singles[-1] = execute._weight_rows(w, [1, 2, 4, 3], (3, 4))
+    kept = [c for wt, c in execute._WEIGHT_ROWS.values() if wt is w]
+    assert any(c is singles[-1] for c in kept)
+    assert all(torch.equal(c, w.view(7, 2, 4, 3)[:, :, lo:lo + 1, :].reshape(7, -1)) for lo, c in enumerate(singles))
 
 
 @pytest.mark.slow

@@ -145,15 +145,19 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
 
 
 _WEIGHT_ROWS: OrderedDict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_WEIGHT_ROWS_KEPT = 4
+WEIGHT_ROWS_KEPT = 2.0  # the cuts of one weight kept together: at most this many times its size
 
 
 def _weight_rows(weight: torch.Tensor, map_shape: list[int], rows: Range) -> torch.Tensor:
     """The columns of ``weight`` that multiply rows ``rows`` of the flattened map, contiguous.
 
     Cut once per (weight, rows) and kept: cutting them per frame would copy up to the whole
-    weight every time (VGG16's first classifier layer is 411 MB). A device holding the whole map
-    gets the weight itself (no copy).
+    weight every time (VGG16's first classifier layer is 411 MB; 2 of its 7 rows cost ~0.25 s
+    at 0.25 core). The cuts of one weight together stay within ``WEIGHT_ROWS_KEPT`` times the
+    weight's size (least recently used dropped first): one plan needs one cut of at most its
+    share, a benchmark interleaving plans for 1-4 followers needs several (with one copy's worth
+    they were cut again every frame, +0.2 s). A device holding the whole map gets the weight
+    itself (no copy).
     """
     key = (id(weight), weight._version, rows[0], rows[1])
     hit = _WEIGHT_ROWS.get(key)
@@ -162,9 +166,14 @@ def _weight_rows(weight: torch.Tensor, map_shape: list[int], rows: Range) -> tor
         return hit[1]
     _, c, h, w = (int(v) for v in map_shape)
     cols = weight.view(weight.shape[0], c, h, w)[:, :, rows[0]:rows[1], :].reshape(weight.shape[0], -1).contiguous()
+    if cols.data_ptr() == weight.data_ptr():
+        return cols
     _WEIGHT_ROWS[key] = (weight, cols)
-    while len(_WEIGHT_ROWS) > _WEIGHT_ROWS_KEPT:
-        _WEIGHT_ROWS.popitem(last=False)
+    mine = [k for k, (wt, _) in _WEIGHT_ROWS.items() if wt is weight]
+    while sum(_WEIGHT_ROWS[k][1].numel() for k in mine) > WEIGHT_ROWS_KEPT * weight.numel() and len(mine) > 1:
+        del _WEIGHT_ROWS[mine.pop(0)]
+    for k in [k for k, (wt, _) in _WEIGHT_ROWS.items() if k[0] == id(weight) and wt is not weight]:
+        del _WEIGHT_ROWS[k]  # a dead weight whose id was reused
     return cols
 
 
