@@ -357,27 +357,30 @@ def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
         assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-6
 
 
-def test_weight_columns_are_cut_once_and_kept_within_the_weights_size() -> None:
+def test_partial_products_use_one_reordered_copy_of_the_weight_for_every_row_range() -> None:
     from edgeweave.planning import execute
 
+    torch.manual_seed(0)
     w = torch.randn(7, 2 * 4 * 3)
-    whole = execute._weight_rows(w, [1, 2, 4, 3], (0, 4))
-    assert whole.data_ptr() == w.data_ptr()  # the whole map: no copy, nothing kept
-    part = execute._weight_rows(w, [1, 2, 4, 3], (1, 3))
-    assert part is execute._weight_rows(w, [1, 2, 4, 3], (1, 3))  # kept, not cut again
-    assert torch.equal(part, w.view(7, 2, 4, 3)[:, :, 1:3, :].reshape(7, -1))
-    # cuts of 2 + 4 x 1 + 2 x 2 rows = 10 rows > 2 x 4: the oldest (part) goes first, and what
-    # is kept never exceeds WEIGHT_ROWS_KEPT copies of the weight
-    singles = [execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 1)) for lo in range(4)]
-    for lo in (0, 2):
-        execute._weight_rows(w, [1, 2, 4, 3], (lo, lo + 2))
-    kept = [c for wt, c in execute._WEIGHT_ROWS.values() if wt is w]
-    assert sum(c.numel() for c in kept) <= execute.WEIGHT_ROWS_KEPT * w.numel()
-    assert not any(c is part for c in kept)
-    singles[-1] = execute._weight_rows(w, [1, 2, 4, 3], (3, 4))
-    kept = [c for wt, c in execute._WEIGHT_ROWS.values() if wt is w]
-    assert any(c is singles[-1] for c in kept)
-    assert all(torch.equal(c, w.view(7, 2, 4, 3)[:, :, lo:lo + 1, :].reshape(7, -1)) for lo, c in enumerate(singles))
+    x = torch.randn(2, 2, 4, 3)
+    first = execute._rows_first(w, 2, 4, 3)
+    assert execute._rows_first(w, 2, 4, 3) is first  # made once, kept
+    full = F.linear(x.reshape(2, -1), w)
+    parts = []
+    for lo, hi in [(0, 1), (1, 3), (3, 4)]:
+        cols = w.view(7, 2, 4, 3)[:, :, lo:hi, :].reshape(7, -1)
+        want = F.linear(x[:, :, lo:hi, :].reshape(2, -1), cols)
+        got = F.linear(x[:, :, lo:hi, :].permute(0, 2, 1, 3).reshape(2, -1), first[:, lo * 6:hi * 6])
+        assert torch.allclose(got, want, atol=1e-5)
+        parts.append(got)
+    assert torch.allclose(sum(parts), full, atol=1e-5)
+    with torch.no_grad():
+        w.mul_(2)  # a changed weight is reordered again
+    assert execute._rows_first(w, 2, 4, 3) is not first
+    others = [torch.randn(3, 24) for _ in range(3)]
+    for o in others:
+        execute._rows_first(o, 2, 4, 3)
+    assert len(execute._ROWS_FIRST) <= execute._ROWS_FIRST_KEPT
 
 
 @pytest.mark.slow
