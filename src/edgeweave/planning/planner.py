@@ -229,11 +229,9 @@ class _Planner:
         """Partial sums over the owned rows, plus the small nodes every device computes whole."""
         work = []
         for n in nodes:
-            red = node_reduce(n)
-            if red is not None:
+            if node_reduce(n) is not None:
                 src = reduce_source(n)
-                h = max(rows_of(node_shape(src) or [1]), 1)
-                work.append(("other", node_flops(self.gm, n) * size(extra.get(src.name, EMPTY)) / h))
+                work.append(partial_work(self.gm, n, size(extra.get(src.name, EMPTY)), rows_of(node_shape(src) or [1])))
             elif is_small(n):
                 work.append((flop_kind(self.gm, n), node_flops(self.gm, n)))
         return work
