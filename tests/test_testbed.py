@@ -227,14 +227,18 @@ PROFILE_UNDER_CAP = textwrap.dedent(
     import time, torch
     from edgeweave.profiling.compute import Setting, time_setting
     torch.set_num_threads(1)
-    s = Setting("conv", 14, 14, 64, 64, 3, 1)   # ~0.2 ms on a full core: shorter than the quota
+    calls = [0]
+
+    class Counted(Setting):   # the same layer, counting the calls time_setting makes
+        def build(self):
+            mod, x = super().build()
+            mod.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+            return mod, x
+
+    s = Counted("conv", 14, 14, 64, 64, 3, 1)   # ~0.2 ms on a full core: shorter than the quota
+    c0 = time.process_time()
     sustained = time_setting(s, blocks=3, block_s=0.1)   # what the profiler uses
-    mod, x = s.build()   # CPU seconds one call needs
-    with torch.inference_mode():
-        c0 = time.process_time()
-        for _ in range(50):
-            mod(x)
-        cpu_per_call = (time.process_time() - c0) / 50
+    cpu_per_call = (time.process_time() - c0) / calls[0]   # CPU seconds per call, same calls
     print(sustained, cpu_per_call)
     """
 )
@@ -243,13 +247,15 @@ PROFILE_UNDER_CAP = textwrap.dedent(
 def test_profiler_timing_sees_the_cpu_cap(tb):
     """Single short calls slip through a 0.25-core quota at full speed; the profiler's blocks of
     back-to-back calls must not (else every capped device would profile as a full core): the
-    wall time per call it reports is >= ~4x the CPU time a call needs. (Compared with CPU time,
-    not with an uncapped run, so that other load on the shared host does not blur it.)"""
+    wall time per call it reports is >= ~4x the CPU time a call needs. Both are taken over the
+    very same calls: CPU time per call measured apart from them moved by 2x on a busy CI host
+    (0.51 ms against 1.08 ms of wall per call), and an uncapped run would be blurred the same way."""
     p = tb.exec("a", [sys.executable, "-c", PROFILE_UNDER_CAP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=90)
     assert p.returncode == 0, err[-2000:]
     sustained, cpu_per_call = map(float, out.split())
-    assert sustained / cpu_per_call >= 3.2, (sustained, cpu_per_call)
+    # 4x at an exact 0.25 share; a block of 10 periods may catch up to two quotas more (3.3x)
+    assert sustained / cpu_per_call >= 3.0, (sustained, cpu_per_call)
 
 
 def test_start_workers_runs_inside_each_follower(tb, tmp_path):
