@@ -7,6 +7,7 @@ import functools
 import itertools
 import math
 
+import pytest
 import torch
 
 from hypothesis import given, settings
@@ -141,3 +142,31 @@ def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b
             assert all(a.predicted_s <= s.predicted_s + 1e-15 for a in s.assignments)
         assert plans["optimal"].predicted_s <= plan.predicted_s + 1e-12, name
     assert plans["optimal"].predicted_s <= plans["optimal"].meta["single_device_s"] + 1e-12
+
+
+def test_cost_tables_shared_among_partitioners_change_nothing() -> None:
+    """make_plan shares the per-block cost tables among the partitioners it tries (re-plans on
+    a 0.25-core leader took seconds); a shared table must price exactly as a fresh one, and a
+    linear block's table (one scaled work per share) exactly as pricing each share's nodes."""
+    from edgeweave.planning.cost import compute_s
+    from edgeweave.planning.planner import _make_plan, _merge, _Planner
+    from edgeweave.planning.fusion import atomic_segments
+
+    gm = capture(build_model("vgg11", num_classes=10, in_channels=1).eval(), (1, 1, 48, 48))
+    cluster = Cluster([DeviceProfile(f"d{i}", a=1e-9 * s, b=2e-4, bandwidth_bps=bw, latency_s=1e-4)
+                       for i, (s, bw) in enumerate([(4.0, 1e9), (1.0, 1e8), (2.5, 1e9)])])
+    for mode in ("gather", "exchange"):
+        tables: dict = {}
+        for name in ("optimal", "bodp", "ocbp", "equal"):
+            shared = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "", tables)
+            fresh = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "")
+            assert shared.to_dict() == fresh.to_dict(), (mode, name)
+        assert any(key[0] == "linear" for key in tables)
+    pl = _Planner(gm, cluster.devices, PARTITIONERS["optimal"], "gather")
+    lin = [_merge([s], "linear") for s in atomic_segments(gm) if s.kind == "linear"]
+    assert lin
+    for blk in lin:
+        fn = pl.cost_fns(blk, True, True)[0]  # the leader: no transfers, compute only
+        total = blk.out_shape[1]
+        for n in (1, 7, total // 3, total):
+            assert fn(n) == pytest.approx(compute_s(cluster.devices[0], pl._linear_work(blk, n)), rel=1e-12)

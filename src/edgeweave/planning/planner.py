@@ -163,7 +163,8 @@ def _strips(counts: Sequence[int], offset: int = 0) -> list[Range]:
 
 
 class _Planner:
-    def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: Partitioner, mode: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: Partitioner, mode: str,
+                 tables: dict | None = None) -> None:
         self.gm = gm
         self.devices = list(devices)
         self.k = len(self.devices)
@@ -172,6 +173,9 @@ class _Planner:
         self.capabilities = [d.capability for d in self.devices]
         # Strip pricing is a pure function of the graph: share it across make_plan calls.
         self._memo: dict[tuple[str, str, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_memo", {})
+        # Cost tables depend on the block and the devices, not on the partitioner: make_plan
+        # shares them among the partitioners it tries on the same cluster.
+        self._tables: dict[tuple, list[list[float]]] = tables if tables is not None else {}
 
     # ---- compute ------------------------------------------------------------------------
     def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
@@ -402,23 +406,30 @@ class _Planner:
     # ---- partition cost functions -------------------------------------------------------
     def cost_fns(self, block: Block, first_in_run: bool, last_in_run: bool) -> list[Callable[[int], float]]:
         """Per-device predicted seconds for ``n`` output rows/features of ``block`` (monotone)."""
+        key = (block.kind, tuple(n.name for n in block.nodes), first_in_run, last_in_run)
+        if key not in self._tables:
+            self._tables[key] = self._cost_tables(block, first_in_run, last_in_run)
+        return [t.__getitem__ for t in self._tables[key]]
+
+    def _cost_tables(self, block: Block, first_in_run: bool, last_in_run: bool) -> list[list[float]]:
         in_shape, out_shape = block.in_shape, block.out_shape
         total = rows_of(out_shape)
         in_total = rows_of(in_shape)
         rb_in, rb_out = row_bytes(in_shape), row_bytes(out_shape)
-        works: list[Work | list[tuple[str, float]]] = []
+        works: list[Work] = []
         in_counts: list[int] = []
-        for n in range(total + 1):
-            if block.kind == "spatial":
+        if block.kind == "spatial":
+            for n in range(total + 1):
                 c = (total - n) // 2
                 in_r, work = self.chain(block, (c, c + n))
                 works.append(work)
                 in_counts.append(size(in_r))
-            else:
-                works.append(self._linear_work(block, n))
-                in_counts.append(in_total if n else 0)
+        else:  # features: every node's work is proportional to the share (one call each)
+            whole = aggregate(self._linear_work(block, total))
+            works = [{k: (f * n / total, c) for k, (f, c) in whole.items()} if n else {} for n in range(total + 1)]
+            in_counts = [in_total if n else 0 for n in range(total + 1)]
         lead = self.devices[0]
-        fns = []
+        tables = []
         for d, dev in enumerate(self.devices):
             bw = min(dev.bandwidth_bps, lead.bandwidth_bps)
             lat = dev.latency_s + lead.latency_s
@@ -437,8 +448,8 @@ class _Planner:
                 if comm_bytes > 0:
                     t += comm_bytes * 8.0 / bw + lat
                 table.append(max(t, table[-1]))
-            fns.append(table.__getitem__)
-        return fns
+            tables.append(table)
+        return tables
 
     def run_split(self, run: Sequence[Segment]) -> tuple[list[int], int]:
         """Exchange mode: one split for a whole run of spatial segments.
@@ -527,7 +538,8 @@ def make_plan(
         raise EdgeweaveError("the cluster has no devices")
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
-    plan = _make_plan(gm, cluster, part_fn, part_name, fusion, mode, model_name, model_hash)
+    tables: dict = {}
+    plan = _make_plan(gm, cluster, part_fn, part_name, fusion, mode, model_name, model_hash, tables)
     if part_name == "optimal" and len(cluster.devices) > 1:
         # The optimal split is exact for the partition cost functions, which price a strip in
         # isolation; the plan's prediction then accounts for shared links, real strip positions
@@ -535,7 +547,7 @@ def make_plan(
         # partitioner under that full model either, their plans are built too and the fastest
         # kept (meta["split_from"] says whose split won).
         for other in ("bodp", "ocbp", "equal"):
-            alt = _make_plan(gm, cluster, PARTITIONERS[other], part_name, fusion, mode, model_name, model_hash)
+            alt = _make_plan(gm, cluster, PARTITIONERS[other], part_name, fusion, mode, model_name, model_hash, tables)
             if alt.predicted_s < plan.predicted_s:
                 plan = alt
     return plan
@@ -550,8 +562,9 @@ def _make_plan(
     mode: str,
     model_name: str,
     model_hash: str,
+    tables: dict | None = None,
 ) -> Plan:
-    pl = _Planner(gm, cluster.devices, part_fn, mode)
+    pl = _Planner(gm, cluster.devices, part_fn, mode, tables)
     try:
         if "ew_segments" not in gm.meta:  # cached: cutting is a pure function of the graph
             gm.meta["ew_segments"] = atomic_segments(gm)
