@@ -4,6 +4,7 @@ synthetic timings (a fake session whose devices compute at chosen true speeds)."
 from __future__ import annotations
 
 import random
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -43,6 +44,7 @@ class FakeSession:
         self.gm, self.base, self.noise = gm, base, noise
         self.truth = [1.0] * len(base.devices)
         self.overhead = 1.0  # measured latency / cost model: what the model leaves out
+        self.penalty: dict[int, float] = {}  # plan id -> what the model misses about that plan
         self.plans: dict[int, tuple] = {}
         self.rng = random.Random(seed)
 
@@ -58,7 +60,7 @@ class FakeSession:
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
                + [StageTiming(0.0, 0.0)] for d in range(k)]
         made_with = plan.meta.get("speed_factors", [1.0] * k)  # what the plan's prediction assumes
-        total = self.overhead * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), made_with, self.truth)
+        total = self.overhead * self.penalty.get(pid, 1.0) * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), made_with, self.truth)
         return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
 
 
@@ -208,3 +210,37 @@ def test_one_calibration_evaluation_when_every_device_is_off_by_less_than_change
     assert len(events) == 1 and events[0][0] == 4  # warm-up frame + 4 measured frames
     assert events[0][1] == "replanned" and recs[4].changed == []
     assert recs[-1].latency_s < recs[0].latency_s  # the split that matches the real speeds is faster
+
+
+def test_measured_under_and_choose():
+    pol = A.AdaptPolicy(change=0.3, min_gain=0.1)
+    samples = [([1.0, 1.0], 0.40), ([1.1, 0.9], 0.42), ([1.0, 2.5], 0.90)]
+    assert A.measured_under(samples, [1.05, 0.95], pol) == pytest.approx(0.41)  # the two steady ones
+    assert A.measured_under(samples, [1.0, 2.4], pol) is None  # one sample is not a measurement
+    assert A.measured_under(samples, [1.0, 1.0, 1.0], pol) is None  # another cluster
+    move = A.Decision(True, 0.5, 0.38, 0.5 / 0.38 - 1)
+    assert A.choose(pol, move, 0.38, 0.5, None) == "candidate"
+    assert A.choose(pol, move, 0.38, 0.5, 0.41) == "known"  # measured within min_gain of the prediction
+    assert A.choose(pol, move, 0.30, 0.5, 0.41) == "candidate"  # predicted much faster than measured
+    stay = A.Decision(False, 0.42, 0.40, 0.05)
+    assert A.choose(pol, stay, 0.40, 0.42, 0.41) == "current"
+    assert A.choose(pol, stay, 0.40, 0.47, 0.41) == "known"  # the known plan measured 15 % faster
+
+
+def test_returns_to_the_plan_measured_before_the_change(gm):
+    """A device slows down and recovers: the stream goes back to the plan it served before (same
+    plan id), even where the cost model would pick another plan that really runs slower (the
+    fake session charges every later plan 30 % more than the model says)."""
+    s, sess = stream(gm, noise=0.05, seed=6)
+    pid0 = s.plan_id
+    sess.penalty = {pid: 1.3 for pid in range(1, 10)}
+    before = s.serve([None] * 10)
+    sess.truth = [1.0, 1.0, 2.5, 1.0]
+    s.serve([None] * 8)
+    assert s.plan_id != pid0
+    sess.truth = [1.0] * 4
+    recs = s.serve([None] * 10)
+    back = [r for r in recs if r.event == "replanned"]
+    assert len(back) == 1 and back[0].reused and s.plan_id == pid0
+    assert recs[-1].latency_s <= 1.1 * statistics.median(r.latency_s for r in before[2:])
+    assert all(r.event == "" for r in recs[back[0].index - recs[0].index + 1:])  # and stays there

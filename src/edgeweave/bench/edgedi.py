@@ -355,7 +355,7 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
         recs += r
         phases.append({"phase": ph, "name": name, "cap": cap, "first_frame": first, "frames": n})
         console.print(f"  {name} ({dev} at {cap:g} core): " + " ".join(
-            f"{x['latency_s']:.2f}{'*' if x['event'] == 'replanned' else ''}" for x in r))
+            f"{x['latency_s']:.2f}{('^' if x.get('reused') else '*') if x['event'] == 'replanned' else ''}" for x in r))
         if name == "low":  # the oracle plan, measured in the slow phase, for reference
             rep = bc.call({"op": "plan", "path": str((d / "oracle_low.json").resolve())})
             lats = bc.call({"op": "infer", "plan_id": rep["plan_id"], "repeat": 3})["latencies_s"]
@@ -491,7 +491,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
             w.writerow(["index", "phase", "cap", "latency_s", "plan_version", "predicted_s", "estimated_s", "event", "factors"])
             for x in result["adapt"]["records"]:
                 w.writerow([x["index"], x["phase"], x["cap"], x["latency_s"], x["plan_version"], x["predicted_s"],
-                            x["estimated_s"], x["event"], ";".join(f"{f:.3f}" for f in x["factors"])])
+                            x["estimated_s"], x["event"] + ("/reused" if x.get("reused") else ""), ";".join(f"{f:.3f}" for f in x["factors"])])
     files |= write_plots(result, out)
     Path(files["report"]).write_text(to_markdown(result, files))
     write_json(files["json"], result | {"files": files})  # NaN -> null, like every --json

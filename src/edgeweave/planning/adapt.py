@@ -23,6 +23,15 @@ Re-plan policy, with hysteresis so it never flaps:
    device got its CPU back). Whatever the outcome, the basis becomes the new estimate, so the
    same change is never re-examined.
 
+4. a plan already *measured* under about the current speeds (every device's factor within
+   ``change`` of the factors of at least two of its steady frames) is trusted over a
+   prediction: when the candidate wins, the known plan is loaded instead unless the candidate
+   is predicted (calibrated) ``min_gain`` faster than the known plan measured; when the
+   current plan is kept, a known plan measured ``min_gain`` faster than the current one is
+   predicted (calibrated) replaces it. A device that got its CPU back then returns to the
+   plan that served it before (the last bench edgedi re-planned on two frames that made the
+   device look faster than it was, and ran 17 % slower than before the change until the end).
+
 Noise below ``change`` never triggers anything; noise above it for fewer than ``patience``
 frames is ignored; a uniform slowdown (host load on every device) triggers an evaluation whose
 candidate equals the current split and is rejected by ``min_gain``.
@@ -271,6 +280,27 @@ def decide(policy: AdaptPolicy, current_s: float, candidate_s: float) -> Decisio
     """Switch only for a predicted gain of at least ``min_gain``."""
     gain = current_s / candidate_s - 1.0 if candidate_s > 0 else 0.0
     return Decision(gain >= policy.min_gain, current_s, candidate_s, gain)
+
+
+def measured_under(samples: Sequence[tuple[Sequence[float], float]], factors: Sequence[float], policy: AdaptPolicy,
+                   min_samples: int = 2) -> float | None:
+    """Median latency of a plan's steady ``(factors, latency)`` samples taken under speeds
+    within ``change`` of ``factors`` on every device (None with fewer than ``min_samples``)."""
+    lat = [m for f, m in samples if len(f) == len(factors) and all(_dev(a, b) <= policy.change for a, b in zip(f, factors))]
+    return statistics.median(lat) if len(lat) >= min_samples else None
+
+
+def choose(policy: AdaptPolicy, dec: Decision, candidate_cal_s: float, current_cal_s: float,
+           known_s: float | None) -> str:
+    """``"candidate"``, ``"known"`` or ``"current"`` (see rule 4 of the module docstring): the
+    model decides whether to move, a measurement beats a prediction within ``min_gain``."""
+    if dec.replan:
+        if known_s is not None and known_s <= candidate_cal_s * (1 + policy.min_gain):
+            return "known"
+        return "candidate"
+    if known_s is not None and current_cal_s >= known_s * (1 + policy.min_gain):
+        return "known"
+    return "current"
 
 
 def rebase(state: AdaptState) -> AdaptState:

@@ -44,6 +44,7 @@ class FrameRecord:
     factors: list[float]  # per-device speed factors after this frame (1 = as profiled)
     compute_s: list[float]  # measured compute seconds per device
     event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned"
+    reused: bool = False  # the re-plan went back to a plan measured under these speeds before
     candidate_s: float | None = None
     gain: float | None = None
     replan_s: float = 0.0  # planning + loading time spent after this frame (not in latency_s)
@@ -74,11 +75,15 @@ class AdaptiveStream:
             self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
         self.version = 0
         self.records: list[FrameRecord] = []
+        # every plan served so far: (plan, the speeds its prediction assumes, steady samples of
+        # (speed estimates, measured latency)); the stream may go back to one (adapt rule 4)
+        self.known: dict[int, tuple[Plan, list[float], list[tuple[list[float], float]]]] = {}
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
     def _use(self, plan: Plan, pid: int, factors: list[float]) -> None:
         # ``factors``: the speeds the plan's own prediction assumes (re-pricing starts from them)
         self.plan, self.plan_id, self.plan_factors = plan, pid, factors
+        self.known.setdefault(pid, (plan, factors, []))
         self.gm = self.session.plans[pid][1]
         self.works = A.stage_works(self.gm, plan)
         self.comp_base = A.stage_compute(self.works, self.base)
@@ -99,16 +104,33 @@ class AdaptiveStream:
         estimated = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
         if not changed:
             self.state = A.observe_latency(self.state, self.policy, tm.total_s, estimated)
+            if self.state.frames > self.policy.warmup and not any(self.state.recent):
+                samples = self.known[self.plan_id][2]
+                samples.append((list(self.state.factors), tm.total_s))
+                del samples[:-self.policy.ratio_window]
         if A.evaluation_due(self.state, self.policy, changed):
             t0 = time.perf_counter()
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             dec = A.decide(self.policy, estimated, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
-            if dec.replan:
+            measured = {pid: A.measured_under(k[2], self.state.factors, self.policy)
+                        for pid, k in self.known.items() if pid != self.plan_id}
+            measured = {pid: m for pid, m in measured.items() if m is not None}
+            best = min(measured, key=measured.__getitem__) if measured else None
+            choice = A.choose(self.policy, dec, A.calibrated(self.state, cand.predicted_s),
+                              A.calibrated(self.state, estimated), measured.get(best) if best is not None else None)
+            if choice == "candidate":
                 self._use(cand, self.session.load_plan(cand), list(self.state.factors))
+                estimated = cand.predicted_s  # made under these very factors
+            elif choice == "known":
+                assert best is not None
+                plan, factors, _ = self.known[best]
+                self._use(plan, best, factors)
+                estimated = A.reprice(plan, self.comp_base, factors, self.state.factors)
+                rec.reused = True
+            if choice != "current":
                 self.version += 1
                 rec.event = "replanned"
-                estimated = cand.predicted_s  # made under these very factors
             else:
                 rec.event = "kept"
             self.state = A.rebase(self.state)
