@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,13 @@ def test_cli_profile_writes_a_profile(tmp_path):
     assert res["out"] == str(out) and set(res["fits"]) >= set(KINDS)
     prof = DeviceProfile.from_dict(json.loads(out.read_text()))
     assert prof.name == "box" and prof.per_kind["conv"][0] == pytest.approx(res["profile"]["per_kind"]["conv"][0])
+    # every timed setting, with the fitted line's prediction, and the fits plotted
+    import csv
+
+    rows = list(csv.DictReader(open(res["samples_csv"])))
+    assert len(rows) == res["settings"] and {r["fit_kind"] for r in rows} >= set(KINDS)
+    for r in rows:
+        a, b = prof.per_kind[r["fit_kind"]]
+        assert float(r["predicted_s"]) == pytest.approx(a * float(r["flops"]) + b)
+        assert float(r["rel_err"]) == pytest.approx(abs(float(r["predicted_s"]) - float(r["seconds"])) / float(r["seconds"]))
+    assert Path(res["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

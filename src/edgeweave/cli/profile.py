@@ -6,7 +6,8 @@ with :func:`edgeweave.profiling.link.probe_link` over the process group it alrea
 
 ``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (per kind: a, b, n_train, n_test,
 heldout_median_rel_err, heldout_mean_rel_err, heldout_max_rel_err, train_median_rel_err),
-``out`` (the profile path), ``seconds``, ``settings``.
+``out`` (the profile path), ``samples_csv`` (every timed setting with the fit's prediction),
+``plot`` (the fits, PNG), ``seconds``, ``settings``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def profile(
     from rich.table import Table
 
     from edgeweave.profiling.compute import profile_device
+    from edgeweave.profiling.report import plot_fits, write_samples_csv
 
     name = name or socket.gethostname()
     with Progress(console=console, transient=True) as bar:
@@ -48,6 +50,9 @@ def profile(
     path = out or Path("results") / f"profile-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
+    samples_csv, plot = path.with_suffix(".samples.csv"), path.with_suffix(".png")
+    write_samples_csv(report["samples"], report["fits"], samples_csv)
+    plot_fits(report["samples"], report["fits"], plot, f"{name}: seconds = a*FLOPs + b ({threads} thread)")
 
     table = Table(title=f"compute model of {name} (seconds = a*FLOPs + b, {threads} thread)")
     for c in ("kind", "a (s/FLOP)", "GFLOP/s", "b (ms)", "train/test", "held-out median err", "held-out max err"):
@@ -56,5 +61,7 @@ def profile(
         table.add_row(k, f"{f['a']:.3e}", f"{1e-9 / f['a']:.1f}", f"{f['b'] * 1e3:.3f}", f"{f['n_train']}/{f['n_test']}",
                       f"{100 * f['heldout_median_rel_err']:.1f}%", f"{100 * f['heldout_max_rel_err']:.1f}%")
     console.print(table)
-    console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s)")
-    emit_json({"profile": prof.to_dict(), "fits": report["fits"], "out": str(path), "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)
+    console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s); "
+                  f"every setting in {samples_csv}, the fits plotted in {plot}")
+    emit_json({"profile": prof.to_dict(), "fits": report["fits"], "out": str(path), "samples_csv": str(samples_csv),
+               "plot": str(plot), "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)

@@ -26,22 +26,28 @@ def run(
     batch: int = typer.Option(1, "--batch"),
     repeat: int = typer.Option(3, "--repeat", help="Timed inferences (after one warm-up); latency is the median."),
     check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),
+    adaptive: bool = typer.Option(False, "--adaptive", help="Serve the --repeat inferences as a stream: estimate every "
+                                  "device's real speed from its step times and re-plan when a device turns out slower "
+                                  "or faster than its profile (JSON: per-frame `frames`, `replans`)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """One inference distributed over local worker processes or a cluster."""
     from edgeweave.runtime.run import RunConfig, run as do_run
 
-    cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check)
+    cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
+                    adaptive=adaptive)
     res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)
     _print_result(res)
     emit_json(res, json_out)
 
 
 def _print_result(res: dict) -> None:
-    from edgeweave.runtime.run import result_table, summary_line
+    from edgeweave.runtime.run import frames_line, result_table, summary_line
 
     console.print(result_table(res))
+    if "frames" in res:
+        console.print(frames_line(res))
     console.print(summary_line(res))
 
 

@@ -33,6 +33,7 @@ class RunConfig:
     warmup: int = 1
     check: bool = False
     seed: int = 0
+    adaptive: bool = False  # serve the repeats as a stream that re-plans (planning.adapt)
 
     def validate(self) -> None:
         if self.partition not in PARTITIONS:
@@ -85,6 +86,24 @@ def measure(session: Session, plan_id: int, x: torch.Tensor, repeat: int, warmup
             best = tm
     assert y is not None and best is not None
     return y, lats, best
+
+
+def serve_adaptively(session: Session, plan: Any, pid: int, x: torch.Tensor,
+                     frames: int) -> tuple[Any, torch.Tensor, list[float], Timings, list[dict[str, Any]]]:
+    """Serve ``frames`` inferences through :class:`~edgeweave.runtime.stream.AdaptiveStream`
+    (its first frame is the warm-up the estimator ignores). Returns the plan in use at the end,
+    the last output, the latencies, the last frame's timings and one record per frame."""
+    from edgeweave.runtime.stream import AdaptiveStream
+
+    stream = AdaptiveStream(session, plan, session.cluster, plan_id=pid)
+    y, recs = None, []
+    for _ in range(frames):
+        y, rec = stream.step(x)
+        recs.append(rec)
+    assert y is not None
+    last_pid = recs[-1].plan_id  # the plan the last frame ran (a re-plan after it runs from the next)
+    return (session.plans[last_pid][0], y, [r.latency_s for r in recs], stream.last_timings,
+            [r.to_dict() for r in recs])
 
 
 def single_device(model: torch.nn.Module, x: torch.Tensor, repeat: int = 1) -> tuple[torch.Tensor, float]:
@@ -143,13 +162,20 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
     session.load_model(model, spec)
     plan = plan_for(session, model, tuple(x.shape), cfg, model_name)
     pid = session.load_plan(plan)
-    y, lats, timings = measure(session, pid, x, cfg.repeat, cfg.warmup)
+    frames: list[dict[str, Any]] | None = None
+    if cfg.adaptive:
+        plan, y, lats, timings, frames = serve_adaptively(session, plan, pid, x, cfg.repeat)
+    else:
+        y, lats, timings = measure(session, pid, x, cfg.repeat, cfg.warmup)
     result: dict[str, Any] = {
         "model": model_name, "input_size": int(x.shape[-1]), "batch": int(x.shape[0]), "workers": session.world - 1,
         "devices": session.names, "partition": cfg.partition, "fusion": cfg.fusion, "mode": cfg.mode,
         "latency_s": statistics.median(lats), "latencies_s": lats, "predicted_s": plan.predicted_s,
         "timings": timings.to_dict(), "plan": plan.to_dict(),
     }
+    if frames is not None:
+        result["frames"] = frames
+        result["replans"] = sum(f["event"] == "replanned" for f in frames)
     if cfg.check:
         ref, single_s = single_device(model, x, repeat=max(1, min(cfg.repeat, 3)))
         result.update(compare(y, ref))
@@ -185,6 +211,12 @@ def result_table(res: dict[str, Any]) -> Any:
     for (idx, kind, nodes, rows), st, ps in zip(describe_plan(res["plan"]), stages, res["plan"]["stages"]):
         t.add_row(idx, kind, nodes, rows, f"{ps['predicted_s']:.4f}", f"{st['wall_s']:.4f}")
     return t
+
+
+def frames_line(res: dict[str, Any]) -> str:
+    """Per-frame latencies of an adaptive run; * marks a re-plan (taking effect from the next)."""
+    marks = [f"{f['latency_s']:.3f}{'*' if f['event'] == 'replanned' else ''}" for f in res["frames"]]
+    return f"frames (s, * = re-planned after it; {res['replans']} re-plans): " + " ".join(marks)
 
 
 def summary_line(res: dict[str, Any]) -> str:

@@ -95,6 +95,7 @@ class AdaptiveStream:
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
         y, tm = self.session.infer(x, self.plan_id)
+        self.last_timings = tm
         measured = [sum(tm.per_device[d][s].compute_s for s in self.sampled_stages) for d in range(self.k)]
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
         rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
