@@ -11,7 +11,8 @@ What runs (one testbed of 4 devices, leader first: ``leader`` 0.25 core and ``w1
    measured speedup (the model alone on the 0.25-core leader, plain torch, over the latency on
    k devices) is the theoretical bound for the same model: the sum of the k devices' speeds
    over the leader's speed, a device's speed being 1 / its measured single-device latency.
-2. **Adaptive partitioning.** A stream of frames of the original ResNet18 on all 4 devices,
+2. **Adaptive partitioning.** A stream of frames of the original VGG16 (``adapt_model``; its
+   plans are the ones the profiles predict well) on all 4 devices,
    served by the leader's :class:`edgeweave.runtime.stream.AdaptiveStream`; after a few frames
    ``w2``'s CPU cap drops from 0.25 to 0.1 core, later it goes back. Per frame: latency, plan
    version, speed estimates. The reference after each change is the prediction of the best
