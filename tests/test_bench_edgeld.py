@@ -11,6 +11,7 @@ import pytest
 from edgeweave.bench.edgeld import (
     NAMES,
     EdgeldConfig,
+    attach_speedups,
     build_runs,
     check_targets,
     rel_error,
@@ -95,6 +96,20 @@ def test_summary_keys_from_rows():
     assert t["optimal_gain_over_bodp"]["met"] is False  # 10% < 15%
     assert t["fusion_gain_vgg16"]["met"] is True
     assert t["optimal_never_slower_than_ocbp"]["met"] is False
+
+
+def test_speedups_use_the_phase_s_own_baseline_where_there_is_one():
+    rows = [_row("a_followers", lat=0.5), _row("a_followers", lat=0.5), _row("d_size", lat=0.2)]
+    rows[2]["size"] = 96
+    rows[1]["single_device_adjacent_s"] = 2.2  # measured among the configurations of its phase
+    attach_speedups(rows, {"vgg16@224": {"median_s": 2.0}, "vgg16@96": {"median_s": 0.6}})
+    assert [r["speedup"] for r in rows] == pytest.approx([4.0, 4.4, 3.0])
+    assert [r["speedup_startend"] for r in rows] == pytest.approx([4.0, 4.0, 3.0])
+    assert all(r["single_device_s"] == (0.6 if r["size"] == 96 else 2.0) for r in rows)
+    s = summarize(rows[1:2], EdgeldConfig())
+    assert s["speedup_vgg16_4f_1000mbit"] == pytest.approx(4.4) and s["speedup_vgg16_4f_1000mbit_startend"] == pytest.approx(4.0)
+    attach_speedups(rows, {})  # no baseline at all: no speedup, not an error
+    assert rows[0]["speedup"] is None and rows[1]["speedup"] == pytest.approx(4.4)
 
 
 def test_missing_experiments_give_none_not_errors():
