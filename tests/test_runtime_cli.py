@@ -177,26 +177,28 @@ def test_run_a_checkpoint_at_its_own_input_size(tmp_path: Path):
 
 
 def test_run_adaptive_replans_when_a_profile_is_wrong(tmp_path: Path):
-    """`run --adaptive`: the cluster file claims follower `w1` is 10x faster than the others, but
-    the three local processes run at the same speed; the stream sees w1's strips take ~10x
-    their prediction, re-plans, and gives w1 fewer rows. Outputs stay exact."""
-    cluster = {"devices": [{"name": "leader", "a": 2e-10}, {"name": "w1", "a": 2e-11}, {"name": "w2", "a": 2e-10}]}
+    """`run --adaptive`: the cluster file claims follower `w1` is 20x faster than the others, but
+    the three local processes run at the same speed; the stream finds w1 slow relative to the
+    leader, re-plans, and gives w1 fewer rows. Outputs stay exact. (Only ratios between devices
+    are asserted: how fast this host really is decides the absolute factors; the first CI run of
+    this test met a host on which w1's claimed speed was about right and the leader's 2.5x off.)"""
+    cluster = {"devices": [{"name": "leader", "a": 4e-10}, {"name": "w1", "a": 2e-11}, {"name": "w2", "a": 4e-10}]}
     cf = tmp_path / "cluster.json"
     cf.write_text(json.dumps(cluster))
-    out = subprocess.run(EW + ["run", "--model", "vgg11", "--input-size", "96", "--workers", "2", "--cluster", str(cf),
+    out = subprocess.run(EW + ["run", "--model", "vgg11", "--input-size", "128", "--workers", "2", "--cluster", str(cf),
                                "--repeat", "8", "--adaptive", "--check", "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
     assert len(res["frames"]) == 8 == len(res["latencies_s"]) and res["rel_err"] <= 1e-4
     assert res["replans"] >= 1 and "re-plans" in out.stderr
-    first = next(f for f in res["frames"] if f["event"] == "replanned")
-    assert first["factors"][1] > 3 * first["factors"][0]  # w1 found much slower than profiled
+    factors = res["frames"][-1]["factors"]
+    assert factors[1] > 2 * factors[0], factors  # w1 found much slower than profiled, relative to the leader
 
     def rows_of_w1(plan: dict) -> int:
         return sum(a["out_rows"][1] - a["out_rows"][0] for s in plan["stages"] if s["kind"] == "spatial"
                    for a in s["assignments"] if a["device"] == 1)
 
-    initial = json.loads(subprocess.run(EW + ["plan", "--model", "vgg11", "--input-size", "96", "--cluster", str(cf), "--json"],
+    initial = json.loads(subprocess.run(EW + ["plan", "--model", "vgg11", "--input-size", "128", "--cluster", str(cf), "--json"],
                                         capture_output=True, text=True, timeout=120).stdout)
     assert rows_of_w1(res["plan"]) < rows_of_w1(initial["plan"])
     assert not _children_named_worker()
