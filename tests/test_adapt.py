@@ -218,6 +218,9 @@ def test_measured_under_and_choose():
     assert A.measured_under(samples, [1.05, 0.95], pol) == pytest.approx(0.41)  # the two steady ones
     assert A.measured_under(samples, [1.0, 2.4], pol) is None  # one sample is not a measurement
     assert A.measured_under(samples, [1.0, 1.0, 1.0], pol) is None  # another cluster
+    other = [([1.0, 1.0], 0.38), ([1.0, 1.05], 0.39)]
+    assert A.best_measured({3: samples, 5: other, 7: samples[:1]}, [1.0, 1.0], pol) == (5, pytest.approx(0.385))
+    assert A.best_measured({3: samples}, [1.0, 2.4], pol) is None
     move = A.Decision(True, 0.5, 0.38, 0.5 / 0.38 - 1)
     assert A.choose(pol, move, 0.38, 0.5, None) == "candidate"
     assert A.choose(pol, move, 0.38, 0.5, 0.41) == "known"  # measured within min_gain of the prediction

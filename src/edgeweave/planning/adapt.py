@@ -290,6 +290,14 @@ def measured_under(samples: Sequence[tuple[Sequence[float], float]], factors: Se
     return statistics.median(lat) if len(lat) >= min_samples else None
 
 
+def best_measured(samples_by_plan: dict[int, Sequence[tuple[Sequence[float], float]]], factors: Sequence[float],
+                  policy: AdaptPolicy) -> tuple[int, float] | None:
+    """(plan id, measured latency) of the fastest plan measured under about ``factors``, if any."""
+    found = [(pid, m) for pid, samples in samples_by_plan.items()
+             if (m := measured_under(samples, factors, policy)) is not None]
+    return min(found, key=lambda pm: pm[1]) if found else None
+
+
 def choose(policy: AdaptPolicy, dec: Decision, candidate_cal_s: float, current_cal_s: float,
            known_s: float | None) -> str:
     """``"candidate"``, ``"known"`` or ``"current"`` (see rule 4 of the module docstring): the

@@ -114,19 +114,17 @@ class AdaptiveStream:
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             dec = A.decide(self.policy, estimated, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
-            measured = {pid: A.measured_under(k[2], self.state.factors, self.policy)
-                        for pid, k in self.known.items() if pid != self.plan_id}
-            measured = {pid: m for pid, m in measured.items() if m is not None}
-            best = min(measured, key=measured.__getitem__) if measured else None
+            known = A.best_measured({pid: k[2] for pid, k in self.known.items() if pid != self.plan_id},
+                                    self.state.factors, self.policy)
             choice = A.choose(self.policy, dec, A.calibrated(self.state, cand.predicted_s),
-                              A.calibrated(self.state, estimated), measured.get(best) if best is not None else None)
+                              A.calibrated(self.state, estimated), known[1] if known else None)
             if choice == "candidate":
                 self._use(cand, self.session.load_plan(cand), list(self.state.factors))
                 estimated = cand.predicted_s  # made under these very factors
             elif choice == "known":
-                assert best is not None
-                plan, factors, _ = self.known[best]
-                self._use(plan, best, factors)
+                assert known is not None
+                plan, factors, _ = self.known[known[0]]
+                self._use(plan, known[0], factors)
                 estimated = A.reprice(plan, self.comp_base, factors, self.state.factors)
                 rec.reused = True
             if choice != "current":
