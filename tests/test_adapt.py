@@ -60,7 +60,8 @@ class FakeSession:
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
                + [StageTiming(0.0, 0.0)] for d in range(k)]
         made_with = plan.meta.get("speed_factors", [1.0] * k)  # what the plan's prediction assumes
-        total = self.overhead * self.penalty.get(pid, 1.0) * A.reprice(plan, A.stage_compute(A.stage_works(gm, plan), self.base), made_with, self.truth)
+        base = A.stage_scaling(plan, A.stage_compute(A.stage_works(gm, plan), self.base), self.base)
+        total = self.overhead * self.penalty.get(pid, 1.0) * A.reprice(plan, base, made_with, self.truth)
         return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
 
 
@@ -88,6 +89,33 @@ def test_reprice_identity_and_direction(gm):
     # re-planning for the slow device is predicted to beat the old plan under the same speeds
     cand = make_plan(gm, A.scaled_cluster(base, [1.0, 1.0, 2.5, 1.0]), partition="optimal", fusion="auto", mode="exchange")
     assert cand.predicted_s < slow
+
+
+def test_a_slower_device_synchronises_slower_too(gm):
+    base = Cluster([replace(d, latency_s=2e-3) for d in base_cluster().devices])
+    assert A.scale_profile(base.devices[2], 2.5).latency_s == pytest.approx(5e-3)
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    comp = A.stage_compute(A.stage_works(gm, plan), base)
+    scal = A.stage_scaling(plan, comp, base)
+    talked = 0
+    for st, c, sc in zip(plan.stages, comp, scal):
+        for d in range(4):
+            talks = any(d in (t.src, t.dst) and t.src != t.dst and t.rows[1] > t.rows[0] for t in st.transfers) or any(
+                any(o == d and r[1] > r[0] for o, r in red.rows) for red in st.reductions)
+            if talks:
+                talked += 1
+                assert sc[d] == pytest.approx(c[d] + 2e-3)
+            elif d != 0:  # the leader also talks when it collects the partial sums of others
+                assert sc[d] == c[d]
+    assert talked > len(plan.stages)
+    ones, slow = [1.0] * 4, [1.0, 1.0, 2.5, 1.0]
+    assert A.reprice(plan, scal, ones, ones) == pytest.approx(plan.predicted_s)
+    # the slowed device's messages cost it more too, so the repriced plan is slower than with
+    # compute alone; with no latency in the profiles the two agree
+    assert A.reprice(plan, scal, ones, slow) > A.reprice(plan, comp, ones, slow) + 2e-3
+    plain = make_plan(gm, base_cluster(), partition="optimal", fusion="auto", mode="exchange")
+    pc = A.stage_compute(A.stage_works(gm, plain), base_cluster())
+    assert A.stage_scaling(plain, pc, base_cluster()) == pc
 
 
 def test_observe_needs_patience_and_jumps_to_new_level():

@@ -129,7 +129,8 @@ def test_outputs_written(tmp_path):
 
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": {"1000mbit": 9.4e8},
-                                 "message_latency": {"overhead_s": 4e-3, "work_ms": 4.0}, "planner_latency_s": 2e-3},
+                                 "message_latency": {"0.25": {"overhead_s": 4e-3, "work_ms": 4.0}},
+                                 "planner_latency_s": {"0.25": 2e-3}},
         "profiles": {"0.25": {"a": 5e-11, "b": 2e-4, "per_kind": {}, "fits": {"conv": {"heldout_median_rel_err": 0.1}}}},
         "baselines": {"vgg16@112": {"median_s": 4.0, "times_s": [4.0]}},
         "rows": rows, "machine_before": {"cpus": 2, "loadavg": [0.5, 0.5, 0.5], "torch": "x"},
@@ -155,11 +156,12 @@ def test_planner_sees_measured_profiles_and_links():
     profiles = {0.25: {"profile": {"name": "cap0.25", "a": 4e-10, "b": 1e-3, "per_kind": {"conv": [4e-10, 1e-3]}}},
                 0.5: {"profile": {"name": "cap0.5", "a": 2e-10, "b": 5e-4, "per_kind": {"conv": [2e-10, 5e-4]}}}}
     goodput = {"1000mbit": 9.4e8, "100mbit": 9.5e7}
-    cl = planner_cluster(["leader", "w1"], [0.25, 0.5], ["1000mbit", "100mbit"], profiles, goodput, latency_s=1e-3)
+    cl = planner_cluster(["leader", "w1"], [0.25, 0.5], ["1000mbit", "100mbit"], profiles, goodput, {0.25: 3e-3, 0.5: 1e-3})
     a, b = cl.devices
     assert (a.name, b.name) == ("leader", "w1")
     assert a.a == 4e-10 and b.a == 2e-10 and b.per_kind["conv"] == [2e-10, 5e-4]
-    assert a.bandwidth_bps == 9.4e8 and b.bandwidth_bps == 9.5e7 and b.latency_s == 1e-3
+    assert a.bandwidth_bps == 9.4e8 and b.bandwidth_bps == 9.5e7
+    assert (a.latency_s, b.latency_s) == (3e-3, 1e-3)  # each device's latency measured at its own cap
     assert b.meta == {"cpu": 0.5, "rate": "100mbit"}
 
 

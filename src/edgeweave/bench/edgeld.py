@@ -189,13 +189,14 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         rates = sorted({*cfg.rates, *cfg.hetero_rates}, key=lambda r: -float(r.rstrip("mbit")))
         goodput = T.measure_rates(tb, rates)
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
-        sync = T.sync_latency(tb, NAMES[0], NAMES[1])
-        latency_s = max(0.0, sync["overhead_s"]) / 2 if cfg.model_latency else 0.0
-        console.print(f"synchronisation cost between busy {cfg.cpu:g}-core devices: {1e3 * sync['overhead_s']:.2f} ms "
-                      f"(planner: latency {1e3 * latency_s:.2f} ms per device and message)")
+        latencies, sync = (T.message_latencies(tb, NAMES[0], NAMES[1], caps, restore=(cfg.cpu, cfg.cpu))
+                           if cfg.model_latency else ({}, {}))
+        for c, v in latencies.items():
+            console.print(f"synchronisation cost between busy {c:g}-core devices: {1e3 * sync[f'{c:g}']['overhead_s']:.2f} ms "
+                          f"(planner: latency {1e3 * v:.2f} ms per device and message)")
         baselines = _baselines(tb, cfg, T, "start")
         for model in cfg.models:
-            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latency_s, work, T)
+            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latencies, work, T)
         after = _baselines(tb, cfg, T, "end")
         for k, v in after.items():
             baselines[k]["times_s"] += v["times_s"]
@@ -208,7 +209,8 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
     attach_speedups(rows, baselines)
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": T.BENCH_PREFIX,
-                                 "message_latency": sync, "planner_latency_s": latency_s},
+                                 "message_latency": sync,
+                                 "planner_latency_s": {f"{c:g}": v for c, v in latencies.items()}},
         "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
                                 "fits": p["fits"], "settings": p["settings"], "seconds": p["seconds"]} for c, p in profiles.items()},
         "baselines": baselines,
@@ -257,7 +259,7 @@ def _apply_phase(tb: Any, caps: tuple[float, ...], rates: tuple[str, ...]) -> No
 
 
 def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], profiles: dict, goodput: dict,
-               latency_s: float, work: Path, T: Any) -> list[dict[str, Any]]:
+               latencies: dict[float, float], work: Path, T: Any) -> list[dict[str, Any]]:
     """One cluster holding ``model``; every run of it, phase by phase, repeats round-robin."""
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
@@ -269,7 +271,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
     graphs = {s: capture(net, (1, 3, s, s)) for s in sorted({r.size for r in runs})}
     rows: list[dict[str, Any]] = []
     _apply_phase(tb, tuple([cfg.cpu] * len(NAMES)), tuple([cfg.rates[0]] * len(NAMES)))
-    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput, latency_s)
+    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput, latencies)
     console.print(f"starting the cluster for {model} (leader + {len(NAMES) - 1} followers, weights from {ckpt})...")
     t0 = time.perf_counter()
     with T.BenchCluster(tb, ckpt, nominal, work / f"cluster-{model}", timeout_s=cfg.timeout_s) as bc:
@@ -284,7 +286,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             console.print(f"phase caps {list(caps)} links {list(rates)}: {len(prs)} configurations")
             live = []
             for r in prs:
-                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput, latency_s)
+                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput, latencies)
                 t1 = time.perf_counter()
                 plan = make_plan(graphs[r.size], cl, partition=r.partition, fusion=r.fusion, mode=r.mode,
                                  model_name=f"torchvision:{model}", model_hash=mhash)
@@ -542,9 +544,10 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end, and in {cfg['models'][-1]}'s homogeneous phases "
          f"once per round among the configurations (those rows' speedups use the phase's own baseline)",
-         f"- synchronisation cost between two busy capped devices (rounds of {cfg['message_latency']['work_ms']:g} ms CPU "
-         f"with and without a message exchange, gloo, the runtime's wait): {1e3 * cfg['message_latency']['overhead_s']:.2f} ms "
-         f"per round; planner latency_s {1e3 * cfg['planner_latency_s']:.2f} ms per device and message",
+         "- synchronisation cost between two busy devices at each cap (rounds of 4 ms CPU with and without a "
+         "message exchange, gloo, the runtime's wait), per round, and the planner's latency_s per device and message: "
+         + ("; ".join(f"{c} core: {1e3 * v['overhead_s']:.2f} ms -> {1e3 * cfg['planner_latency_s'][c]:.2f} ms"
+                      for c, v in cfg["message_latency"].items()) or "not modelled"),
          "- profiles (edgeweave profile inside a capped namespace; a, b of the all-conv line, held-out median error "
          "of the conv fit): "
          + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "

@@ -28,7 +28,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,13 +135,16 @@ def measure_rates(tb: Testbed, rates: Sequence[str], seconds: float = 1.0) -> di
 
 
 def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence[str],
-                    profiles: dict[float, dict[str, Any]], goodput: dict[str, float], latency_s: float = 0.0) -> Cluster:
-    """Device profiles for the planner: each device's measured compute line at its cap and its
-    link's measured goodput."""
+                    profiles: dict[float, dict[str, Any]], goodput: dict[str, float],
+                    latencies: Mapping[float, float] | None = None) -> Cluster:
+    """Device profiles for the planner: each device's measured compute line at its cap, its
+    link's measured goodput and the per-message latency measured at its cap (``latencies``,
+    see :func:`message_latencies`; none: 0)."""
     devs = []
     for n, c, r in zip(names, caps, rates):
         p = dict(profiles[float(c)]["profile"])
-        p.update(name=n, bandwidth_bps=goodput[r], latency_s=latency_s, meta={"cpu": c, "rate": r})
+        lat = (latencies or {}).get(float(c), 0.0)
+        p.update(name=n, bandwidth_bps=goodput[r], latency_s=lat, meta={"cpu": c, "rate": r})
         devs.append(DeviceProfile.from_dict(p))
     return Cluster(devs)
 
@@ -205,6 +208,28 @@ def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float =
             raise EdgeweaveError(f"sync latency probe failed: {e.strip()[-300:]}")
         outs.append(o)
     return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def message_latencies(tb: Testbed, a: str, b: str, caps: Sequence[float], restore: Sequence[float | None]
+                      ) -> tuple[dict[float, float], dict[str, dict[str, Any]]]:
+    """The planner's per-message latency at each CPU cap: :func:`sync_latency` between ``a`` and
+    ``b`` both capped at it, half the overhead to each side. Why per cap: the overhead is mostly
+    CPU time and quota waits of the two ends, so it grows as the cap shrinks (about 1/cap on
+    this host: 1.1 ms at 0.5 core, 3 ms at 0.25, 9 ms at 0.1); one value measured at 0.25 core
+    made a 0.5-core device look as slow to synchronise as a 0.125-core one. ``restore``: the
+    caps ``a`` and ``b`` get back. Returns ({cap: latency_s}, {cap: probe result})."""
+    lat: dict[float, float] = {}
+    probes: dict[str, dict[str, Any]] = {}
+    try:
+        for c in sorted(set(float(c) for c in caps)):
+            tb.set_cpu(a, c)
+            tb.set_cpu(b, c)
+            probes[f"{c:g}"] = sync_latency(tb, a, b)
+            lat[c] = max(0.0, float(probes[f"{c:g}"]["overhead_s"])) / 2
+    finally:
+        tb.set_cpu(a, restore[0])
+        tb.set_cpu(b, restore[1])
+    return lat, probes
 
 
 # ------------------------------------------------------------------------------------ baseline

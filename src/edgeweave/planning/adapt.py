@@ -147,6 +147,20 @@ def stage_compute(works: list[list[Work]], cluster: Cluster) -> list[list[float]
     return [[compute_s(cluster.devices[d], w) if w else 0.0 for d, w in enumerate(row)] for row in works]
 
 
+def stage_scaling(plan: Plan, compute: Sequence[Sequence[float]], cluster: Cluster) -> list[list[float]]:
+    """Seconds ``[stage][device]`` that scale with a device's speed: its predicted compute plus,
+    in a stage where it sends or receives, its per-message latency (``scale_profile`` says why
+    that slows with the device too). :func:`reprice` moves each device's finish by these."""
+    out = []
+    for st, comp in zip(plan.stages, compute):
+        talks = {d for t in st.transfers if t.src != t.dst and not is_empty(t.rows) for d in (t.src, t.dst)}
+        for red in st.reductions:
+            owners = {d for d, rows in red.rows if not is_empty(rows)}
+            talks |= owners | ({0} if owners - {0} else set())
+        out.append([c + (cluster.devices[d].latency_s if d in talks else 0.0) for d, c in enumerate(comp)])
+    return out
+
+
 def device_totals(per_stage: Sequence[Sequence[float]], k: int) -> list[float]:
     return [sum(row[d] for row in per_stage if d < len(row)) for d in range(k)]
 
@@ -161,9 +175,17 @@ def device_work(works: list[list[Work]], k: int) -> list[Work]:
 
 # ------------------------------------------------------------------------------ estimates
 def scale_profile(p: DeviceProfile, f: float) -> DeviceProfile:
-    """``p`` slowed down by ``f`` (``f`` > 1: slower): every compute line's a and b times f."""
+    """``p`` slowed down by ``f`` (``f`` > 1: slower): every compute line's a and b, and the
+    per-message latency, times f.
+
+    The latency scales too because on these devices it is mostly the ends' CPU time (the
+    network stack, waking the waiting thread) and, under a CPU quota, the wait for the next
+    quota: measured between two busy devices it went from 1.1 ms per round at 0.5 core to 3 ms
+    at 0.25 and 9 ms at 0.1 core, about 1/speed. Without it a plan for a device slowed down
+    2.5x kept synchronising with it as often as before and ran 10-50 % over its prediction.
+    """
     return replace(p, a=p.a * f, b=p.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in p.per_kind.items()},
-                   meta=dict(p.meta) | {"speed_factor": f})
+                   latency_s=p.latency_s * f, meta=dict(p.meta) | {"speed_factor": f})
 
 
 def scaled_cluster(base: Cluster, factors: Sequence[float]) -> Cluster:
@@ -251,8 +273,9 @@ def calibrated(state: AdaptState, predicted_s: float) -> float:
 def reprice(plan: Plan, compute_base: Sequence[Sequence[float]], old: Sequence[float], new: Sequence[float]) -> float:
     """The plan's predicted latency with device speeds ``new`` instead of ``old`` (factors).
 
-    Each stage's predicted finish of device d moves by its base compute times the factor
-    change; the stage lasts until its slowest device finishes (transfers are unchanged).
+    Each stage's predicted finish of device d moves by its base seconds (``compute_base``:
+    :func:`stage_scaling`, or compute alone) times the factor change; the stage lasts until its
+    slowest device finishes (the bytes' time on the links is unchanged).
     """
     total = 0.0
     for st, comp in zip(plan.stages, compute_base):

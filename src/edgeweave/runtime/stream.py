@@ -92,6 +92,7 @@ class AdaptiveStream:
         # and dominated by fixed costs, so they would bias the leader's factor.
         self.sampled_stages = [s for s, st in enumerate(plan.stages) if st.kind in ("spatial", "linear")]
         self.pred_base = [sum(self.comp_base[s][d] for s in self.sampled_stages) for d in range(self.k)]
+        self.scale_base = A.stage_scaling(plan, self.comp_base, self.base)  # what a speed change moves
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
         y, tm = self.session.infer(x, self.plan_id)
@@ -102,7 +103,7 @@ class AdaptiveStream:
                           list(self.state.factors), measured, changed=changed)
         # the plan that ran, re-priced under the updated estimate: the latency ratio's sample,
         # and the current plan's side of an evaluation
-        estimated = A.reprice(self.plan, self.comp_base, self.plan_factors, self.state.factors)
+        estimated = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
         if not changed:
             self.state = A.observe_latency(self.state, self.policy, tm.total_s, estimated)
             if self.state.frames > self.policy.warmup and not any(self.state.recent):
@@ -125,7 +126,7 @@ class AdaptiveStream:
                 assert known is not None
                 plan, factors, _ = self.known[known[0]]
                 self._use(plan, known[0], factors)
-                estimated = A.reprice(plan, self.comp_base, factors, self.state.factors)
+                estimated = A.reprice(plan, self.scale_base, factors, self.state.factors)
                 rec.reused = True
             if choice != "current":
                 self.version += 1
