@@ -143,6 +143,24 @@ def test_observe_needs_patience_and_jumps_to_new_level():
     assert st2.factors[1] == st.factors[1]
 
 
+def test_a_change_is_believed_only_when_its_frames_agree():
+    pol = A.AdaptPolicy(alpha=0.5, change=0.3, patience=2, warmup=0, agree=0.6)
+    st = A.AdaptState([2.5], [2.5], [[]], 5, [True])
+    # a noisy frame at the old level (1.7: deviates) then the real change (0.9): two deviating
+    # frames in a row, but not one new level; the third frame confirms 0.9
+    st, ch = A.observe(st, pol, [0.1], [0.17])
+    assert ch == []
+    st, ch = A.observe(st, pol, [0.1], [0.09])
+    assert ch == [] and st.recent == [[pytest.approx(0.9)]]
+    st, ch = A.observe(st, pol, [0.1], [0.095])
+    assert ch == [0] and st.factors[0] == pytest.approx(0.925)
+    # noisy frames of one change (+-25 %) still agree: believed after `patience` frames
+    st = A.AdaptState([1.0], [1.0], [[]], 5, [True])
+    st, ch = A.observe(st, pol, [0.1], [0.2])
+    st, ch = A.observe(st, pol, [0.1], [0.3])
+    assert ch == [0] and st.factors[0] == pytest.approx(2.5)
+
+
 def stream(gm, noise: float, seed: int = 0):
     base = base_cluster()
     plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")

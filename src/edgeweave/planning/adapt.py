@@ -13,9 +13,13 @@ Re-plan policy, with hysteresis so it never flaps:
 
 1. a device *deviates* in a frame when its raw factor differs from the factor the current plan
    was made with (its *basis*) by more than ``change`` (relative, either direction);
-2. only after ``patience`` consecutive deviating frames is the change believed: that device's
-   estimate jumps to the median of those frames (a change point; the slow average would need
-   many frames to get there) and a candidate plan is requested;
+2. only after ``patience`` consecutive deviating frames that agree with each other (within
+   ``agree``) is the change believed: that device's estimate jumps to the median of those
+   frames (a change point; the slow average would need many frames to get there) and a
+   candidate plan is requested. Why they must agree: a device at 0.1 core measures +-25 %
+   from frame to frame, and in two bench runs a noisy frame just before its cap came back,
+   paired with the first frame after, was believed as a level halfway between the two (1.46x
+   where the truth was 2.5x, then 0.9x), so the stream re-planned twice for one change;
 3. the candidate replaces the current plan only if it is predicted at least ``min_gain`` faster
    than the current plan re-priced under the same estimates (:func:`reprice`); 10 % by
    default, the tolerance a served stream is held to (a kept plan is at most that much slower
@@ -58,6 +62,7 @@ class AdaptPolicy:
     alpha: float = 0.5  # weight of the newest sample in the running factor
     change: float = 0.3  # relative deviation from the basis that counts as a change
     patience: int = 2  # consecutive deviating frames before a change is believed
+    agree: float = 0.6  # ... that agree this closely with each other (one new level, not noise)
     min_gain: float = 0.10  # a candidate must be predicted this much faster than the current plan
     # Devices predicted to compute less than this in a frame give no sample: tiny strips are
     # dominated by fixed per-call costs and CPU-quota periods (10 ms), not by the device's speed,
@@ -224,6 +229,8 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
             st.factors[d] = r
         st.factors[d] = (1 - policy.alpha) * st.factors[d] + policy.alpha * r
         if _dev(r, st.basis[d]) > policy.change:
+            if st.recent[d] and _dev(r, statistics.median(st.recent[d])) > policy.agree:
+                st.recent[d] = []  # not the level the previous deviating frames were at: start over
             st.recent[d].append(r)
             if len(st.recent[d]) >= policy.patience:
                 st.factors[d] = statistics.median(st.recent[d][-policy.patience:])
