@@ -217,12 +217,14 @@ def test_nominal_cluster_from_spec():
     from edgeweave.profiling.profile import DeviceProfile
 
     tb = Testbed.up({"devices": [{"name": "leader", "cpu": 0.25, "bandwidth": "1gbit"}, {"name": "w1", "cpu": 0.5, "bandwidth": "100mbit"}, {"name": "w2"}]}, emulate=False)
-    base = DeviceProfile(name="host", a=1e-11, b=1e-4, per_kind={"conv": [1e-11, 1e-4], "linear": [4e-11, 0.0]})
+    base = DeviceProfile(name="host", a=1e-11, b=1e-4, per_kind={"conv": [1e-11, 1e-4], "linear": [4e-11, 0.0]},
+                         latency_s=1e-4)
     c = tb.cluster(base)
     assert [d.name for d in c.devices] == ["leader", "w1", "w2"]
     lead, w1, w2 = c.devices
     assert lead.a == pytest.approx(4e-11) and w1.per_kind["conv"] == pytest.approx([2e-11, 2e-4]) and w2.a == pytest.approx(1e-11)
     assert (lead.bandwidth_bps, w1.bandwidth_bps, w2.bandwidth_bps) == (1e9, 1e8, 1e10)
     assert w1.compute_s(1e9) == pytest.approx(2 * base.compute_s(1e9))
+    assert (lead.latency_s, w1.latency_s, w2.latency_s) == pytest.approx((4e-4, 2e-4, 1e-4))
     tb.set_cpu("w1", 0.25)  # a live change shows in the next description
     assert tb.cluster(base).devices[1].a == pytest.approx(4e-11)
