@@ -186,8 +186,9 @@ def scale_profile(p: DeviceProfile, f: float) -> DeviceProfile:
     The latency scales too because on these devices it is mostly the ends' CPU time (the
     network stack, waking the waiting thread) and, under a CPU quota, the wait for the next
     quota: measured between two busy devices it went from 1.1 ms per round at 0.5 core to 3 ms
-    at 0.25 and 9 ms at 0.1 core, about 1/speed. Without it a plan for a device slowed down
-    2.5x kept synchronising with it as often as before and ran 10-50 % over its prediction.
+    at 0.25 and 9 ms at 0.1 core, about 1/speed. Without it, a plan for a device slowed down
+    2.5x was priced as if that device still synchronised as fast as before (such plans ran
+    10-50 % over their prediction in bench edgedi).
     """
     return replace(p, a=p.a * f, b=p.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in p.per_kind.items()},
                    latency_s=p.latency_s * f, meta=dict(p.meta) | {"speed_factor": f})
