@@ -39,6 +39,7 @@ measured over every distributed run).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -300,17 +301,20 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             # baseline joins their round-robin (one run per round, in the leader's namespace and
             # cap while the cluster idles), so that the ratio compares latencies measured
             # minutes apart at most (the start/end baselines of one run differed by up to 20 %).
+            # It runs in a process kept warm through the phase, as the cluster's are.
             adjacent = model == cfg.models[-1] and len(set(caps)) == 1 and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
-            for _ in range(cfg.repeat):
-                for e in live:
-                    res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
-                    if not e["lats"] or res["latencies_s"][0] <= min(e["lats"]):
-                        e["best"] = res["timings"]
-                    e["lats"].extend(res["latencies_s"])
-                if adjacent:
-                    one = T.single_device_latency(tb, tb.leader, model, [cfg.size], 1, timeout_s=cfg.timeout_s)
-                    base_lats += one[cfg.size]["times_s"]
+            with contextlib.ExitStack() as stack:
+                solo = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s))
+                        if adjacent else None)
+                for _ in range(cfg.repeat):
+                    for e in live:
+                        res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
+                        if not e["lats"] or res["latencies_s"][0] <= min(e["lats"]):
+                            e["best"] = res["timings"]
+                        e["lats"].extend(res["latencies_s"])
+                    if solo is not None:
+                        base_lats.append(solo.time_once())
             if base_lats:
                 console.print(f"  single device, interleaved: {statistics.median(base_lats):.3f} s "
                               f"({', '.join(f'{t:.2f}' for t in base_lats)})")

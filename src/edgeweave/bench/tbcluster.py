@@ -239,12 +239,20 @@ BASELINE = textwrap.dedent(
     import json, statistics, sys, time, torch, torchvision
     torch.set_num_threads(1)
     name, sizes, repeat = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
+    warmup = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     m = getattr(torchvision.models, name)(weights=None).eval()
     out = {}
     with torch.inference_mode():
         for s in sizes:
             x = torch.randn(1, 3, s, s)
-            m(x)
+            for _ in range(warmup):
+                m(x)
+            if repeat == 0:  # serve: one timed inference per line on stdin
+                print(json.dumps({"ready": True}), flush=True)
+                for _line in sys.stdin:
+                    t0 = time.perf_counter(); m(x)
+                    print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
+                sys.exit(0)
             t = []
             for _ in range(repeat):
                 t0 = time.perf_counter(); m(x); t.append(time.perf_counter() - t0)
@@ -263,6 +271,61 @@ def single_device_latency(tb: Testbed, device: str, tv_name: str, sizes: Sequenc
     if p.returncode != 0:
         raise EdgeweaveError(f"single-device baseline failed: {err.strip()[-300:]}")
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+
+
+def _read_line(proc: subprocess.Popen, timeout_s: float, prefix: str = "") -> str | None:
+    """The next stdout line of ``proc`` starting with ``prefix`` (prefix removed), or None if
+    none came within ``timeout_s`` (a reader thread: a pipe read cannot time out)."""
+    box: dict[str, str] = {}
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                box["r"] = line[len(prefix):]
+                return
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    return box.get("r")
+
+
+class SingleDevice:
+    """The whole model on one device alone, kept warm between samples.
+
+    Why a process that stays: the distributed side is measured on warm processes that served
+    many frames, and one timed inference in a fresh process after a single warm-up ran 10-40 %
+    slower than a warm one on this host (bench edgeld run J: interleaved fresh samples 1.80-2.74 s
+    against 1.60-1.66 s in one process), which inflated the speedups over it."""
+
+    def __init__(self, tb: Testbed, device: str, tv_name: str, size: int, warmup: int = 2, timeout_s: float = 600.0):
+        self.timeout_s = timeout_s
+        self.p = tb.exec(device, [sys.executable, "-c", BASELINE, tv_name, str(size), "0", str(warmup)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        if _read_line(self.p, timeout_s) is None:
+            self.close()
+            raise EdgeweaveError(f"single-device baseline on {device} did not start (exit {self.p.poll()})")
+
+    def time_once(self) -> float:
+        assert self.p.stdin is not None
+        self.p.stdin.write("\n")
+        self.p.stdin.flush()
+        line = _read_line(self.p, self.timeout_s)
+        if line is None:
+            raise EdgeweaveError(f"single-device baseline gave no time within {self.timeout_s:g} s (exit {self.p.poll()})")
+        return float(json.loads(line)["s"])
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(timeout=30)
+
+    def __enter__(self) -> "SingleDevice":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------ cluster
@@ -308,23 +371,11 @@ class BenchCluster:
     def _read(self, timeout_s: float) -> dict[str, Any]:
         from edgeweave.bench.leader_driver import PREFIX
 
-        assert self.leader.stdout is not None
-        box: dict[str, Any] = {}
-
-        def reader() -> None:
-            assert self.leader.stdout is not None
-            for line in self.leader.stdout:
-                if line.startswith(PREFIX):
-                    box["r"] = json.loads(line[len(PREFIX):])
-                    return
-
-        th = threading.Thread(target=reader, daemon=True)
-        th.start()
-        th.join(timeout_s)
-        if "r" not in box:
+        line = _read_line(self.leader, timeout_s, PREFIX)
+        if line is None:
             tail = (self.workdir / "leader.log").read_text(errors="replace")[-1500:]
             raise EdgeweaveError(f"bench leader gave no reply within {timeout_s:g} s (exit {self.leader.poll()}): {tail}")
-        return box["r"]
+        return json.loads(line)
 
     def call(self, cmd: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         assert self.leader.stdin is not None
