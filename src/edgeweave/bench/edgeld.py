@@ -547,7 +547,8 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"- heterogeneous: caps {cfg['hetero_caps']}, links {cfg['hetero_rates']} (leader first)",
          f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end, and in {cfg['models'][-1]}'s homogeneous phases "
-         f"once per round among the configurations (those rows' speedups use the phase's own baseline)",
+         f"once per round among the configurations, in a process kept warm through the phase (those rows' speedups use "
+         f"the phase's own baseline)",
          "- synchronisation cost between two busy devices at each cap (rounds of 4 ms CPU with and without a "
          "message exchange, gloo, the runtime's wait), per round, and the planner's latency_s per device and message: "
          + ("; ".join(f"{c} core: {1e3 * v['overhead_s']:.2f} ms -> {1e3 * cfg['planner_latency_s'][c]:.2f} ms"

@@ -295,9 +295,9 @@ class SingleDevice:
     """The whole model on one device alone, kept warm between samples.
 
     Why a process that stays: the distributed side is measured on warm processes that served
-    many frames, and one timed inference in a fresh process after a single warm-up ran 10-40 %
-    slower than a warm one on this host (bench edgeld run J: interleaved fresh samples 1.80-2.74 s
-    against 1.60-1.66 s in one process), which inflated the speedups over it."""
+    many frames, and one timed inference in a fresh process after a single warm-up ran 5-47 %
+    (median 12 %) slower than a warm one on this host (bench edgeld run J: interleaved fresh
+    samples 1.80-2.74 s against 1.60-1.66 s in one process), which inflated the speedups."""
 
     def __init__(self, tb: Testbed, device: str, tv_name: str, size: int, warmup: int = 2, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
