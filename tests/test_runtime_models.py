@@ -2,14 +2,10 @@
 
 Marked slow: shipping a VGG's 550 MB of weights to every follower and rebuilding it there takes
 tens of seconds on a shared 2-core machine. The 224x224 VGG16 case goes through the CLI, as a
-user would run it.
+user would run it, in its own module (test_runtime_models_cli.py).
 """
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import pytest
 from _runtime_helpers import check
@@ -57,15 +53,3 @@ def test_vgg_at_64(cl, name):
     if name == "vgg13":  # VGG16 at 224 runs through the CLI below
         check(cl, name, 224, 3, "ocbp", "pools", "gather")
         check(cl, name, 224, 4, "optimal", "auto", "exchange")
-
-
-def test_cli_vgg16_224_three_workers():
-    out = subprocess.run(
-        [sys.executable, "-m", "edgeweave", "run", "--model", "torchvision:vgg16", "--input-size", "224",
-         "--workers", "3", "--check", "--json", "--repeat", "1", "--fusion", "pools", "--mode", "exchange"],
-        capture_output=True, text=True, timeout=800)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout)
-    assert res["rel_err"] <= 1e-4
-    assert res["workers"] == 3 and res["latency_s"] > 0
-    assert len(res["plan"]["devices"]) == 4
