@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgeweave.profiling.compute import KINDS, Setting, fit_kind, fit_line, grid, op_kind, profile_device, rel_errors, time_setting
+from edgeweave.profiling.compute import COLD_BYTES, KINDS, Setting, cold_copies, fit_kind, fit_line, grid, op_kind, profile_device, rel_errors, time_setting
 from edgeweave.profiling.flops import conv_flops, conv_out, linear_flops
 from edgeweave.profiling.profile import DeviceProfile
 
@@ -87,6 +87,15 @@ def test_grid_is_seeded_and_bounded():
     assert min(s.flops() for s in convs) < 1e6 < 1e8 < max(s.flops() for s in convs)
 
 
+def test_linear_settings_cycle_through_more_weights_than_a_cache_holds():
+    small, big = Setting("linear", 1, 1, 256, 100), Setting("linear", 1, 1, 25088, 4096)
+    assert cold_copies(small) * 4 * 257 * 100 >= COLD_BYTES > (cold_copies(small) - 1) * 4 * 257 * 100
+    assert cold_copies(big) == 1
+    assert cold_copies(Setting("conv", 28, 28, 16, 32, 3, 1)) == 1
+    # the full grid reaches VGG's classifier
+    assert max(s.cin for s in grid(quick=False) if s.kind == "linear") == 25088
+
+
 def test_op_kind():
     assert op_kind(nn.Conv2d(3, 8, 3)) == "conv"
     assert op_kind(nn.Conv2d(3, 8, 1)) == "conv1x1"
@@ -126,6 +135,11 @@ def test_quick_profile_end_to_end():
     t = time_setting(s, blocks=3, block_s=0.1)
     pred = prof.compute_s(s.flops(), "conv")
     assert 0.4 < pred / t < 2.5, (pred, t)
+    # the linear line predicts VGG's fc1 (411 MB of weights, read from memory once per call)
+    fc1 = Setting("linear", 1, 1, 25088, 4096)
+    t = time_setting(fc1, blocks=2, block_s=0.1)
+    pred = prof.compute_s(fc1.flops(), "linear")
+    assert 0.6 < pred / t < 1.8, (pred, t)
     again = DeviceProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
     assert again.compute_s(1e8, "linear") == pytest.approx(prof.compute_s(1e8, "linear"))
     assert report["seconds"] < 60
