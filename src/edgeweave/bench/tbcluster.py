@@ -151,14 +151,13 @@ def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence
 
 SYNC = textwrap.dedent(
     """
-    # what one synchronisation costs k busy CPU-capped devices in a chain, waited for as the runtime waits
+    # what one synchronisation costs two busy CPU-capped devices, waited for as the runtime waits
     import json, statistics, sys, time, torch, torch.distributed as dist
     from edgeweave.runtime.wire import wait_work
     torch.set_num_threads(1)
-    rank, k, addr, port, rounds, work_ms = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=k)
+    rank, addr, port, rounds, work_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2)
     a = torch.randn(64, 64)
-    peers = [r for r in (rank - 1, rank + 1) if 0 <= r < k]
     def busy():
         c0 = time.process_time()
         while time.process_time() - c0 < work_ms / 1e3:
@@ -171,44 +170,37 @@ SYNC = textwrap.dedent(
         for r in range(rounds):
             t0 = time.monotonic()
             busy()
-            if exchange:   # like a stage boundary: send a halo-sized message to each neighbour, wait for theirs
-                sends = [dist.isend(torch.zeros(256), p) for p in peers]
-                for p in peers:
-                    wait(dist.irecv(torch.empty(256), p))
-                for s in sends:
-                    wait(s)
+            if exchange:   # like a stage boundary: both send a halo-sized message, both wait
+                s = dist.isend(torch.zeros(256), 1 - rank)
+                wait(dist.irecv(torch.empty(256), 1 - rank))
+                wait(s)
             out.append(time.monotonic() - t0)
         return out[2:]
     alone, synced = timed(False), timed(True)
     res = torch.tensor([statistics.fmean(alone), statistics.fmean(synced), statistics.median(alone), statistics.median(synced)], dtype=torch.float64)
-    dist.all_reduce(res)
-    if rank == 0:
-        m = (res / k).tolist()
-        print(json.dumps({"devices": k, "busy_round_s": m[0], "synced_round_s": m[1], "overhead_s": m[1] - m[0],
+    if rank == 1:
+        wait(dist.isend(res, 0))
+    else:
+        other = torch.empty_like(res)
+        wait(dist.irecv(other, 1))
+        m = ((res + other) / 2).tolist()
+        print(json.dumps({"busy_round_s": m[0], "synced_round_s": m[1], "overhead_s": m[1] - m[0],
                           "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms}))
     dist.destroy_process_group()
     """
 )
 
 
-def sync_latency(tb: Testbed, devices: Sequence[str], rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0
-                 ) -> dict[str, Any]:
-    """What one synchronisation costs busy devices: rounds of ``work_ms`` CPU seconds each on
-    every device of ``devices``, alone and then ending with a small message exchange with each
-    neighbour in that order (a chain, as at an exchange-mode stage boundary), waited for the way
-    the runtime waits; ``overhead_s`` = mean synced round - mean busy round. Under a CPU quota
-    this is far more than the wire latency: a device that used up its quota sleeps until the
-    next period, and the devices finish their work out of phase. It also grows with the number
-    of devices, because a late device delays its neighbours at the next boundary (at 0.25 core
-    on this host: 2 devices 3.0-4.0 ms, 3 devices 3.9-4.8 ms, 5 devices 6.1-8.5 ms per round).
-    The planner's per-message ``latency_s`` (added once at each end of a transfer) comes from
-    this."""
-    if len(devices) < 2:
-        raise EdgeweaveError("sync_latency needs at least two devices")
+def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0) -> dict[str, Any]:
+    """What one synchronisation costs two busy devices: rounds of ``work_ms`` CPU seconds each,
+    alone and then ending with a small message exchange (as at a stage boundary), waited for the
+    way the runtime waits; ``overhead_s`` = mean synced round - mean busy round. Under a CPU
+    quota this is far more than the wire latency: a device that used up its quota sleeps until
+    the next period, and the two devices finish their work out of phase. The planner's
+    per-message ``latency_s`` (added once at each end of a transfer) comes from this."""
     port = str(random.randint(40000, 49999))
-    k = str(len(devices))
-    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), k, tb.address(devices[0]), port, str(rounds), str(work_ms)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate(devices)]
+    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate((a, b))]
     outs = []
     for p in procs:
         o, e = p.communicate(timeout=timeout_s)
@@ -218,29 +210,25 @@ def sync_latency(tb: Testbed, devices: Sequence[str], rounds: int = 40, work_ms:
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
-def message_latencies(tb: Testbed, devices: Sequence[str], caps: Sequence[float]
+def message_latencies(tb: Testbed, a: str, b: str, caps: Sequence[float], restore: Sequence[float | None]
                       ) -> tuple[dict[float, float], dict[str, dict[str, Any]]]:
-    """The planner's per-message latency at each CPU cap: :func:`sync_latency` over ``devices``
-    (the cluster the plans run on), all capped at it, half the overhead to each end of a
-    message. Why per cap: the overhead is mostly CPU time and quota waits, so it grows as the
-    cap shrinks (two devices on this host: 1.1 ms at 0.5 core, 3 ms at 0.25, 9 ms at 0.1); one
-    value measured at 0.25 core made a 0.5-core device look as slow to synchronise as a
-    0.125-core one. Why every device: two devices measured about half of what five cost, and
-    the planner then chose 16 stages for VGG16 where the 11 it chose with the five-device
-    value ran 1-6 % faster (four interleaved comparisons after bench edgeld run L). The caps in
-    force before are given back. Returns ({cap: latency_s}, {cap: probe result})."""
+    """The planner's per-message latency at each CPU cap: :func:`sync_latency` between ``a`` and
+    ``b`` both capped at it, half the overhead to each side. Why per cap: the overhead is mostly
+    CPU time and quota waits of the two ends, so it grows as the cap shrinks (about 1/cap on
+    this host: 1.1 ms at 0.5 core, 3 ms at 0.25, 9 ms at 0.1); one value measured at 0.25 core
+    made a 0.5-core device look as slow to synchronise as a 0.125-core one. ``restore``: the
+    caps ``a`` and ``b`` get back. Returns ({cap: latency_s}, {cap: probe result})."""
     lat: dict[float, float] = {}
     probes: dict[str, dict[str, Any]] = {}
-    before = {d: tb.cpu_cap(d) for d in devices}
     try:
         for c in sorted(set(float(c) for c in caps)):
-            for d in devices:
-                tb.set_cpu(d, c)
-            probes[f"{c:g}"] = sync_latency(tb, devices)
+            tb.set_cpu(a, c)
+            tb.set_cpu(b, c)
+            probes[f"{c:g}"] = sync_latency(tb, a, b)
             lat[c] = max(0.0, float(probes[f"{c:g}"]["overhead_s"])) / 2
     finally:
-        for d, c0 in before.items():
-            tb.set_cpu(d, c0)
+        tb.set_cpu(a, restore[0])
+        tb.set_cpu(b, restore[1])
     return lat, probes
 
 
