@@ -304,9 +304,8 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             # It runs in a process kept warm through the phase, as the cluster's are.
             adjacent = model == cfg.models[-1] and len(set(caps)) == 1 and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
-            with contextlib.ExitStack() as stack:
-                solo = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s))
-                        if adjacent else None)
+            with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
+                  else contextlib.nullcontext()) as solo:
                 for _ in range(cfg.repeat):
                     for e in live:
                         res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})

@@ -190,8 +190,7 @@ def scale_profile(p: DeviceProfile, f: float) -> DeviceProfile:
     2.5x was priced as if that device still synchronised as fast as before (such plans ran
     10-50 % over their prediction in bench edgedi).
     """
-    return replace(p, a=p.a * f, b=p.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in p.per_kind.items()},
-                   latency_s=p.latency_s * f, meta=dict(p.meta) | {"speed_factor": f})
+    return replace(p.slowed(f), meta=dict(p.meta) | {"speed_factor": f})
 
 
 def scaled_cluster(base: Cluster, factors: Sequence[float]) -> Cluster:

@@ -9,7 +9,7 @@ a cluster by hand before measuring, and so that followers can send theirs to the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,13 @@ class DeviceProfile:
     @property
     def capability(self) -> float:
         return 1.0 / self.a
+
+    def slowed(self, f: float) -> "DeviceProfile":
+        """This device ``f`` times slower (``f`` > 1): every compute line's a and b and the
+        per-message latency times f. The latency scales with the CPU because between busy
+        capped devices it is mostly the ends' CPU time and quota waits (``planning.adapt.scale_profile``)."""
+        return replace(self, a=self.a * f, b=self.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in self.per_kind.items()},
+                       latency_s=self.latency_s * f)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

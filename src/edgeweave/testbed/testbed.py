@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -403,9 +404,8 @@ class Testbed:
     def cluster(self, base: "DeviceProfile | None" = None) -> "Cluster":
         """A *nominal* cluster description for the planner, from the spec alone: each device's
         compute line and per-message latency are ``base``'s (a full-core profile of this host)
-        slowed by its CPU cap (divided by the cores: the latency between busy capped devices
-        is mostly their CPU time and quota waits, see ``planning.adapt.scale_profile``), its
-        bandwidth the device's link rate (10 Gbit/s when unshaped: a veth), its address its IP.
+        slowed by its CPU cap (``DeviceProfile.slowed`` by 1/cores), its bandwidth the device's
+        link rate (10 Gbit/s when unshaped: a veth), its address its IP.
         Measured profiles (``edgeweave profile`` run in the device, ``probe_link`` at join) are
         better; this is the starting point and the check. Traffic between two devices runs at
         the smaller of their two rates, and all followers share the leader's link."""
@@ -415,13 +415,10 @@ class Testbed:
         out = []
         for d in self.spec.devices:
             cpu = self._cpu.get(d.name) or 1.0
-            out.append(DeviceProfile(
+            out.append(replace(
+                base.slowed(1.0 / cpu),
                 name=d.name,
-                a=base.a / cpu,
-                b=base.b / cpu,
-                per_kind={k: [ab[0] / cpu, ab[1] / cpu] for k, ab in base.per_kind.items()},
                 bandwidth_bps=self._bw.get(d.name) or 1e10,
-                latency_s=base.latency_s / cpu,
                 address=self.address(d.name),
                 meta={"nominal": True, "cpu": self._cpu.get(d.name), "emulated": self.emulated, "base": base.name},
             ))
