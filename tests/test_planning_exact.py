@@ -174,3 +174,34 @@ def test_simulate_rejects_plans_that_send_rows_a_device_does_not_hold() -> None:
     del bad.stages[stage.index].transfers[0]
     with pytest.raises(AssertionError, match="does not hold"):
         simulate(gm, bad, x)
+
+
+def test_a_stage_copies_its_input_only_when_it_may_write_into_it() -> None:
+    """``writes_input``: an in-place op on the stage input (or a view of it) needs a private copy.
+
+    The runtime may still be sending that tensor to a neighbour, so a stage that would write into
+    it must copy it first; a stage that writes only into what it computed must not pay the copy.
+    """
+    from edgeweave.planning.execute import run_stage, writes_input
+    from edgeweave.planning.plan import Assignment, Stage
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(inplace=True), torch.nn.Dropout(),
+                                torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 4, 3, padding=1)).eval()
+    gm = capture(model, (1, 1, 8, 8))
+    conv0, relu1, drop2, relu3, conv4 = (n.name for n in gm.graph.nodes if n.op == "call_module")
+
+    def stage(*nodes: str) -> Stage:
+        return Stage(0, "leader", list(nodes), [1, 4, 8, 8], [1, 4, 8, 8], [Assignment(0, (0, 8), (0, 8))])
+
+    assert not writes_input(gm, stage(conv0, relu1))  # the ReLU writes into the conv's own output
+    assert writes_input(gm, stage(relu1))  # ... into the stage input
+    assert writes_input(gm, stage(drop2, relu3))  # ... into a view of it (Dropout in eval returns it)
+    assert not writes_input(gm, stage(conv4))
+
+    x = torch.randn(1, 4, 8, 8)
+    keep = x.clone()
+    y = run_stage(gm, stage(relu1), 0, x)
+    assert torch.equal(x, keep) and torch.equal(y, keep.relu())
+    y = run_stage(gm, stage(drop2, relu3, conv4), 0, x)
+    assert torch.equal(x, keep) and torch.allclose(y, model[4](keep.relu()))

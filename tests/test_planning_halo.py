@@ -9,7 +9,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeweave.planning.execute import apply_window, run_stage
+from edgeweave.planning.execute import apply_window, fewer_copies, run_stage
 from edgeweave.planning.graph import capture, node_kind, window_of
 from edgeweave.planning.halo import required_rows, window_in_rows, window_output_size
 from edgeweave.planning.plan import Assignment, Stage
@@ -74,6 +74,13 @@ def test_window_rows_match_direct_slicing(mod: nn.Module, h: int, data) -> None:
         assert lo >= max(starts[0], 0) and hi <= min(starts[-1] + eff, h)
     else:  # only padding is read
         assert not touched
+
+    # fewer_copies: more held rows and symmetric padding where they give the same rows
+    stop = data.draw(st.integers(hi, h))
+    lo2, hi2, pt2, pb2 = fewer_copies(w, lo, hi, pt, pb, stop, b - a)
+    assert (lo2, pt2) == (lo, pt) and hi <= hi2 <= stop and pb <= pb2 <= max(pt, pb)
+    strip = apply_window(mod, w, x[:, :, lo2:hi2], pt2, pb2)
+    torch.testing.assert_close(strip, y[:, :, a:b], rtol=1e-5, atol=1e-6)
 
 
 @st.composite

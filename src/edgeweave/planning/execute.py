@@ -17,6 +17,7 @@ adds the partials in the plan's order, so both produce bit-identical sums.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -223,7 +224,10 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
             raise ValueError(f"node {node.name}: rows [{lo},{hi}) needed, [{off},{off + t.shape[2]}) computed")
         return t.narrow(2, lo - off, hi - lo)
 
-    for node in nodes:
+    dead = _dead_after(gm, stage, nodes, out_node)
+    for step, node in enumerate(nodes):
+        for name in dead.get(step - 1, ()):
+            env.pop(name, None)
         if node.name in reds:
             i, red = reds[node.name]
             own = red.owned(device)
@@ -246,6 +250,9 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
             w = node_window(gm, node)
             mod = gm.get_submodule(str(node.target))
             lo, hi, pt, pb = window_in_rows(w, r[0], r[1], (node_shape(inp) or [0, 0, 0])[2])
+            if inp.name in env:
+                held, off = env[inp.name]
+                lo, hi, pt, pb = fewer_copies(w, lo, hi, pt, pb, off + held.shape[2], r[1] - r[0])
             y = apply_window(mod, w, take(inp, lo, hi), pt, pb)
             if y.shape[2] != r[1] - r[0]:
                 raise AssertionError(f"node {node.name}: computed {y.shape[2]} rows for {r}")
@@ -264,6 +271,32 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
             raise ValueError(f"node {node.name} of kind {kind} cannot run on a strip")
         env[node.name] = (y, r[0])
     return take(out_node, out[0], out[1]).contiguous()
+
+
+def _dead_after(gm: torch.fx.GraphModule, stage: Stage, nodes: list[torch.fx.Node],
+                out_node: torch.fx.Node) -> dict[int, list[str]]:
+    """Per step of the stage, the values no later step reads (as ``torch.fx.Interpreter`` does).
+
+    Dropping them at once lets the allocator hand their memory, still in cache, to the next op;
+    keeping every value of a long stage alive to its end made each op write into fresh memory
+    (up to 3x slower convolutions on the same shapes). Cached per graph and stage nodes.
+    """
+    cache = gm.meta.setdefault("ew_dead_after", {})
+    key = tuple(stage.nodes)
+    if key not in cache:
+        sources = {r.node: r.source for r in stage.reductions}
+        last: dict[str, int] = {}
+        for step, node in enumerate(nodes):
+            for i in tensor_inputs(node):
+                last[i.name] = step
+            if node.name in sources:
+                last[sources[node.name]] = step
+        dead: dict[int, list[str]] = {}
+        for name, step in last.items():
+            if name != out_node.name:
+                dead.setdefault(step, []).append(name)
+        cache[key] = dead
+    return cache[key]
 
 
 def _no_reduce(node: torch.fx.Node) -> Reduce:
@@ -299,15 +332,87 @@ def _reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torc
     return torch.fx.node.map_arg(out_node.args[0], lambda n: small[n.name])
 
 
+# Ops whose result may share memory with their (first) input: views, and calls that may return
+# the input itself. Anything else allocates its result.
+_ALIAS_METHODS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "narrow", "permute", "transpose", "t",
+    "contiguous", "expand", "expand_as", "squeeze", "unsqueeze", "__getitem__", "detach", "to", "float", "type",
+    "type_as", "chunk", "split", "unbind", "select", "as_strided",
+})
+_ALIAS_FUNCTIONS: frozenset[Any] = frozenset({
+    torch.flatten, torch.reshape, torch.narrow, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+    torch.chunk, torch.split, torch.unbind, torch.select, torch.detach, operator.getitem,
+})
+_ALIAS_MODULES = (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Dropout, torch.nn.Dropout2d)
+_IN_PLACE_FUNCTIONS: frozenset[Any] = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.ipow,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+})
+
+
+def _in_place(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether ``node`` may write into its first input (erring towards yes)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.kwargs.get("inplace") is True or any(a is True for a in node.args[1:]):
+        return True  # F.relu(x, inplace=True), F.relu(x, True), F.dropout(x, p, training, True), ...
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+    if node.op == "call_method":
+        name = str(node.target)
+        return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+    return False
+
+
+def _aliases(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return isinstance(mod, _ALIAS_MODULES) or (node_kind(node) == "window" and node_window(gm, node).op == "identity")
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS
+    return node.op == "call_function" and node.target in _ALIAS_FUNCTIONS
+
+
+def writes_input(gm: torch.fx.GraphModule, stage: Stage) -> bool:
+    """Whether running ``stage`` may write into the tensor it is given (or into views of it).
+
+    Then the stage needs its own copy: the caller's tensor may still be on its way to another
+    device (a halo, rows the leader forwards). Most stages write only into tensors they made
+    (``ReLU(inplace=True)`` after a convolution), so the copy is the exception, not a cost every
+    stage pays on every frame (a memory-bound copy is slow on a board with a capped CPU).
+    Cached per graph and stage nodes.
+    """
+    cache = gm.meta.setdefault("ew_writes_input", {})
+    key = tuple(stage.nodes)
+    if key not in cache:
+        in_node, _ = stage_io(gm, stage)
+        by = nodes_by_name(gm)
+        shared = {in_node.name}  # values that may share memory with the stage input
+        hit = False
+        for name in stage.nodes:
+            node = by[name]
+            ins = tensor_inputs(node)
+            first_shared = bool(ins) and ins[0].name in shared
+            if first_shared and _in_place(gm, node):
+                hit = True
+                break
+            if first_shared and _aliases(gm, node):
+                shared.add(name)
+        cache[key] = hit
+    return cache[key]
+
+
 def stage_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
     """``run_stage`` as a generator that yields at every reduction (see ``run_stage``)."""
     a = stage.assignment(device)
+    if x is not None and writes_input(gm, stage):
+        x = x.clone()
     if stage.kind == "reduce":
-        return _reduce_program(gm, stage, device, None if x is None else x.clone())
+        return _reduce_program(gm, stage, device, x)
     if a is None or is_empty(a.out_rows):
         raise ValueError(f"device {device} has no work in stage {stage.index}")
     assert x is not None
-    x = x.clone()
     if stage.kind == "spatial":
         return _spatial_program(gm, stage, device, a.in_rows, a.out_rows, x)
     if stage.reductions:
@@ -350,12 +455,43 @@ def sum_partials(red: Reduction, parts: dict[int, torch.Tensor]) -> torch.Tensor
     return total
 
 
+def fewer_copies(w: Window, lo: int, hi: int, pad_top: int, pad_bottom: int, held_stop: int,
+                 want: int) -> tuple[int, int, int, int]:
+    """``window_in_rows``'s answer changed, where that gives the same ``want`` output rows, so
+    that running the op copies less.
+
+    Rows below ``hi`` that the device holds anyway are included when no window reaches them (a
+    stride-2 1x1 convolution needs every row but the last): a slice that ends where the held
+    tensor ends is contiguous, and convolutions on non-contiguous slices are slow. Bottom padding
+    smaller than the top is made equal when that adds no output row (a stride-2 convolution of
+    the whole map): then the op pads itself (``apply_window``) instead of a padded copy.
+    """
+    if w.ceil_mode or w.op not in ("conv", "max", "avg") or hi <= lo:  # hi <= lo: padding only
+        return lo, hi, pad_top, pad_bottom
+
+    def rows(n: int) -> int:  # output rows of the op on n rows (padding included)
+        return (n - w.d * (w.k - 1) - 1) // w.s + 1
+
+    if pad_bottom == 0 and hi < held_stop and rows(pad_top + held_stop - lo) == want:
+        hi = held_stop
+    if w.op != "avg" and pad_bottom < pad_top and rows(2 * pad_top + hi - lo) == want:
+        pad_bottom = pad_top
+    return lo, hi, pad_top, pad_bottom
+
+
 def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
     """Run window op ``mod`` on real rows ``t`` with explicit H padding and H-padding 0.
 
     Padding is zeros for conv / avg pool and -inf for max pool (max pooling's own padding);
     W keeps the module's padding, and every other argument is the module's own.
     """
+    if pad_top == pad_bottom and t.shape[2] and (w.op == "conv" or (w.op == "max" and not w.ceil_mode)):
+        # the whole map (or no border): the op's own padding is the same, without a padded copy
+        pad = (pad_top, w.pad_w)
+        if w.op == "conv":
+            return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), pad, (w.d, mod.dilation[1]), mod.groups)
+        return F.max_pool2d(t, _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), pad,
+                            _pair(mod.dilation))
     if pad_top or pad_bottom:
         t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
     if w.op == "identity":
@@ -380,8 +516,8 @@ def run_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tens
 
     ``x`` holds exactly rows ``stage.assignment(device).in_rows`` of the stage input along the
     split axis (the whole vector for linear stages, the whole tensor for leader stages). It is
-    cloned first: models with in-place ops (``ReLU(inplace=True)``, ``+=``) must not write into a
-    buffer the caller still sends to other devices.
+    copied first when the stage may write into it (``writes_input``: an in-place op such as
+    ``ReLU(inplace=True)`` or ``+=`` on the input): the caller may still be sending it.
 
     Stages with ``reductions`` (plan.py) need ``reduce_fn(i, partial) -> total``: at reduction
     ``i`` the device hands over its partial sum (None when it owns no rows) and gets the total
