@@ -14,6 +14,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -252,7 +254,8 @@ def test_compact_vgg16_at_200_predicts_a_speedup_on_four_uniform_devices() -> No
     plans = {k: make_plan(gm, uniform(k), partition="optimal", fusion="auto", mode="exchange") for k in (1, 4)}
     p4 = plans[4]
     assert not p4.meta["leader_only"]
-    assert sum(len(s.reductions) for s in p4.stages) == 13
+    # 13 attention squeezes, and fc1 on the flattened pool of the 6x6 map (the pool is folded)
+    assert sum(len(s.reductions) for s in p4.stages) == 14
     assert p4.meta["predicted_speedup"] > 2.0, p4.meta
     assert rel_err(simulate(gm, p4, x), ref) <= 1e-5
 
@@ -334,6 +337,70 @@ def test_first_linear_on_a_flattened_map_is_reduced_from_the_strips(flatten: str
     for split in (uneven, leader_idle):
         plan = make_plan(gm, hetero(3), partition=split, fusion="none", mode="exchange")
         assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, split.__name__
+
+
+class _PooledHead(nn.Module):
+    """VGG's head at inputs other than 224 px: an adaptive average pool that grows the map."""
+
+    def __init__(self, size: tuple[int, int], functional: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.avg = nn.AdaptiveAvgPool2d(size)
+        self.fc1 = nn.Linear(6 * size[0] * size[1], 12)
+        self.fc2 = nn.Linear(12, 4)
+        self.size, self.functional = size, functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv(x)))
+        x = F.adaptive_avg_pool2d(x, self.size) if self.functional else self.avg(x)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+@pytest.mark.parametrize("size,functional", [((7, 7), False), ((7, 5), True), ((6, 9), False)])
+def test_a_pool_that_grows_the_map_is_folded_into_the_first_linear(size: tuple[int, int], functional: bool) -> None:
+    """``fc1(flatten(adaptive_avg_pool2d(x, size)))`` is linear in the 5x5 map ``x``: partial
+    products of the held rows with the pooled-back weight, no gather to the leader."""
+    from edgeweave.planning.graph import is_folded, reduce_pool
+
+    torch.manual_seed(0)
+    model = _PooledHead(size, functional).eval()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        ref = model(x)
+    gm = capture(model, tuple(x.shape))
+    by = {n.name: n for n in gm.graph.nodes}
+    pool = next(n for n in gm.graph.nodes if n.op != "placeholder" and n.args and n.args[0] is by["pool"])
+    assert is_folded(pool) and reduce_pool(by["fc1"]) == size
+    for k, part, fus, mode in itertools.product((1, 2, 3, 4), PARTITIONS, FUSIONS, MODES):
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
+        _check_reductions(plan)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
+        if k > 1 and not plan.meta["leader_only"]:
+            (red,) = [s for s in plan.stages if s.kind == "reduce"]
+            assert red.reductions[0].source == "pool"  # the 5x5 map the strips hold
+            assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
+
+
+def test_a_pool_that_shrinks_the_map_is_not_folded() -> None:
+    """Folding a shrinking pool would make the layer larger than the model's; it stays global."""
+    from edgeweave.planning.graph import is_folded, reduce_pool, reduce_source
+
+    model = _PooledHead((2, 2), functional=False).eval()
+    gm = capture(model, (1, 3, 10, 10))
+    by = {n.name: n for n in gm.graph.nodes}
+    assert not is_folded(by["avg"]) and reduce_pool(by["fc1"]) is None
+    assert reduce_source(by["fc1"]) is by["avg"]  # fc1 still reduces over the pooled map's rows
+
+
+@given(n_in=st.integers(1, 16), n_out=st.integers(1, 16))
+@settings(max_examples=80, deadline=None)
+def test_pool_matrix_is_adaptive_average_pooling(n_in: int, n_out: int) -> None:
+    from edgeweave.planning.graph import pool_matrix
+
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    want = F.adaptive_avg_pool1d(x[:, None, :], n_out)[:, 0, :]
+    assert torch.allclose(x @ pool_matrix(n_out, n_in).T, want, atol=1e-12)
 
 
 def test_a_flatten_read_by_anything_else_is_not_folded() -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import torch.fx
 
-from edgeweave.planning.graph import node_kind, node_reduce, node_shape, node_window, tensor_inputs
+from edgeweave.planning.graph import node_kind, node_reduce, node_shape, node_window, reduce_source, tensor_inputs
 from edgeweave.profiling.compute import op_kind
 from edgeweave.profiling.profile import DeviceProfile
 
@@ -50,8 +50,13 @@ def partial_work(gm: torch.fx.GraphModule, node: torch.fx.Node, n_rows: int, h: 
     sums and means are cheap adds (``other``).
     """
     red = node_reduce(node)
-    kind = flop_kind(gm, node) if red is not None and red.op == "linear" else "other"
-    return kind, node_flops(gm, node) * n_rows / max(h, 1)
+    if red is None or red.op != "linear":
+        return "other", node_flops(gm, node) * n_rows / max(h, 1)
+    # a folded pool (graph._pooled_map) changes the layer's in-features to the map's C * H * W
+    src = node_shape(reduce_source(node)) or [1, 1, 1, 1]
+    in_features = gm.get_submodule(str(node.target)).in_features
+    scale = int(src[1]) * int(src[2]) * int(src[3]) / max(in_features, 1)
+    return flop_kind(gm, node), node_flops(gm, node) * scale * n_rows / max(h, 1)
 
 
 def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:

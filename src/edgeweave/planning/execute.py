@@ -35,7 +35,9 @@ from edgeweave.planning.graph import (
     node_shape,
     node_window,
     nodes_by_name,
+    pool_matrix,
     reduce_partial_shape,
+    reduce_pool,
     reduce_source,
     side_inputs,
     tensor_inputs,
@@ -141,32 +143,49 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
         return t.sum(dim=(2, 3), keepdim=True)
     weight = gm.get_submodule(str(node.target)).weight
     _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
-    if rows == (0, h):  # the whole map: the layer itself
+    pool = reduce_pool(node)
+    if rows == (0, h) and pool is None:  # the whole map: the layer itself
         return F.linear(t.reshape(t.shape[0], -1), weight)
-    by_row = _rows_first(weight, c, h, w)
+    by_row = _rows_first(weight, c, h, w, pool)
     return F.linear(t.permute(0, 2, 1, 3).reshape(t.shape[0], -1), by_row[:, rows[0] * c * w:rows[1] * c * w])
 
 
-_ROWS_FIRST: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+_ROWS_FIRST: dict[int, tuple[torch.Tensor, int, tuple, torch.Tensor]] = {}
 _ROWS_FIRST_KEPT = 2  # layers (a model has one such layer; a new model replaces the old one's)
+_UNPOOL_CHUNK = 256  # output features per step when folding a pool into a weight (bounds memory)
 
 
-def _rows_first(weight: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, int] | None = None) -> torch.Tensor:
     """``weight`` with its columns reordered (h, c, w): the columns of any row range are contiguous.
+
+    With ``pool`` (the layer reads ``flatten(adaptive_avg_pool2d(map, pool))``, see
+    ``graph._pooled_map``) the weight is first carried back through the pooling, so that it
+    applies to the ``h x w`` map itself: ``W_map[o, c] = P_h^T W[o, c] P_w``.
 
     Made once per layer and device and kept, so any plan's rows are a view (no copy per frame or
     per plan). Cutting the columns for each plan instead was ~20 % faster per frame, but a device
     serving many plans (a benchmark interleaving 16) cut them again every frame once they no
     longer fitted a bounded cache (+0.35 s at 0.25 core); this costs one copy of the layer.
     """
+    key = (c, h, w, pool)
     hit = _ROWS_FIRST.get(id(weight))
-    if hit is not None and hit[0] is weight and hit[1] == weight._version:
-        return hit[2]
-    by_row = weight.view(weight.shape[0], c, h, w).permute(0, 2, 1, 3).reshape(weight.shape[0], -1).contiguous()
+    if hit is not None and hit[0] is weight and hit[1] == weight._version and hit[2] == key:
+        return hit[3]
+    out = weight.shape[0]
+    if pool is None:
+        by_row = weight.view(out, c, h, w).permute(0, 2, 1, 3).reshape(out, -1).contiguous()
+    else:
+        ph = pool_matrix(pool[0], h).to(weight.dtype)
+        pw = pool_matrix(pool[1], w).to(weight.dtype)
+        w4 = weight.view(out, c, pool[0], pool[1])
+        by_row = weight.new_empty(out, h, c, w)
+        for a in range(0, out, _UNPOOL_CHUNK):
+            by_row[a:a + _UNPOOL_CHUNK] = torch.einsum("ocij,ir,jq->orcq", w4[a:a + _UNPOOL_CHUNK], ph, pw)
+        by_row = by_row.view(out, -1)
     _ROWS_FIRST.pop(id(weight), None)
     while len(_ROWS_FIRST) >= _ROWS_FIRST_KEPT:
         del _ROWS_FIRST[next(iter(_ROWS_FIRST))]
-    _ROWS_FIRST[id(weight)] = (weight, weight._version, by_row)
+    _ROWS_FIRST[id(weight)] = (weight, weight._version, key, by_row)
     return by_row
 
 

@@ -86,7 +86,7 @@ def _reducible(nodes: list[torch.fx.Node], inp: torch.fx.Node, out: torch.fx.Nod
     if not any(node_reduce(n) is not None for n in nodes):
         return False
     for n in nodes:
-        if n.op == "get_attr" or (is_folded(n) and tensor_inputs(n) == [inp]):
+        if n.op == "get_attr" or (is_folded(n) and all(i is inp or is_folded(i) for i in tensor_inputs(n))):
             continue
         ins = tensor_inputs(n)
         if any(i.name not in names and i.op != "get_attr" for i in ins):
@@ -127,7 +127,7 @@ def unfold_flatten(gm: torch.fx.GraphModule, seg: Segment) -> list[Segment]:
     For a map the leader holds whole anyway (a global op before it), a linear reduction would
     put the whole layer on the leader; the plain cut lets the Linear be split by features.
     """
-    cut = next((i for i, n in enumerate(seg.nodes) if is_folded(n)), None)
+    cut = max((i for i, n in enumerate(seg.nodes) if is_folded(n)), default=None)
     if cut is None or cut == len(seg.nodes) - 1:
         return [seg]
     flat = seg.nodes[cut]

@@ -286,7 +286,9 @@ def nodes_by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
 # is such a sum too: ``W @ flatten(x)`` is the sum over rows h of ``W[:, cols(h)] @ x[:, :, h]``,
 # so each device multiplies the rows it holds by the matching columns of the weight and only the
 # ``[N, out]`` partial products travel (op ``linear``; the bias is added to the total). The
-# flatten is folded into the reduction (``meta["ew_folded"]``) and never computed.
+# flatten is folded into the reduction (``meta["ew_folded"]``) and never computed; so is an
+# adaptive average pool between the map and the flatten when it does not shrink the map (the
+# layer's weight is then multiplied by the pooling, ``pool_matrix``).
 
 @dataclass(frozen=True)
 class Reduce:
@@ -370,8 +372,42 @@ def _flattened_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.No
     return src if start == 1 and end in (-1, 3) else None
 
 
-def _linear_reduction(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Reduce, torch.fx.Node] | None:
-    """(Reduce, flatten node) when ``node`` is an ``nn.Linear`` reading only ``flatten(map, 1)``."""
+def _pooled_map(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """The map ``node`` average-pools to a fixed size no smaller than the map's, else None.
+
+    VGG's ``AdaptiveAvgPool2d((7, 7))`` at inputs other than 224 (6x6 -> 7x7 at 200): not a
+    window op, so it would stop the strips; but pooling is linear, so a Linear layer on the
+    flattened pool is a Linear layer on the map itself (``pool_matrix``). Larger maps would make
+    that layer larger than the original; they are left alone.
+    """
+    if node_kind(node) != "global" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        if type(gm.get_submodule(str(node.target))) is not nn.AdaptiveAvgPool2d or len(node.args) != 1 or node.kwargs:
+            return None
+    elif node.op != "call_function" or node.target is not F.adaptive_avg_pool2d or len(node.args) + len(node.kwargs) != 2:
+        return None
+    src = node.args[0]
+    shape, out = src.meta.get("ew_shape"), node.meta.get("ew_shape")
+    if shape is None or out is None or len(shape) != 4 or len(out) != 4 or src.meta.get("ew_kind") == "const":
+        return None
+    if src.meta.get("ew_small") or int(shape[2]) * int(shape[3]) > int(out[2]) * int(out[3]):
+        return None
+    return src
+
+
+def pool_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """``[out, in]``: adaptive average pooling along one axis as a matrix (PyTorch's windows)."""
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        lo, hi = (i * in_size) // out_size, -(-((i + 1) * in_size) // out_size)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def _linear_reduction(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Reduce, list[torch.fx.Node]] | None:
+    """(Reduce, folded nodes) when ``node`` is an ``nn.Linear`` reading only ``flatten(map, 1)``
+    or ``flatten(adaptive_avg_pool2d(map, size), 1)`` (see ``_pooled_map``)."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
         return None
     if type(gm.get_submodule(str(node.target))) is not nn.Linear:
@@ -380,8 +416,13 @@ def _linear_reduction(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Re
     src = _flattened_map(gm, flat)
     if src is None or len(flat.users) != 1:
         return None
+    folded = [flat]
+    if len(src.users) == 1 and (pooled := _pooled_map(gm, src)) is not None:
+        folded.insert(0, src)
+        node.meta["ew_reduce_pool"] = tuple(int(v) for v in src.meta["ew_shape"][2:])
+        src = pooled
     shape = src.meta["ew_shape"]
-    return Reduce("linear", False, int(shape[2]) * int(shape[3])), flat
+    return Reduce("linear", False, int(shape[2]) * int(shape[3])), folded
 
 
 def _broadcasts_over_hw(small: Sequence[int], out: Sequence[int]) -> bool:
@@ -400,9 +441,10 @@ def _annotate_reductions(gm: torch.fx.GraphModule) -> None:
         if red is not None:
             src = _tensor_args(node)[0]
         elif (lin := _linear_reduction(gm, node)) is not None:
-            red, flat = lin
-            flat.meta["ew_folded"] = True
-            src = flat.args[0]
+            red, folded = lin
+            for f in folded:
+                f.meta["ew_folded"] = True
+            src = folded[0].args[0]
         if red is not None:
             node.meta["ew_reduce"] = red
             node.meta["ew_reduce_source"] = src
@@ -441,8 +483,14 @@ def reduce_source(node: torch.fx.Node) -> torch.fx.Node:
 
 
 def is_folded(node: torch.fx.Node) -> bool:
-    """A flatten computed as part of the linear reduction that reads it (never run on its own)."""
+    """A flatten (or the pool before it) computed as part of the linear reduction that reads it
+    (never run on its own)."""
     return bool(node.meta.get("ew_folded"))
+
+
+def reduce_pool(node: torch.fx.Node) -> tuple[int, int] | None:
+    """The output size of the adaptive average pool a linear reduction folds, else None."""
+    return node.meta.get("ew_reduce_pool")
 
 
 def reduce_partial_shape(node: torch.fx.Node) -> list[int]:
