@@ -306,6 +306,10 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             base_lats: list[float] = []
             with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
                   else contextlib.nullcontext()) as solo:
+                # One untimed round first: the first frame of a plan after the others' warm-ups
+                # (and after the baseline process started) ran up to 1.8x slower (run L).
+                for e in live:
+                    bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
                 for _ in range(cfg.repeat):
                     for e in live:
                         res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
@@ -544,7 +548,7 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"- links (tc tbf, both ends): {', '.join(cfg['rates'])}; measured goodput "
          + ", ".join(f"{k}: {v / 1e6:.0f} Mbit/s" for k, v in cfg["link_goodput_bps"].items()),
          f"- heterogeneous: caps {cfg['hetero_caps']}, links {cfg['hetero_rates']} (leader first)",
-         f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase); single device "
+         f"- repeats {cfg['repeat']} per configuration (median; round-robin within a phase, after one untimed round); single device "
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end, and in {cfg['models'][-1]}'s homogeneous phases "
          f"once per round among the configurations, in a process kept warm through the phase (those rows' speedups use "
          f"the phase's own baseline)",
