@@ -441,6 +441,11 @@ def test_partial_products_use_one_reordered_copy_of_the_weight_for_every_row_ran
         assert torch.allclose(got, want, atol=1e-5)
         parts.append(got)
     assert torch.allclose(sum(parts), full, atol=1e-5)
+    # the same layer served at another input size, with a pool folded in (2x2 map -> 4x3): a
+    # second copy, kept beside the first (alternating sizes must not rebuild them every frame)
+    pooled = execute._rows_first(w, 2, 2, 2, (4, 3))
+    assert pooled.shape == (7, 2 * 2 * 2)
+    assert execute._rows_first(w, 2, 4, 3) is first and execute._rows_first(w, 2, 2, 2, (4, 3)) is pooled
     with torch.no_grad():
         w.mul_(2)  # a changed weight is reordered again
     assert execute._rows_first(w, 2, 4, 3) is not first

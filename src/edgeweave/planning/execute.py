@@ -8,6 +8,8 @@ A spatial stage is run by a row-range-aware interpreter: ``planning.halo.require
 which rows of every node the device's output strip needs; each window op slices those rows of
 its input, pads explicitly at the true top/bottom of the map only (zeros, or -inf for max
 pooling), and runs with H-padding 0 and its original W padding; pointwise ops run on the slices.
+Where equal padding at both ends gives the same rows (the whole map), the op pads itself and no
+padded copy is made (``fewer_copies``); values are dropped after their last use in the stage.
 
 Stages with global reductions (plan.py) are generators (``stage_program``) that yield each
 device's partial sum at every reducing node and resume with the total: ``run_stage`` answers
@@ -150,8 +152,10 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
     return F.linear(t.permute(0, 2, 1, 3).reshape(t.shape[0], -1), by_row[:, rows[0] * c * w:rows[1] * c * w])
 
 
-_ROWS_FIRST: dict[int, tuple[torch.Tensor, int, tuple, torch.Tensor]] = {}
-_ROWS_FIRST_KEPT = 2  # layers (a model has one such layer; a new model replaces the old one's)
+_ROWS_FIRST: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
+# reordered layers kept: a model has one such layer, served at one or a few input sizes (each
+# size whose map is pooled into the layer has its own copy); a new model replaces the old one's
+_ROWS_FIRST_KEPT = 3
 _UNPOOL_CHUNK = 256  # output features per step when folding a pool into a weight (bounds memory)
 
 
@@ -167,10 +171,10 @@ def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, i
     serving many plans (a benchmark interleaving 16) cut them again every frame once they no
     longer fitted a bounded cache (+0.35 s at 0.25 core); this costs one copy of the layer.
     """
-    key = (c, h, w, pool)
-    hit = _ROWS_FIRST.get(id(weight))
-    if hit is not None and hit[0] is weight and hit[1] == weight._version and hit[2] == key:
-        return hit[3]
+    key = (id(weight), c, h, w, pool)
+    hit = _ROWS_FIRST.get(key)
+    if hit is not None and hit[0] is weight and hit[1] == weight._version:
+        return hit[2]
     out = weight.shape[0]
     if pool is None:
         by_row = weight.view(out, c, h, w).permute(0, 2, 1, 3).reshape(out, -1).contiguous()
@@ -182,10 +186,10 @@ def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, i
         for a in range(0, out, _UNPOOL_CHUNK):
             by_row[a:a + _UNPOOL_CHUNK] = torch.einsum("ocij,ir,jq->orcq", w4[a:a + _UNPOOL_CHUNK], ph, pw)
         by_row = by_row.view(out, -1)
-    _ROWS_FIRST.pop(id(weight), None)
+    _ROWS_FIRST.pop(key, None)
     while len(_ROWS_FIRST) >= _ROWS_FIRST_KEPT:
         del _ROWS_FIRST[next(iter(_ROWS_FIRST))]
-    _ROWS_FIRST[id(weight)] = (weight, weight._version, key, by_row)
+    _ROWS_FIRST[key] = (weight, weight._version, by_row)
     return by_row
 
 
