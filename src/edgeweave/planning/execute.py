@@ -61,13 +61,43 @@ def split_axis(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
     return 1 if n >= 2 else 0
 
 
+_MEMO_KEPT = 4096  # entries per table and graph
+
+
+def _memo(gm: torch.fx.GraphModule, table: str, key: Any, make: Callable[[], Any]) -> Any:
+    """A per-graph cache for what a stage's execution derives from the graph alone.
+
+    Stages run every frame, on boards where Python is slow too: walking the graph again for each
+    frame cost ~30 % of a compact model's time on one device. Captured graphs are not changed
+    after ``capture``, so these derivations never go stale.
+    """
+    cache = gm.meta.setdefault(table, {})
+    if key not in cache:
+        if len(cache) >= _MEMO_KEPT:  # a long adaptive stream sees many plans: stay bounded
+            cache.clear()
+        cache[key] = make()
+    return cache[key]
+
+
+def _by_name(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    return _memo(gm, "ew_exec_by_name", None, lambda: nodes_by_name(gm))
+
+
+def _module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Module:
+    return _memo(gm, "ew_exec_modules", node.target, lambda: gm.get_submodule(str(node.target)))
+
+
 def stage_io(gm: torch.fx.GraphModule, stage: Stage) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     """The stage's input node (read from outside the stage) and its output node(s).
 
     Derived from the graph so the Plan needs only node names. A stage has exactly one input
     value; it has one output value except possibly the last stage (a model returning a tuple).
     """
-    by = nodes_by_name(gm)
+    return _memo(gm, "ew_exec_stage_io", tuple(stage.nodes), lambda: _stage_io(gm, stage))
+
+
+def _stage_io(gm: torch.fx.GraphModule, stage: Stage) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    by = _by_name(gm)
     names = set(stage.nodes)
     nodes = [by[n] for n in stage.nodes]
     ins: dict[torch.fx.Node, None] = {}
@@ -85,7 +115,7 @@ def stage_io(gm: torch.fx.GraphModule, stage: Stage) -> tuple[torch.fx.Node, lis
 
 def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: dict) -> Any:
     if node.op == "call_module":
-        return gm.get_submodule(str(node.target))(*args, **kwargs)
+        return _module(gm, node)(*args, **kwargs)
     if node.op == "call_function":
         return node.target(*args, **kwargs)  # type: ignore[operator]
     if node.op == "call_method":
@@ -101,7 +131,7 @@ def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: di
 
 def _run_whole(gm: torch.fx.GraphModule, stage: Stage, x: torch.Tensor) -> Any:
     in_node, outs = stage_io(gm, stage)
-    by = nodes_by_name(gm)
+    by = _by_name(gm)
     env: dict[str, Any] = {in_node.name: x}
     for name in stage.nodes:
         node = by[name]
@@ -115,9 +145,9 @@ def _run_whole(gm: torch.fx.GraphModule, stage: Stage, x: torch.Tensor) -> Any:
 
 
 def _run_linear(gm: torch.fx.GraphModule, stage: Stage, out: Range, x: torch.Tensor) -> torch.Tensor:
-    by = nodes_by_name(gm)
+    by = _by_name(gm)
     first = by[stage.nodes[0]]
-    lin = gm.get_submodule(str(first.target))
+    lin = _module(gm, first)
     a, b = out
     y = F.linear(x, lin.weight[a:b], None if lin.bias is None else lin.bias[a:b])
     prev = first
@@ -143,7 +173,7 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
     red = node_reduce(node) or _no_reduce(node)
     if red.op != "linear":
         return t.sum(dim=(2, 3), keepdim=True)
-    weight = gm.get_submodule(str(node.target)).weight
+    weight = _module(gm, node).weight
     _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
     pool = reduce_pool(node)
     if rows == (0, h) and pool is None:  # the whole map: the layer itself
@@ -197,14 +227,14 @@ def finish_reduce(gm: torch.fx.GraphModule, node: torch.fx.Node, total: torch.Te
     """The reducing node's value from the total of the partial sums."""
     red = node_reduce(node) or _no_reduce(node)
     if red.op == "linear":
-        bias = gm.get_submodule(str(node.target)).bias
+        bias = _module(gm, node).bias
         return total if bias is None else total + bias
     v = total / red.count if red.op == "mean" else total
     return v if red.keepdim else v[:, :, 0, 0]
 
 
 def partial_shape(gm: torch.fx.GraphModule, r: Reduction) -> list[int]:
-    return reduce_partial_shape(nodes_by_name(gm)[r.node])
+    return reduce_partial_shape(_by_name(gm)[r.node])
 
 
 def _small_value(gm: torch.fx.GraphModule, node: torch.fx.Node, small: dict[str, Any]) -> Any:
@@ -224,11 +254,13 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
                      x: torch.Tensor) -> Program:
     in_node, outs = stage_io(gm, stage)
     (out_node,) = outs
-    by = nodes_by_name(gm)
-    nodes = [by[n] for n in stage.nodes]
+    by = _by_name(gm)
+    key = tuple(stage.nodes)
+    nodes = _memo(gm, "ew_exec_nodes", key, lambda: [by[n] for n in stage.nodes])
     reds = {r.node: (i, r) for i, r in enumerate(stage.reductions)}
     extra = {r.source: r.owned(device) for r in stage.reductions}
-    need = required_rows(gm, nodes, out_node, out, extra)
+    need = _memo(gm, "ew_exec_need", (key, tuple(out), tuple(sorted(extra.items()))),
+                 lambda: required_rows(gm, nodes, out_node, out, extra))
     want = need.get(in_node.name, EMPTY)
     if not is_empty(want) and not (in_rows[0] <= want[0] and want[1] <= in_rows[1]):
         raise ValueError(f"stage {stage.index}: input rows {in_rows} do not cover the needed {want}")
@@ -271,7 +303,7 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
         if kind == "window":
             (inp,) = tensor_inputs(node)
             w = node_window(gm, node)
-            mod = gm.get_submodule(str(node.target))
+            mod = _module(gm, node)
             lo, hi, pt, pb = window_in_rows(w, r[0], r[1], (node_shape(inp) or [0, 0, 0])[2])
             if inp.name in env:
                 held, off = env[inp.name]
@@ -302,11 +334,9 @@ def _dead_after(gm: torch.fx.GraphModule, stage: Stage, nodes: list[torch.fx.Nod
 
     Dropping them at once lets the allocator hand their memory, still in cache, to the next op;
     keeping every value of a long stage alive to its end made each op write into fresh memory
-    (up to 3x slower convolutions on the same shapes). Cached per graph and stage nodes.
+    (up to 3x slower convolutions on the same shapes).
     """
-    cache = gm.meta.setdefault("ew_dead_after", {})
-    key = tuple(stage.nodes)
-    if key not in cache:
+    def make() -> dict[int, list[str]]:
         sources = {r.node: r.source for r in stage.reductions}
         last: dict[str, int] = {}
         for step, node in enumerate(nodes):
@@ -318,8 +348,9 @@ def _dead_after(gm: torch.fx.GraphModule, stage: Stage, nodes: list[torch.fx.Nod
         for name, step in last.items():
             if name != out_node.name:
                 dead.setdefault(step, []).append(name)
-        cache[key] = dead
-    return cache[key]
+        return dead
+
+    return _memo(gm, "ew_exec_dead_after", tuple(stage.nodes), make)
 
 
 def _no_reduce(node: torch.fx.Node) -> Reduce:
@@ -329,7 +360,7 @@ def _no_reduce(node: torch.fx.Node) -> Reduce:
 def _reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
     """A ``reduce`` stage: partial sums of the held rows; the leader finishes the small nodes."""
     in_node, outs = stage_io(gm, stage)
-    by = nodes_by_name(gm)
+    by = _by_name(gm)
     reds = {r.node: (i, r) for i, r in enumerate(stage.reductions)}
     small: dict[str, Any] = {}
     for name in stage.nodes:
@@ -404,26 +435,22 @@ def writes_input(gm: torch.fx.GraphModule, stage: Stage) -> bool:
     device (a halo, rows the leader forwards). Most stages write only into tensors they made
     (``ReLU(inplace=True)`` after a convolution), so the copy is the exception, not a cost every
     stage pays on every frame (a memory-bound copy is slow on a board with a capped CPU).
-    Cached per graph and stage nodes.
     """
-    cache = gm.meta.setdefault("ew_writes_input", {})
-    key = tuple(stage.nodes)
-    if key not in cache:
+    def make() -> bool:
         in_node, _ = stage_io(gm, stage)
-        by = nodes_by_name(gm)
+        by = _by_name(gm)
         shared = {in_node.name}  # values that may share memory with the stage input
-        hit = False
         for name in stage.nodes:
             node = by[name]
             ins = tensor_inputs(node)
             first_shared = bool(ins) and ins[0].name in shared
             if first_shared and _in_place(gm, node):
-                hit = True
-                break
+                return True
             if first_shared and _aliases(gm, node):
                 shared.add(name)
-        cache[key] = hit
-    return cache[key]
+        return False
+
+    return _memo(gm, "ew_exec_writes_input", tuple(stage.nodes), make)
 
 
 def stage_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
