@@ -316,6 +316,18 @@ class _FlatHead(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+def _reduce_stages_of_every_plan(gm, x: torch.Tensor, ref: torch.Tensor):
+    """Every device count, partitioner, fusion and mode is exact; yields (plan, its reduce stage)
+    for the plans that spread the work."""
+    for k, part, fus, mode in itertools.product((1, 2, 3, 4), PARTITIONS, FUSIONS, MODES):
+        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
+        _check_reductions(plan)
+        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
+        if k > 1 and not plan.meta["leader_only"]:
+            (red,) = [s for s in plan.stages if s.kind == "reduce"]
+            yield plan, red
+
+
 @pytest.mark.parametrize("flatten", ["module", "method", "function"])
 def test_first_linear_on_a_flattened_map_is_reduced_from_the_strips(flatten: str) -> None:
     """``fc(flatten(x))`` is a sum over rows: partial products of the held rows, no gather."""
@@ -325,15 +337,10 @@ def test_first_linear_on_a_flattened_map_is_reduced_from_the_strips(flatten: str
     with torch.no_grad():
         ref = model(x)
     gm = capture(model, tuple(x.shape))
-    for k, part, fus, mode in itertools.product((1, 2, 3, 4), PARTITIONS, FUSIONS, MODES):
-        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
-        _check_reductions(plan)
-        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
-        if k > 1 and not plan.meta["leader_only"]:
-            (red,) = [s for s in plan.stages if s.kind == "reduce"]
-            assert red.nodes[:2] == ["flat" if flatten == "module" else "flatten", "fc1"], red.nodes
-            assert red.reductions[0].source == "same"  # the map, not the flattened vector
-            assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
+    for plan, red in _reduce_stages_of_every_plan(gm, x, ref):
+        assert red.nodes[:2] == ["flat" if flatten == "module" else "flatten", "fc1"], red.nodes
+        assert red.reductions[0].source == "same"  # the map, not the flattened vector
+        assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
     for split in (uneven, leader_idle):
         plan = make_plan(gm, hetero(3), partition=split, fusion="none", mode="exchange")
         assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, split.__name__
@@ -372,14 +379,9 @@ def test_a_pool_that_grows_the_map_is_folded_into_the_first_linear(size: tuple[i
     by = {n.name: n for n in gm.graph.nodes}
     pool = next(n for n in gm.graph.nodes if n.op != "placeholder" and n.args and n.args[0] is by["pool"])
     assert is_folded(pool) and reduce_pool(by["fc1"]) == size
-    for k, part, fus, mode in itertools.product((1, 2, 3, 4), PARTITIONS, FUSIONS, MODES):
-        plan = make_plan(gm, hetero(k), partition=part, fusion=fus, mode=mode)
-        _check_reductions(plan)
-        assert rel_err(simulate(gm, plan, x), ref) <= 1e-5, (k, part, fus, mode)
-        if k > 1 and not plan.meta["leader_only"]:
-            (red,) = [s for s in plan.stages if s.kind == "reduce"]
-            assert red.reductions[0].source == "pool"  # the 5x5 map the strips hold
-            assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
+    for plan, red in _reduce_stages_of_every_plan(gm, x, ref):
+        assert red.reductions[0].source == "pool"  # the 5x5 map the strips hold
+        assert not any(s.kind == "leader" and len(s.input_shape) == 4 for s in plan.stages)
 
 
 def test_a_pool_that_shrinks_the_map_is_not_folded() -> None:
@@ -401,6 +403,20 @@ def test_pool_matrix_is_adaptive_average_pooling(n_in: int, n_out: int) -> None:
     x = torch.randn(3, n_in, dtype=torch.float64)
     want = F.adaptive_avg_pool1d(x[:, None, :], n_out)[:, 0, :]
     assert torch.allclose(x @ pool_matrix(n_out, n_in).T, want, atol=1e-12)
+
+
+@given(h=st.integers(1, 7), w=st.integers(1, 7), oh=st.integers(1, 9), ow=st.integers(1, 9))
+@settings(max_examples=80, deadline=None)
+def test_a_weight_carried_back_through_the_pool_applies_to_the_map(h: int, w: int, oh: int, ow: int) -> None:
+    """``fc(flatten(adaptive_avg_pool2d(x)))`` equals the folded, rows-first weight applied to ``x``."""
+    from edgeweave.planning import execute
+
+    weight = torch.randn(5, 2 * oh * ow, dtype=torch.float64)
+    x = torch.randn(3, 2, h, w, dtype=torch.float64)
+    by_row = execute._rows_first(weight, 2, h, w, (oh, ow))
+    want = F.linear(F.adaptive_avg_pool2d(x, (oh, ow)).flatten(1), weight)
+    got = F.linear(x.permute(0, 2, 1, 3).reshape(3, -1), by_row)
+    assert torch.allclose(got, want, atol=1e-10)
 
 
 def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
