@@ -205,3 +205,37 @@ def test_a_stage_copies_its_input_only_when_it_may_write_into_it() -> None:
     assert torch.equal(x, keep) and torch.equal(y, keep.relu())
     y = run_stage(gm, stage(drop2, relu3, conv4), 0, x)
     assert torch.equal(x, keep) and torch.allclose(y, model[4](keep.relu()))
+
+
+@pytest.mark.parametrize("name,shape", [("resnet18", (1, 3, 64, 64)), ("compact_resnet18", (1, 3, 64, 64)),
+                                        ("small_cnn", (2, 1, 28, 28))])
+def test_a_device_computing_a_whole_stage_alone_runs_the_models_own_ops(name: str, shape: tuple[int, ...]) -> None:
+    """``whole_on``: on one device every spatial and leader stage runs the model's own ops (a
+    generated module), so its output equals the model's value there bit for bit, attention
+    squeezes included; strips of a split stage and reduce stages keep the strip interpreter."""
+    from edgeweave.planning.execute import run_stage, stage_io, whole_on
+
+    _, gm, x, ref = _setup(name, shape)
+    values: dict[str, torch.Tensor] = {}
+
+    class Keep(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        Keep(gm).run(x)
+    one = make_plan(gm, hetero(1), partition="optimal", fusion="auto", mode="exchange")
+    whole = 0
+    for stage in one.stages:
+        assert whole_on(stage, 0) == (stage.kind in ("spatial", "leader"))
+        if not whole_on(stage, 0):
+            continue
+        whole += 1
+        (in_node, (out_node,)) = stage_io(gm, stage)
+        y = run_stage(gm, stage, 0, values[in_node.name] if in_node.op != "placeholder" else x)
+        assert torch.equal(y, values[out_node.name]), (name, stage.index)
+    assert whole and rel_err(simulate(gm, one, x), ref) <= 1e-6
+    four = make_plan(gm, hetero(4), partition="equal", fusion="none", mode="exchange")
+    split = [s for s in four.stages if sum(not a.out_rows[1] <= a.out_rows[0] for a in s.assignments) > 1]
+    assert split and not any(whole_on(s, a.device) for s in split for a in s.assignments)

@@ -129,19 +129,58 @@ def _call(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs: di
     raise ValueError(f"cannot run node {node.name} ({node.op})")
 
 
-def _run_whole(gm: torch.fx.GraphModule, stage: Stage, x: torch.Tensor) -> Any:
+def whole_on(stage: Stage, device: int) -> bool:
+    """Whether ``device`` computes the whole stage alone: the leader's stages, and spatial stages
+    where its strip is the whole map, nobody else computes, and every row a reduction sums is its
+    own (one device, or a block the planner left on one device).
+
+    ``reduce`` stages keep their partial-sum path even then: with a pool folded into the Linear
+    after it (``graph.reduce_pool``) that reads a smaller weight than the model's own layers.
+    """
+    if stage.kind == "leader":
+        return device == 0
+    a = stage.assignment(device)
+    if stage.kind != "spatial" or a is None or len(stage.input_shape) != 4:
+        return False
+    if a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
+        return False
+    if any(b.device != device and not is_empty(b.out_rows) for b in stage.assignments):
+        return False
+    return all(d == device or is_empty(r) for red in stage.reductions for d, r in red.rows)
+
+
+def stage_module(gm: torch.fx.GraphModule, stage: Stage) -> torch.fx.GraphModule:
+    """The stage's nodes as one generated module, input to output(s), sharing ``gm``'s weights.
+
+    A device that computes a whole stage alone (``whole_on``) needs no rows, halos or partial
+    sums: it runs the model's own ops through torch.fx's generated code, as plain torch does,
+    instead of the strip interpreter's per-node Python (on a capped board that overhead made a
+    compact ResNet18 on one device ~20 % slower than the model itself).
+    """
+    return _memo(gm, "ew_exec_stage_module", tuple(stage.nodes), lambda: _stage_module(gm, stage))
+
+
+def _stage_module(gm: torch.fx.GraphModule, stage: Stage) -> torch.fx.GraphModule:
     in_node, outs = stage_io(gm, stage)
     by = _by_name(gm)
-    env: dict[str, Any] = {in_node.name: x}
+    g = torch.fx.Graph()
+    env: dict[str, torch.fx.Node] = {in_node.name: g.placeholder(in_node.name)}
+
+    def arg(n: torch.fx.Node) -> torch.fx.Node:
+        if n.name not in env:  # a parameter read by a function call, outside the stage's list
+            if n.op != "get_attr":
+                raise ValueError(f"stage {stage.index}: node {n.name} is neither in the stage nor a parameter")
+            env[n.name] = g.node_copy(n)
+        return env[n.name]
+
     for name in stage.nodes:
-        node = by[name]
-        args = torch.fx.node.map_arg(node.args, lambda n: env[n.name])
-        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-        env[name] = _call(gm, node, args, kwargs)
+        env[name] = g.node_copy(by[name], arg)
     if len(outs) == 1:
-        return env[outs[0].name]
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    return torch.fx.node.map_arg(out_node.args[0], lambda n: env[n.name])
+        g.output(env[outs[0].name])
+    else:  # a model returning a structure (multi-exit): the leader's last stage
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        g.output(torch.fx.node.map_arg(out_node.args[0], lambda n: env[n.name]))
+    return torch.fx.GraphModule(gm, g)
 
 
 def _run_linear(gm: torch.fx.GraphModule, stage: Stage, out: Range, x: torch.Tensor) -> torch.Tensor:
@@ -460,6 +499,8 @@ def stage_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.
     a = stage.assignment(device)
     if x is not None and writes_input(gm, stage):
         x = x.clone()
+    if x is not None and whole_on(stage, device):
+        return _whole(stage_module(gm, stage), x)
     if stage.kind == "reduce":
         return _reduce_program(gm, stage, device, x)
     if a is None or is_empty(a.out_rows):
@@ -471,14 +512,17 @@ def stage_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.
         raise ValueError(f"stage {stage.index}: only spatial and reduce stages have reductions")
 
     def plain() -> Program:
-        if stage.kind == "leader":
-            return _run_whole(gm, stage, x)
         if stage.kind == "linear":
             return _run_linear(gm, stage, a.out_rows, x)
         raise ValueError(f"unknown stage kind {stage.kind!r}")
         yield  # a generator that never yields
 
     return plain()
+
+
+def _whole(module: torch.fx.GraphModule, x: torch.Tensor) -> Program:
+    return module(x)
+    yield  # a generator that never yields: the device owns every reduction's rows
 
 
 def drive(program: Program, reduce_fn: ReduceFn | None, stage: Stage) -> Any:
