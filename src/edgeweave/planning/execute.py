@@ -27,6 +27,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from edgeweave.kernels import max_pool2d
 from edgeweave.planning.graph import (
     Reduce,
     Window,
@@ -174,7 +175,13 @@ def _stage_module(gm: torch.fx.GraphModule, stage: Stage) -> torch.fx.GraphModul
         return env[n.name]
 
     for name in stage.nodes:
-        env[name] = g.node_copy(by[name], arg)
+        node = by[name]
+        mod = _module(gm, node) if node.op == "call_module" else None
+        if isinstance(mod, torch.nn.MaxPool2d) and not mod.return_indices:  # the faster exact pool
+            args = (arg(node.args[0]), mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
+            env[name] = g.call_function(max_pool2d, args)
+        else:
+            env[name] = g.node_copy(node, arg)
     if len(outs) == 1:
         g.output(env[outs[0].name])
     else:  # a model returning a structure (multi-exit): the leader's last stage
@@ -586,8 +593,7 @@ def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int,
         pad = (pad_top, w.pad_w)
         if w.op == "conv":
             return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), pad, (w.d, mod.dilation[1]), mod.groups)
-        return F.max_pool2d(t, _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), pad,
-                            _pair(mod.dilation))
+        return max_pool2d(t, _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), pad, _pair(mod.dilation))
     if pad_top or pad_bottom:
         t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
     if w.op == "identity":
@@ -596,7 +602,7 @@ def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int,
         return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
     if w.op == "max":
         k, s, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.dilation)
-        return F.max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
+        return max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
     k, s = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
     return F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeweave.kernels import MaxPool2d
 from edgeweave.profiling.flops import conv_flops, conv_out, eltwise_flops, linear_flops, pool_flops
 from edgeweave.profiling.profile import DeviceProfile
 
@@ -44,8 +45,8 @@ KINDS = ("conv", "conv_strided", "conv1x1", "linear", "pool", "other")
 """Fitted kinds: spatial convolutions (K > 1) with stride 1 and with a larger stride (strided
 ones reuse less of each input row: measured ~25 % more seconds per FLOP, and one line over
 both over-predicted VGG's stride-1 layers by ~10 %), pointwise convolutions (no im2col reuse,
-memory-bound at small channel counts), linear layers, pooling (torch's max pooling costs far
-more per element than an activation), and elementwise ops (batch norm, activations, residual
+memory-bound at small channel counts), linear layers, pooling (``kernels.MaxPool2d``, the pool
+the devices run, which costs more per element than an activation), and elementwise ops (batch norm, activations, residual
 adds). The profile's top-level ``a, b`` is one line over all convolutions, the fallback for a
 kind the profile does not list."""
 
@@ -106,7 +107,7 @@ class Setting:
         if self.kind == "linear":
             return nn.Linear(self.cin, self.cout), torch.randn(1, self.cin)
         if self.kind == "pool":
-            return nn.MaxPool2d(self.k, self.stride), torch.randn(1, self.cin, self.h, self.w)
+            return MaxPool2d(self.k, self.stride), torch.randn(1, self.cin, self.h, self.w)  # the devices' pool
         return nn.Sequential(nn.BatchNorm2d(self.cin).eval(), nn.ReLU()), torch.randn(1, self.cin, self.h, self.w)
 
 
