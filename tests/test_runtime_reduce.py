@@ -44,10 +44,16 @@ def test_compact_small_cnn(cl, workers, fusion, mode, batch):
     assert not any(s.kind == "leader" and any(n.startswith("mean") for n in s.nodes) for s in plan.stages)
 
 
-@pytest.mark.parametrize("partition,mode", [("optimal", "exchange"), ("bodp", "gather"), (_leader_idle, "exchange")])
+def _one_follower(costs, total, capabilities=None):
+    """Every row on the first follower: it computes whole maps alone, the leader only sums."""
+    return [0, total] + [0] * (len(costs) - 2)
+
+
+@pytest.mark.parametrize("partition,mode", [("optimal", "exchange"), ("bodp", "gather"), (_leader_idle, "exchange"),
+                                            (_one_follower, "exchange")])
 def test_compact_cifar_resnet18_three_workers(cl, partition, mode):
     plan = check(cl, "compact_cifar_resnet18", 32, 3, partition=partition, fusion="auto", mode=mode, batch=2)
-    if partition is _leader_idle:
+    if partition in (_leader_idle, _one_follower):
         assert any(s.reductions and s.assignment(0).out_rows == (0, 0) for s in plan.stages)
 
 
