@@ -46,8 +46,8 @@ KINDS = ("conv", "conv_strided", "conv1x1", "linear", "pool", "other")
 ones reuse less of each input row: measured ~25 % more seconds per FLOP, and one line over
 both over-predicted VGG's stride-1 layers by ~10 %), pointwise convolutions (no im2col reuse,
 memory-bound at small channel counts), linear layers, pooling (``kernels.MaxPool2d``, the pool
-the devices run, which costs more per element than an activation), and elementwise ops (batch norm, activations, residual
-adds). The profile's top-level ``a, b`` is one line over all convolutions, the fallback for a
+the devices run, which costs more per element than an activation), and elementwise ops (batch
+norm, activations, residual adds). The profile's top-level ``a, b`` is one line over all convolutions, the fallback for a
 kind the profile does not list."""
 
 
