@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+def pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """A size argument as (height, width), as torch's pooling and convolution read it."""
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
@@ -41,8 +42,8 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
     """``F.max_pool2d`` (no indices), rows first then columns; ceil mode goes to torch."""
     if ceil_mode or x.dim() not in (3, 4):
         return F.max_pool2d(x, kernel_size, stride or kernel_size, padding, dilation, ceil_mode=ceil_mode)
-    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(stride or kernel_size)
-    (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
+    (kh, kw), (sh, sw) = pair(kernel_size), pair(stride or kernel_size)
+    (ph, pw), (dh, dw) = pair(padding), pair(dilation)
     h, w = x.shape[-2] + 2 * ph, x.shape[-1] + 2 * pw
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0 or 2 * ph > kh or 2 * pw > kw:

@@ -27,7 +27,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from edgeweave.kernels import max_pool2d
+from edgeweave.kernels import max_pool2d, pair
 from edgeweave.planning.graph import (
     Reduce,
     Window,
@@ -597,7 +597,7 @@ def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int,
         pad = (pad_top, w.pad_w)
         if w.op == "conv":
             return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), pad, (w.d, mod.dilation[1]), mod.groups)
-        return max_pool2d(t, _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), pad, _pair(mod.dilation))
+        return max_pool2d(t, pair(mod.kernel_size), pair(mod.stride or mod.kernel_size), pad, pair(mod.dilation))
     if pad_top or pad_bottom:
         t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
     if w.op == "identity":
@@ -605,14 +605,10 @@ def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int,
     if w.op == "conv":
         return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
     if w.op == "max":
-        k, s, d = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size), _pair(mod.dilation)
+        k, s, d = pair(mod.kernel_size), pair(mod.stride or mod.kernel_size), pair(mod.dilation)
         return max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
-    k, s = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
+    k, s = pair(mod.kernel_size), pair(mod.stride or mod.kernel_size)
     return F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 @torch.no_grad()
