@@ -116,16 +116,17 @@ def test_adaptive_stream_on_local_processes():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model("vgg11", num_classes=6, in_channels=1).eval()
-    spec = ModelSpec("vgg11", 6, 1, (64, 64), {})
+    spec = ModelSpec("vgg11", 6, 1, (96, 96), {})
     true_a = 2e-10
     # w1 is claimed 6x faster than it is: the first plan overloads it
     prof = Cluster([DeviceProfile("leader", a=true_a), DeviceProfile("w1", a=true_a / 6)])
     with LocalCluster(workers=1, profiles=prof, timeout_s=60) as cl:
         cl.load_model(model, spec)
-        gm = capture(model, (1, 1, 64, 64))
+        gm = capture(model, (1, 1, 96, 96))
         plan = make_plan(gm, prof, partition="optimal", fusion="auto", mode="exchange", model_hash=cl.model_hash)
         s = AdaptiveStream(cl, plan, prof, policy=AdaptPolicy(change=0.5, patience=2, min_gain=0.05))
-        x = torch.randn(1, 1, 64, 64)
+        first_share = s.pred_base[0] / s.pred_base[1]  # leader's planned compute over w1's
+        x = torch.randn(1, 1, 96, 96)
         ys, recs = [], []
         for _ in range(6):
             y, r = s.step(x)
@@ -138,7 +139,10 @@ def test_adaptive_stream_on_local_processes():
         assert all(len(r.compute_s) == 2 and r.compute_s[1] > 0 for r in recs)
         # relative to the leader, w1 is found several times slower than claimed (absolute factors
         # also absorb how fast this host is compared with the made-up profiles; the per-call
-        # overheads both devices share pull the ratio below the true 6: 2.6-3.4 measured)
+        # overheads both devices share pull the ratio below the true 6: 3.5-3.7 measured at 96 px;
+        # at 64 px, where those overheads weigh more, 2.5-3.1 locally and 1.7 once in CI)
         assert recs[-1].factors[1] / recs[-1].factors[0] > 2.0
+        # and the re-plan moved work from w1 to the leader
+        assert s.pred_base[0] / s.pred_base[1] > 2 * first_share
         assert 1 <= sum(r.event == "replanned" for r in recs) <= 2
         assert s.plan is not plan and s.version >= 1
