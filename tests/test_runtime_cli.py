@@ -47,9 +47,14 @@ def test_run_local_with_cluster_profiles_gather_batch_two(tmp_path: Path):
     cf.write_text(json.dumps(cluster))
     out = subprocess.run(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--workers", "2", "--cluster",
                                str(cf), "--partition", "ocbp", "--fusion", "pools", "--mode", "gather", "--batch", "2",
-                               "--repeat", "2", "--check", "--json"], capture_output=True, text=True, timeout=240)
+                               "--repeat", "2", "--check", "--json", "--timeline", str(tmp_path / "tl.png")],
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
+    assert (tmp_path / "tl.png").read_bytes()[:4] == b"\x89PNG" and res["timeline_png"] == str(tmp_path / "tl.png")
+    b = res["breakdown"]
+    assert b["compute_s"] > 0 and b["imbalance_s"] >= 0
+    assert abs(b["compute_s"] + b["imbalance_s"] + b["other_s"] - b["total_s"]) < 1e-9
     for key in ("latency_s", "rel_err", "max_abs_err", "max_abs_ref", "plan", "timings", "single_device_s"):
         assert key in res
     assert res["rel_err"] <= 1e-4 and res["max_abs_ref"] > 0

@@ -114,6 +114,16 @@ def test_hand_made_exchange_plan_is_exact(cluster, batch):
     # every device reports; device 2 computed in stages 0 and 1, not in the head
     dev2 = [s["devices"][2] for s in d["stages"]]
     assert dev2[0]["compute_s"] > 0 and dev2[1]["compute_s"] > 0 and dev2[2]["compute_s"] == 0
+    # the timeline: one clock on one host; per device, stages follow each other, compute begins
+    # once the stage has begun and ends within the inference as the leader timed it
+    assert dev2[2]["ready_s"] is None
+    for dev in range(3):
+        rows = [s["devices"][dev] for s in d["stages"]]
+        starts = [r["start_s"] for r in rows]
+        assert all(-0.5 < t < d["total_s"] for t in starts) and starts == sorted(starts)
+        for r in rows:
+            if r["ready_s"] is not None:
+                assert r["start_s"] <= r["ready_s"] and r["ready_s"] + r["compute_s"] <= d["total_s"] + 1e-3
 
 
 def test_hand_made_gather_plan_with_linear_split(cluster):

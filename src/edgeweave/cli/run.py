@@ -30,6 +30,8 @@ def run(
                                   "device's real speed from its step times and re-plan when a device turns out slower "
                                   "or faster than its profile (JSON: per-frame `frames`, `replans`)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take."),
+    timeline: Optional[Path] = typer.Option(None, "--timeline", help="Write a PNG timeline of the fastest inference: "
+                                            "per device, when each stage waited for its inputs and when it computed."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """One inference distributed over local worker processes or a cluster."""
@@ -37,8 +39,16 @@ def run(
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
                     adaptive=adaptive)
+    if timeline is not None and not timeline.parent.is_dir():
+        raise EdgeweaveError(f"--timeline: folder {timeline.parent} does not exist")
     res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)
     _print_result(res)
+    if timeline is not None:
+        from edgeweave.runtime.timeline import plot_timeline
+
+        title = f"{res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} ({res['mode']})"
+        res["timeline_png"] = plot_timeline(res["timings"], timeline, title)
+        console.print(f"timeline: {timeline}")
     emit_json(res, json_out)
 
 

@@ -95,6 +95,11 @@ class Holdings:
 class StageTiming:
     wall_s: float
     compute_s: float
+    # This device's clock (time.perf_counter) when the stage began and when its compute began
+    # (its inputs in hand; 0 when it computed nothing): what a timeline of the inference needs
+    # (runtime/timeline.py). Clocks are comparable only between processes of one host.
+    begin: float = 0.0
+    ready: float = 0.0
 
     @property
     def comm_s(self) -> float:
@@ -201,6 +206,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         out_shape = list(stage.output_shape)
         nxt = Holdings(split_axis(out_shape), out_shape)
         compute = 0.0
+        c_start = 0.0
         a = stage.assignment(device)
         if stage.reductions:
             # Exact global sums (plan.py): this device contributes its partial sums; the
@@ -211,7 +217,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             works = a is not None and not _empty(a.out_rows[1] - a.out_rows[0])
             if stage.kind == "reduce" and (holds or device == 0):
                 xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
-                c0 = time.perf_counter()
+                c0 = c_start = time.perf_counter()
                 with torch.no_grad():
                     y = run_stage(gm, stage, device, xin, reduce_fn=rfn)
                 compute = time.perf_counter() - c0 - waited[0]
@@ -226,7 +232,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             rfn, waited = None, [0.0]
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
-            c0 = time.perf_counter()
+            c0 = c_start = time.perf_counter()
             with torch.no_grad():
                 y = run_stage(gm, stage, device, xin) if rfn is None else run_stage(gm, stage, device, xin, reduce_fn=rfn)
             compute = time.perf_counter() - c0 - waited[0]
@@ -238,7 +244,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                 hold.drain(ch)
                 if ch is not None:
                     ch.flush_sends()
-                timings.append(StageTiming(time.perf_counter() - t0, compute))
+                timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start))
                 timings.append(StageTiming(0.0, 0.0))
                 return y, timings
             want = list(out_shape)
@@ -247,7 +253,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                 raise EdgeweaveError(f"stage {s} on device {device} produced shape {list(y.shape)}, plan says {want}")
             nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
         hold.drain(ch)
-        timings.append(StageTiming(time.perf_counter() - t0, compute))
+        timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start))
         hold = nxt
     t0 = time.perf_counter()
     n = len(plan.stages)
@@ -258,7 +264,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
     hold.drain(ch)
     if ch is not None:
         ch.flush_sends()
-    timings.append(StageTiming(time.perf_counter() - t0, 0.0))
+    timings.append(StageTiming(time.perf_counter() - t0, 0.0, t0))
     return out, timings
 
 

@@ -184,5 +184,5 @@ def _cmd_infer(ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
         raise EdgeweaveError(f"device {state.name!r} has no plan {pid}")
     plan, gm = state.plans[pid]
     _out, timings = execute_plan(plan, ch.rank, gm, None, ch, run_stage)
-    t = torch.tensor([[s.wall_s, s.compute_s] for s in timings], dtype=torch.float64)
+    t = torch.tensor([[s.wall_s, s.compute_s, s.begin, s.ready] for s in timings], dtype=torch.float64)
     ch.send(t, 0, TAG_TIMING, "timings")

@@ -52,19 +52,34 @@ class Follower:
 
 @dataclass
 class Timings:
-    """Measured times of one inference: per stage and device, wall and compute seconds."""
+    """Measured times of one inference: per stage and device, wall and compute seconds, and when
+    (``start_s``, ``ready_s``: seconds from the leader's start) each stage began and its compute began."""
 
     total_s: float
     names: list[str]
     per_device: list[list[StageTiming]]  # [device][stage]; the last entry is the final transfers
     stage_kinds: list[str] = field(default_factory=list)
 
+    def origins(self) -> list[float]:
+        """Per device, the clock value that becomes 0 in :meth:`to_dict`: the leader's start of
+        the inference. A follower whose clock is not the leader's (another machine: its stage 0
+        does not begin within the inference as the leader saw it) is put on its own start."""
+        lead = self.per_device[0][0].begin if self.per_device and self.per_device[0] else 0.0
+        out = []
+        for t in self.per_device:
+            own = t[0].begin if t else 0.0
+            out.append(lead if lead - 1.0 <= own <= lead + self.total_s + 1.0 else own)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         n = len(self.stage_kinds)
+        origin = self.origins()
         stages = []
         for s in range(n + 1):
             rows = [{"device": d, "name": self.names[d], "wall_s": t[s].wall_s, "compute_s": t[s].compute_s,
-                     "comm_s": t[s].comm_s} for d, t in enumerate(self.per_device) if s < len(t)]
+                     "comm_s": t[s].comm_s, "start_s": t[s].begin - origin[d] if t[s].begin else None,
+                     "ready_s": t[s].ready - origin[d] if t[s].ready else None}
+                    for d, t in enumerate(self.per_device) if s < len(t)]
             stages.append({"index": s if s < n else "final", "kind": self.stage_kinds[s] if s < n else "final_transfers",
                            "wall_s": max((r["wall_s"] for r in rows), default=0.0),
                            "compute_s": max((r["compute_s"] for r in rows), default=0.0), "devices": rows})
@@ -330,13 +345,13 @@ class Session:
         try:
             # timings are posted first so that they are in by the time the leader's part ends
             n = len(plan.stages) + 1
-            bufs = {r: torch.zeros(n, 2, dtype=torch.float64) for r in range(1, self.world)}
+            bufs = {r: torch.zeros(n, 4, dtype=torch.float64) for r in range(1, self.world)}
             posted = {r: ch.irecv(t, r, TAG_TIMING) for r, t in bufs.items()}
             y, mine = execute_plan(plan, 0, gm, x.detach().to(torch.float32), ch, run_stage)
             per_device = [mine]
             for r, t in bufs.items():
                 ch.wait(posted[r], r, "receiving timings")
-                per_device.append([StageTiming(float(a), float(b)) for a, b in t.tolist()])
+                per_device.append([StageTiming(*[float(v) for v in row]) for row in t.tolist()])
         except PeerError as e:
             self._fail(e)
             raise

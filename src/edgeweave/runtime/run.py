@@ -17,6 +17,7 @@ import torch
 from edgeweave.errors import EdgeweaveError
 from edgeweave.profiling.profile import Cluster
 from edgeweave.runtime.leader import LocalCluster, RemoteCluster, Session, Timings
+from edgeweave.runtime.timeline import breakdown
 
 PARTITIONS = ("equal", "bodp", "ocbp", "optimal")
 FUSIONS = ("none", "pools", "auto")
@@ -173,6 +174,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
         "latency_s": statistics.median(lats), "latencies_s": lats, "predicted_s": plan.predicted_s,
         "timings": timings.to_dict(), "plan": plan.to_dict(),
     }
+    result["breakdown"] = breakdown(result["timings"])
     if frames is not None:
         result["frames"] = frames
         result["replans"] = sum(f["event"] == "replanned" for f in frames)
@@ -224,4 +226,8 @@ def summary_line(res: dict[str, Any]) -> str:
             f"predicted {res['predicted_s']:.4f} s")
     if "rel_err" in res:
         line += f"; single device {res['single_device_s']:.4f} s; rel_err {res['rel_err']:.2e}"
+    b = res.get("breakdown")
+    if b:
+        line += (f"\nfastest inference {b['total_s']:.4f} s = compute {b['compute_s']:.4f} + imbalance "
+                 f"{b['imbalance_s']:.4f} + transfers/sync {b['other_s']:.4f} s")
     return line
