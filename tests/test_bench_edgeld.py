@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 
 import pytest
 
@@ -14,6 +15,7 @@ from edgeweave.bench.edgeld import (
     attach_speedups,
     build_runs,
     check_targets,
+    ratio_interval,
     rel_error,
     summarize,
     write_outputs,
@@ -98,6 +100,21 @@ def test_summary_keys_from_rows():
     assert t["optimal_never_slower_than_ocbp"]["met"] is False
 
 
+def test_gain_intervals_tell_noise_from_a_difference():
+    same = [0.50, 0.55, 0.48, 0.60, 0.52, 0.51, 0.58, 0.49, 0.53]
+    lo, hi = ratio_interval(same, list(reversed(same)))
+    assert lo < 0 < hi  # one configuration against itself: no difference can be claimed
+    lo, hi = ratio_interval([x * 1.3 for x in same], same)
+    assert 0.15 < lo <= 0.3 <= hi  # 30 % faster: the interval excludes 0 and holds the truth
+    assert ratio_interval(same, same) == ratio_interval(same, same)  # seeded: reproducible
+    rows = [_row("b_partition", partition=p, mode=m, het=True, lat=statistics.median(xs)) | {"latencies_s": xs}
+            for p, m, xs in (("ocbp", "gather", same), ("optimal", "gather", [x * 1.02 for x in same]),
+                             ("ocbp", "exchange", same), ("optimal", "exchange", [x * 1.3 for x in same]))]
+    s = summarize(rows, EdgeldConfig())
+    assert s["optimal_never_slower_than_ocbp"] is False  # the medians say "slower" in both modes
+    assert s["optimal_slower_than_ocbp_beyond_noise"] == ["auto/exchange"]  # only one beyond noise
+
+
 def test_speedups_use_the_phase_s_own_baseline_where_there_is_one():
     rows = [_row("a_followers", lat=0.5), _row("a_followers", lat=0.5), _row("d_size", lat=0.2)]
     rows[2]["size"] = 96
@@ -121,12 +138,22 @@ def test_missing_experiments_give_none_not_errors():
 
 def test_outputs_written(tmp_path):
     cfg = EdgeldConfig.quick_config()
-    rows = [_row("a_followers", k=k, lat=2.0 / k, pred=2.1 / k) for k in (1, 2, 4)]
+    rows = [_row("a_followers", k=k, lat=2.0 / k, pred=2.1 / k, size=112) for k in (1, 2, 4)]
     rows += [_row("b_partition", partition=p, het=True, lat=1.0 + i / 10) for i, p in enumerate(("equal", "bodp", "ocbp", "optimal"))]
     rows += [_row("c_fusion", fusion=f, lat=0.6 + i / 10) for i, f in enumerate(("none", "pools"))]
     rows += [_row("d_size", size=s, lat=s / 200) for s in (64, 112)]
     from dataclasses import asdict
 
+    from edgeweave.bench.edgeld import _timing_summary
+
+    # the headline row's fastest frame, as the leader reports it (two stages, leader + 4)
+    frame = {"total_s": 0.5, "stages": [
+        {"index": i, "kind": "spatial", "wall_s": 0.2, "compute_s": 0.2,
+         "devices": [{"device": d, "name": NAMES[d], "compute_s": 0.1 + 0.02 * d, "start_s": 0.25 * i,
+                      "ready_s": 0.25 * i + 0.01, "wall_s": 0.2, "comm_s": 0.1} for d in range(5)]} for i in range(2)]
+        + [{"index": "final", "kind": "final_transfers", "wall_s": 0.0, "compute_s": 0.0, "devices": []}]}
+    rows[2]["timings"] = _timing_summary(frame)
+    rows[2]["latencies_s"] = [0.5, 0.6]
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": {"1000mbit": 9.4e8},
                                  "message_latency": {"0.25": {"overhead_s": 4e-3, "work_ms": 4.0}},
@@ -150,6 +177,11 @@ def test_outputs_written(tmp_path):
     assert len(table) == len(rows) and float(table[0]["latency_s"]) == pytest.approx(2.0)
     md = (tmp_path / "report.md").read_text()
     assert "load average [0.5, 0.5, 0.5] before" in md and "| speedup_vgg16_4f_1000mbit |" in md
+    # where the headline frame's time went: mean compute 0.28 s (2 x 0.14), imbalance 2 x 0.04
+    b = data["summary"]["speedup_vgg16_4f_1000mbit_breakdown"]
+    assert b["compute_s"] == pytest.approx(0.28) and b["imbalance_s"] == pytest.approx(0.08)
+    assert "| vgg16@112 k=4 1000mbit auto/gather | 0.500 | 0.280 | 0.080 | 0.140 | 2 |" in md
+    assert (tmp_path / "timeline_1000mbit.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_planner_sees_measured_profiles_and_links():
