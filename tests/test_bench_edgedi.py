@@ -50,7 +50,7 @@ def synthetic_result(cfg):
             for k in cfg.devices:
                 rows.append({"model": key, "base": b, "variant": v, "devices": k, "caps": list(cfg.caps[:k]),
                              "rates": list(cfg.rates[:k]), "latency_s": single[v] / (0.8 * k), "predicted_s": single[v] / k,
-                             "prediction_error": 0.2, "rel_err": 1e-7})
+                             "prediction_error": 0.2, "rel_err": 1e-7, "latencies_s": [single[v] / (0.8 * k)] * 3})
     spec = [(0, "calibrate", .25, 1.3, "", 1), (0, "calibrate", .25, 1.0, "replanned", 1), (1, "steady", .25, 1.0, "", 1),
             (1, "steady", .25, 1.0, "kept", 1), (2, "low", .1, 2.0, "", 2.4), (2, "low", .1, 2.0, "replanned", 2.5),
             (2, "low", .1, 1.3, "", 2.5), (2, "low", .1, 1.2, "", 2.5), (3, "back", .25, 1.0, "", 1.0),
@@ -83,7 +83,14 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     r4 = E._row(res["rows"], "vgg16/original", 4)
     assert r4["bound"] == pytest.approx(1 + 1.5 + 1 + 1.5)  # two 0.25-core and two 0.375-core boards
     assert r4["speedup"] == pytest.approx(3.2) and r4["speedup_vs_bound"] == pytest.approx(3.2 / 5)
+    from edgeweave.runtime.timeline import frame_summary
+
+    r4["timings"] = frame_summary({"total_s": 0.4, "stages": [
+        {"index": 0, "kind": "spatial", "wall_s": 0.3, "compute_s": 0.3,
+         "devices": [{"device": d, "name": E.NAMES[d], "compute_s": 0.3 - 0.05 * d, "start_s": 0.0, "ready_s": 0.01}
+                     for d in range(4)]}]})
     s = E.summarize(res, cfg)
+    assert s["breakdown_4dev"]["compute_s"] == pytest.approx(0.225) and s["breakdown_4dev"]["imbalance_s"] == pytest.approx(0.075)
     assert s["compact_flops_ratio"] == pytest.approx(0.25)
     assert s["compact_speedup_4dev"] == pytest.approx(1.0 / (0.25 / 3.2))
     assert s["adapt_frames_to_recover_per_change"] == [3, 1]  # median of 3 frames within 10% from the 3rd frame on
@@ -93,11 +100,12 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     assert tg["speedup_vs_bound"]["met"] is False and tg["adapt_frames_to_recover"]["met"] is True
     res["summary"], res["targets"] = s, tg
     files = E.write_outputs(res, tmp_path)
-    for k in ("json", "csv", "report", "plot_adapt", "plot_speedup", "adapt_csv"):
+    for k in ("json", "csv", "report", "plot_adapt", "plot_speedup", "adapt_csv", "plot_timeline"):
         assert (tmp_path / files[k].split("/")[-1]).stat().st_size > 0
     back = json.loads((tmp_path / "edgedi.json").read_text())
     assert back["summary"]["adapt_frames_to_recover"] == 3
     assert "speedup_vs_bound" in (tmp_path / "report.md").read_text()
+    assert "= compute 0.225 s (the mean device's) + imbalance 0.075 s" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

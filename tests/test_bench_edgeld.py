@@ -144,7 +144,7 @@ def test_outputs_written(tmp_path):
     rows += [_row("d_size", size=s, lat=s / 200) for s in (64, 112)]
     from dataclasses import asdict
 
-    from edgeweave.bench.edgeld import _timing_summary
+    from edgeweave.runtime.timeline import frame_summary
 
     # the headline row's fastest frame, as the leader reports it (two stages, leader + 4)
     frame = {"total_s": 0.5, "stages": [
@@ -152,7 +152,7 @@ def test_outputs_written(tmp_path):
          "devices": [{"device": d, "name": NAMES[d], "compute_s": 0.1 + 0.02 * d, "start_s": 0.25 * i,
                       "ready_s": 0.25 * i + 0.01, "wall_s": 0.2, "comm_s": 0.1} for d in range(5)]} for i in range(2)]
         + [{"index": "final", "kind": "final_transfers", "wall_s": 0.0, "compute_s": 0.0, "devices": []}]}
-    rows[2]["timings"] = _timing_summary(frame)
+    rows[2]["timings"] = frame_summary(frame)
     rows[2]["latencies_s"] = [0.5, 0.6]
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": {"1000mbit": 9.4e8},

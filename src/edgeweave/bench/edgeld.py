@@ -270,6 +270,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
     from edgeweave.planning.planner import make_plan
+    from edgeweave.runtime.timeline import frame_summary
 
     ckpt, mhash = T.write_checkpoint(f"torchvision:{model}", work / f"{model}.safetensors", input_size=cfg.size)
     net, _spec, _ = load_checkpoint(ckpt)
@@ -340,7 +341,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                     "prediction_error": rel_error(plan.predicted_s, med),
                     "rel_err": rep["rel_err"], "max_abs_err": rep["max_abs_err"], "stages": len(plan.stages),
                     "stage_kinds": [s.kind for s in plan.stages], "plan_s": plan_s,
-                    "timings": _timing_summary(e["best"]),
+                    "timings": frame_summary(e["best"]),
                 }
                 if base_lats and r.size == cfg.size:
                     row["single_device_adjacent_s"] = statistics.median(base_lats)
@@ -349,19 +350,6 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                 console.print(f"  {model}@{r.size} k={r.k} {r.partition:8s} {r.fusion:5s} {r.mode:8s} "
                               f"{med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {rep['rel_err']:.1e})")
     return rows
-
-
-def _timing_summary(t: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The fastest repeat: per stage wall and max compute seconds (the rest is waiting/links), and
-    per device when the stage began, when its compute began and for how long (a timeline)."""
-    if not t:
-        return None
-    from edgeweave.runtime.timeline import breakdown
-
-    keep = ("device", "name", "compute_s", "start_s", "ready_s")
-    return {"total_s": t["total_s"], "breakdown": breakdown(t),
-            "stages": [{"index": s["index"], "kind": s["kind"], "wall_s": s["wall_s"], "compute_s": s["compute_s"],
-                        "devices": [{k: d.get(k) for k in keep} for d in s["devices"]]} for s in t["stages"]]}
 
 
 # ------------------------------------------------------------------------------------ summary

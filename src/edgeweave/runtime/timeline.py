@@ -47,6 +47,18 @@ def breakdown(timings: dict[str, Any]) -> dict[str, Any]:
             "other_s": total - compute - imbalance, "stages": len(stages), "compute_by_device_s": per_device}
 
 
+def frame_summary(timings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a benchmark keeps of one frame's timings: per stage the wall and slowest compute
+    seconds, per device when the stage began, when its compute began and for how long (enough
+    for :func:`plot_timeline`), and the :func:`breakdown`."""
+    if not timings:
+        return None
+    keep = ("device", "name", "compute_s", "start_s", "ready_s")
+    return {"total_s": timings["total_s"], "breakdown": breakdown(timings),
+            "stages": [{"index": s["index"], "kind": s["kind"], "wall_s": s["wall_s"], "compute_s": s["compute_s"],
+                        "devices": [{k: d.get(k) for k in keep} for d in s["devices"]]} for s in timings["stages"]]}
+
+
 def plot_timeline(timings: dict[str, Any], path: str | Path, title: str = "") -> str:
     """A Gantt chart of the inference: per device, grey while a stage waits for its inputs,
     coloured while it computes (alternating colours mark the stages). Returns the path."""
