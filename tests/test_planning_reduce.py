@@ -509,3 +509,49 @@ def test_adapt_charges_each_holder_its_share_of_a_linear_reduction() -> None:
     for d in range(3):
         assert works[d]["linear"][0] == pytest.approx(fc1 * (rows[d][1] - rows[d][0]) / 5)
     assert sum(w["linear"][0] for w in works) == pytest.approx(fc1)
+
+
+# What bench edgeld measured inside the testbed (run O): per CPU cap, the per-kind compute lines
+# (seconds per FLOP, per call) and the per-message latency.
+_MEASURED = {
+    0.125: ({"conv": [1.15e-10, 3.95e-4], "conv_strided": [1.57e-10, 3.76e-4], "conv1x1": [1.77e-10, 1.43e-4],
+             "linear": [1.31e-09, 5.06e-05], "pool": [5.58e-09, 2.75e-4], "other": [1.84e-09, 1.8e-4]}, 2.99e-3),
+    0.25: ({"conv": [5.49e-11, 2.6e-4], "conv_strided": [7.75e-11, 1.78e-4], "conv1x1": [8.81e-11, 6.39e-05],
+            "linear": [6.23e-10, 2.6e-05], "pool": [2.22e-09, 1.22e-4], "other": [6.87e-10, 6.39e-05]}, 1.25e-3),
+    0.5: ({"conv": [2.6e-11, 1.06e-4], "conv_strided": [3.49e-11, 8.27e-05], "conv1x1": [3.98e-11, 2.78e-05],
+           "linear": [2.82e-10, 1.32e-05], "pool": [1.05e-09, 5.49e-05], "other": [3.18e-10, 3.66e-05]}, 5.8e-4),
+}
+
+
+def _board(name: str, cpu: float, bw: float) -> DeviceProfile:
+    kinds, lat = _MEASURED[cpu]
+    return DeviceProfile(name, a=kinds["conv"][0], b=kinds["conv"][1], bandwidth_bps=bw, latency_s=lat, per_kind=kinds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_the_block_before_a_reduce_stage_is_split_knowing_the_reduce(mode: str) -> None:
+    """The rows a device ends the convolutions with are the rows of fc1 it multiplies. Priced as
+    a gather of the map (gather mode), the last pooling block went whole to the leader, which
+    then did all of fc1 alone (bench edgeld, heterogeneous cluster: 81 ms where the spread
+    reduce took 31)."""
+    import torchvision
+
+    from edgeweave.planning.cost import compute_s, node_flops
+    from edgeweave.planning.graph import nodes_by_name
+
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval()
+    x = torch.randn(1, 3, 224, 224)
+    gm = capture(model, tuple(x.shape))
+    cl = Cluster([_board("leader", 0.25, 9.4e8), _board("w1", 0.5, 9.4e8), _board("w2", 0.25, 9.4e7),
+                  _board("w3", 0.25, 9.4e7), _board("w4", 0.125, 4.8e7)])
+    plan = make_plan(gm, cl, partition="optimal", fusion="pools", mode=mode)
+    (red,) = [s for s in plan.stages if s.kind == "reduce"]
+    holders = [d for d, r in red.reductions[0].rows if not is_empty(r)]
+    assert len(holders) >= 3, red.reductions[0].rows
+    fc1_alone = compute_s(cl.devices[0], [("linear", node_flops(gm, nodes_by_name(gm)["classifier_0"]))])
+    # (with the map priced as gathered, gather mode left all 7 rows of it, and fc1, to the leader)
+    assert red.predicted_s < 0.6 * fc1_alone
+    with torch.no_grad():
+        assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-5

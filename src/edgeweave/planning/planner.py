@@ -34,7 +34,11 @@ every row is summed once), computes them besides its halo-extended strip, and co
 partial sum; the reduction costs one small message per device to the leader and one back. A
 ``reduce`` segment (a final global average pool, or VGG's first classifier layer on the flattened
 map) becomes a ``reduce`` stage: partial sums of the strips where they are, only ``[N, C, 1, 1]``
-(or the layer's ``[N, out]`` partial products) per device travels to the leader.
+(or the layer's ``[N, out]`` partial products) per device travels to the leader. The spatial
+block before it is split knowing that: a device's share of it is priced with the partial sums it
+will then compute over those rows (and one partial's trip to the leader) instead of a gather of
+the map; priced as a gather, gather mode gave the whole last block, and so all of VGG's fc1, to
+the leader of a cluster with slow links (bench edgeld, run O).
 """
 
 from __future__ import annotations
@@ -176,6 +180,9 @@ class _Planner:
         # Cost tables depend on the block and the devices, not on the partitioner: make_plan
         # shares them among the partitioners it tries on the same cluster.
         self._tables: dict[tuple, list[list[float]]] = tables if tables is not None else {}
+        # A spatial run's last value read by a ``reduce`` stage (name -> that block): the rows a
+        # device ends the run with are the rows it sums there, and nothing else leaves it.
+        self.feeds: dict[str, Block] = {}
 
     # ---- compute ------------------------------------------------------------------------
     def _work(self, nodes: Sequence[torch.fx.Node], need: dict[str, Range] | None) -> list[tuple[str, float]]:
@@ -248,6 +255,24 @@ class _Planner:
             moves += [(0, d, float(nb), True) for d in receivers if d != 0]
             t += schedule_transfers(moves, self.devices)[1]
         return t
+
+    def reduce_cost_fns(self, block: Block) -> list[Callable[[int], float]] | None:
+        """Per device, the seconds of the reduce stage ``block``'s output feeds, for ``n`` rows
+        held there: partial sums over the rows, and the partials' trip to the leader."""
+        red = self.feeds.get(block.output.name) if block.output is not None else None
+        if red is None:
+            return None
+        h = max(rows_of(block.out_shape), 1)
+        reds = _reducers(red.nodes)
+        nbytes = sum(math.prod(reduce_partial_shape(n)) * DTYPE_BYTES for n, _ in reds)
+        lead = self.devices[0]
+
+        def fn(d: int) -> Callable[[int], float]:
+            dev = self.devices[d]
+            send = 0.0 if d == 0 else nbytes * 8.0 / min(dev.bandwidth_bps, lead.bandwidth_bps) + dev.latency_s + lead.latency_s
+            return lambda n: compute_s(dev, [partial_work(self.gm, r, n, h) for r, _ in reds]) + send if n > 0 else 0.0
+
+        return [fn(d) for d in range(self.k)]
 
     def _linear_work(self, block: Block, n: int) -> list[tuple[str, float]]:
         out_rows = max(rows_of(block.out_shape), 1)
@@ -429,6 +454,8 @@ class _Planner:
             works = [{k: (f * n / total, c) for k, (f, c) in whole.items()} if n else {} for n in range(total + 1)]
             in_counts = [in_total if n else 0 for n in range(total + 1)]
         lead = self.devices[0]
+        # the reduce stage this block feeds, if any: its output stays where it is computed
+        reduce_fns = self.reduce_cost_fns(block) if block.kind == "spatial" and last_in_run else None
         tables = []
         for d, dev in enumerate(self.devices):
             bw = min(dev.bandwidth_bps, lead.bandwidth_bps)
@@ -443,7 +470,9 @@ class _Planner:
                 else:
                     own = round(n * in_total / max(total, 1))
                     comm_bytes += max(0, in_counts[n] - own) * rb_in
-                if d != 0 and (block.kind == "linear" or self.mode == "gather" or last_in_run):
+                if reduce_fns is not None:
+                    t += reduce_fns[d](n)
+                elif d != 0 and (block.kind == "linear" or self.mode == "gather" or last_in_run):
                     comm_bytes += n * rb_out
                 if comm_bytes > 0:
                     t += comm_bytes * 8.0 / bw + lat
@@ -502,7 +531,10 @@ class _Planner:
                     holders.append((d, lo, hi))
         stage, out_holders = self.build(block, counts, holders, 0)
         t = stage.predicted_s
-        if self.mode == "gather" or last_in_run:
+        reduce_fns = self.reduce_cost_fns(block) if last_in_run else None
+        if reduce_fns is not None:  # the next stage sums the strips where they are
+            t += max((reduce_fns[d](hi - lo) for d, lo, hi in out_holders), default=0.0)
+        elif self.mode == "gather" or last_in_run:
             t += self.gather_time(out_holders, row_bytes(block.out_shape))
         return t
 
@@ -581,6 +613,8 @@ def _make_plan(
             while j < len(segs) and segs[j].kind == "spatial":
                 j += 1
             run = segs[i:j]
+            if j < len(segs) and is_reduce_segment(segs[j]) and run[-1].output is not None:
+                pl.feeds[run[-1].output.name] = _merge([segs[j]], "reduce")
             ref = pl.run_split(run) if mode == "exchange" and pl.k > 1 else None
             cache: dict[tuple[int, int], float] = {}
 
