@@ -275,16 +275,20 @@ def test_start_workers_runs_inside_each_follower(tb, tmp_path):
 
 
 def test_refuses_a_subnet_the_host_already_routes():
-    host_net = next((line.split()[0] for line in subprocess.run(["ip", "-o", "-4", "route", "show"], capture_output=True, text=True).stdout.splitlines()
-                     if line.split() and line.split()[0] != "default" and "/" in line.split()[0] and not line.split()[0].startswith("127.")), None)
-    if host_net is None:
-        pytest.skip("host has no non-default IPv4 route to collide with")
-    import ipaddress
-
-    if not ipaddress.ip_network(host_net).is_private:
-        pytest.skip("host route is not private (a spec may only name private subnets)")
+    """A private subnet the host routes (made here, on a veth pair of our own, so that the check
+    does not depend on what this host happens to route) is refused before anything is built."""
     from edgeweave.errors import EdgeweaveError
 
-    with pytest.raises(EdgeweaveError, match="overlaps"):
-        Testbed.up({"prefix": "ewv-", "subnet": host_net, "devices": [{"name": "a"}]})
+    subnet = "10.251.7.0/24"
+    subprocess.run(["ip", "link", "add", "ewr-r0", "type", "veth", "peer", "name", "ewr-r1"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.251.7.1/24", "dev", "ewr-r0"], check=True)
+        for dev in ("ewr-r0", "ewr-r1"):
+            subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        routes = subprocess.run(["ip", "-o", "-4", "route", "show"], capture_output=True, text=True).stdout
+        assert subnet in routes
+        with pytest.raises(EdgeweaveError, match="overlaps"):
+            Testbed.up({"prefix": "ewv-", "subnet": subnet, "devices": [{"name": "a"}]})
+    finally:
+        subprocess.run(["ip", "link", "del", "ewr-r0"], capture_output=True)
     assert _empty("ewv-") == {}
