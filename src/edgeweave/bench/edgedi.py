@@ -286,10 +286,7 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
             bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
         for _ in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
             for e in live:
-                res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
-                if not e["lats"] or res["latencies_s"][0] <= min(e["lats"]):
-                    e["best"] = res["timings"]
-                e["lats"] += res["latencies_s"]
+                T.timed_frame(bc, e)
         for e in live:
             med = statistics.median(e["lats"])
             plan = e["plan"]

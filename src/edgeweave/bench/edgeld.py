@@ -289,6 +289,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
         for r in runs:
             phases.setdefault(r.phase, []).append(r)
         for (caps, rates), prs in phases.items():
+            hetero = len(set(caps)) > 1 or len(set(rates)) > 1
             _apply_phase(tb, caps, rates)
             console.print(f"phase caps {list(caps)} links {list(rates)}: {len(prs)} configurations")
             live = []
@@ -308,7 +309,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             # cap while the cluster idles), so that the ratio compares latencies measured
             # minutes apart at most (the start/end baselines of one run differed by up to 20 %).
             # It runs in a process kept warm through the phase, as the cluster's are.
-            adjacent = model == cfg.models[-1] and len(set(caps)) == 1 and any(r.size == cfg.size for r in prs)
+            adjacent = model == cfg.models[-1] and not hetero and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
             with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
                   else contextlib.nullcontext()) as solo:
@@ -316,13 +317,9 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                 # (and after the baseline process started) ran up to 1.8x slower (run L).
                 for e in live:
                     bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
-                hetero = len(set(caps)) > 1 or len(set(rates)) > 1
                 for _ in range(cfg.hetero_repeat if hetero else cfg.repeat):
                     for e in live:
-                        res = bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
-                        if not e["lats"] or res["latencies_s"][0] <= min(e["lats"]):
-                            e["best"] = res["timings"]
-                        e["lats"].extend(res["latencies_s"])
+                        T.timed_frame(bc, e)
                     if solo is not None:
                         base_lats.append(solo.time_once())
             if base_lats:
@@ -335,7 +332,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                     "experiments": r.experiments, "model": model, "size": r.size, "followers": r.k,
                     "devices": list(NAMES[: r.k + 1]), "partition": r.partition, "fusion": r.fusion, "mode": r.mode,
                     "caps": list(caps[: r.k + 1]), "rates": list(rates[: r.k + 1]),
-                    "heterogeneous": len(set(caps)) > 1 or len(set(rates)) > 1,
+                    "heterogeneous": hetero,
                     "link": rates[1] if len(set(rates)) == 1 else "mixed",
                     "latency_s": med, "latencies_s": lats, "predicted_s": plan.predicted_s,
                     "prediction_error": rel_error(plan.predicted_s, med),
@@ -364,19 +361,14 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
     main = cfg.models[-1]
     k_max = max(cfg.followers)
-    s: dict[str, Any] = {"main_model": main, "main_size": cfg.size, "headline": {"followers": k_max, "modes": {}}}
-
-    def homo(**kw: Any) -> list[dict[str, Any]]:
-        return [r for r in _pick(rows, **kw) if not r["heterogeneous"]]
-
+    s: dict[str, Any] = {"main_model": main, "main_size": cfg.size}
+    headline = _headline(rows, asdict(cfg))
     for rate in cfg.rates:
-        cand = homo(model=main, size=cfg.size, followers=k_max, link=rate, partition="optimal", fusion="auto")
-        b = _best(cand)
+        b = headline.get(rate)
         key = f"speedup_{main}_{k_max}f_{rate}" if (main, k_max) != ("vgg16", 4) else f"speedup_vgg16_4f_{rate}"
         s[key] = b["speedup"] if b else None
         s[f"{key}_startend"] = b.get("speedup_startend") if b else None  # over the run's start/end baseline
         s[f"{key}_mode"] = b["mode"] if b else None
-        s["headline"]["modes"][rate] = b["mode"] if b else None
         s[f"{key}_latency_s"] = b["latency_s"] if b else None
         # where the time of that configuration's fastest frame went (runtime/timeline.py)
         s[f"{key}_breakdown"] = (b.get("timings") or {}).get("breakdown") if b else None
@@ -552,7 +544,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     # where the time goes: the headline configurations' fastest frames, per device
     from edgeweave.runtime.timeline import plot_timeline
 
-    for r in _headline_rows(rows, result["summary"]):
+    for r in _headline(rows, result["config"]).values():
         if (r.get("timings") or {}).get("stages") and r["timings"]["stages"][0].get("devices"):
             key = f"plot_timeline_{r['link']}"
             title = (f"{r['model']} at {r['size']} on leader + {r['followers']} followers, {r['link']}, "
@@ -561,12 +553,16 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     return files
 
 
-def _headline_rows(rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows behind the summary's speedup keys (``summary["headline"]``: link -> mode)."""
-    h = summary.get("headline", {})
-    return [r for r in rows if not r["heterogeneous"] and "a_followers" in r["experiments"]
-            and r["model"] == summary.get("main_model") and r["size"] == summary.get("main_size")
-            and r["followers"] == h.get("followers") and h.get("modes", {}).get(r["link"]) == r["mode"]]
+def _headline(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per link, the row behind the summary's speedup key: the main model at its size on the most
+    followers, optimal + auto, the faster mode (``cfg``: the configuration as a dict)."""
+    out = {}
+    for rate in cfg["rates"]:
+        b = _best([r for r in _pick(rows, model=cfg["models"][-1], size=cfg["size"], followers=max(cfg["followers"]),
+                                    link=rate, partition="optimal", fusion="auto") if not r["heterogeneous"]])
+        if b:
+            out[rate] = b
+    return out
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -635,7 +631,7 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
           "seconds (the work, spread perfectly evenly); imbalance = per stage, the slowest device's compute over the "
           "mean one's; the rest = transfers, waits at stage boundaries, the leader's bookkeeping.", "",
           "| configuration | frame s | compute s | imbalance s | transfers/sync s | stages |", "|---|---|---|---|---|---|"]
-    shown = _headline_rows(result["rows"], s)
+    shown = list(_headline(result["rows"], cfg).values())
     shown += [r for r in result["rows"] if "c_fusion" in r["experiments"] and all(r is not x for x in shown)]
     for row in shown:
         b = (row.get("timings") or {}).get("breakdown")

@@ -329,6 +329,15 @@ class SingleDevice:
 
 
 # ------------------------------------------------------------------------------------ cluster
+def timed_frame(bc: "BenchCluster", entry: dict[str, Any]) -> None:
+    """One timed inference of ``entry``'s loaded plan (``entry["rep"]["plan_id"]``): its latency
+    goes to ``entry["lats"]``, and its timings to ``entry["best"]`` while it is the fastest."""
+    res = bc.call({"op": "infer", "plan_id": entry["rep"]["plan_id"], "repeat": 1})
+    if not entry["lats"] or res["latencies_s"][0] <= min(entry["lats"]):
+        entry["best"] = res["timings"]
+    entry["lats"].extend(res["latencies_s"])
+
+
 @dataclass
 class DriverReply:
     data: dict[str, Any]

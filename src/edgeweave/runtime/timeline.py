@@ -33,13 +33,12 @@ def breakdown(timings: dict[str, Any]) -> dict[str, Any]:
     per_device = [0.0] * k
     imbalance = 0.0
     for s in stages:
-        cs = [d["compute_s"] for d in s["devices"] if d.get("ready_s") is not None]
-        if not cs:
-            continue
-        for d in s["devices"]:
-            if d.get("ready_s") is not None:
-                per_device[d["device"]] += d["compute_s"]
-        imbalance += max(cs) - sum(cs) / len(cs)
+        working = [d for d in s["devices"] if d.get("ready_s") is not None]  # devices that computed
+        for d in working:
+            per_device[d["device"]] += d["compute_s"]
+        if working:
+            cs = [d["compute_s"] for d in working]
+            imbalance += max(cs) - sum(cs) / len(cs)
     used = [c for c in per_device if c > 0]
     compute = sum(used) / len(used) if used else 0.0
     total = float(timings["total_s"])
