@@ -98,8 +98,9 @@ def test_probes_used_by_the_planner_and_the_baseline(tb):
 
 def test_warm_single_device_and_per_cap_latencies(tb):
     """The warm baseline process times one inference per request inside the device's cgroup
-    (its CPU use shows there); the per-cap probe measures each cap and gives the caps back."""
-    from edgeweave.bench.tbcluster import SingleDevice, message_latencies
+    (its CPU use shows there); the per-cap probe measures each cap (synchronisation and CPU per
+    byte moved) and gives the caps back."""
+    from edgeweave.bench.tbcluster import SingleDevice, byte_costs, message_latencies
 
     with SingleDevice(tb, "w1", "mobilenet_v3_small", 64, timeout_s=180) as solo:
         u0 = tb.cpu_usage_s("w1")
@@ -111,4 +112,9 @@ def test_warm_single_device_and_per_cap_latencies(tb):
     lat, probes = message_latencies(tb, "leader", "w1", [0.5, 0.25], restore=(0.25, 0.25))
     assert set(lat) == {0.25, 0.5} and set(probes) == {"0.25", "0.5"}
     assert all(0.0 <= v < 0.1 for v in lat.values()), lat
+    # CPU per byte moved, in the device's own time: positive, below 100 ms per MB, and
+    # costlier at the smaller cap (measured 4.6-5.0 ms/MB at 0.25 core, 2.3-2.8 at 0.5)
+    byte_s = byte_costs(probes)
+    assert set(byte_s) == {0.25, 0.5} and all(0.0 < v < 1e-7 for v in byte_s.values()), byte_s
+    assert byte_s[0.25] > 1.2 * byte_s[0.5], byte_s
     assert tb.cpu_cap("leader") == pytest.approx(0.25) and tb.cpu_cap("w1") == pytest.approx(0.25)

@@ -128,10 +128,11 @@ def _small_graph():
     b=st.sampled_from([0.0, 1e-3]),
     mode=st.sampled_from(["gather", "exchange"]),
     fusion=st.sampled_from(["none", "pools", "auto"]),
+    byte_s=st.sampled_from([0.0, 2e-8]),
 )
-def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b, mode, fusion) -> None:
+def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b, mode, fusion, byte_s) -> None:
     gm = _small_graph()
-    cluster = Cluster([DeviceProfile(f"d{i}", a=1e-9 * s, b=b, bandwidth_bps=bw, latency_s=1e-4)
+    cluster = Cluster([DeviceProfile(f"d{i}", a=1e-9 * s, b=b, bandwidth_bps=bw, latency_s=1e-4, byte_s=byte_s)
                        for i, s in enumerate(speeds)])
     plans = {p: make_plan(gm, cluster, partition=p, fusion=fusion, mode=mode) for p in PARTITIONERS}
     for name, plan in plans.items():

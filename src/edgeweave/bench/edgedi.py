@@ -201,7 +201,9 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
         lat_caps = sorted(set(cfg.caps) | {cfg.adapt_caps[0]})
         latencies, sync = (T.message_latencies(tb, NAMES[0], NAMES[1], lat_caps, restore=cfg.caps[:2])
                            if cfg.model_latency else ({}, {}))
-        console.print("per-message latency (planner): " + ", ".join(f"{c:g} core {1e3 * v:.2f} ms" for c, v in latencies.items()))
+        byte_s = T.byte_costs(sync)
+        console.print("per-message latency (planner): " + ", ".join(f"{c:g} core {1e3 * v:.2f} ms" for c, v in latencies.items())
+                      + "; CPU per MB moved: " + ", ".join(f"{c:g} core {1e9 * v:.1f} ms" for c, v in byte_s.items()))
         for base in cfg.models:
             for variant in cfg.variants:
                 key = f"{base}/{variant}"
@@ -212,7 +214,7 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
                 console.print(f"{key}: {size['flops'] / 1e9:.2f} GFLOPs, {size['params'] / 1e6:.2f} M params, single "
                               + ", ".join(f"{d} {v['median_s']:.3f} s" for d, v in single.items()))
                 with_adapt = cfg.adapt_model == base and variant == "original"
-                r, a = _run_model(tb, cfg, key, ckpt, mhash, profiles, goodput, latencies, work, T, with_adapt)
+                r, a = _run_model(tb, cfg, key, ckpt, mhash, profiles, goodput, latencies, byte_s, work, T, with_adapt)
                 rows += r
                 if a:
                     adapt = a
@@ -223,7 +225,8 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
     result = {
         "config": asdict(cfg) | {"device_names": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": cfg.prefix,
                                  "message_latency": sync,
-                                 "planner_latency_s": {f"{c:g}": v for c, v in latencies.items()}},
+                                 "planner_latency_s": {f"{c:g}": v for c, v in latencies.items()},
+                                 "planner_byte_s": {f"{c:g}": v for c, v in byte_s.items()}},
         "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
                                 "fits": p["fits"]} for c, p in profiles.items()},
         "models": models,
@@ -250,7 +253,7 @@ def _distinct_caps(cfg: EdgediConfig) -> list[int]:
 
 
 def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, profiles: dict, goodput: dict,
-               latencies: dict[float, float], work: Path, T: Any, with_adapt: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               latencies: dict[float, float], byte_s: dict[float, float], work: Path, T: Any, with_adapt: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
     from edgeweave.planning.planner import make_plan
@@ -262,7 +265,7 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
     for n, c, r in zip(NAMES, cfg.caps, cfg.rates):
         tb.set_cpu(n, c)
         tb.set_bandwidth(n, r)
-    nominal = T.planner_cluster(NAMES, cfg.caps, cfg.rates, profiles, goodput, latencies)
+    nominal = T.planner_cluster(NAMES, cfg.caps, cfg.rates, profiles, goodput, latencies, byte_s)
     tag = key.replace("/", "-")
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -273,7 +276,7 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
         console.print(f"  cluster up in {time.perf_counter() - t0:.1f} s")
         live = []
         for k in cfg.devices:
-            cl = T.planner_cluster(NAMES[:k], cfg.caps[:k], cfg.rates[:k], profiles, goodput, latencies)
+            cl = T.planner_cluster(NAMES[:k], cfg.caps[:k], cfg.rates[:k], profiles, goodput, latencies, byte_s)
             t1 = time.perf_counter()
             plan = make_plan(gm, cl, partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode, model_name=key, model_hash=mhash)
             plan_s = time.perf_counter() - t1
@@ -298,12 +301,12 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                          "leader_only": plan.meta.get("leader_only"), "plan_s": e["plan_s"],
                          "timings": frame_summary(e["best"])})
             console.print(f"  {key} k={e['k']}: {med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {e['rep']['rel_err']:.1e})")
-        adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latencies, work, T) if with_adapt else {}
+        adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latencies, byte_s, work, T) if with_adapt else {}
     return rows, adapt
 
 
 def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, profiles: dict, goodput: dict,
-           latencies: dict[float, float], work: Path, T: Any) -> dict[str, Any]:
+           latencies: dict[float, float], byte_s: dict[float, float], work: Path, T: Any) -> dict[str, Any]:
     """The stream with a cap change and back (see module doc).
 
     Phases: ``calibrate`` (the leader learns how far the profiles are from the real speeds; a
@@ -321,7 +324,7 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
     caps_nom = list(cfg.caps)
     caps_nom[i] = hi
     tb.set_cpu(dev, hi)
-    nominal = T.planner_cluster(NAMES, caps_nom, cfg.rates, profiles, goodput, latencies)
+    nominal = T.planner_cluster(NAMES, caps_nom, cfg.rates, profiles, goodput, latencies, byte_s)
     kw = dict(partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode, model_name=key, model_hash=mhash)
     p_nom = make_plan(gm, nominal, **kw)
     d = work / "adapt"

@@ -87,7 +87,7 @@ class EdgeldConfig:
     baseline_repeat: int = 3
     profile_quick: bool = False
     nice: int = -10  # scheduling priority of every benchmark process (root): the boards are dedicated, the host is shared
-    model_latency: bool = True  # give the planner the measured per-message latency between busy capped devices
+    model_latency: bool = True  # give the planner the measured per-message latency and per-byte CPU of busy capped devices
     quick: bool = False
     timeout_s: float = 600.0
 
@@ -197,12 +197,14 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
         latencies, sync = (T.message_latencies(tb, NAMES[0], NAMES[1], caps, restore=(cfg.cpu, cfg.cpu))
                            if cfg.model_latency else ({}, {}))
+        byte_s = T.byte_costs(sync)
         for c, v in latencies.items():
             console.print(f"synchronisation cost between busy {c:g}-core devices: {1e3 * sync[f'{c:g}']['overhead_s']:.2f} ms "
-                          f"(planner: latency {1e3 * v:.2f} ms per device and message)")
+                          f"(planner: latency {1e3 * v:.2f} ms per device and message, "
+                          f"{1e9 * byte_s.get(c, 0.0):.1f} ms of CPU per MB moved)")
         baselines = _baselines(tb, cfg, T, "start")
         for model in cfg.models:
-            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latencies, work, T)
+            rows += _run_model(tb, cfg, model, [r for r in runs if r.model == model], profiles, goodput, latencies, byte_s, work, T)
         after = _baselines(tb, cfg, T, "end")
         for k, v in after.items():
             baselines[k]["times_s"] += v["times_s"]
@@ -216,7 +218,8 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": goodput, "testbed_prefix": T.BENCH_PREFIX,
                                  "message_latency": sync,
-                                 "planner_latency_s": {f"{c:g}": v for c, v in latencies.items()}},
+                                 "planner_latency_s": {f"{c:g}": v for c, v in latencies.items()},
+                                 "planner_byte_s": {f"{c:g}": v for c, v in byte_s.items()}},
         "profiles": {f"{c:g}": {"a": p["profile"]["a"], "b": p["profile"]["b"], "per_kind": p["profile"]["per_kind"],
                                 "fits": p["fits"], "settings": p["settings"], "seconds": p["seconds"]} for c, p in profiles.items()},
         "baselines": baselines,
@@ -265,7 +268,7 @@ def _apply_phase(tb: Any, caps: tuple[float, ...], rates: tuple[str, ...]) -> No
 
 
 def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], profiles: dict, goodput: dict,
-               latencies: dict[float, float], work: Path, T: Any) -> list[dict[str, Any]]:
+               latencies: dict[float, float], byte_s: dict[float, float], work: Path, T: Any) -> list[dict[str, Any]]:
     """One cluster holding ``model``; every run of it, phase by phase, repeats round-robin."""
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
@@ -278,7 +281,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
     graphs = {s: capture(net, (1, 3, s, s)) for s in sorted({r.size for r in runs})}
     rows: list[dict[str, Any]] = []
     _apply_phase(tb, tuple([cfg.cpu] * len(NAMES)), tuple([cfg.rates[0]] * len(NAMES)))
-    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput, latencies)
+    nominal = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rates[0]] * len(NAMES), profiles, goodput, latencies, byte_s)
     console.print(f"starting the cluster for {model} (leader + {len(NAMES) - 1} followers, weights from {ckpt})...")
     t0 = time.perf_counter()
     with T.BenchCluster(tb, ckpt, nominal, work / f"cluster-{model}", timeout_s=cfg.timeout_s) as bc:
@@ -294,7 +297,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             console.print(f"phase caps {list(caps)} links {list(rates)}: {len(prs)} configurations")
             live = []
             for r in prs:
-                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput, latencies)
+                cl = T.planner_cluster(NAMES[: r.k + 1], caps[: r.k + 1], rates[: r.k + 1], profiles, goodput, latencies, byte_s)
                 t1 = time.perf_counter()
                 plan = make_plan(graphs[r.size], cl, partition=r.partition, fusion=r.fusion, mode=r.mode,
                                  model_name=f"torchvision:{model}", model_hash=mhash)

@@ -136,15 +136,17 @@ def measure_rates(tb: Testbed, rates: Sequence[str], seconds: float = 1.0) -> di
 
 def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence[str],
                     profiles: dict[float, dict[str, Any]], goodput: dict[str, float],
-                    latencies: Mapping[float, float] | None = None) -> Cluster:
+                    latencies: Mapping[float, float] | None = None,
+                    byte_s: Mapping[float, float] | None = None) -> Cluster:
     """Device profiles for the planner: each device's measured compute line at its cap, its
-    link's measured goodput and the per-message latency measured at its cap (``latencies``,
-    see :func:`message_latencies`; none: 0)."""
+    link's measured goodput, and the per-message latency and per-byte CPU time measured at its
+    cap (``latencies``, ``byte_s``, see :func:`message_latencies`; none: 0)."""
     devs = []
     for n, c, r in zip(names, caps, rates):
         p = dict(profiles[float(c)]["profile"])
         lat = (latencies or {}).get(float(c), 0.0)
-        p.update(name=n, bandwidth_bps=goodput[r], latency_s=lat, meta={"cpu": c, "rate": r})
+        p.update(name=n, bandwidth_bps=goodput[r], latency_s=lat, byte_s=(byte_s or {}).get(float(c), 0.0),
+                 meta={"cpu": c, "rate": r})
         devs.append(DeviceProfile.from_dict(p))
     return Cluster(devs)
 
@@ -156,6 +158,7 @@ SYNC = textwrap.dedent(
     from edgeweave.runtime.wire import wait_work
     torch.set_num_threads(1)
     rank, addr, port, rounds, work_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    bulk_bytes, bulk_rounds = int(sys.argv[6]), int(sys.argv[7])
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2)
     a = torch.randn(64, 64)
     def busy():
@@ -177,7 +180,25 @@ SYNC = textwrap.dedent(
             out.append(time.monotonic() - t0)
         return out[2:]
     alone, synced = timed(False), timed(True)
-    res = torch.tensor([statistics.fmean(alone), statistics.fmean(synced), statistics.median(alone), statistics.median(synced)], dtype=torch.float64)
+    # CPU per byte moved: both ends echo a strip-sized message; process CPU (every thread,
+    # gloo's included) per byte sent plus received, in this device's time (wall per CPU second
+    # when busy, from the rounds alone)
+    # (received as the runtime receives: into a new buffer, then copied once into place)
+    buf, held = torch.zeros(bulk_bytes // 4), torch.zeros(bulk_bytes // 4)
+    def recv(src):
+        got = torch.empty_like(buf)
+        wait(dist.irecv(got, src))
+        held.copy_(got)
+    dist.barrier()
+    c0 = time.process_time()
+    for r in range(bulk_rounds):
+        if rank == 0:
+            wait(dist.isend(buf, 1)); recv(1)
+        else:
+            recv(0); wait(dist.isend(buf, 0))
+    cpu_per_byte = (time.process_time() - c0) / (2.0 * bulk_rounds * buf.numel() * 4)
+    byte_s = cpu_per_byte * statistics.fmean(alone) / (work_ms / 1e3)
+    res = torch.tensor([statistics.fmean(alone), statistics.fmean(synced), statistics.median(alone), statistics.median(synced), byte_s], dtype=torch.float64)
     if rank == 1:
         wait(dist.isend(res, 0))
     else:
@@ -185,21 +206,27 @@ SYNC = textwrap.dedent(
         wait(dist.irecv(other, 1))
         m = ((res + other) / 2).tolist()
         print(json.dumps({"busy_round_s": m[0], "synced_round_s": m[1], "overhead_s": m[1] - m[0],
-                          "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms}))
+                          "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms,
+                          "byte_s": m[4], "bulk_bytes": bulk_bytes, "bulk_rounds": bulk_rounds}))
     dist.destroy_process_group()
     """
 )
 
 
-def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0) -> dict[str, Any]:
+def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0,
+                 bulk_bytes: int = 1 << 19, bulk_rounds: int = 16) -> dict[str, Any]:
     """What one synchronisation costs two busy devices: rounds of ``work_ms`` CPU seconds each,
     alone and then ending with a small message exchange (as at a stage boundary), waited for the
     way the runtime waits; ``overhead_s`` = mean synced round - mean busy round. Under a CPU
     quota this is far more than the wire latency: a device that used up its quota sleeps until
     the next period, and the two devices finish their work out of phase. The planner's
-    per-message ``latency_s`` (added once at each end of a transfer) comes from this."""
+    per-message ``latency_s`` (added once at each end of a transfer) comes from this.
+
+    Then both echo ``bulk_bytes`` ``bulk_rounds`` times: ``byte_s`` is the CPU time per byte
+    sent or received, in the device's own time (the planner's ``DeviceProfile.byte_s``)."""
     port = str(random.randint(40000, 49999))
-    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms)],
+    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms),
+                         str(bulk_bytes), str(bulk_rounds)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate((a, b))]
     outs = []
     for p in procs:
@@ -230,6 +257,11 @@ def message_latencies(tb: Testbed, a: str, b: str, caps: Sequence[float], restor
         tb.set_cpu(a, restore[0])
         tb.set_cpu(b, restore[1])
     return lat, probes
+
+
+def byte_costs(probes: Mapping[str, Mapping[str, Any]]) -> dict[float, float]:
+    """The planner's per-byte CPU time at each cap, from :func:`message_latencies`' probes."""
+    return {float(c): float(p["byte_s"]) for c, p in probes.items() if "byte_s" in p}
 
 
 # ------------------------------------------------------------------------------------ baseline

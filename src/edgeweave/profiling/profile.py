@@ -24,6 +24,11 @@ class DeviceProfile:
     per_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [a, b]
     bandwidth_bps: float = 1e9  # bits per second of this device's link
     latency_s: float = 0.0  # one-way latency of this device's link
+    # Seconds of this device's time per byte it sends, or receives for another device (relays):
+    # the network stack's CPU work, which a device that computes and relays at once (the leader
+    # in gather mode) pays on top of its compute. Measured on the bench's capped devices at
+    # 7-9 ms per MB at 0.25 core; 0: not modelled.
+    byte_s: float = 0.0
     address: str | None = None  # host:port or namespace address, when known
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -36,11 +41,11 @@ class DeviceProfile:
         return 1.0 / self.a
 
     def slowed(self, f: float) -> "DeviceProfile":
-        """This device ``f`` times slower (``f`` > 1): every compute line's a and b and the
-        per-message latency times f. The latency scales with the CPU because between busy
+        """This device ``f`` times slower (``f`` > 1): every compute line's a and b, the
+        per-message latency and the per-byte CPU time times f. The latency scales with the CPU because between busy
         capped devices it is mostly the ends' CPU time and quota waits (``planning.adapt.scale_profile``)."""
         return replace(self, a=self.a * f, b=self.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in self.per_kind.items()},
-                       latency_s=self.latency_s * f)
+                       latency_s=self.latency_s * f, byte_s=self.byte_s * f)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

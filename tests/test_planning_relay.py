@@ -1,0 +1,65 @@
+"""The CPU a device spends moving bytes for others (``DeviceProfile.byte_s``) in the planner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeweave.models import build_model
+from edgeweave.planning.execute import simulate
+from edgeweave.planning.graph import capture
+from edgeweave.planning.plan import Transfer
+from edgeweave.planning.planner import _Planner, make_plan
+from edgeweave.profiling.profile import Cluster, DeviceProfile
+
+torch.set_num_threads(1)
+
+
+def test_relay_bytes_count_sends_and_receives_a_device_does_not_compute_from() -> None:
+    moves = [(Transfer(1, 0, (0, 10)), False),  # gathered by the leader, which computes rows 8..12
+             (Transfer(0, 2, (5, 12)), True),   # forwarded to device 2, which computes from all of them
+             (Transfer(2, 1, (4, 4)), False)]   # empty: nothing moves
+    out = _Planner.relay_bytes(moves, {0: (8, 12), 1: (0, 10), 2: (5, 12)}, rb=100)
+    # device 1 sent 10 rows; the leader received 8 rows it does not use and sent 7; device 2 used all
+    assert out == {1: 1000.0, 0: 800.0 + 700.0}
+
+
+def _graph():
+    torch.manual_seed(0)
+    model = build_model("vgg11", num_classes=10, in_channels=3).eval()
+    return model, capture(model, (1, 3, 96, 96))
+
+
+@pytest.mark.parametrize("fusion", ["pools", "auto"])
+def test_a_leader_that_pays_for_relaying_computes_less_in_gather_mode(fusion: str) -> None:
+    """In gather mode every strip passes the leader twice; with that CPU priced, the leader
+    takes fewer rows, every prediction includes it, and the plan stays exact."""
+    model, gm = _graph()
+
+    def cluster(byte_s: float) -> Cluster:
+        return Cluster([DeviceProfile(f"d{i}", a=2e-10, b=1e-4, bandwidth_bps=1e9, latency_s=1e-4, byte_s=byte_s)
+                        for i in range(4)])
+
+    free = make_plan(gm, cluster(0.0), partition="optimal", fusion=fusion, mode="gather")
+    paid = make_plan(gm, cluster(2e-8), partition="optimal", fusion=fusion, mode="gather")
+
+    def leader_rows(plan) -> int:
+        return sum(a.out_rows[1] - a.out_rows[0] for s in plan.stages if s.kind == "spatial"
+                   for a in s.assignments if a.device == 0)
+
+    assert leader_rows(paid) < leader_rows(free)
+    assert paid.predicted_s > free.predicted_s
+    # the same plan priced with and without the relay CPU: every stage's finish includes it
+    for s in paid.stages:
+        assert all(a.predicted_s <= s.predicted_s + 1e-15 for a in s.assignments)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+    y = simulate(gm, paid, x)
+    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_slowed_profiles_relay_slower_too() -> None:
+    p = DeviceProfile("d", a=1e-9, latency_s=1e-3, byte_s=5e-9)
+    assert p.slowed(2.5).byte_s == pytest.approx(1.25e-8)
+    assert DeviceProfile.from_dict(p.to_dict()) == p
