@@ -597,6 +597,9 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          "message exchange, gloo, the runtime's wait), per round, and the planner's latency_s per device and message: "
          + ("; ".join(f"{c} core: {1e3 * v['overhead_s']:.2f} ms -> {1e3 * cfg['planner_latency_s'][c]:.2f} ms"
                       for c, v in cfg["message_latency"].items()) or "not modelled"),
+         "- CPU per byte a device sends or relays (the planner's byte_s; a 512 KiB message echoed between the two "
+         "devices at each cap): " + ("; ".join(f"{c} core: {1e9 * v:.1f} ms per MB" for c, v in cfg.get("planner_byte_s", {}).items())
+                                     or "not modelled"),
          "- profiles (edgeweave profile inside a capped namespace; a, b of the all-conv line, held-out median error "
          "of the conv fit): "
          + "; ".join(f"{c} core: a={p['a']:.3e} s/FLOP, b={1e3 * p['b']:.2f} ms, held-out median err "
