@@ -125,6 +125,11 @@ def test_speedups_use_the_phase_s_own_baseline_where_there_is_one():
     assert all(r["single_device_s"] == (0.6 if r["size"] == 96 else 2.0) for r in rows)
     s = summarize(rows[1:2], EdgeldConfig())
     assert s["speedup_vgg16_4f_1000mbit"] == pytest.approx(4.4) and s["speedup_vgg16_4f_1000mbit_startend"] == pytest.approx(4.0)
+    assert s["speedup_vgg16_4f_1000mbit_interval"] is None  # no samples: no interval
+    # with the samples of both sides, the summary carries a bootstrap interval around the ratio
+    rows[1] |= {"single_device_adjacent_times_s": [2.0, 2.2, 2.5, 2.1, 2.3], "latencies_s": [0.5, 0.48, 0.55, 0.5, 0.52]}
+    lo, hi = summarize(rows[1:2], EdgeldConfig())["speedup_vgg16_4f_1000mbit_interval"]
+    assert 2.2 / 0.55 <= lo < 4.4 < hi <= 2.5 / 0.48
     attach_speedups(rows, {})  # no baseline at all: no speedup, not an error
     assert rows[0]["speedup"] is None and rows[1]["speedup"] == pytest.approx(4.4)
 

@@ -242,6 +242,7 @@ def attach_speedups(rows: list[dict[str, Any]], baselines: dict[str, dict[str, A
     for r in rows:
         b = baselines.get(f"{r['model']}@{r['size']}")
         r["single_device_s"] = b["median_s"] if b else None
+        r["single_device_times_s"] = list(b.get("times_s", [])) if b else None
         r["speedup_startend"] = b["median_s"] / r["latency_s"] if b else None
         base = r.get("single_device_adjacent_s", r["single_device_s"])
         r["speedup"] = base / r["latency_s"] if base else None
@@ -371,6 +372,11 @@ def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
         key = f"speedup_{main}_{k_max}f_{rate}" if (main, k_max) != ("vgg16", 4) else f"speedup_vgg16_4f_{rate}"
         s[key] = b["speedup"] if b else None
         s[f"{key}_startend"] = b.get("speedup_startend") if b else None  # over the run's start/end baseline
+        # 90 % bootstrap interval over the repeats on both sides: the single-device samples are
+        # the noisiest number of the ratio (run Q: 2.06-2.76 s interleaved, 1.56-1.94 s start/end)
+        base = (b.get("single_device_adjacent_times_s") or b.get("single_device_times_s")) if b else None
+        s[f"{key}_interval"] = ([1 + v for v in ratio_interval(base, b["latencies_s"])]
+                                if b and base and b.get("latencies_s") else None)
         s[f"{key}_mode"] = b["mode"] if b else None
         s[f"{key}_latency_s"] = b["latency_s"] if b else None
         # where the time of that configuration's fastest frame went (runtime/timeline.py)
@@ -609,6 +615,11 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
     for k, t in tg.items():
         v = t["value"]
         L.append(f"| {k} | {json.dumps(v) if isinstance(v, dict) else _fmt(v)} | {t['target']} | {t['met']} |")
+    for rate in cfg["rates"]:
+        iv = s.get(f"speedup_vgg16_4f_{rate}_interval")
+        if iv:
+            L.append(f"Speedup at {rate}: {s[f'speedup_vgg16_4f_{rate}']:.2f}x, 90 % bootstrap interval over the repeats "
+                     f"{iv[0]:.2f}-{iv[1]:.2f}x; over the start/end baseline {s[f'speedup_vgg16_4f_{rate}_startend']:.2f}x.")
     L += ["", f"Speedup modes: 1000 Mbit/s {s.get('speedup_vgg16_4f_1000mbit_mode')}, 100 Mbit/s "
           f"{s.get('speedup_vgg16_4f_100mbit_mode')}; fusion best {s.get('fusion_best')}; largest rel_err {s.get('max_rel_err')}",
           "", "## Single device (plain torch)", "", "| model@size | median s |", "|---|---|"]
