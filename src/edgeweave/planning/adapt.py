@@ -50,7 +50,8 @@ from dataclasses import dataclass, field, replace
 
 import torch.fx
 
-from edgeweave.planning.cost import Work, add_work, aggregate, compute_s, flop_kind, node_flops, partial_work, rows_of
+from edgeweave.planning.cost import (Work, add_work, aggregate, compute_s, flop_kind, node_flops, partial_work, relay_bytes,
+                                     row_bytes, rows_of)
 from edgeweave.planning.graph import is_folded, node_shape, nodes_by_name
 from edgeweave.planning.halo import EMPTY, is_empty, required_rows, size
 from edgeweave.planning.plan import Plan
@@ -154,15 +155,20 @@ def stage_compute(works: list[list[Work]], cluster: Cluster) -> list[list[float]
 
 def stage_scaling(plan: Plan, compute: Sequence[Sequence[float]], cluster: Cluster) -> list[list[float]]:
     """Seconds ``[stage][device]`` that scale with a device's speed: its predicted compute plus,
-    in a stage where it sends or receives, its per-message latency (``scale_profile`` says why
-    that slows with the device too). :func:`reprice` moves each device's finish by these."""
+    in a stage where it sends or receives, its per-message latency and the CPU for the bytes it
+    relays (``cost.relay_bytes``; ``scale_profile`` says why both slow with the device too).
+    :func:`reprice` moves each device's finish by these."""
     out = []
     for st, comp in zip(plan.stages, compute):
         talks = {d for t in st.transfers if t.src != t.dst and not is_empty(t.rows) for d in (t.src, t.dst)}
         for red in st.reductions:
             owners = {d for d, rows in red.rows if not is_empty(rows)}
             talks |= owners | ({0} if owners - {0} else set())
-        out.append([c + (cluster.devices[d].latency_s if d in talks else 0.0) for d, c in enumerate(comp)])
+        relay = relay_bytes([(t.src, t.dst, t.rows) for t in st.transfers],
+                            {a.device: a.in_rows for a in st.assignments if not is_empty(a.out_rows)},
+                            row_bytes(st.input_shape))
+        out.append([c + (cluster.devices[d].latency_s if d in talks else 0.0) + cluster.devices[d].byte_s * relay.get(d, 0.0)
+                    for d, c in enumerate(comp)])
     return out
 
 

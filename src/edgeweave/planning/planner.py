@@ -59,6 +59,7 @@ from edgeweave.planning.cost import (
     flop_kind,
     node_flops,
     partial_work,
+    relay_bytes,
     row_bytes,
     rows_of,
     schedule_transfers,
@@ -309,27 +310,6 @@ class _Planner:
                     raise AssertionError(f"rows {miss} needed by device {d} are held by nobody")
         return out
 
-    @staticmethod
-    def relay_bytes(transfers: Sequence[tuple[Transfer, bool]], needs: dict[int, Range], rb: int) -> dict[int, float]:
-        """Per device, the bytes it moves for others in one stage: everything it sends, and what
-        it receives but does not compute from (the leader gathering strips in gather mode).
-
-        Their CPU time (``DeviceProfile.byte_s``) comes on top of the device's compute: measured
-        on the bench, a 0.25-core leader that gathered and re-sent 12 MB per frame spent 65 ms
-        more than a follower computing as much (8 MB: 49 ms; 44 MB: 320 ms), while the link
-        model let it compute as if its CPU were free while its link carried the strips.
-        """
-        out: dict[int, float] = {}
-        for t, _ in transfers:
-            n = size(t.rows)
-            if n <= 0 or t.src == t.dst:
-                continue
-            out[t.src] = out.get(t.src, 0.0) + n * rb
-            kept = size(intersect(t.rows, needs.get(t.dst, EMPTY)))
-            if n > kept:
-                out[t.dst] = out.get(t.dst, 0.0) + (n - kept) * rb
-        return out
-
     def _schedule(self, transfers: Sequence[tuple[Transfer, bool]], rb: int) -> tuple[dict[int, float], float]:
         return schedule_transfers([(t.src, t.dst, size(t.rows) * rb, f) for t, f in transfers], self.devices)
 
@@ -380,7 +360,8 @@ class _Planner:
                 shape = node_shape(src) or [1, 1]
                 sizes.append(int(shape[0]) * int(shape[1]) * DTYPE_BYTES)
             red_s = self.reduction_s(reductions, sorted(assignments), sizes)
-        relay = self.relay_bytes(transfers, {d: a[0] for d, a in assignments.items()}, row_bytes(in_shape))
+        relay = relay_bytes([(t.src, t.dst, t.rows) for t, _ in transfers], {d: a[0] for d, a in assignments.items()},
+                            row_bytes(in_shape))
         assigns = []
         finish_max = end_all
         for d in range(self.k):
