@@ -1,8 +1,9 @@
 """`edgeweave profile`: measure this device's compute model and write a device profile (JSON).
 
 Thin wrapper over :func:`edgeweave.profiling.compute.profile_device`. The link part of a
-profile (bandwidth, latency to the leader) is measured by the runtime when a follower joins,
-with :func:`edgeweave.profiling.link.probe_link` over the process group it already has.
+profile (``bandwidth_bps``, ``latency_s``, ``byte_s``) is not measured here: a cluster file
+gives it, :func:`edgeweave.profiling.link.probe_link` measures bandwidth and latency between
+two ranks of a gloo group, and ``bench edgeld`` measures all three inside the testbed.
 
 ``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (per kind: a, b, n_train, n_test,
 heldout_median_rel_err, heldout_mean_rel_err, heldout_max_rel_err, train_median_rel_err),

@@ -406,8 +406,8 @@ class Testbed:
         compute line and per-message latency are ``base``'s (a full-core profile of this host)
         slowed by its CPU cap (``DeviceProfile.slowed`` by 1/cores), its bandwidth the device's
         link rate (10 Gbit/s when unshaped: a veth), its address its IP.
-        Measured profiles (``edgeweave profile`` run in the device, ``probe_link`` at join) are
-        better; this is the starting point and the check. Traffic between two devices runs at
+        Measured profiles (``edgeweave profile`` run in the device, links measured as ``bench
+        edgeld`` does) are better; this is the starting point and the check. Traffic between two devices runs at
         the smaller of their two rates, and all followers share the leader's link."""
         from edgeweave.profiling.profile import Cluster, DeviceProfile
 
