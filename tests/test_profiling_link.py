@@ -103,3 +103,12 @@ def test_probe_link_times_out_on_a_silent_peer(tmp_path):
     r = _pair(tmp_path, "silent")
     assert r["timeout"] is not None and 1.4 <= r["timeout"]["after_s"] < 5, r
     assert "rank 1" in r["timeout"]["msg"]
+
+
+def test_byte_cost_on_loopback_is_measured_in_the_device_s_time() -> None:
+    """Two ranks of one process echo a message; the CPU per byte sent or received is positive
+    and far below what would make a 1 MB strip cost a core 100 ms."""
+    from edgeweave.profiling.link import measure_byte_s
+
+    vals = [measure_byte_s(nbytes=1 << 18, rounds=8, busy_s=0.05) for _ in range(2)]
+    assert all(0.0 < v < 1e-7 for v in vals), vals

@@ -1,9 +1,10 @@
 """`edgeweave profile`: measure this device's compute model and write a device profile (JSON).
 
-Thin wrapper over :func:`edgeweave.profiling.compute.profile_device`. The link part of a
-profile (``bandwidth_bps``, ``latency_s``, ``byte_s``) is not measured here: a cluster file
-gives it, :func:`edgeweave.profiling.link.probe_link` measures bandwidth and latency between
-two ranks of a gloo group, and ``bench edgeld`` measures all three inside the testbed.
+Thin wrapper over :func:`edgeweave.profiling.compute.profile_device`, plus the CPU per byte
+this device spends sending or relaying (``byte_s``, :func:`edgeweave.profiling.link.measure_byte_s`
+on loopback: a lower bound). The link itself (``bandwidth_bps``, ``latency_s``) is not measured
+here: a cluster file gives it, :func:`edgeweave.profiling.link.probe_link` measures it between
+two ranks of a gloo group, and ``bench edgeld`` measures it inside the testbed.
 
 ``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (per kind: a, b, n_train, n_test,
 heldout_median_rel_err, heldout_mean_rel_err, heldout_max_rel_err, train_median_rel_err),
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -42,12 +44,15 @@ def profile(
     from rich.table import Table
 
     from edgeweave.profiling.compute import profile_device
+    from edgeweave.profiling.link import measure_byte_s
     from edgeweave.profiling.report import plot_fits, write_samples_csv
 
     name = name or socket.gethostname()
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
         prof, report = profile_device(name=name, quick=quick, seed=seed, threads=threads, block_s=block_s, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        bar.update(task, description="CPU per byte moved (loopback)")
+        prof = replace(prof, byte_s=measure_byte_s())
     path = out or Path("results") / f"profile-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
@@ -62,6 +67,8 @@ def profile(
         table.add_row(k, f"{f['a']:.3e}", f"{1e-9 / f['a']:.1f}", f"{f['b'] * 1e3:.3f}", f"{f['n_train']}/{f['n_test']}",
                       f"{100 * f['heldout_median_rel_err']:.1f}%", f"{100 * f['heldout_max_rel_err']:.1f}%")
     console.print(table)
+    console.print(f"CPU per byte sent or relayed: {1e9 * prof.byte_s:.2f} ms per MB (loopback: a lower bound; "
+                  "the planner charges it to the leader for every strip it gathers and re-sends)")
     console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s); "
                   f"every setting in {samples_csv}, the fits plotted in {plot}")
     emit_json({"profile": prof.to_dict(), "fits": report["fits"], "out": str(path), "samples_csv": str(samples_csv),

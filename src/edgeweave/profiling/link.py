@@ -129,3 +129,59 @@ def respond_link(peer_rank: int, timeout_s: float = 60.0, group: "dist.ProcessGr
         for _ in range(repeats + 1):
             _recv(buf, peer_rank, timeout_s, group)
             _send(buf, peer_rank, timeout_s, group)
+
+
+def measure_byte_s(nbytes: int = 1 << 19, rounds: int = 16, busy_s: float = 0.2, timeout_s: float = 30.0) -> float:
+    """Seconds of this device's time per byte it sends or receives over gloo (the planner's
+    ``DeviceProfile.byte_s``), measured on loopback: two ranks of one process echo ``nbytes``
+    ``rounds`` times, so the process CPU covers both ends (every byte is sent and received
+    twice per round). Converted to the device's own time by the wall / CPU ratio of a busy
+    loop, so a CPU-capped device reports what a byte costs it in wall seconds. Loopback skips
+    the NIC and any shaping, so this is a lower bound: in a 0.25-core testbed cgroup it
+    measured 2.5-3.8 ms per MB (0.5-1.0 at 0.5 core), where two namespaces echoing over the
+    shaped veths measure 4.6-6.1 (2.3-2.8; ``bench edgeld``'s probe, which the bench plans with).
+    """
+    import threading
+
+    store = dist.HashStore()
+    groups: list = [None, None]
+    errors: list[BaseException] = []
+
+    def join(rank: int) -> None:
+        try:
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timedelta(seconds=timeout_s)
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+            groups[rank] = dist.ProcessGroupGloo(store, rank, 2, opts)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=join, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    if errors or None in groups:
+        raise TimeoutError(f"byte cost probe: no loopback gloo group ({errors[0] if errors else 'time-out'})")
+    a, b = torch.zeros(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+
+    def echo() -> None:
+        for _ in range(rounds):
+            _wait(groups[1].recv([b], 0, TAG), timeout_s, "loopback receive")
+            _wait(groups[1].send([b], 0, TAG), timeout_s, "loopback send")
+
+    peer = threading.Thread(target=echo, daemon=True)
+    c0 = time.process_time()
+    peer.start()
+    for _ in range(rounds):
+        _wait(groups[0].send([a], 1, TAG), timeout_s, "loopback send")
+        _wait(groups[0].recv([a], 1, TAG), timeout_s, "loopback receive")
+    peer.join(timeout_s)
+    cpu_per_byte = (time.process_time() - c0) / (4.0 * rounds * nbytes)
+    w0, p0 = time.perf_counter(), time.thread_time()  # this thread alone: torch may run more
+    x = [0.0]
+    while time.thread_time() - p0 < busy_s:
+        for i in range(1000):
+            x[0] += i
+    wall_per_cpu = (time.perf_counter() - w0) / max(time.thread_time() - p0, 1e-9)
+    return cpu_per_byte * wall_per_cpu
