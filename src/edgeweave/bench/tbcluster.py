@@ -180,10 +180,10 @@ SYNC = textwrap.dedent(
             out.append(time.monotonic() - t0)
         return out[2:]
     alone, synced = timed(False), timed(True)
-    # CPU per byte moved: both ends echo a strip-sized message; process CPU (every thread,
+    # CPU per byte moved: both ends echo a strip-sized message, received as the runtime
+    # receives (into a new buffer, then copied once into place); process CPU (every thread,
     # gloo's included) per byte sent plus received, in this device's time (wall per CPU second
     # when busy, from the rounds alone)
-    # (received as the runtime receives: into a new buffer, then copied once into place)
     buf, held = torch.zeros(bulk_bytes // 4), torch.zeros(bulk_bytes // 4)
     def recv(src):
         got = torch.empty_like(buf)

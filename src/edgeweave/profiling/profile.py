@@ -26,8 +26,8 @@ class DeviceProfile:
     latency_s: float = 0.0  # one-way latency of this device's link
     # Seconds of this device's time per byte it sends, or receives for another device (relays):
     # the network stack's CPU work, which a device that computes and relays at once (the leader
-    # in gather mode) pays on top of its compute. Measured on the bench's capped devices at
-    # 7-9 ms per MB at 0.25 core; 0: not modelled.
+    # in gather mode) pays on top of its compute. The bench's probe measures 4.6-6.1 ms per MB
+    # at 0.25 core (`edgeweave profile`'s loopback probe a lower bound); 0: not modelled.
     byte_s: float = 0.0
     address: str | None = None  # host:port or namespace address, when known
     meta: dict[str, Any] = field(default_factory=dict)
