@@ -40,6 +40,21 @@ def test_plan_command_reads_a_cluster_file(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     out = json.loads(target.read_text())
     assert out["devices"] == ["pi4", "pi3"] and out["partition"] == "ocbp"
+    assert out["strip_order"] == ["pi4", "pi3"]
+
+
+def test_plan_command_names_the_strip_order_when_it_is_not_device_order(tmp_path) -> None:
+    cl = Cluster([DeviceProfile(n, a=2e-10, latency_s=1e-4, bandwidth_bps=bw)
+                  for n, bw in [("lead", 1e9), ("slow", 1e8), ("f1", 1e9), ("f2", 1e9)]])
+    path = tmp_path / "cluster.json"
+    cl.save(path)
+    target = tmp_path / "plan.json"
+    res = CliRunner().invoke(app, ["plan", "--model", "vgg11", "--cluster", str(path), "--input-size", "64",
+                                   "--in-channels", "1", "--fusion", "none", "--json", str(target)])
+    assert res.exit_code == 0, res.output
+    order = json.loads(target.read_text())["strip_order"]
+    assert order[0] == "slow" or order[-1] == "slow", order
+    assert "strips top to bottom: " + ", ".join(order) in " ".join(res.output.split())
 
 
 def test_plan_command_needs_exactly_one_cluster_source() -> None:

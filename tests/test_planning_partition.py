@@ -124,16 +124,16 @@ def _small_graph():
 @settings(max_examples=25, deadline=None)
 @given(
     speeds=st.lists(st.floats(0.2, 10.0), min_size=1, max_size=4),
-    bw=st.sampled_from([1e7, 1e8, 1e9]),
+    bws=st.lists(st.sampled_from([1e7, 1e8, 1e9]), min_size=4, max_size=4),
     b=st.sampled_from([0.0, 1e-3]),
     mode=st.sampled_from(["gather", "exchange"]),
     fusion=st.sampled_from(["none", "pools", "auto"]),
     byte_s=st.sampled_from([0.0, 2e-8]),
 )
-def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b, mode, fusion, byte_s) -> None:
+def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bws, b, mode, fusion, byte_s) -> None:
     gm = _small_graph()
     cluster = Cluster([DeviceProfile(f"d{i}", a=1e-9 * s, b=b, bandwidth_bps=bw, latency_s=1e-4, byte_s=byte_s)
-                       for i, s in enumerate(speeds)])
+                       for i, (s, bw) in enumerate(zip(speeds, bws))])
     plans = {p: make_plan(gm, cluster, partition=p, fusion=fusion, mode=mode) for p in PARTITIONERS}
     for name, plan in plans.items():
         # the plan's prediction is the sum of its stages plus the final gather
@@ -143,6 +143,9 @@ def test_optimal_plan_never_predicts_worse_than_other_partitioners(speeds, bw, b
             assert all(a.predicted_s <= s.predicted_s + 1e-15 for a in s.assignments)
         assert plans["optimal"].predicted_s <= plan.predicted_s + 1e-12, name
     assert plans["optimal"].predicted_s <= plans["optimal"].meta["single_device_s"] + 1e-12
+    # its strip order search keeps device order unless another order is predicted faster
+    in_order = make_plan(gm, cluster, fusion=fusion, mode=mode, order=range(len(speeds)))
+    assert plans["optimal"].predicted_s <= in_order.predicted_s + 1e-12
 
 
 def test_cost_tables_shared_among_partitioners_change_nothing() -> None:
@@ -159,9 +162,10 @@ def test_cost_tables_shared_among_partitioners_change_nothing() -> None:
     for mode in ("gather", "exchange"):
         tables: dict = {}
         for name in ("optimal", "bodp", "ocbp", "equal"):
-            shared = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "", tables)
-            fresh = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "")
-            assert shared.to_dict() == fresh.to_dict(), (mode, name)
+            for order in ((0, 1, 2), (2, 0, 1)):  # and among the strip orders make_plan tries
+                shared = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "", tables, order)[0]
+                fresh = _make_plan(gm, cluster, PARTITIONERS[name], name, "auto", mode, "", "", None, order)[0]
+                assert shared.to_dict() == fresh.to_dict(), (mode, name, order)
         assert any(key[0] == "linear" for key in tables)
     pl = _Planner(gm, cluster.devices, PARTITIONERS["optimal"], "gather")
     lin = [_merge([s], "linear") for s in atomic_segments(gm) if s.kind == "linear"]

@@ -56,6 +56,21 @@ def test_uneven_devices_and_one_row_strips(cl):
         assert len(set(sizes)) > 2 and 1 in sizes, (partition, fusion, mode, sizes)
 
 
+def test_strips_in_any_order(cl):
+    """Strips laid in another order than the devices' (the leader's in the middle or last, as
+    the optimal planner lays them around slow links) run exact; so does the order it finds."""
+    speeds = [1e-10, 2e-10, 1e-10, 3e-10, 1e-10]
+    profiles = Cluster([DeviceProfile(n, a=a, bandwidth_bps=bw, latency_s=1e-4)
+                        for n, a, bw in zip(cl.names, speeds, [1e9, 1e7, 1e9, 1e9, 1e7])])
+    for order, partition, fusion, mode in [((2, 0, 4, 1, 3), "bodp", "none", "exchange"),
+                                           ((4, 3, 2, 1, 0), "ocbp", "auto", "exchange"),
+                                           ((1, 0, 2, 3, 4), "equal", "pools", "gather")]:
+        plan = check(cl, "cifar_resnet18", 32, WORKERS, partition, fusion, mode, profiles=profiles, order=order)
+        assert plan.meta["strip_order"] == list(order)
+    plan = check(cl, "cifar_resnet18", 32, WORKERS, "optimal", "auto", "exchange", profiles=profiles)
+    assert plan.meta["strip_order"] != list(range(WORKERS + 1))
+
+
 def test_equal_split_of_a_small_map_has_one_row_strips(cl):
     # layer4 of a CIFAR ResNet18 at 32x32 has 4 rows: with 4 workers, every device gets one
     plan = check(cl, "cifar_resnet18", 32, 3, "equal", "none", "exchange")

@@ -69,6 +69,7 @@ def build_plan(
         "single_device_s": plan.meta.get("single_device_s"),
         "predicted_speedup": plan.meta.get("predicted_speedup"),
         "stages": len(plan.stages),
+        "strip_order": [plan.devices[d] for d in plan.meta["strip_order"]],  # top to bottom
         "plan": plan.to_dict(),
     }
 
@@ -91,6 +92,8 @@ def _print(res: dict[str, Any]) -> None:
         rows = " ".join(f"{a['device']}:{_rows(a['out_rows'])}" for a in s["assignments"] if a["out_rows"][1] > a["out_rows"][0])
         t.add_row(str(s["index"]), s["kind"], label, rows, str(len(s["transfers"])), f"{s['predicted_s']:.4f}")
     console.print(t)
+    if res["strip_order"] != res["devices"]:
+        console.print(f"strips top to bottom: {', '.join(res['strip_order'])} (devices on slow links at the ends)")
     sp = res.get("predicted_speedup")
     console.print(f"predicted {res['predicted_s']:.4f} s; one device {res['single_device_s']:.4f} s"
                   + (f"; speedup {sp:.2f}x" if sp else ""))

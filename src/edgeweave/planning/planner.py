@@ -8,9 +8,10 @@ Steps:
    faster than leaving them on the leader; everything else becomes ``leader`` stages
    (consecutive ones merged: nothing travels between them).
 4. Stages are built in order: the partitioner splits each spatial block's output rows (or a
-   linear layer's output features) over the devices, strips go to devices top to bottom in
-   device order (the leader, device 0, computes the first strip), ``halo.required_rows`` gives
-   each strip's input rows, and transfers follow the mode:
+   linear layer's output features) over the devices, strips go to devices top to bottom in the
+   plan's strip order (``meta["strip_order"]``; device order unless ``optimal`` in exchange mode
+   finds a faster one, see ``_best_orders``), ``halo.required_rows`` gives each strip's input
+   rows, and transfers follow the mode:
 
    * ``gather`` (EdgeLD): every stage's output goes back to the leader, which then sends every
      device the input rows (halo included) of its next strip;
@@ -43,6 +44,7 @@ the leader of a cluster with slow links (bench edgeld, run O).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,18 +108,25 @@ class Block:
         return list(node_shape(self.output) or [])
 
 
+Merged = list[tuple[Block, bool, bool]]  # (block, first_in_run, last_in_run), in execution order
+Candidate = tuple[Merged, dict[str, Block], Partitioner]  # a plan's blocks, feeds and split rule
+
+
 def _merge(segs: Sequence[Segment], kind: str, ref: tuple[list[int], int] | None = None) -> Block:
     nodes = [n for s in segs for n in s.nodes]
     return Block(kind, nodes, segs[0].input, segs[-1].output, ref, tuple(segs))
 
 
-def scale_counts(counts: Sequence[int], ref_total: int, total: int) -> list[int]:
-    """Map a split of ``ref_total`` rows onto ``total`` rows, keeping the boundaries in place."""
-    out, cum, prev = [], 0, 0
-    for c in counts:
-        cum += c
+def scale_counts(counts: Sequence[int], ref_total: int, total: int, order: Sequence[int] | None = None) -> list[int]:
+    """Map a split of ``ref_total`` rows onto ``total`` rows, keeping the boundaries in place.
+
+    ``counts[d]`` is device d's share; the strips lie top to bottom in ``order`` (default:
+    device order), and that is the order the boundaries are accumulated in."""
+    out, cum, prev = [0] * len(counts), 0, 0
+    for d in order if order is not None else range(len(counts)):
+        cum += counts[d]
         b = round(cum * total / ref_total) if ref_total else 0
-        out.append(b - prev)
+        out[d] = b - prev
         prev = b
     return out
 
@@ -159,20 +168,24 @@ def _reducers(nodes: Sequence[torch.fx.Node]) -> list[tuple[torch.fx.Node, torch
     return out
 
 
-def _strips(counts: Sequence[int], offset: int = 0) -> list[Range]:
-    out, cur = [], offset
-    for c in counts:
-        out.append((cur, cur + c) if c > 0 else EMPTY)
+def _strips(counts: Sequence[int], order: Sequence[int]) -> list[Range]:
+    """Device d's strip for share ``counts[d]``, strips laid top to bottom in ``order``."""
+    out, cur = [EMPTY] * len(counts), 0
+    for d in order:
+        c = counts[d]
+        out[d] = (cur, cur + c) if c > 0 else EMPTY
         cur += c
     return out
 
 
 class _Planner:
     def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: Partitioner, mode: str,
-                 tables: dict | None = None) -> None:
+                 tables: dict | None = None, order: Sequence[int] | None = None) -> None:
         self.gm = gm
         self.devices = list(devices)
         self.k = len(self.devices)
+        # the devices' strips top to bottom; partitioners and cost tables do not depend on it
+        self.order = tuple(order) if order is not None else tuple(range(self.k))
         self.partition = partition
         self.mode = mode
         self.capabilities = [d.capability for d in self.devices]
@@ -329,7 +342,7 @@ class _Planner:
             new_holders: Holders = [(0, 0, out_total)]
         else:
             assert counts is not None
-            strips = _strips(counts)
+            strips = _strips(counts, self.order)
             assignments = {}
             needs = []
             for d, out in enumerate(strips):
@@ -422,13 +435,7 @@ class _Planner:
             per_dev[d] += hi - lo
         if sum(per_dev) != in_total or sum(1 for c in per_dev if c) < 2:
             return None
-        counts, cum, prev = [], 0, 0
-        for c in per_dev:
-            cum += c
-            b = round(cum * out_total / in_total)
-            counts.append(b - prev)
-            prev = b
-        return counts
+        return scale_counts(per_dev, in_total, out_total, self.order)
 
     def gather_time(self, holders: Holders, rb: int) -> float:
         return self._schedule([(Transfer(d, 0, (lo, hi)), False) for d, lo, hi in holders if d != 0 and hi > lo], rb)[1]
@@ -523,11 +530,15 @@ class _Planner:
         if self.k == 1:
             return [total]
         if block.ref is not None:
-            return scale_counts(block.ref[0], block.ref[1], total)
-        fns = self.cost_fns(block, first_in_run, last_in_run)
-        counts = self.partition(fns, total, self.capabilities)
-        assert sum(counts) == total and all(c >= 0 for c in counts), counts
-        return counts
+            return scale_counts(block.ref[0], block.ref[1], total, self.order)
+        # shared like the tables: the split of a block priced in isolation does not depend on the order
+        key = ("split", self.partition, block.kind, tuple(n.name for n in block.nodes), first_in_run, last_in_run)
+        if key not in self._tables:
+            fns = self.cost_fns(block, first_in_run, last_in_run)
+            counts = self.partition(fns, total, self.capabilities)
+            assert sum(counts) == total and all(c >= 0 for c in counts), counts
+            self._tables[key] = list(counts)
+        return list(self._tables[key])
 
     def block_estimate(self, block: Block, first_in_run: bool, last_in_run: bool) -> float:
         """Predicted time of a fused block in isolation (the DP's block cost)."""
@@ -537,7 +548,8 @@ class _Planner:
             holders: Holders = [(0, 0, in_total)]
         else:  # canonical: the previous block's strips in the same proportions as this one's
             holders, cum = [], 0
-            for d, c in enumerate(counts):
+            for d in self.order:
+                c = counts[d]
                 lo = round(cum * in_total / out_total)
                 cum += c
                 hi = round(cum * in_total / out_total)
@@ -562,13 +574,16 @@ def make_plan(
     mode: str = "exchange",
     model_name: str = "",
     model_hash: str = "",
+    order: Sequence[int] | None = None,
 ) -> Plan:
     """Plan the execution of captured graph ``gm`` (``planning.graph.capture``) on ``cluster``.
 
     Device 0 is the leader: it holds the input, computes a strip of every spatial stage, runs
     the leader stages and ends with the output. ``partition`` is a name from
     ``partition.PARTITIONERS`` or any function with the same signature ``(costs, total,
-    capabilities) -> counts`` (tests use this to force uneven splits).
+    capabilities) -> counts`` (tests use this to force uneven splits). ``order`` lays the
+    devices' strips top to bottom (a permutation of the device indices; default: device order,
+    except that ``optimal`` in exchange mode searches for the best one, see :func:`_best_order`).
     """
     if callable(partition):
         part_fn, part_name = partition, getattr(partition, "__name__", "custom")
@@ -584,19 +599,84 @@ def make_plan(
         raise EdgeweaveError("the cluster has no devices")
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
+    k = len(cluster.devices)
+    if order is not None and sorted(order) != list(range(k)):
+        raise EdgeweaveError(f"strip order {list(order)} is not a permutation of the {k} devices' indices")
     tables: dict = {}
-    plan = _make_plan(gm, cluster, part_fn, part_name, fusion, mode, model_name, model_hash, tables)
-    if part_name == "optimal" and len(cluster.devices) > 1:
-        # The optimal split is exact for the partition cost functions, which price a strip in
-        # isolation; the plan's prediction then accounts for shared links, real strip positions
-        # and re-splits between stages. So that "optimal" never predicts worse than any other
-        # partitioner under that full model either, their plans are built too and the fastest
-        # kept (meta["split_from"] says whose split won).
-        for other in ("bodp", "ocbp", "equal"):
-            alt = _make_plan(gm, cluster, PARTITIONERS[other], part_name, fusion, mode, model_name, model_hash, tables)
-            if alt.predicted_s < plan.predicted_s:
-                plan = alt
+    args = (fusion, mode, model_name, model_hash, tables)
+
+    def best(order_: Sequence[int] | None) -> tuple[Plan, list[Candidate]]:
+        made = [_make_plan(gm, cluster, part_fn, part_name, *args, order_)]
+        if part_name == "optimal" and k > 1:
+            # The optimal split is exact for the partition cost functions, which price a strip
+            # in isolation; the plan's prediction then accounts for shared links, real strip
+            # positions and re-splits between stages. So that "optimal" never predicts worse
+            # than any other partitioner under that full model either, their plans are built
+            # too and the fastest kept (meta["split_from"] says whose split won).
+            made += [_make_plan(gm, cluster, PARTITIONERS[o], part_name, *args, order_) for o in ("bodp", "ocbp", "equal")]
+        plan = min((m[0] for m in made), key=lambda p: p.predicted_s)  # first of equals: optimal's
+        return plan, [(m[1], m[2], PARTITIONERS.get(m[0].meta["split_from"], part_fn)) for m in made]
+
+    plan, cands = best(order)
+    if order is None and part_name == "optimal" and mode == "exchange" and k > 2 and not plan.meta["leader_only"]:
+        # Strip order: rank orders by re-pricing the plans just made, re-plan the best few in
+        # full, and go again from a better plan (its splits rank orders near it better).
+        tried = {tuple(plan.meta["strip_order"])}
+        while True:
+            improved = None
+            for found in _best_orders(gm, cluster, cands, tables, exclude=tried):
+                tried.add(found)
+                alt, alt_cands = best(found)
+                if alt.predicted_s < (improved or plan).predicted_s:
+                    improved, cands_next = alt, alt_cands
+            if improved is None:
+                break
+            plan, cands = improved, cands_next
     return plan
+
+
+def _order_cost(gm: torch.fx.GraphModule, cluster: Cluster, merged: Merged, feeds: dict[str, Block],
+                part_fn: Partitioner, tables: dict, order: Sequence[int]) -> float:
+    """Predicted time of the same blocks and run splits with the strips laid in ``order``."""
+    pl = _Planner(gm, cluster.devices, part_fn, "exchange", tables, order)
+    pl.feeds = dict(feeds)
+    return _assemble(pl, merged, list(gm.meta["ew_input_shape"]), False, True)[3]
+
+
+def _best_orders(gm: torch.fx.GraphModule, cluster: Cluster, cands: Sequence[Candidate], tables: dict,
+                 exclude: set[tuple[int, ...]], keep: int = 2) -> list[tuple[int, ...]]:
+    """The ``keep`` strip orders (top to bottom) predicted fastest for the candidates' blocks.
+
+    In exchange mode a device trades halos with the devices whose strips border its own, so
+    which devices are neighbours decides how many halo rows cross the slow links: a device on a
+    slow link does best at an end of the map (one neighbour), next to a fast one. An order is
+    priced by one pass over each candidate's stages (every partitioner's blocks and run splits
+    as made in device order; no partitioning, no fusion search), which ranks orders well but
+    not exactly, so the caller re-plans the best few in full. Up to five devices every order is
+    priced (120 at five); beyond, pairwise swaps from device order while one helps.
+    """
+    k = len(cluster.devices)
+    distinct = {}
+    for m, f, fn in cands:  # partitioners often agree: price each distinct split once
+        distinct.setdefault(tuple((b.kind, b.output.name if b.output is not None else "", str(b.ref)) for b, _, _ in m), (m, f, fn))
+
+    def cost(o: tuple[int, ...]) -> float:
+        return min(_order_cost(gm, cluster, m, f, fn, tables, o) for m, f, fn in distinct.values())
+
+    if k <= 5:
+        return sorted((o for o in itertools.permutations(range(k)) if o not in exclude), key=cost)[:keep]
+    cur = tuple(range(k))
+    cur_s = cost(cur)
+    while True:
+        swaps = []
+        for i, j in itertools.combinations(range(k), 2):
+            o = list(cur)
+            o[i], o[j] = o[j], o[i]
+            swaps.append((cost(tuple(o)), tuple(o)))
+        s, o = min(swaps)
+        if s >= cur_s:
+            return [] if cur in exclude else [cur]
+        cur, cur_s = o, s
 
 
 def _make_plan(
@@ -609,8 +689,54 @@ def _make_plan(
     model_name: str,
     model_hash: str,
     tables: dict | None = None,
-) -> Plan:
-    pl = _Planner(gm, cluster.devices, part_fn, mode, tables)
+    order: Sequence[int] | None = None,
+) -> tuple[Plan, Merged, dict[str, Block]]:
+    """The plan for one split rule and strip order; also its blocks and ``feeds`` (what
+    :func:`_order_cost` needs to re-price the same blocks under another order)."""
+    pl = _Planner(gm, cluster.devices, part_fn, mode, tables, order)
+    segs, merged = _blocks(pl, gm, fusion, mode)
+    in_shape = list(gm.meta["ew_input_shape"])
+    optimal = part_name == "optimal"
+    stages, final, final_s, predicted = _assemble(pl, merged, in_shape, False, optimal)
+    fallback = False
+    if part_name == "optimal" and pl.k > 1:
+        # "optimal" promises the fastest predicted plan we can find; when spreading the work is
+        # predicted slower than not spreading it (tiny inputs, slow links, a global op in every
+        # block), the leader computes everything and the followers sit out.
+        alt = _assemble(pl, merged, in_shape, True, optimal)
+        if alt[3] < predicted:
+            stages, final, final_s, predicted = alt
+            fallback = True
+    all_nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    single = compute_s(pl.devices[0], pl._work(all_nodes, None))
+    plan = Plan(
+        model=model_name,
+        model_hash=model_hash,
+        input_shape=in_shape,
+        devices=[d.name for d in cluster.devices],
+        partition=part_name,
+        fusion=fusion,
+        mode=mode,
+        stages=stages,
+        final_transfers=final,
+        predicted_s=predicted,
+        meta={
+            "single_device_s": single,
+            "predicted_speedup": single / predicted if predicted > 0 else None,
+            "final_transfer_s": final_s,
+            "segments": len(segs),
+            "leader_only": fallback,
+            "split_from": part_fn.__name__ if hasattr(part_fn, "__name__") else part_name,
+            # the speed estimates the prediction assumes (adapt.scaled_cluster); 1 = as profiled
+            "speed_factors": [float(d.meta.get("speed_factor", 1.0)) for d in cluster.devices],
+            "strip_order": list(pl.order),  # devices' strips top to bottom
+        },
+    )
+    return plan, merged, pl.feeds
+
+
+def _blocks(pl: _Planner, gm: torch.fx.GraphModule, fusion: str, mode: str) -> tuple[list[Segment], Merged]:
+    """Cut, fuse and classify: the blocks the stages are built from (steps 1-3 above)."""
     try:
         if "ew_segments" not in gm.meta:  # cached: cutting is a pure function of the graph
             gm.meta["ew_segments"] = atomic_segments(gm)
@@ -670,65 +796,34 @@ def _make_plan(
         else:
             merged.append((blk, first, last))
 
-    in_shape = list(gm.meta["ew_input_shape"])
+    return segs, merged
 
-    def assemble(leader_only: bool) -> tuple[list[Stage], list[Transfer], float, float]:
-        holders: Holders = [(0, 0, rows_of(in_shape))]
-        stages: list[Stage] = []
-        for idx, (blk, first, last) in enumerate(merged):
-            if blk.kind in ("leader", "reduce"):
-                counts = None
-            elif leader_only:
-                counts = [rows_of(blk.out_shape)] + [0] * (pl.k - 1)
-            else:
-                counts = pl.split(blk, first, last)
-            stage, new_holders = pl.build(blk, counts, holders, idx)
-            if not leader_only and blk.kind == "spatial" and mode == "exchange" and part_name == "optimal":
-                # The partitioner prices a strip as if the previous split were aligned with it;
-                # the split that really keeps strips in place is also a candidate.
-                aligned = pl.aligned_counts(blk, holders)
-                if aligned is not None and aligned != list(counts or []):
-                    alt, alt_holders = pl.build(blk, aligned, holders, idx)
-                    if alt.predicted_s < stage.predicted_s:
-                        stage, new_holders = alt, alt_holders
-            holders = new_holders
-            stages.append(stage)
-        final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
-        last_shape = stages[-1].output_shape if stages else in_shape
-        final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
-        return stages, final, final_s, sum(s.predicted_s for s in stages) + final_s
 
-    stages, final, final_s, predicted = assemble(False)
-    fallback = False
-    if part_name == "optimal" and pl.k > 1:
-        # "optimal" promises the fastest predicted plan we can find; when spreading the work is
-        # predicted slower than not spreading it (tiny inputs, slow links, a global op in every
-        # block), the leader computes everything and the followers sit out.
-        alt = assemble(True)
-        if alt[3] < predicted:
-            stages, final, final_s, predicted = alt
-            fallback = True
-    all_nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
-    single = compute_s(pl.devices[0], pl._work(all_nodes, None))
-    return Plan(
-        model=model_name,
-        model_hash=model_hash,
-        input_shape=in_shape,
-        devices=[d.name for d in cluster.devices],
-        partition=part_name,
-        fusion=fusion,
-        mode=mode,
-        stages=stages,
-        final_transfers=final,
-        predicted_s=predicted,
-        meta={
-            "single_device_s": single,
-            "predicted_speedup": single / predicted if predicted > 0 else None,
-            "final_transfer_s": final_s,
-            "segments": len(segs),
-            "leader_only": fallback,
-            "split_from": part_fn.__name__ if hasattr(part_fn, "__name__") else part_name,
-            # the speed estimates the prediction assumes (adapt.scaled_cluster); 1 = as profiled
-            "speed_factors": [float(d.meta.get("speed_factor", 1.0)) for d in cluster.devices],
-        },
-    )
+def _assemble(pl: _Planner, merged: Merged, in_shape: list[int], leader_only: bool,
+              optimal: bool) -> tuple[list[Stage], list[Transfer], float, float]:
+    """Build every stage in order (step 4); returns stages, final transfers, their time and the
+    predicted total."""
+    holders: Holders = [(0, 0, rows_of(in_shape))]
+    stages: list[Stage] = []
+    for idx, (blk, first, last) in enumerate(merged):
+        if blk.kind in ("leader", "reduce"):
+            counts = None
+        elif leader_only:
+            counts = [rows_of(blk.out_shape)] + [0] * (pl.k - 1)
+        else:
+            counts = pl.split(blk, first, last)
+        stage, new_holders = pl.build(blk, counts, holders, idx)
+        if not leader_only and blk.kind == "spatial" and pl.mode == "exchange" and optimal:
+            # The partitioner prices a strip as if the previous split were aligned with it;
+            # the split that really keeps strips in place is also a candidate.
+            aligned = pl.aligned_counts(blk, holders)
+            if aligned is not None and aligned != list(counts or []):
+                alt, alt_holders = pl.build(blk, aligned, holders, idx)
+                if alt.predicted_s < stage.predicted_s:
+                    stage, new_holders = alt, alt_holders
+        holders = new_holders
+        stages.append(stage)
+    final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
+    last_shape = stages[-1].output_shape if stages else in_shape
+    final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
+    return stages, final, final_s, sum(s.predicted_s for s in stages) + final_s
