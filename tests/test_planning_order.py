@@ -115,6 +115,8 @@ def test_a_device_on_a_slow_link_gets_one_neighbour() -> None:
     # other partitioners, and gather mode (everything goes through the leader), keep device order
     assert make_plan(gm, cl, partition="ocbp", mode="exchange").meta["strip_order"] == [0, 1, 2, 3]
     assert make_plan(gm, cl, partition="optimal", mode="gather").meta["strip_order"] == [0, 1, 2, 3]
+    # and so does optimal where every link is the same (the order then only moves the leader)
+    assert make_plan(gm, cluster([1e8] * 4, [1.0, 3.0, 1.0, 2.0])).meta["strip_order"] == [0, 1, 2, 3]
 
 
 def test_an_order_that_is_not_a_permutation_is_refused() -> None:
