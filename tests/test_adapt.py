@@ -204,6 +204,7 @@ def test_replans_after_a_cap_change_and_back(gm):
     assert len(re) == 1 and re[0] - recs[0].index <= 2  # believed after `patience` frames
     rows1 = sum(a.out_rows[1] - a.out_rows[0] for st in s.plan.stages if st.kind == "spatial" for a in st.assignments if a.device == 2)
     assert rows1 < rows0
+    assert s.plan.meta["strip_order"] == k0.meta["strip_order"]  # re-plans keep the strips' order
     oracle = make_plan(gm, A.scaled_cluster(base_cluster(), sess.truth), partition="optimal", fusion="auto", mode="exchange")
     after = [r.latency_s for r in recs[re[0] - recs[0].index + 1:]]
     assert max(after) <= 1.1 * oracle.predicted_s  # back within 10% of the new best plan

@@ -343,8 +343,11 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
             f0 = list(recs[-1]["factors"])
             f_low = list(f0)
             f_low[i] *= hi / lo
-            refs["cal"] = make_plan(gm, scaled_cluster(nominal, f0), **kw)
-            refs["low"] = make_plan(gm, scaled_cluster(nominal, f_low), **kw)
+            # the best plan the planner finds: its own order search, or the stream's order kept
+            best = lambda cl: min(make_plan(gm, cl, **kw), make_plan(gm, cl, order=p_nom.meta["strip_order"], **kw),  # noqa: E731
+                                  key=lambda p: p.predicted_s)
+            refs["cal"] = best(scaled_cluster(nominal, f0))
+            refs["low"] = best(scaled_cluster(nominal, f_low))
             refs["cal"].save(d / "oracle_calibrated.json")
             refs["low"].save(d / "oracle_low.json")
             refs["steady_measured_s"] = statistics.median(x["latency_s"] for x in recs if x["phase"] == 1)
