@@ -583,7 +583,8 @@ def make_plan(
     ``partition.PARTITIONERS`` or any function with the same signature ``(costs, total,
     capabilities) -> counts`` (tests use this to force uneven splits). ``order`` lays the
     devices' strips top to bottom (a permutation of the device indices; default: device order,
-    except that ``optimal`` in exchange mode searches for the best one, see :func:`_best_order`).
+    except that ``optimal`` in exchange mode, where links differ, searches for a faster one: see
+    :func:`_best_orders`).
     """
     if callable(partition):
         part_fn, part_name = partition, getattr(partition, "__name__", "custom")
@@ -656,8 +657,8 @@ def _best_orders(gm: torch.fx.GraphModule, cluster: Cluster, cands: Sequence[Can
     which devices are neighbours decides how many halo rows cross the slow links: a device on a
     slow link does best at an end of the map (one neighbour), next to a fast one. An order is
     priced by one pass over each candidate's stages (every partitioner's blocks and run splits
-    as made in device order; no partitioning, no fusion search), which ranks orders well but
-    not exactly, so the caller re-plans the best few in full. Up to five devices every order is
+    as made for the best plan so far, in its order; no partitioning, no fusion search), which
+    ranks orders well but not exactly, so the caller re-plans the best few in full. Up to five devices every order is
     priced (120 at five); beyond, pairwise swaps from device order while one helps.
     """
     k = len(cluster.devices)
