@@ -189,8 +189,6 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
     Returns the model output on the leader (None elsewhere) and this device's timings, one per
     stage plus one for the final transfers. Sends are flushed before returning.
     """
-    import os, sys
-    _ct0 = time.thread_time(); _cc = [0.0]
     timings: list[StageTiming] = []
     shape0 = list(plan.input_shape)
     hold = Holdings(split_axis(shape0), shape0)
@@ -219,10 +217,9 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             works = a is not None and not _empty(a.out_rows[1] - a.out_rows[0])
             if stage.kind == "reduce" and (holds or device == 0):
                 xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
-                c0 = c_start = time.perf_counter(); _c1 = time.thread_time()
+                c0 = c_start = time.perf_counter()
                 with torch.no_grad():
                     y = run_stage(gm, stage, device, xin, reduce_fn=rfn)
-                _cc[0] += time.thread_time() - _c1
                 compute = time.perf_counter() - c0 - waited[0]
                 if device == 0:
                     assert a is not None
@@ -235,10 +232,9 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             rfn, waited = None, [0.0]
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
-            c0 = c_start = time.perf_counter(); _c1 = time.thread_time()
+            c0 = c_start = time.perf_counter()
             with torch.no_grad():
                 y = run_stage(gm, stage, device, xin) if rfn is None else run_stage(gm, stage, device, xin, reduce_fn=rfn)
-            _cc[0] += time.thread_time() - _c1
             compute = time.perf_counter() - c0 - waited[0]
             if not isinstance(y, torch.Tensor):
                 # a model returning a tuple (multi-exit): only the leader's last stage may
@@ -269,8 +265,6 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
     if ch is not None:
         ch.flush_sends()
     timings.append(StageTiming(time.perf_counter() - t0, 0.0, t0))
-    if os.environ.get("EW_CPUSTAT"):
-        print(f"CPUSTAT dev {device} main {1000*(time.thread_time()-_ct0):.1f} ms compute {1000*_cc[0]:.1f} ms", file=sys.stderr, flush=True)
     return out, timings
 
 
