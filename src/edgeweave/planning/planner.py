@@ -607,16 +607,17 @@ def make_plan(
     args = (fusion, mode, model_name, model_hash, tables)
 
     def best(order_: Sequence[int] | None) -> tuple[Plan, list[Candidate]]:
-        made = [_make_plan(gm, cluster, part_fn, part_name, *args, order_)]
+        fns = [part_fn]
         if part_name == "optimal" and k > 1:
             # The optimal split is exact for the partition cost functions, which price a strip
             # in isolation; the plan's prediction then accounts for shared links, real strip
             # positions and re-splits between stages. So that "optimal" never predicts worse
             # than any other partitioner under that full model either, their plans are built
             # too and the fastest kept (meta["split_from"] says whose split won).
-            made += [_make_plan(gm, cluster, PARTITIONERS[o], part_name, *args, order_) for o in ("bodp", "ocbp", "equal")]
-        plan = min((m[0] for m in made), key=lambda p: p.predicted_s)  # first of equals: optimal's
-        return plan, [(m[1], m[2], PARTITIONERS.get(m[0].meta["split_from"], part_fn)) for m in made]
+            fns += [PARTITIONERS[o] for o in ("bodp", "ocbp", "equal")]
+        made = [(_make_plan(gm, cluster, fn, part_name, *args, order_), fn) for fn in fns]
+        plan = min((m[0][0] for m in made), key=lambda p: p.predicted_s)  # first of equals: optimal's
+        return plan, [(merged, feeds, fn) for (_, merged, feeds), fn in made]
 
     plan, cands = best(order)
     links = {d.bandwidth_bps for d in cluster.devices}
