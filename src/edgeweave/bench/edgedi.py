@@ -344,10 +344,10 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
             f_low = list(f0)
             f_low[i] *= hi / lo
             # the best plan the planner finds: its own order search, or the stream's order kept
-            best = lambda cl: min(make_plan(gm, cl, **kw), make_plan(gm, cl, order=p_nom.meta["strip_order"], **kw),  # noqa: E731
-                                  key=lambda p: p.predicted_s)
-            refs["cal"] = best(scaled_cluster(nominal, f0))
-            refs["low"] = best(scaled_cluster(nominal, f_low))
+            order = p_nom.meta["strip_order"]
+            refs["cal"], refs["low"] = (min(make_plan(gm, cl, **kw), make_plan(gm, cl, order=order, **kw),
+                                            key=lambda p: p.predicted_s)
+                                        for cl in (scaled_cluster(nominal, f0), scaled_cluster(nominal, f_low)))
             refs["cal"].save(d / "oracle_calibrated.json")
             refs["low"].save(d / "oracle_low.json")
             refs["steady_measured_s"] = statistics.median(x["latency_s"] for x in recs if x["phase"] == 1)
