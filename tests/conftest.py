@@ -1,7 +1,13 @@
 import os
+import socket
+import threading
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+
+from edgeweave.runtime.wire import Channel
 
 # Tests share a 2-core machine with real worker processes; one thread each keeps them fair.
 torch.set_num_threads(1)
@@ -25,3 +31,33 @@ def _free_module_caches(request):
         if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "cache_info"):
             obj.cache_clear()
     gc.collect()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pair():
+    """Channels for two ranks of one gloo group in this process (each built on its own thread, since the
+    constructor waits for the other)."""
+    port = _free_port()
+    groups: dict[int, object] = {}
+
+    def build(rank: int) -> None:
+        store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=30))
+        opts = dist.ProcessGroupGloo._Options()
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        opts._timeout = timedelta(seconds=30)
+        groups[rank] = (store, dist.ProcessGroupGloo(store, rank, 2, opts))
+
+    ts = [threading.Thread(target=build, args=(r,)) for r in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert set(groups) == {0, 1}
+    names = ["a", "b"]
+    return [Channel(groups[r][1], r, names, timeout_s=1.0) for r in (0, 1)]

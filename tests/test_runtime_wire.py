@@ -3,46 +3,13 @@ stuck on a silent peer that does not hold up the next message."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from edgeweave.runtime.wire import Channel, PeerError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def pair():
-    """Two ranks of one gloo group in this process (each built on its own thread, since the
-    constructor waits for the other)."""
-    port = _free_port()
-    groups: dict[int, object] = {}
-
-    def build(rank: int) -> None:
-        store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=30))
-        opts = dist.ProcessGroupGloo._Options()
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-        opts._timeout = timedelta(seconds=30)
-        groups[rank] = (store, dist.ProcessGroupGloo(store, rank, 2, opts))
-
-    ts = [threading.Thread(target=build, args=(r,)) for r in (0, 1)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-    assert set(groups) == {0, 1}
-    names = ["a", "b"]
-    return [Channel(groups[r][1], r, names, timeout_s=1.0) for r in (0, 1)]
+from edgeweave.runtime.wire import PeerError
 
 
 def _waiters() -> int:

@@ -25,6 +25,7 @@ from edgeweave.planning.graph import node_kind, node_reduce, node_shape, node_wi
 from edgeweave.planning.halo import EMPTY, Range, intersect, size
 from edgeweave.profiling.compute import op_kind
 from edgeweave.profiling.profile import DeviceProfile
+from edgeweave.runtime.codec import wire_ratio
 
 DTYPE_BYTES = 4  # float32 activations
 
@@ -116,6 +117,14 @@ def row_bytes(shape: Sequence[int] | None) -> int:
     for v in shape:
         numel *= int(v)
     return numel // max(rows_of(shape), 1) * DTYPE_BYTES
+
+
+def wire_row_bytes(node: torch.fx.Node | None) -> float:
+    """Bytes one row of ``node``'s value takes on the wire: raw bytes times the codec's ratio
+    for the value's measured density (``graph.measure_density``; runtime/codec.py)."""
+    if node is None:
+        return float(DTYPE_BYTES)
+    return row_bytes(node_shape(node)) * wire_ratio(node.meta.get("ew_density"))
 
 
 Work = dict[str, tuple[float, int]]  # kind -> (FLOPs, calls)

@@ -241,6 +241,36 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
     return gm
 
 
+def measure_density(gm: torch.fx.GraphModule, seed: int = 0) -> None:
+    """Annotate each node with the share of its values that are not all-zero bits
+    (``node.meta["ew_density"]``), from one run on a seeded normal input; once per graph.
+
+    Why: the runtime codes the rows it sends (runtime/codec.py), and rows after a ReLU travel
+    about half as large, so the planner prices a link by the value's density. It is the
+    density of a random input, an estimate for real ones (trained networks on images are
+    usually sparser, so this prices links high rather than low). A graph that cannot run on
+    a random float input keeps no density and is priced raw.
+    """
+    if gm.meta.get("ew_density_seed") == seed:
+        return
+    gm.meta["ew_density_seed"] = seed
+    x = torch.randn(*gm.meta["ew_input_shape"], generator=torch.Generator().manual_seed(seed))
+
+    class _Density(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel():
+                n.meta["ew_density"] = float(torch.count_nonzero(out.view(torch.int32))) / out.numel()
+            return out
+
+    try:
+        with _eval_temporarily(gm), torch.no_grad():
+            _Density(gm).run(x)
+    except Exception:  # noqa: BLE001 - any model code: then every link is priced raw
+        for n in gm.graph.nodes:
+            n.meta.pop("ew_density", None)
+
+
 def node_kind(node: torch.fx.Node) -> str:
     return str(node.meta.get("ew_kind", "global"))
 

@@ -63,6 +63,7 @@ from edgeweave.planning.cost import (
     partial_work,
     relay_bytes,
     row_bytes,
+    wire_row_bytes,
     rows_of,
     schedule_transfers,
 )
@@ -75,7 +76,15 @@ from edgeweave.planning.fusion import (
     is_reduce_segment,
     unfold_flatten,
 )
-from edgeweave.planning.graph import is_folded, is_small, node_reduce, node_shape, reduce_partial_shape, reduce_source
+from edgeweave.planning.graph import (
+    is_folded,
+    is_small,
+    measure_density,
+    node_reduce,
+    node_shape,
+    reduce_partial_shape,
+    reduce_source,
+)
 from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
 from edgeweave.planning.partition import PARTITIONERS
 from edgeweave.planning.plan import Assignment, Plan, Reduction, Stage, Transfer
@@ -323,7 +332,7 @@ class _Planner:
                     raise AssertionError(f"rows {miss} needed by device {d} are held by nobody")
         return out
 
-    def _schedule(self, transfers: Sequence[tuple[Transfer, bool]], rb: int) -> tuple[dict[int, float], float]:
+    def _schedule(self, transfers: Sequence[tuple[Transfer, bool]], rb: float) -> tuple[dict[int, float], float]:
         return schedule_transfers([(t.src, t.dst, size(t.rows) * rb, f) for t, f in transfers], self.devices)
 
     # ---- stages -------------------------------------------------------------------------
@@ -360,7 +369,7 @@ class _Planner:
                 needs.append((d, in_r))
             new_holders = [(d, o[0], o[1]) for d, (_, o) in assignments.items()]
         transfers = self._transfers(holders, needs)
-        ready, end_all = self._schedule(transfers, row_bytes(in_shape))
+        ready, end_all = self._schedule(transfers, wire_row_bytes(block.input))
         reductions: list[Reduction] = []
         red_s = 0.0
         if block.kind == "spatial":
@@ -437,7 +446,7 @@ class _Planner:
             return None
         return scale_counts(per_dev, in_total, out_total, self.order)
 
-    def gather_time(self, holders: Holders, rb: int) -> float:
+    def gather_time(self, holders: Holders, rb: float) -> float:
         return self._schedule([(Transfer(d, 0, (lo, hi)), False) for d, lo, hi in holders if d != 0 and hi > lo], rb)[1]
 
     # ---- partition cost functions -------------------------------------------------------
@@ -452,7 +461,7 @@ class _Planner:
         in_shape, out_shape = block.in_shape, block.out_shape
         total = rows_of(out_shape)
         in_total = rows_of(in_shape)
-        rb_in, rb_out = row_bytes(in_shape), row_bytes(out_shape)
+        rb_in, rb_out = wire_row_bytes(block.input), wire_row_bytes(block.output)
         works: list[Work] = []
         in_counts: list[int] = []
         if block.kind == "spatial":
@@ -561,7 +570,7 @@ class _Planner:
         if reduce_fns is not None:  # the next stage sums the strips where they are
             t += max((reduce_fns[d](hi - lo) for d, lo, hi in out_holders), default=0.0)
         elif self.mode == "gather" or last_in_run:
-            t += self.gather_time(out_holders, row_bytes(block.out_shape))
+            t += self.gather_time(out_holders, wire_row_bytes(block.output))
         return t
 
 
@@ -601,6 +610,8 @@ def make_plan(
     if "ew_input_shape" not in gm.meta:
         raise EdgeweaveError("make_plan needs a graph from edgeweave.planning.graph.capture")
     k = len(cluster.devices)
+    if k > 1:
+        measure_density(gm)  # links are priced by the bytes the runtime's codec sends
     if order is not None and sorted(order) != list(range(k)):
         raise EdgeweaveError(f"strip order {list(order)} is not a permutation of the {k} devices' indices")
     tables: dict = {}
@@ -831,6 +842,5 @@ def _assemble(pl: _Planner, merged: Merged, in_shape: list[int], leader_only: bo
         holders = new_holders
         stages.append(stage)
     final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
-    last_shape = stages[-1].output_shape if stages else in_shape
-    final_s = pl._schedule([(t, False) for t in final], row_bytes(last_shape))[1]
+    final_s = pl._schedule([(t, False) for t in final], wire_row_bytes(merged[-1][0].output) if merged else row_bytes(in_shape))[1]
     return stages, final, final_s, sum(s.predicted_s for s in stages) + final_s

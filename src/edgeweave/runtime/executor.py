@@ -17,6 +17,7 @@ import torch
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.plan import Plan, Stage, Transfer
+from edgeweave.runtime import codec
 from edgeweave.runtime.wire import TAG_STRIDE, Channel, transfer_tag
 
 # run_stage(gm, stage, device, x) -> rows out_rows of the stage output (planning.execute).
@@ -40,6 +41,7 @@ class _Piece:
     work: Any = None  # pending receive, or None when the rows are here
     src: int = -1
     what: str = ""
+    shape: list[int] | None = None  # while ``tensor`` holds the coded message (runtime/codec.py)
 
 
 @dataclass
@@ -51,18 +53,34 @@ class Holdings:
     pieces: list[_Piece] = field(default_factory=list)
     wait_s: float = 0.0  # time spent waiting for receives
 
-    def add(self, start: int, stop: int, t: torch.Tensor, work: Any = None, src: int = -1, what: str = "") -> None:
+    def add(self, start: int, stop: int, t: torch.Tensor) -> None:
         if t.shape[self.axis] != stop - start:
             raise EdgeweaveError(f"internal: piece [{start},{stop}) has {t.shape[self.axis]} rows")
-        self.pieces.append(_Piece(start, stop, t, work, src, what))
+        self.pieces.append(_Piece(start, stop, t))
 
-    def _ready(self, p: _Piece, ch: Channel | None) -> torch.Tensor:
+    def receive(self, start: int, stop: int, ch: Channel, src: int, tag: int, what: str) -> None:
+        """Post the receive of rows ``[start, stop)`` from ``src``, coded (runtime/codec.py)."""
+        shape = list(self.shape)
+        shape[self.axis] = stop - start
+        n = 1
+        for v in shape:
+            n *= v
+        buf = torch.empty(codec.max_bytes(n), dtype=torch.uint8)
+        self.pieces.append(_Piece(start, stop, buf, ch.irecv(buf, src, tag), src, what, shape))
+
+    def _arrived(self, p: _Piece, ch: Channel | None) -> None:
         if p.work is not None:
             assert ch is not None
             t0 = time.perf_counter()
             ch.wait(p.work, p.src, f"receiving {p.what}")
             self.wait_s += time.perf_counter() - t0
             p.work = None
+
+    def _ready(self, p: _Piece, ch: Channel | None) -> torch.Tensor:
+        self._arrived(p, ch)
+        if p.shape is not None:
+            p.tensor = codec.decode(p.tensor, p.shape, f"{ch.who(p.src) if ch else '?'} ({p.what})")
+            p.shape = None
         return p.tensor
 
     def take(self, rows: tuple[int, int], ch: Channel | None, who: str) -> torch.Tensor:
@@ -87,8 +105,7 @@ class Holdings:
     def drain(self, ch: Channel | None) -> None:
         """Wait for every receive still pending (rows the plan delivered but nobody used)."""
         for p in self.pieces:
-            if p.work is not None:
-                self._ready(p, ch)
+            self._arrived(p, ch)
 
 
 @dataclass
@@ -117,12 +134,9 @@ def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device
         tag = transfer_tag(stage_idx, i)
         what = f"rows [{a},{b}) of {label} (transfer {i})"
         if tr.src == device:
-            ch.isend(hold.take((a, b), ch, f"device {device}"), tr.dst, tag, what)
+            ch.isend(codec.encode(hold.take((a, b), ch, f"device {device}")), tr.dst, tag, what)
         else:
-            shape = list(hold.shape)
-            shape[hold.axis] = b - a
-            buf = torch.empty(shape, dtype=torch.float32)
-            hold.add(a, b, buf, ch.irecv(buf, tr.src, tag), tr.src, what)
+            hold.receive(a, b, ch, tr.src, tag, what)
 
 
 def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
