@@ -247,8 +247,8 @@ def measure_density(gm: torch.fx.GraphModule, seed: int = 0) -> None:
 
     Why: the runtime codes the rows it sends (runtime/codec.py), and rows after a ReLU travel
     about half as large, so the planner prices a link by the value's density. It is the
-    density of a random input, an estimate for real ones (trained networks on images are
-    usually sparser, so this prices links high rather than low). A graph that cannot run on
+    density of a random input, an estimate for real ones (where a trained network is sparser
+    after its ReLUs, links are priced high rather than low). A graph that cannot run on
     a random float input keeps no density and is priced raw.
     """
     if gm.meta.get("ew_density_seed") == seed:

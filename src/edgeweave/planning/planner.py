@@ -685,6 +685,7 @@ def _best_orders(gm: torch.fx.GraphModule, cluster: Cluster, cands: Sequence[Can
 
     def allowed(o: tuple[int, ...]) -> bool:
         return o not in exclude and (o[0] == 0 or o[-1] == 0)
+
     distinct = {}
     for m, f, fn in cands:  # partitioners often agree: price each distinct split once
         distinct.setdefault(tuple((b.kind, b.output.name if b.output is not None else "", str(b.ref)) for b, _, _ in m), (m, f, fn))
