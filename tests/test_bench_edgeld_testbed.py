@@ -102,7 +102,9 @@ def test_warm_single_device_and_per_cap_latencies(tb):
     byte moved) and gives the caps back."""
     from edgeweave.bench.tbcluster import SingleDevice, byte_costs, message_latencies
 
-    with SingleDevice(tb, "w1", "mobilenet_v3_small", 64, timeout_s=180) as solo:
+    # 160 px: each inference spans several 10 ms quota periods (at 64 px one took 2 ms on a fast
+    # host, inside a single period's quota, and ran unthrottled)
+    with SingleDevice(tb, "w1", "mobilenet_v3_small", 160, timeout_s=180) as solo:
         u0 = tb.cpu_usage_s("w1")
         times = [solo.time_once() for _ in range(3)]
         used = tb.cpu_usage_s("w1") - u0

@@ -61,7 +61,7 @@ def encode(t: torch.Tensor) -> torch.Tensor:
     count = int(np.count_nonzero(nonzero))
     raw_size = 4 * n
     sparse_size = _mask_bytes(n) + 4 * count
-    if sparse_size > (1.0 - MIN_SAVING) * raw_size:
+    if wire_ratio(count / max(n, 1)) >= 1.0:  # the planner's rule, so its price holds
         out = np.empty(HEADER + raw_size, dtype=np.uint8)
         out[:HEADER].view(np.int64)[:] = (RAW, n)
         out[HEADER:].view(np.float32)[:] = flat
