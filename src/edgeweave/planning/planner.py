@@ -683,8 +683,11 @@ def _best_orders(gm: torch.fx.GraphModule, cluster: Cluster, cands: Sequence[Can
     """
     k = len(cluster.devices)
 
+    def leader_at_end(o: Sequence[int]) -> bool:
+        return o[0] == 0 or o[-1] == 0
+
     def allowed(o: tuple[int, ...]) -> bool:
-        return o not in exclude and (o[0] == 0 or o[-1] == 0)
+        return o not in exclude and leader_at_end(o)
 
     distinct = {}
     for m, f, fn in cands:  # partitioners often agree: price each distinct split once
@@ -702,7 +705,7 @@ def _best_orders(gm: torch.fx.GraphModule, cluster: Cluster, cands: Sequence[Can
         for i, j in itertools.combinations(range(k), 2):
             o = list(cur)
             o[i], o[j] = o[j], o[i]
-            if o[0] == 0 or o[-1] == 0:
+            if leader_at_end(o):
                 swaps.append((cost(tuple(o)), tuple(o)))
         s, o = min(swaps)
         if s >= cur_s:

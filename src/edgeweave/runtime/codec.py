@@ -21,6 +21,8 @@ bytes come from the network.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -78,9 +80,7 @@ def encode(t: torch.Tensor) -> torch.Tensor:
 def decode(buf: torch.Tensor, shape: list[int] | tuple[int, ...], who: str = "a peer") -> torch.Tensor:
     """The float32 tensor of ``shape`` that :func:`encode` turned into ``buf`` (a receive buffer
     of at least the message's size). Raises EdgeweaveError on a header that does not fit."""
-    n = 1
-    for v in shape:
-        n *= int(v)
+    n = math.prod(int(v) for v in shape)
     data = buf.numpy()
     if data.size < HEADER:
         raise EdgeweaveError(f"{who} sent a coded message shorter than its header")

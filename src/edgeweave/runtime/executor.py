@@ -9,6 +9,7 @@ therefore never deadlocks, because waits follow the plan's own data dependencies
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -62,10 +63,7 @@ class Holdings:
         """Post the receive of rows ``[start, stop)`` from ``src``, coded (runtime/codec.py)."""
         shape = list(self.shape)
         shape[self.axis] = stop - start
-        n = 1
-        for v in shape:
-            n *= v
-        buf = torch.empty(codec.max_bytes(n), dtype=torch.uint8)
+        buf = torch.empty(codec.max_bytes(math.prod(shape)), dtype=torch.uint8)
         self.pieces.append(_Piece(start, stop, buf, ch.irecv(buf, src, tag), src, what, shape))
 
     def _arrived(self, p: _Piece, ch: Channel | None) -> None:
