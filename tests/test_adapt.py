@@ -45,6 +45,9 @@ class FakeSession:
         self.truth = [1.0] * len(base.devices)
         self.overhead = 1.0  # measured latency / cost model: what the model leaves out
         self.penalty: dict[int, float] = {}  # plan id -> what the model misses about that plan
+        # device -> (base seconds, factor): below that much planned work per frame the device
+        # runs at that factor instead of ``truth`` (a quota that a thin strip never exhausts)
+        self.light: dict[int, tuple[float, float]] = {}
         self.plans: dict[int, tuple] = {}
         self.rng = random.Random(seed)
 
@@ -53,15 +56,21 @@ class FakeSession:
         self.plans[pid] = (plan, self.gm)
         return pid
 
+    def effective(self, gm, plan) -> list[float]:
+        works = A.device_work(A.stage_works(gm, plan), len(plan.devices))
+        return [self.light[d][1] if d in self.light and compute_s(self.base.devices[d], w) < self.light[d][0] else t
+                for d, (w, t) in enumerate(zip(works, self.truth))]
+
     def infer(self, x, pid):
         plan, gm = self.plans[pid]
-        comp = A.stage_compute(A.stage_works(gm, plan), A.scaled_cluster(self.base, self.truth))
+        truth = self.effective(gm, plan)
+        comp = A.stage_compute(A.stage_works(gm, plan), A.scaled_cluster(self.base, truth))
         k = len(plan.devices)
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
                + [StageTiming(0.0, 0.0)] for d in range(k)]
         made_with = plan.meta.get("speed_factors", [1.0] * k)  # what the plan's prediction assumes
         base = A.stage_scaling(plan, A.stage_compute(A.stage_works(gm, plan), self.base), self.base)
-        total = self.overhead * self.penalty.get(pid, 1.0) * A.reprice(plan, base, made_with, self.truth)
+        total = self.overhead * self.penalty.get(pid, 1.0) * A.reprice(plan, base, made_with, truth)
         return None, Timings(total, list(plan.devices), per, [s.kind for s in plan.stages])
 
 
@@ -297,3 +306,68 @@ def test_returns_to_the_plan_measured_before_the_change(gm):
     assert len(back) == 1 and back[0].reused and s.plan_id == pid0
     assert recs[-1].latency_s <= 1.1 * statistics.median(r.latency_s for r in before[2:])
     assert all(r.event == "" for r in recs[back[0].index - recs[0].index + 1:])  # and stays there
+
+
+def test_worse_and_refute():
+    pol = A.AdaptPolicy(min_gain=0.1, change=0.3, retry=5)
+    assert not A.worse(pol, [0.30, 0.32], [0.45, 0.33])  # one slow first frame is not a verdict
+    assert A.worse(pol, [0.30, 0.32], [0.54, 0.36])
+    assert not A.worse(pol, [], [0.5])
+    st = A.AdaptState([1.0, 3.0], [1.0, 0.8], [[], [0.7]], 10, [True, True])
+    st = A.refute(st, pol, {1: 3.2}, {1: 0.8})
+    assert st.factors == [1.0, 3.2] and st.basis == [1.0, 3.2] and st.recent == [[], []]
+    # held: faster samples beyond `change` are ignored, slower ones and noise are not
+    held, ch = A.observe(st, pol, [0.1, 0.1], [0.1, 0.08])
+    assert held.factors[1] == 3.2 and held.recent[1] == [] and ch == []
+    slower, _ = A.observe(st, pol, [0.1, 0.1], [0.1, 0.5])
+    assert slower.recent[1] == [pytest.approx(5.0)]
+    noise, _ = A.observe(st, pol, [0.1, 0.1], [0.1, 0.3])
+    assert noise.factors[1] == pytest.approx(3.1)
+    later = replace(st, frames=st.frames + 5)  # the hold expires after `retry` frames
+    assert A.observe(later, pol, [0.1, 0.1], [0.1, 0.08])[0].recent[1] == [pytest.approx(0.8)]
+
+
+def test_a_re_plan_that_runs_slower_is_undone_and_not_retried(gm):
+    """w2 slows down 2.5x; with the thin strip the re-plan leaves it, it runs *faster* than its
+    profile (0.7x: a quota it never exhausts). Believing that, the stream gives it its rows
+    back, measures the frames slower, goes back, and does not try again within ``retry``."""
+    s, sess = stream(gm, noise=0.03, seed=7)
+    s.serve([None] * 10)
+    nominal = A.device_work(A.stage_works(gm, s.plan), 4)[2]
+    sess.light = {2: (0.6 * compute_s(base_cluster().devices[2], nominal), 0.7)}
+    sess.truth = [1.0, 1.0, 2.5, 1.0]
+    recs = s.serve([None] * 30)
+    plans = [(r.index, r.plan_id, r.reverted) for r in recs if r.event == "replanned"]
+    assert len(plans) == 3, plans  # the cap change, the mistaken speed-up, the way back
+    first, mistaken, back = plans
+    assert back[2] and not first[2] and not mistaken[2]
+    assert back[0] - mistaken[0] == s.policy.patience  # judged on `patience` frames
+    made = next(r.plan_id for r in recs if r.index == first[0] + 1)  # records name the plan that ran
+    assert s.plan_id == made  # the plan made for the change serves again
+    after = [r.latency_s for r in recs if r.index > back[0]]
+    assert max(after) < min(r.latency_s for r in recs if mistaken[0] < r.index <= back[0])
+    assert recs[-1].factors[2] > 2.0  # the held estimate, not the thin strip's 0.7
+
+
+def test_an_idle_slow_device_is_probed_and_its_recovery_seen(gm):
+    """w1 slows 6x and the re-plan leaves it too little work to measure. While it stays slow,
+    one probe is tried, measured slower and undone; after it recovers, the next probe (once
+    the hold has expired) is kept and the stream gets back to the nominal latency."""
+    base = base_cluster()
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    sess = FakeSession(gm, base, noise=0.03, seed=8)
+    share = compute_s(base.devices[1], A.device_work(A.stage_works(gm, plan), 4)[1])
+    pol = A.AdaptPolicy(min_gain=0.1, min_compute_s=0.3 * share, probe_after=6, retry=20)
+    s = AdaptiveStream(sess, plan, base, policy=pol)
+    nominal = statistics.median(r.latency_s for r in s.serve([None] * 10)[2:])
+    sess.truth = [1.0, 6.0, 1.0, 1.0]
+    recs = s.serve([None] * 24)
+    ev = [(r.index, r.probe, r.reverted) for r in recs if r.event == "replanned"]
+    assert [(p, v) for _i, p, v in ev] == [(False, False), (True, False), (False, True)], ev
+    assert ev[1][0] - ev[0][0] >= pol.probe_after and ev[2][0] - ev[1][0] == pol.patience
+    sess.truth = [1.0] * 4
+    recs = s.serve([None] * 40)
+    probes = [r for r in recs if r.probe]
+    assert probes and not any(r.reverted for r in recs)
+    assert probes[0].index - ev[2][0] >= pol.retry  # held until then
+    assert statistics.median(r.latency_s for r in recs[-5:]) <= 1.15 * nominal

@@ -362,7 +362,7 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
         recs += r
         phases.append({"phase": ph, "name": name, "cap": cap, "first_frame": first, "frames": n})
         console.print(f"  {name} ({dev} at {cap:g} core): " + " ".join(
-            f"{x['latency_s']:.2f}{('^' if x.get('reused') else '*') if x['event'] == 'replanned' else ''}" for x in r))
+            f"{x['latency_s']:.2f}{_mark(x)}" for x in r))
         if name == "low":  # the oracle plan, measured in the slow phase, for reference
             rep = bc.call({"op": "plan", "path": str((d / "oracle_low.json").resolve())})
             lats = bc.call({"op": "infer", "plan_id": rep["plan_id"], "repeat": 3})["latencies_s"]
@@ -373,6 +373,8 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
     for ph in phases:
         sel = [x for x in recs if x["phase"] == ph["phase"]]
         ph["replans"] = sum(x["event"] == "replanned" for x in sel)
+        ph["reverts"] = sum(bool(x.get("reverted")) for x in sel)  # re-plans that undid the one before
+        ph["probes"] = sum(bool(x.get("probe")) for x in sel)  # re-plans that tried an idle device again
         ph["evaluations"] = sum(x["event"] != "" for x in sel)
         ph["median_latency_s"] = statistics.median(x["latency_s"] for x in sel)
         if ph["name"] in ("low", "back"):
@@ -395,6 +397,14 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
             "oracle_predicted_s": refs["low"].predicted_s, "steady_measured_s": refs["steady_measured_s"],
             "oracle_rows_of_device": {"calibrated": rows_of_dev(refs["cal"]), "low": rows_of_dev(refs["low"])},
             "policy": dict(cfg.adapt_policy)}
+
+
+def _mark(rec: dict[str, Any]) -> str:
+    """A frame's re-plan in the console trace: * new plan, ^ a plan measured before, < undone,
+    ? a probe of an idle slow device."""
+    if rec["event"] != "replanned":
+        return ""
+    return "<" if rec.get("reverted") else "?" if rec.get("probe") else "^" if rec.get("reused") else "*"
 
 
 def recovery(records: list[dict[str, Any]], reference_s: float, tol: float = 0.10, window: int = 3) -> dict[str, Any]:
@@ -500,7 +510,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
             w.writerow(["index", "phase", "cap", "latency_s", "plan_version", "predicted_s", "estimated_s", "event", "factors"])
             for x in result["adapt"]["records"]:
                 w.writerow([x["index"], x["phase"], x["cap"], x["latency_s"], x["plan_version"], x["predicted_s"],
-                            x["estimated_s"], x["event"] + ("/reused" if x.get("reused") else ""), ";".join(f"{f:.3f}" for f in x["factors"])])
+                            x["estimated_s"], x["event"] + _mark(x), ";".join(f"{f:.3f}" for f in x["factors"])])
     files |= write_plots(result, out)
     Path(files["report"]).write_text(to_markdown(result, files))
     write_json(files["json"], result | {"files": files})  # NaN -> null, like every --json

@@ -37,9 +37,15 @@ class EdgeDIDriver(LeaderDriver):
     def op_stream(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if self.stream is None:
             raise RuntimeError("stream before stream_start")
+        from edgeweave.runtime.timeline import breakdown
+
         x, _ref = self.ref_for(self.stream.plan)
-        recs = self.stream.serve([x] * int(cmd["frames"]))
-        return {"records": [r.to_dict() for r in recs], "plan": self.stream.plan.to_dict() if cmd.get("with_plan") else None}
+        recs = []
+        for _ in range(int(cmd["frames"])):
+            _y, rec = self.stream.step(x)
+            # where the frame's time went (compute / imbalance / transfers and sync), per frame
+            recs.append(rec.to_dict() | {"breakdown": breakdown(self.stream.last_timings.to_dict())})
+        return {"records": recs, "plan": self.stream.plan.to_dict() if cmd.get("with_plan") else None}
 
     def op_check(self, cmd: dict[str, Any]) -> dict[str, Any]:
         from edgeweave.runtime.run import compare

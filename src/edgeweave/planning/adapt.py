@@ -36,6 +36,23 @@ Re-plan policy, with hysteresis so it never flaps:
    plan that served it before (the last bench edgedi re-planned on two frames that made the
    device look faster than it was, and ran 17 % slower than before the change until the end).
 
+5. a re-plan is a hypothesis that the next ``patience`` frames test: when even the fastest of
+   them is ``min_gain`` slower than the frames the old plan ran just before (:func:`worse`),
+   the stream goes back to the old plan and the devices whose believed change caused the
+   re-plan return to their previous level, which is *held* for ``retry`` frames: samples that
+   would move them the same way again are ignored (:func:`refute`). Why: a device's speed can
+   depend on its load. Under a CPU quota, a device left with a thin strip idles between its
+   stages and then runs each stage on a fresh quota, so it looks 2-4x faster than it is under
+   a full share (bench edgedi: w2 at 0.1 core measured 0.76 of its profile on a thin strip,
+   2.6 on a full one); believing that, the stream handed it its rows back and ran 2.3x slower
+   until it re-planned again. Boards that boost briefly and throttle under sustained load do
+   the same. A real recovery is still noticed once the hold expires.
+6. a device left without work gives no samples, so its recovery would never be seen: after
+   ``probe_after`` frames without a sample, a device estimated slower than its profile (by more
+   than ``change``) is *probed*: a plan made with it halfway back to its profile (geometric
+   mean) is tried as a re-plan under rule 5's test. If it was not faster, the stream goes back
+   and the next probe waits ``retry`` frames (:func:`probe`).
+
 Noise below ``change`` never triggers anything; noise above it for fewer than ``patience``
 frames is ignored; a uniform slowdown (host load on every device) triggers an evaluation whose
 candidate equals the current split and is rejected by ``min_gain``.
@@ -72,6 +89,8 @@ class AdaptPolicy:
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
     ratio_window: int = 8  # steady frames whose measured / estimated latency calibrate predictions
     calibrate_after: int = 4  # measured frames before the one calibration evaluation (0 = never)
+    retry: int = 40  # frames a refuted change is held off (rule 5)
+    probe_after: int = 8  # frames without a sample before an idle slow device is probed (rule 6)
 
 
 @dataclass
@@ -86,6 +105,8 @@ class AdaptState:
     sampled: list[bool] = field(default_factory=list)  # measured at least once
     ratios: list[float] = field(default_factory=list)  # recent steady measured / estimated latencies
     evaluated: bool = False  # a candidate plan was evaluated at least once (see ``evaluation_due``)
+    held: dict[int, tuple[int, float]] = field(default_factory=dict)  # device -> (until frame, refuted level)
+    seen: dict[int, int] = field(default_factory=dict)  # device -> frame of its last sample (or probe)
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
@@ -222,7 +243,7 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     """
     n = len(state.factors)
     st = replace(state, factors=list(state.factors), recent=[list(r) for r in state.recent], frames=state.frames + 1,
-                 sampled=list(state.sampled) or [False] * n)
+                 sampled=list(state.sampled) or [False] * n, seen=dict(state.seen))
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -230,6 +251,9 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
         if p < policy.min_compute_s or m <= 0:
             continue  # no (meaningful) work this frame: nothing learnt about this device
         r = m / p
+        st.seen[d] = st.frames
+        if _held(st, policy, d, r):
+            continue
         if not st.sampled[d]:  # first sample: no history to average with
             st.sampled[d] = True
             st.factors[d] = r
@@ -252,6 +276,61 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
             if not st.sampled[d]:
                 st.factors[d] = prior
     return st, changed
+
+
+def _held(state: AdaptState, policy: AdaptPolicy, d: int, r: float) -> bool:
+    """Is sample ``r`` of device ``d`` a refuted change coming back (rule 5)? It is when the
+    hold has not expired and ``r`` deviates from the basis to the side the refuted level was."""
+    until, level = state.held.get(d, (0, 0.0))
+    if state.frames >= until or _dev(r, state.basis[d]) <= policy.change:
+        return False
+    return (r < state.basis[d]) == (level < state.basis[d])
+
+
+def refute(state: AdaptState, policy: AdaptPolicy, levels: dict[int, float], believed: dict[int, float]) -> AdaptState:
+    """A re-plan made things worse (:func:`worse`): devices ``levels`` (device -> the factor
+    before the change that caused it) go back to those levels, and the change (``believed``:
+    device -> the factor that was believed) is held off for ``retry`` frames."""
+    factors = list(state.factors)
+    held = dict(state.held)
+    for d, f in levels.items():
+        factors[d] = f
+        held[d] = (state.frames + policy.retry, believed[d])
+    return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors], held=held)
+
+
+def probe(state: AdaptState, policy: AdaptPolicy) -> dict[int, float]:
+    """Devices to probe now (rule 6) -> the factor to plan them with: estimated slower than
+    their profile by more than ``change``, measured once, no sample for ``probe_after`` frames,
+    not held."""
+    out: dict[int, float] = {}
+    if any(state.recent):  # a change is being measured: not now
+        return out
+    for d, f in enumerate(state.factors):
+        idle = state.frames - state.seen.get(d, state.frames)
+        held = state.frames < state.held.get(d, (0, 0.0))[0]
+        if f > 1 + policy.change and state.sampled[d] and idle >= policy.probe_after and not held:
+            out[d] = math.sqrt(f)
+    return out
+
+
+def start_probe(state: AdaptState, levels: dict[int, float]) -> AdaptState:
+    """The stream is trying a plan made with ``levels`` for some devices: they are assumed at
+    those levels until measured, and their probe clock restarts."""
+    factors = list(state.factors)
+    for d, f in levels.items():
+        factors[d] = f
+    return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors],
+                   seen=dict(state.seen) | {d: state.frames for d in levels})
+
+
+def worse(policy: AdaptPolicy, before_s: Sequence[float], after_s: Sequence[float]) -> bool:
+    """Did a re-plan make frames slower? Judged by the *fastest* frame after it (a plan's first
+    frame often runs 20-30 % slow: new strip shapes, first touches) against the median of the
+    frames before it, with ``min_gain`` as the margin."""
+    if not before_s or not after_s:
+        return False
+    return min(after_s) > statistics.median(before_s) * (1 + policy.min_gain)
 
 
 def evaluation_due(state: AdaptState, policy: AdaptPolicy, changed: Sequence[int]) -> bool:

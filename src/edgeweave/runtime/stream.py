@@ -49,6 +49,8 @@ class FrameRecord:
     compute_s: list[float]  # measured compute seconds per device
     event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned"
     reused: bool = False  # the re-plan went back to a plan measured under these speeds before
+    reverted: bool = False  # the re-plan undid the previous one, which ran slower (adapt rule 5)
+    probe: bool = False  # the re-plan tries an idle slow device again (adapt rule 6)
     candidate_s: float | None = None
     gain: float | None = None
     replan_s: float = 0.0  # planning + loading time spent after this frame (not in latency_s)
@@ -58,6 +60,19 @@ class FrameRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Trial:
+    """A re-plan under test (adapt rule 5): what to go back to, and the evidence."""
+
+    plan: Plan
+    plan_id: int
+    factors: list[float]  # the speeds the old plan's prediction assumed
+    before_s: list[float]  # the old plan's last frames
+    levels: dict[int, float]  # device -> its factor before the change that caused the re-plan
+    believed: dict[int, float]  # device -> the factor believed
+    after_s: list[float] = field(default_factory=list)
 
 
 class AdaptiveStream:
@@ -82,6 +97,7 @@ class AdaptiveStream:
         # every plan served so far: (plan, the speeds its prediction assumes, steady samples of
         # (speed estimates, measured latency)); the stream may go back to one (adapt rule 4)
         self.known: dict[int, tuple[Plan, list[float], list[tuple[list[float], float]]]] = {}
+        self.trial: Trial | None = None
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
     def _use(self, plan: Plan, pid: int, factors: list[float]) -> None:
@@ -114,8 +130,12 @@ class AdaptiveStream:
                 samples = self.known[self.plan_id][2]
                 samples.append((list(self.state.factors), tm.total_s))
                 del samples[:-self.policy.ratio_window]
-        if A.evaluation_due(self.state, self.policy, changed):
+        if self.trial is not None and self._judge(tm.total_s):
+            rec.event, rec.reverted = "replanned", True
+            estimated = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
+        if not rec.reverted and A.evaluation_due(self.state, self.policy, changed):
             t0 = time.perf_counter()
+            old = (self.plan, self.plan_id, self.plan_factors, self._ran(tm.total_s))
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             dec = A.decide(self.policy, estimated, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
@@ -133,17 +153,56 @@ class AdaptiveStream:
                 estimated = A.reprice(plan, self.scale_base, factors, self.state.factors)
                 rec.reused = True
             if choice != "current":
+                self.trial = Trial(old[0], old[1], old[2], old[3], {d: self.state.basis[d] for d in changed},
+                                   {d: self.state.factors[d] for d in changed})
                 self.version += 1
                 rec.event = "replanned"
             else:
                 rec.event = "kept"
             self.state = A.rebase(self.state)
             rec.replan_s = time.perf_counter() - t0
+        elif not rec.reverted and self.trial is None and (levels := A.probe(self.state, self.policy)):
+            t0 = time.perf_counter()
+            old = (self.plan, self.plan_id, self.plan_factors, self._ran(tm.total_s))
+            before = {d: self.state.factors[d] for d in levels}
+            self.state = A.start_probe(self.state, levels)
+            cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
+            now = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
+            if A.decide(self.policy, now, cand.predicted_s).replan:  # the probe changes the split enough
+                self._use(cand, self.session.load_plan(cand), list(self.state.factors))
+                self.trial = Trial(*old, before, dict(levels))
+                self.version += 1
+                rec.event, rec.probe, rec.candidate_s = "replanned", True, cand.predicted_s
+                estimated = cand.predicted_s
+            else:  # not worth a trial: keep the estimate, try again later
+                self.state = A.refute(self.state, self.policy, before, dict(levels))
+            rec.replan_s = time.perf_counter() - t0
         rec.estimated_s = estimated
         rec.latency_ratio = self.state.latency_ratio
         rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
         return y, rec
+
+    def _ran(self, latency_s: float) -> list[float]:
+        """The current plan's last ``patience`` latencies, this frame's included."""
+        ran = [r.latency_s for r in self.records if r.plan_version == self.version] + [latency_s]
+        return ran[-self.policy.patience:]
+
+    def _judge(self, latency_s: float) -> bool:
+        """Add a frame to the re-plan under test; once it has ``patience`` frames, go back if it
+        ran slower than the plan before (adapt rule 5). True when it went back."""
+        t = self.trial
+        assert t is not None
+        t.after_s.append(latency_s)
+        if len(t.after_s) < self.policy.patience:
+            return False
+        self.trial = None
+        if not A.worse(self.policy, t.before_s, t.after_s):
+            return False
+        self._use(t.plan, t.plan_id, t.factors)
+        self.state = A.refute(self.state, self.policy, t.levels, t.believed)
+        self.version += 1
+        return True
 
     def serve(self, frames: Iterable[torch.Tensor]) -> list[FrameRecord]:
         return [self.step(x)[1] for x in frames]
