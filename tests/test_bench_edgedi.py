@@ -132,7 +132,10 @@ def test_adaptive_stream_on_local_processes():
         cl.load_model(model, spec)
         gm = capture(model, (1, 1, 96, 96))
         plan = make_plan(gm, prof, partition="optimal", fusion="auto", mode="exchange", model_hash=cl.model_hash)
-        s = AdaptiveStream(cl, plan, prof, policy=AdaptPolicy(change=0.5, patience=2, min_gain=0.05))
+        # rule 5 (undo a re-plan that runs slower) is off: on loopback the two devices share two
+        # host cores and the re-plan's gain is inside frame noise; tests/test_adapt.py covers it
+        s = AdaptiveStream(cl, plan, prof, policy=AdaptPolicy(change=0.5, patience=2, min_gain=0.05,
+                                                              worse_by=float("inf")))
         first_share = s.pred_base[0] / s.pred_base[1]  # leader's planned compute over w1's
         x = torch.randn(1, 1, 96, 96)
         ys, recs = [], []

@@ -196,8 +196,10 @@ def test_run_adaptive_replans_when_a_profile_is_wrong(tmp_path: Path):
     res = json.loads(out.stdout)
     assert len(res["frames"]) == 8 == len(res["latencies_s"]) and res["rel_err"] <= 1e-4
     assert res["replans"] >= 1 and "re-plans" in out.stderr
-    factors = res["frames"][-1]["factors"]
+    first = next(f for f in res["frames"] if f["event"] == "replanned")
+    factors = first["factors"]
     assert factors[1] > 2 * factors[0], factors  # w1 found much slower than profiled, relative to the leader
+    undone = [f for f in res["frames"] if f.get("reverted")]
 
     def rows_of_w1(plan: dict) -> float:
         """w1's share of all spatial rows (a re-plan may fuse into a different number of stages)."""
@@ -207,5 +209,11 @@ def test_run_adaptive_replans_when_a_profile_is_wrong(tmp_path: Path):
 
     initial = json.loads(subprocess.run(EW + ["plan", "--model", "vgg11", "--input-size", "128", "--cluster", str(cf), "--json"],
                                         capture_output=True, text=True, timeout=120).stdout)
-    assert rows_of_w1(res["plan"]) < rows_of_w1(initial["plan"])
+    if undone:  # adapt rule 5: the re-plan ran slower here (3 processes on this host's cores): undone
+        lat = [f["latency_s"] for f in res["frames"]]
+        i, j = first["index"], undone[0]["index"]
+        assert min(lat[i + 2:j + 1]) > 1.25 * sorted(lat[i - 1:i + 1])[0]
+        assert rows_of_w1(res["plan"]) == rows_of_w1(initial["plan"])
+    else:
+        assert rows_of_w1(res["plan"]) < rows_of_w1(initial["plan"])
     assert not _children_named_worker()

@@ -133,7 +133,8 @@ class AdaptiveStream:
         if self.trial is not None and self._judge(tm.total_s):
             rec.event, rec.reverted = "replanned", True
             estimated = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
-        if not rec.reverted and A.evaluation_due(self.state, self.policy, changed):
+        # while a re-plan is under test, the test decides first (a change stays believed until then)
+        if not rec.reverted and self.trial is None and A.evaluation_due(self.state, self.policy, changed):
             t0 = time.perf_counter()
             old = (self.plan, self.plan_id, self.plan_factors, self._ran(tm.total_s))
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
@@ -189,15 +190,16 @@ class AdaptiveStream:
         return ran[-self.policy.patience:]
 
     def _judge(self, latency_s: float) -> bool:
-        """Add a frame to the re-plan under test; once it has ``patience`` frames, go back if it
-        ran slower than the plan before (adapt rule 5). True when it went back."""
+        """Add a frame to the re-plan under test; once it has ``patience`` frames after its
+        first, go back if they ran slower than the plan before (adapt rule 5). True when it went back."""
         t = self.trial
         assert t is not None
         t.after_s.append(latency_s)
-        if len(t.after_s) < self.policy.patience:
+        # the new plan's first frame is not evidence: new strip shapes run it 20-30 % slow
+        if len(t.after_s) < self.policy.patience + 1:
             return False
         self.trial = None
-        if not A.worse(self.policy, t.before_s, t.after_s):
+        if not A.worse(self.policy, t.before_s, t.after_s[1:]):
             return False
         self._use(t.plan, t.plan_id, t.factors)
         self.state = A.refute(self.state, self.policy, t.levels, t.believed)
