@@ -37,10 +37,11 @@ Re-plan policy, with hysteresis so it never flaps:
    device look faster than it was, and ran 17 % slower than before the change until the end).
 
 5. a re-plan is a hypothesis that the ``patience`` frames after its first test (a plan's first
-   frame runs 20-30 % slow: new strip shapes): when even the fastest of them is ``worse_by`` slower than the frames the old plan ran just before (:func:`worse`),
-   the stream goes back to the old plan and the devices whose believed change caused the
-   re-plan return to their previous level, which is *held* for ``retry`` frames: samples that
-   would move them the same way again are ignored (:func:`refute`). Why: a device's speed can
+   frame runs 20-30 % slow: new strip shapes): when even the fastest of them is ``worse_by``
+   slower than the frames the old plan ran just before (:func:`worse`), the stream goes back
+   to the old plan and the devices whose believed change caused the re-plan return to their
+   previous level, which is *held* for ``retry`` frames: samples that would move them the same
+   way again are ignored (:func:`refute`). Why: a device's speed can
    depend on its load. Under a CPU quota, a device left with a thin strip idles between its
    stages and then runs each stage on a fresh quota, so it looks 2-4x faster than it is under
    a full share (bench edgedi: w2 at 0.1 core measured 0.76 of its profile on a thin strip,
@@ -291,9 +292,10 @@ def _held(state: AdaptState, policy: AdaptPolicy, d: int, r: float) -> bool:
 
 
 def refute(state: AdaptState, policy: AdaptPolicy, levels: dict[int, float], believed: dict[int, float]) -> AdaptState:
-    """A re-plan made things worse (:func:`worse`): devices ``levels`` (device -> the factor
-    before the change that caused it) go back to those levels, and the change (``believed``:
-    device -> the factor that was believed) is held off for ``retry`` frames."""
+    """A re-plan made things worse (:func:`worse`), or a probe was not worth trying: devices
+    ``levels`` (device -> the factor before the change that caused it) go back to those levels,
+    and the change (``believed``: device -> the factor that was believed) is held off for
+    ``retry`` frames."""
     factors = list(state.factors)
     held = dict(state.held)
     for d, f in levels.items():
@@ -330,7 +332,7 @@ def start_probe(state: AdaptState, levels: dict[int, float]) -> AdaptState:
 def worse(policy: AdaptPolicy, before_s: Sequence[float], after_s: Sequence[float]) -> bool:
     """Did a re-plan make frames slower? Judged by the *fastest* of its frames after the first
     (a plan's first frame runs 20-30 % slow: new strip shapes, first touches) against the median
-    of the frames before it, with ``min_gain`` as the margin."""
+    of the frames before it, with ``worse_by`` as the margin."""
     if not before_s or not after_s:
         return False
     return min(after_s) > statistics.median(before_s) * (1 + policy.worse_by)

@@ -136,7 +136,8 @@ class AdaptiveStream:
         # while a re-plan is under test, the test decides first (a change stays believed until then)
         if not rec.reverted and self.trial is None and A.evaluation_due(self.state, self.policy, changed):
             t0 = time.perf_counter()
-            old = (self.plan, self.plan_id, self.plan_factors, self._ran(tm.total_s))
+            trial = self._trial(tm.total_s, {d: self.state.basis[d] for d in changed},
+                                {d: self.state.factors[d] for d in changed})
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             dec = A.decide(self.policy, estimated, cand.predicted_s)
             rec.candidate_s, rec.gain = cand.predicted_s, dec.gain
@@ -154,8 +155,7 @@ class AdaptiveStream:
                 estimated = A.reprice(plan, self.scale_base, factors, self.state.factors)
                 rec.reused = True
             if choice != "current":
-                self.trial = Trial(old[0], old[1], old[2], old[3], {d: self.state.basis[d] for d in changed},
-                                   {d: self.state.factors[d] for d in changed})
+                self.trial = trial
                 self.version += 1
                 rec.event = "replanned"
             else:
@@ -164,19 +164,18 @@ class AdaptiveStream:
             rec.replan_s = time.perf_counter() - t0
         elif not rec.reverted and self.trial is None and (levels := A.probe(self.state, self.policy)):
             t0 = time.perf_counter()
-            old = (self.plan, self.plan_id, self.plan_factors, self._ran(tm.total_s))
-            before = {d: self.state.factors[d] for d in levels}
+            trial = self._trial(tm.total_s, {d: self.state.factors[d] for d in levels}, dict(levels))
             self.state = A.start_probe(self.state, levels)
             cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
             now = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
             if A.decide(self.policy, now, cand.predicted_s).replan:  # the probe changes the split enough
                 self._use(cand, self.session.load_plan(cand), list(self.state.factors))
-                self.trial = Trial(*old, before, dict(levels))
+                self.trial = trial
                 self.version += 1
                 rec.event, rec.probe, rec.candidate_s = "replanned", True, cand.predicted_s
                 estimated = cand.predicted_s
             else:  # not worth a trial: keep the estimate, try again later
-                self.state = A.refute(self.state, self.policy, before, dict(levels))
+                self.state = A.refute(self.state, self.policy, trial.levels, trial.believed)
             rec.replan_s = time.perf_counter() - t0
         rec.estimated_s = estimated
         rec.latency_ratio = self.state.latency_ratio
@@ -184,10 +183,11 @@ class AdaptiveStream:
         self.records.append(rec)
         return y, rec
 
-    def _ran(self, latency_s: float) -> list[float]:
-        """The current plan's last ``patience`` latencies, this frame's included."""
+    def _trial(self, latency_s: float, levels: dict[int, float], believed: dict[int, float]) -> Trial:
+        """A test of leaving the current plan, judged against its last ``patience`` latencies
+        (this frame's included)."""
         ran = [r.latency_s for r in self.records if r.plan_version == self.version] + [latency_s]
-        return ran[-self.policy.patience:]
+        return Trial(self.plan, self.plan_id, self.plan_factors, ran[-self.policy.patience:], levels, believed)
 
     def _judge(self, latency_s: float) -> bool:
         """Add a frame to the re-plan under test; once it has ``patience`` frames after its
