@@ -185,11 +185,16 @@ def test_gloo_group_across_namespaces(tb, tmp_path):
 
 CRASH = textwrap.dedent(
     """
-    import os, signal, subprocess
+    import os, signal, subprocess, time
     from edgeweave.testbed import Testbed
     tb = Testbed.up({"prefix": "ewu-", "subnet": "10.77.10.0/24",
                      "devices": [{"name": "x", "cpu": 0.5, "memory": "256m", "bandwidth": "10mbit"}, {"name": "y", "cpu": 0.5}]})
     p = tb.exec("y", ["sleep", "300"], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # crash once the process runs inside the device (it joins the cgroups, then ip netns exec
+    # execs sleep): killed earlier, down() could run before it joined and miss it (CI, loaded)
+    deadline = time.monotonic() + 20
+    while open(f"/proc/{p.pid}/comm").read().strip() != "sleep" and time.monotonic() < deadline:
+        time.sleep(0.01)
     print(p.pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)   # crash: no clean-up at all
     """
