@@ -328,6 +328,22 @@ def test_worse_and_refute():
     assert A.observe(later, pol, [0.1, 0.1], [0.1, 0.08])[0].recent[1] == [pytest.approx(0.8)]
 
 
+def test_only_the_beliefs_a_failed_re_plan_contradicts_are_held():
+    """Run X's case: the re-plan believed w1 at 0.99 and w2 at 2.2 of their profiles; its
+    frames measured w1 at 0.88 (borne out) and w2 at 4.0 (wrong). Going back, w2 is held at its
+    old level; w1 goes back to its old level too, unheld, and its change is believed again."""
+    pol = A.AdaptPolicy(change=0.3, patience=2, retry=40)
+    st = A.AdaptState([1.0, 0.88, 4.0, 1.0], [1.0, 0.99, 2.2, 1.0], [[], [], [], []], 26, [True] * 4)
+    believed = {1: 0.99, 2: 2.2}
+    assert A.confirmed_by(st, pol, believed) == {1}
+    st = A.refute(st, pol, {1: 0.66, 2: 3.1}, believed, A.confirmed_by(st, pol, believed))
+    assert st.factors == [1.0, 0.66, 3.1, 1.0] and set(st.held) == {2}
+    base = [0.1] * 4
+    for _ in range(2):  # w1 measured at 0.9 again, w2 at 2.2 again (the refuted side)
+        st, changed = A.observe(st, pol, base, [0.1, 0.09, 0.22, 0.1])
+    assert changed == [1] and st.factors[1] == pytest.approx(0.9) and st.factors[2] == 3.1
+
+
 def test_a_re_plan_that_runs_slower_is_undone_and_not_retried(gm):
     """w2 slows down 2.5x; with the thin strip the re-plan leaves it, it runs *faster* than its
     profile (0.7x: a quota it never exhausts). Believing that, the stream gives it its rows

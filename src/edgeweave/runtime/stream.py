@@ -202,7 +202,8 @@ class AdaptiveStream:
         if not A.worse(self.policy, t.before_s, t.after_s[1:]):
             return False
         self._use(t.plan, t.plan_id, t.factors)
-        self.state = A.refute(self.state, self.policy, t.levels, t.believed)
+        self.state = A.refute(self.state, self.policy, t.levels, t.believed,
+                              A.confirmed_by(self.state, self.policy, t.believed))
         self.version += 1
         return True
 
