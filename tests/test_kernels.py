@@ -32,6 +32,17 @@ def test_max_pool2d_equals_torch(k, s, p, d, h, w, batch, nan, ceil, seed):
     assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.nan_to_num(0.0), ref.nan_to_num(0.0))
 
 
+@settings(max_examples=100, deadline=None)
+@given(k=st.integers(1, 3), s=st.integers(1, 3), h=st.integers(3, 12), w=st.integers(3, 12), c=st.integers(2, 6),
+       seed=st.integers(0, 2**16))
+def test_channels_last_maps_pool_exactly_and_keep_their_layout(k, s, h, w, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    y = max_pool2d(x.contiguous(memory_format=torch.channels_last), k, s)
+    assert torch.equal(y, F.max_pool2d(x, k, s))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_the_module_matches_nn_maxpool2d_and_keeps_indices_to_torch():
     x = torch.randn(2, 8, 15, 17)
     for args in [(2,), (3, 2, 1), ((2, 3), (1, 2), (1, 0), (2, 1))]:

@@ -415,7 +415,7 @@ def test_a_weight_carried_back_through_the_pool_applies_to_the_map(h: int, w: in
     x = torch.randn(3, 2, h, w, dtype=torch.float64)
     by_row = execute._rows_first(weight, 2, h, w, (oh, ow))
     want = F.linear(F.adaptive_avg_pool2d(x, (oh, ow)).flatten(1), weight)
-    got = F.linear(x.permute(0, 2, 1, 3).reshape(3, -1), by_row)
+    got = F.linear(x.permute(0, 2, 3, 1).reshape(3, -1), by_row)
     assert torch.allclose(got, want, atol=1e-10)
 
 
@@ -453,7 +453,7 @@ def test_partial_products_use_one_reordered_copy_of_the_weight_for_every_row_ran
     for lo, hi in [(0, 1), (1, 3), (3, 4)]:
         cols = w.view(7, 2, 4, 3)[:, :, lo:hi, :].reshape(7, -1)
         want = F.linear(x[:, :, lo:hi, :].reshape(2, -1), cols)
-        got = F.linear(x[:, :, lo:hi, :].permute(0, 2, 1, 3).reshape(2, -1), first[:, lo * 6:hi * 6])
+        got = F.linear(x[:, :, lo:hi, :].permute(0, 2, 3, 1).reshape(2, -1), first[:, lo * 6:hi * 6])
         assert torch.allclose(got, want, atol=1e-5)
         parts.append(got)
     assert torch.allclose(sum(parts), full, atol=1e-5)

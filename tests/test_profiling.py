@@ -109,6 +109,8 @@ def test_setting_builds_what_it_counts():
     s = Setting("conv", 28, 28, 16, 32, 3, 2)
     mod, x = s.build()
     assert mod(x).shape == (1, 32, *s.out_hw())
+    # timed in the layout the devices compute in (layout.py), so the profile prices what runs
+    assert x.is_contiguous(memory_format=torch.channels_last) and mod(x).is_contiguous(memory_format=torch.channels_last)
     assert s.flops() == pytest.approx(_counted(mod, x) + 2 * 14 * 14 * 32)
     p = Setting("pool", 28, 28, 16, 16, 2, 2)
     mod, x = p.build()

@@ -40,6 +40,24 @@ def test_roundtrip_is_bit_exact(shape, zeros, specials, seed):
     assert y.shape == x.shape and torch.equal(_bits(y), _bits(x))
 
 
+@settings(max_examples=100, deadline=None)
+@given(c=st.integers(2, 6), h=st.integers(2, 9), w=st.integers(2, 9), zeros=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_maps_travel_channels_last_whatever_their_layout(c, h, w, zeros, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    x[torch.rand(1, c, h, w, generator=g) < zeros] = 0.0
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    msg = codec.encode(nhwc)
+    # the bytes depend on the values only, and carry them in NHWC order (layout.py)
+    assert torch.equal(msg, codec.encode(x))
+    assert torch.equal(codec.decode(_received(codec.encode(x.permute(0, 2, 3, 1).reshape(1, 1, 1, -1)), x.numel()),
+                                    [1, 1, 1, x.numel()]).reshape(-1), x.permute(0, 2, 3, 1).reshape(-1))
+    y = codec.decode(_received(msg, x.numel()), [1, c, h, w])
+    assert torch.equal(_bits(y), _bits(x)) and y.is_contiguous(memory_format=torch.channels_last)
+    strip = nhwc.narrow(2, 1, h - 1)  # a row strip of a channels-last map: contiguous, coded as it is
+    assert torch.equal(codec.decode(_received(codec.encode(strip), strip.numel()), list(strip.shape)), strip)
+
+
 def test_sparse_rows_travel_smaller_and_dense_rows_raw():
     g = torch.Generator().manual_seed(0)
     relu = torch.relu(torch.randn(1, 64, 2, 224, generator=g))  # about half zeros

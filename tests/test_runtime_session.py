@@ -106,8 +106,9 @@ def test_hand_made_exchange_plan_is_exact(cluster, batch):
         ref = model(x)
     assert y.shape == ref.shape
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-5), float((y - ref).abs().max())
-    # the in-process reference executor agrees bit for bit with the distributed one
-    sim = simulate(capture(model, tuple(x.shape)), plan, x)
+    # the in-process reference executor, with the weights the leader computes with (layout.py),
+    # agrees bit for bit with the distributed one
+    sim = simulate(capture(cl.model, tuple(x.shape)), plan, x)
     assert torch.equal(y, sim)
     d = timings.to_dict()
     assert len(d["stages"]) == 4 and d["total_s"] > 0
@@ -124,6 +125,18 @@ def test_hand_made_exchange_plan_is_exact(cluster, batch):
         for r in rows:
             if r["ready_s"] is not None:
                 assert r["start_s"] <= r["ready_s"] and r["ready_s"] + r["compute_s"] <= d["total_s"] + 1e-3
+
+
+def test_the_session_computes_in_the_devices_layout_and_leaves_the_users_model_alone(cluster):
+    cl, model = cluster
+    mine = [p for p in model.parameters() if p.dim() == 4]
+    used = [p for p in cl.model.parameters() if p.dim() == 4]
+    assert mine and all(p.is_contiguous() for p in mine)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in used)
+    assert any(not p.is_contiguous() for p in used)
+    assert cl.model_hash == model_hash(model)  # the hash is of the values, whatever their layout
+    x = torch.randn(1, 1, 28, 28)
+    assert model.features(x).view(1, -1).shape[1] > 0  # the user's own forward still gives NCHW maps
 
 
 def test_hand_made_gather_plan_with_linear_split(cluster):

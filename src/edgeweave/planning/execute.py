@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from edgeweave.kernels import max_pool2d, pair
+from edgeweave.layout import dense
 from edgeweave.planning.graph import (
     Reduce,
     Window,
@@ -229,7 +230,7 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
     if rows == (0, h) and pool is None:  # the whole map: the layer itself
         return F.linear(t.reshape(t.shape[0], -1), weight)
     by_row = _rows_first(weight, c, h, w, pool)
-    return F.linear(t.permute(0, 2, 1, 3).reshape(t.shape[0], -1), by_row[:, rows[0] * c * w:rows[1] * c * w])
+    return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), by_row[:, rows[0] * w * c:rows[1] * w * c])
 
 
 _ROWS_FIRST: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -240,7 +241,8 @@ _UNPOOL_CHUNK = 256  # output features per step when folding a pool into a weigh
 
 
 def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, int] | None = None) -> torch.Tensor:
-    """``weight`` with its columns reordered (h, c, w): the columns of any row range are contiguous.
+    """``weight`` with its columns reordered (h, w, c): the columns of any row range are contiguous,
+    in the order of a channels-last strip (layout.py), which is then read without a copy.
 
     With ``pool`` (the layer reads ``flatten(adaptive_avg_pool2d(map, pool))``, see
     ``graph._pooled_map``) the weight is first carried back through the pooling, so that it
@@ -257,16 +259,16 @@ def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, i
         return hit[2]
     out = weight.shape[0]
     if pool is None:
-        by_row = weight.view(out, c, h, w).permute(0, 2, 1, 3).reshape(out, -1).contiguous()
+        by_row = weight.view(out, c, h, w).permute(0, 2, 3, 1).reshape(out, -1).contiguous()
     else:
         # The pooling's adjoint as two small matrices: torch.func.vjp of adaptive_avg_pool2d gives
         # the same weight but took 4.5 s for VGG16's fc1 at 200 px against 1.2 s (one core).
         ph = pool_matrix(pool[0], h).to(weight.dtype)
         pw = pool_matrix(pool[1], w).to(weight.dtype)
         w4 = weight.view(out, c, pool[0], pool[1])
-        by_row = weight.new_empty(out, h, c, w)
+        by_row = weight.new_empty(out, h, w, c)
         for a in range(0, out, _UNPOOL_CHUNK):
-            by_row[a:a + _UNPOOL_CHUNK] = torch.einsum("ocij,ir,jq->orcq", w4[a:a + _UNPOOL_CHUNK], ph, pw)
+            by_row[a:a + _UNPOOL_CHUNK] = torch.einsum("ocij,ir,jq->orqc", w4[a:a + _UNPOOL_CHUNK], ph, pw)
         by_row = by_row.view(out, -1)
     _ROWS_FIRST.pop(key, None)
     while len(_ROWS_FIRST) >= _ROWS_FIRST_KEPT:
@@ -377,7 +379,7 @@ def _spatial_program(gm: torch.fx.GraphModule, stage: Stage, device: int, in_row
         else:
             raise ValueError(f"node {node.name} of kind {kind} cannot run on a strip")
         env[node.name] = (y, r[0])
-    return take(out_node, out[0], out[1]).contiguous()
+    return dense(take(out_node, out[0], out[1]))
 
 
 def _dead_after(gm: torch.fx.GraphModule, stage: Stage, nodes: list[torch.fx.Node],

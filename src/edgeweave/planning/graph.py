@@ -215,6 +215,26 @@ def _eval_temporarily(model: nn.Module) -> Iterator[None]:
             m.training = t
 
 
+_VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _reshape_views(gm: torch.fx.GraphModule) -> None:
+    """Make the graph reshape where the model's code views a shape.
+
+    Why: the devices keep maps channels-last (layout.py), and ``x.view(n, -1)`` of such a map
+    fails where ``reshape`` gives the same values (copying only when it must). A view to another
+    dtype (``x.view(torch.int32)``) has no reshape and is left alone.
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        if (node.op == "call_method" and node.target in _VIEW_TO_RESHAPE
+                and not any(isinstance(a, torch.dtype) for a in node.args[1:])):
+            node.target = _VIEW_TO_RESHAPE[node.target]
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule:
     """Trace ``model`` with torch.fx and annotate every node with its shape and kind.
 
@@ -227,6 +247,7 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
     except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable code
         raise EdgeweaveError(f"cannot trace the model with torch.fx: {type(e).__name__}: {e}") from None
     gm.training = model.training  # only the root flag: submodules are shared with ``model``
+    _reshape_views(gm)
     x = torch.zeros(*[int(v) for v in input_shape])
     with _eval_temporarily(gm), torch.no_grad():
         ShapeProp(gm).propagate(x)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from edgeweave.kernels import MaxPool2d
+from edgeweave.layout import dense, to_device_layout
 from edgeweave.profiling.flops import conv_flops, conv_out, eltwise_flops, linear_flops, pool_flops
 from edgeweave.profiling.profile import DeviceProfile
 
@@ -102,6 +103,11 @@ class Setting:
         return eltwise_flops(self.h * self.w * self.cin, 3)  # batch norm (2) + ReLU (1)
 
     def build(self) -> tuple[nn.Module, torch.Tensor]:
+        """The layer and its input, 4-D ones in the layout the devices compute in (layout.py)."""
+        mod, x = self._build()
+        return to_device_layout(mod), dense(x)
+
+    def _build(self) -> tuple[nn.Module, torch.Tensor]:
         if self.kind == "conv":
             return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2), torch.randn(1, self.cin, self.h, self.w)
         if self.kind == "linear":

@@ -12,6 +12,9 @@ travel as values and every decoded tensor is bit-identical to the one sent. Dens
 convolution's output before its activation, batch-normalised maps) are sent as they are, after
 the same 16-byte header, when the mask would not make the message smaller.
 
+Values travel in the devices' memory layout (layout.py): a 4-D map's values in NHWC order, so
+that a strip of rows, contiguous there, is coded without a reordering copy.
+
 Message layout (native byte order, as torch sends tensors; an int64 header, then the body):
 ``[kind, count] + (raw: 4n bytes) | (sparse: mask of ceil(n/8) bytes padded to 8, 4*count bytes)``.
 The receiver knows the shape from the plan and posts a buffer of ``max_bytes(n)``; gloo accepts
@@ -57,7 +60,7 @@ def encode(t: torch.Tensor) -> torch.Tensor:
     """``t`` (float32) as one uint8 message: the sparse form when it is enough smaller."""
     if t.dtype != torch.float32:
         raise EdgeweaveError(f"the wire codec sends float32 activations, got {t.dtype}")
-    flat = t.detach().reshape(-1).contiguous().numpy()
+    flat = _wire_order(t.detach()).numpy()
     n = flat.size
     nonzero = flat.view(np.int32) != 0
     count = int(np.count_nonzero(nonzero))
@@ -77,6 +80,18 @@ def encode(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _wire_order(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as one vector in wire order (a view when ``t`` is in the devices' layout)."""
+    return (t.permute(0, 2, 3, 1) if t.dim() == 4 else t).reshape(-1)
+
+
+def _from_wire(flat: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(*shape)
+
+
 def decode(buf: torch.Tensor, shape: list[int] | tuple[int, ...], who: str = "a peer") -> torch.Tensor:
     """The float32 tensor of ``shape`` that :func:`encode` turned into ``buf`` (a receive buffer
     of at least the message's size). Raises EdgeweaveError on a header that does not fit."""
@@ -86,7 +101,7 @@ def decode(buf: torch.Tensor, shape: list[int] | tuple[int, ...], who: str = "a 
         raise EdgeweaveError(f"{who} sent a coded message shorter than its header")
     kind, count = (int(v) for v in data[:HEADER].view(np.int64))
     if kind == RAW and count == n and data.size >= HEADER + 4 * n:
-        return torch.from_numpy(data[HEADER:HEADER + 4 * n].view(np.float32)).view(*shape)
+        return _from_wire(torch.from_numpy(data[HEADER:HEADER + 4 * n].view(np.float32)), list(shape))
     mb = _mask_bytes(n)
     if kind != SPARSE or not 0 <= count <= n or data.size < HEADER + mb + 4 * count:
         raise EdgeweaveError(f"{who} sent a coded message whose header ({kind}, {count}) does not fit "
@@ -96,4 +111,4 @@ def decode(buf: torch.Tensor, shape: list[int] | tuple[int, ...], who: str = "a 
         raise EdgeweaveError(f"{who} sent a coded message whose mask does not match its count")
     out = np.zeros(n, dtype=np.float32)
     out[nonzero] = data[HEADER + mb:HEADER + mb + 4 * count].view(np.float32)
-    return torch.from_numpy(out).view(*shape)
+    return _from_wire(torch.from_numpy(out), list(shape))

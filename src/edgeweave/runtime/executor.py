@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.layout import dense
 from edgeweave.planning.plan import Plan, Stage, Transfer
 from edgeweave.runtime import codec
 from edgeweave.runtime.wire import TAG_STRIDE, Channel, transfer_tag
@@ -208,7 +209,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         if x is None or list(x.shape) != shape0:
             got = None if x is None else list(x.shape)
             raise EdgeweaveError(f"the plan was made for input shape {shape0}, got {got}")
-        hold.add(0, shape0[hold.axis], x.contiguous())
+        hold.add(0, shape0[hold.axis], dense(x))
     for s, stage in enumerate(plan.stages):
         t0 = time.perf_counter()
         if list(stage.input_shape) != hold.shape:
@@ -235,7 +236,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                 compute = time.perf_counter() - c0 - waited[0]
                 if device == 0:
                     assert a is not None
-                    nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
+                    nxt.add(a.out_rows[0], a.out_rows[1], dense(y))
                 a = None  # handled
             elif stage.kind != "reduce" and not works and device == 0:
                 for i in range(len(stage.reductions)):
@@ -263,7 +264,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             want[nxt.axis] = a.out_rows[1] - a.out_rows[0]
             if list(y.shape) != want:
                 raise EdgeweaveError(f"stage {s} on device {device} produced shape {list(y.shape)}, plan says {want}")
-            nxt.add(a.out_rows[0], a.out_rows[1], y.contiguous())
+            nxt.add(a.out_rows[0], a.out_rows[1], dense(y))
         hold.drain(ch)
         timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start))
         hold = nxt

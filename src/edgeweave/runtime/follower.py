@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.layout import to_device_layout
 from edgeweave.planning.plan import Plan
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError
@@ -50,7 +51,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
         from edgeweave.checkpoint import load_model, model_hash
 
         state.model, _spec = load_model(model_path)
-        state.model.eval()
+        state.model = to_device_layout(state.model.eval())
         state.model_hash = model_hash(state.model)
     store = rv.connect_store(host, port, connect_timeout_s)
     state.gloo_host = rv.gloo_host_for(host, port)  # the interface that reaches the leader
@@ -144,8 +145,7 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
     if rank in cmd.get("ship", []):
         data = ch.recv_bytes(0, TAG_CONTROL, "the model", max_bytes=int(cmd["nbytes"]))
         model, _spec, _extra = model_from_bytes(data, where=f"model shipped to {state.name}")
-        model.eval()
-        state.model, state.model_hash = model, model_hash(model)
+        state.model, state.model_hash = to_device_layout(model.eval()), model_hash(model)
         state.plans.clear()
         state.graphs.clear()
     if state.model_hash != want:

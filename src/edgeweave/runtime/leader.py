@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.layout import device_copy, ordinary
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
 from edgeweave.runtime import rendezvous as rv
@@ -262,15 +263,16 @@ class Session:
 
     def load_model(self, model: torch.nn.Module, spec: Any, extra: dict[str, Any] | None = None) -> str:
         """Ship ``model`` (safetensors bytes + JSON metadata) to followers that lack it; every
-        follower verifies the sha256 of what it holds. Returns the hash."""
-        from edgeweave.checkpoint import model_to_bytes
+        follower verifies the sha256 of what it holds. Returns the hash.
+
+        ``model`` is put in eval mode; the leader computes with a copy of its 4-D weights in the
+        devices' memory layout (``layout.device_copy``) and leaves ``model`` as it was."""
+        from edgeweave.checkpoint import model_hash, model_to_bytes
 
         self._check_usable()
         model.eval()
         self._model_bytes = model_to_bytes(model, spec, extra)
-        from edgeweave.checkpoint import model_hash
-
-        self.model, self.model_hash = model, model_hash(model)
+        self.model, self.model_hash = device_copy(model), model_hash(model)
         self._graphs: dict[tuple[int, ...], Any] = {}
         self.plans = {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
@@ -360,7 +362,7 @@ class Session:
             raise
         total = time.perf_counter() - t0
         assert y is not None
-        return y, Timings(total, self.names, per_device, [s.kind for s in plan.stages])
+        return ordinary(y), Timings(total, self.names, per_device, [s.kind for s in plan.stages])
 
     # -- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
