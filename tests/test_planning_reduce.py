@@ -555,3 +555,23 @@ def test_the_block_before_a_reduce_stage_is_split_knowing_the_reduce(mode: str) 
     assert red.predicted_s < 0.6 * fc1_alone
     with torch.no_grad():
         assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-5
+
+
+def test_a_squeeze_is_priced_as_one_message_delay_not_a_round_trip() -> None:
+    """Partials go straight from every owner to every device with work (runtime/executor.py);
+    a final pool's partials go to the leader only. Both cost one small message's delay."""
+    from edgeweave.planning.cost import transfer_s
+    from edgeweave.planning.plan import Reduction
+    from edgeweave.planning.planner import _Planner
+
+    _, gm, _, _ = _setup("compact_small_cnn", (1, 3, 32, 32))
+    devs = uniform(4).devices
+    pl = _Planner(gm, devs, partition="equal", mode="exchange")
+    red = Reduction("m", "x", ((0, (0, 2)), (1, (2, 4)), (2, (4, 6)), (3, (6, 8))))
+    nb = 256
+    one = transfer_s(nb, devs[0], devs[1])
+    squeeze = pl.reduction_s([red], [0, 1, 2, 3], [nb])
+    to_leader = pl.reduction_s([red], [0], [nb])
+    assert one <= squeeze < 1.1 * one
+    assert one <= to_leader < 1.1 * one
+    assert pl.reduction_s([red, red], [0, 1, 2, 3], [nb, nb]) == pytest.approx(2 * squeeze)

@@ -1,8 +1,9 @@
 """Compact (channel-attention) models on real processes: exact reductions over gloo.
 
-The squeezes and the final global pool are computed from per-strip partial sums that travel
-to the leader as ``[N, C, 1, 1]`` tensors and come back summed; the result must equal one
-device, be bit-reproducible, and no map may be gathered for a squeeze.
+The squeezes are computed from per-strip partial sums that every device sends, as
+``[N, C, 1, 1]`` tensors, to every other device with work in the stage, the final global pool
+from partial sums sent to the leader; the result must equal one device, be bit-reproducible,
+and no map may be gathered for a squeeze.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def cl():
 
 
 def _leader_idle(costs, total, capabilities=None):
-    """The leader computes no strip: it only coordinates the sums."""
+    """The leader computes no strip: the followers add the partial sums among themselves."""
     k = len(costs)
     counts = [0] + [total // (k - 1)] * (k - 1)
     counts[-1] += total - sum(counts)
@@ -45,7 +46,7 @@ def test_compact_small_cnn(cl, workers, fusion, mode, batch):
 
 
 def _one_follower(costs, total, capabilities=None):
-    """Every row on the first follower: it computes whole maps alone, the leader only sums."""
+    """Every row on the first follower: it computes whole maps alone, with no message per sum."""
     return [0, total] + [0] * (len(costs) - 2)
 
 

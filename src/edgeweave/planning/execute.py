@@ -137,9 +137,7 @@ def whole_on(stage: Stage, device: int) -> bool:
     own (one device, or a block the planner left on one device).
 
     ``reduce`` stages keep their partial-sum path even then: with a pool folded into the Linear
-    after it (``graph.reduce_pool``) that reads a smaller weight than the model's own layers. A
-    follower alone on a stage with reductions keeps it too: the leader coordinates every sum
-    and waits for the follower's partial sums.
+    after it (``graph.reduce_pool``) that reads a smaller weight than the model's own layers.
     """
     if stage.kind == "leader":
         return device == 0
@@ -149,8 +147,6 @@ def whole_on(stage: Stage, device: int) -> bool:
     if a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
         return False
     if any(b.device != device and not is_empty(b.out_rows) for b in stage.assignments):
-        return False
-    if stage.reductions and device != 0:
         return False
     return all(d == device or is_empty(r) for red in stage.reductions for d, r in red.rows)
 

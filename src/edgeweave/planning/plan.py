@@ -19,19 +19,20 @@ H and W of a map (``planning.graph.reduction_of``) is computed exactly from stri
 ``stage.reductions`` lists, in execution order, each reducing node of the stage with the value
 it reduces (``source``) and ``rows``: ``(device, owned rows of source)`` pairs whose ranges tile
 the source's rows (no halo: every row is counted once). At a reducing node each listed device
-sums its owned rows over dims 2 and 3 (keepdim, ``[N, C, 1, 1]``) and sends that partial sum to
-the leader; the leader adds the partials *in the order of ``rows``* (reproducible results)
-and
+sums its owned rows over dims 2 and 3 (keepdim, ``[N, C, 1, 1]``), and the partial sums are
+added *in the order of ``rows``* (reproducible results: every device that adds them gets the
+same bits):
 
-* in a ``spatial`` stage, sends the total to every device with work in the stage, and every
-  such device computes the reducing node's value (mean: total / (H*W)) and the small nodes
-  computed from it (Linear, sigmoid, ...) whole, then goes on with its strip (an elementwise op
-  broadcasting such small values over a map is row-local). A device's ``in_rows`` include its
-  owned rows of every source; the leader coordinates the sums even when it has no strip;
+* in a ``spatial`` stage, every listed device sends its partial sum to every other device with
+  work in the stage, and each such device adds them, computes the reducing node's value (mean:
+  total / (H*W)) and the small nodes computed from it (Linear, sigmoid, ...) whole, then goes
+  on with its strip (an elementwise op broadcasting such small values over a map is row-local).
+  A device's ``in_rows`` include its owned rows of every source;
 * in a ``reduce`` stage (nodes: reducing nodes reading the stage input, then small nodes), the
   stage input is not moved at all (``transfers`` is empty): the assignments' ``in_rows`` are the
   rows each device already holds (its owned rows, equal to ``rows``), followers have
-  ``out_rows == (0, 0)``, and the leader finishes the small nodes and holds the whole output.
+  ``out_rows == (0, 0)`` and send their partial sums to the leader, and the leader finishes
+  the small nodes and holds the whole output.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ Global reductions (``plan.py``): a spatial block may contain sums/means over H a
 channel-attention squeeze). Each device owns the rows of the reduced value that correspond to its
 output strip scaled to that value's height (``owned_rows``; the owned ranges tile the rows, so
 every row is summed once), computes them besides its halo-extended strip, and contributes their
-partial sum; the reduction costs one small message per device to the leader and one back. A
+partial sum; each device sends it straight to every other device with work in the stage, and
+each adds them in the plan's order (one small message delay per reduction). A
 ``reduce`` segment (a final global average pool, or VGG's first classifier layer on the flattened
 map) becomes a ``reduce`` stage: partial sums of the strips where they are, only ``[N, C, 1, 1]``
 (or the layer's ``[N, out]`` partial products) per device travels to the leader. The spatial
@@ -271,11 +272,11 @@ class _Planner:
         return work
 
     def reduction_s(self, reductions: Sequence[Reduction], receivers: Sequence[int], nbytes: Sequence[int]) -> float:
-        """Partials to the leader, then (to ``receivers``) the total back, per reduction."""
+        """Every owner's partial straight to each of ``receivers`` (runtime/executor.py), per
+        reduction."""
         t = 0.0
         for red, nb in zip(reductions, nbytes):
-            moves = [(d, 0, float(nb), False) for d, r in red.rows if d != 0 and not is_empty(r)]
-            moves += [(0, d, float(nb), True) for d in receivers if d != 0]
+            moves = [(d, r, float(nb), False) for d, rows in red.rows if not is_empty(rows) for r in receivers if r != d]
             t += schedule_transfers(moves, self.devices)[1]
         return t
 

@@ -138,18 +138,23 @@ def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device
             hold.receive(a, b, ch, tr.src, tag, what)
 
 
-def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
+def _reduce_fn(stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
                waited: list[float]) -> Callable[..., Any]:
-    """This device's side of the stage's reductions (plan.py): partials to the leader, total back.
+    """This device's side of the stage's reductions (plan.py).
 
-    The leader adds the partial sums in the order of ``reduction.rows`` (``sum_partials``), so a
-    result does not depend on which message arrived first. Seconds spent waiting for messages
-    are added to ``waited[0]`` so that they count as communication, not compute (a device that
-    waits for a slower one must not look slow itself).
+    In a ``reduce`` stage only the leader needs the total: partials go to it. In any other
+    stage every device with work needs it, so each owner sends its partial straight to every
+    other such device and each adds them itself: one message delay instead of two (to the
+    leader and back), which under CPU quotas is a wake-up of a throttled process saved per
+    channel-attention block. Everyone adds the partials in the order of ``reduction.rows``
+    (``sum_partials``), so every device holds the same total, whichever message came first.
+    Seconds spent waiting for messages are added to ``waited[0]`` so that they count as
+    communication, not compute (a device that waits for a slower one must not look slow).
     """
 
     def recv(shape: list[int], src: int, tag: int, what: str) -> torch.Tensor:
-        assert ch is not None
+        if ch is None:
+            raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
         t0 = time.perf_counter()
         try:
             return ch.recv(torch.empty(shape), src, tag, what)
@@ -159,38 +164,29 @@ def _reduce_fn(plan: Plan, stage: Stage, s: int, device: int, gm: Any, ch: Chann
     from edgeweave.planning.execute import partial_shape, sum_partials
 
     n_red = len(stage.reductions)
-    if len(stage.transfers) > TAG_STRIDE - 2 * n_red:
+    if len(stage.transfers) > TAG_STRIDE - n_red:
         raise EdgeweaveError(f"stage {s} has too many transfers and reductions for the runtime's tags")
     workers = [a.device for a in stage.assignments if a.out_rows[1] > a.out_rows[0]]
+    receivers = [0] if stage.kind == "reduce" else workers
 
     def fn(i: int, part: torch.Tensor | None) -> torch.Tensor | None:
         red = stage.reductions[i]
-        shape = partial_shape(gm, red)
-        tag_part, tag_total = transfer_tag(s, TAG_STRIDE - 1 - 2 * i), transfer_tag(s, TAG_STRIDE - 2 - 2 * i)
-        owners = [d for d, r in red.rows if r[1] > r[0]]
-        if device != 0:
-            if part is not None:
-                if ch is None:
-                    raise EdgeweaveError("invalid plan: a follower reduces without a channel")
-                ch.isend(part, 0, tag_part, f"partial sum {red.node} of stage {s}")
-            if stage.kind == "reduce":
-                return None
-            return recv(shape, 0, tag_total, f"the total of {red.node} in stage {s}")
-        parts: dict[int, torch.Tensor] = {}
+        tag = transfer_tag(s, TAG_STRIDE - 1 - i)
+        what = f"partial sum {red.node} of stage {s}"
         if part is not None:
-            parts[0] = part
-        for d in owners:
-            if d != 0:
-                if ch is None:
-                    raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
-                parts[d] = recv(shape, d, tag_part, f"partial sum {red.node} of stage {s}")
-        total = sum_partials(red, parts)
-        if stage.kind != "reduce":
-            for d in workers:
-                if d != 0:
-                    assert ch is not None
-                    ch.isend(total, d, tag_total, f"the total of {red.node} in stage {s}")
-        return total
+            for d in receivers:
+                if d != device:
+                    if ch is None:
+                        raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
+                    ch.isend(part, d, tag, what)
+        if device not in receivers:
+            return None
+        shape = partial_shape(gm, red)
+        parts = {} if part is None else {device: part}
+        for d, rows in red.rows:
+            if rows[1] > rows[0] and d != device:
+                parts[d] = recv(shape, d, tag, what)
+        return sum_partials(red, parts)
 
     return fn
 
@@ -225,9 +221,8 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             # Exact global sums (plan.py): this device contributes its partial sums; the
             # leader coordinates them even when it computes no strip.
             waited = [0.0]
-            rfn = _reduce_fn(plan, stage, s, device, gm, ch, waited)
+            rfn = _reduce_fn(stage, s, device, gm, ch, waited)
             holds = a is not None and not _empty(a.in_rows[1] - a.in_rows[0])
-            works = a is not None and not _empty(a.out_rows[1] - a.out_rows[0])
             if stage.kind == "reduce" and (holds or device == 0):
                 xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
                 c0 = c_start = time.perf_counter()
@@ -238,9 +233,6 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
                     assert a is not None
                     nxt.add(a.out_rows[0], a.out_rows[1], dense(y))
                 a = None  # handled
-            elif stage.kind != "reduce" and not works and device == 0:
-                for i in range(len(stage.reductions)):
-                    rfn(i, None)
         else:
             rfn, waited = None, [0.0]
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
