@@ -51,3 +51,18 @@ def test_a_silent_peer_is_named_and_does_not_block_the_next_message(pair):
     b.isend(torch.ones(4), 0, 99)
     assert torch.equal(a.recv(torch.empty(4), 1, 99, "ones"), torch.ones(4))
     assert time.monotonic() - t1 < 0.5
+
+
+def test_receives_posted_together_are_waited_for_together_and_a_missing_one_is_named(pair):
+    a, b = pair
+    bufs = [torch.empty(3), torch.empty(3)]
+    ticket = a.irecv_all([(bufs[0], 1), (bufs[1], 1)], 300)  # two from b, one tag: in order
+    b.isend(torch.full((3,), 1.0), 0, 300)
+    b.isend(torch.full((3,), 2.0), 0, 300)
+    a.wait_all(ticket, [1, 1], "two partial sums")
+    assert torch.equal(bufs[0], torch.full((3,), 1.0)) and torch.equal(bufs[1], torch.full((3,), 2.0))
+    b.isend(torch.ones(3), 0, 301)
+    ticket = a.irecv_all([(torch.empty(3), 1), (torch.empty(3), 1)], 301)  # only one comes
+    with pytest.raises(PeerError, match=r"device 'b' \(rank 1\) during receiving the sums did not answer"):
+        a.wait_all(ticket, [1, 1], "the sums")
+    b.flush_sends()

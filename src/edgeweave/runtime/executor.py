@@ -140,52 +140,59 @@ def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device
 
 def _reduce_fn(stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
                waited: list[float]) -> Callable[..., Any]:
-    """This device's side of the stage's reductions (plan.py).
+    """This device's side of the stage's reductions (plan.py), set up when the stage starts.
 
     In a ``reduce`` stage only the leader needs the total: partials go to it. In any other
     stage every device with work needs it, so each owner sends its partial straight to every
     other such device and each adds them itself: one message delay instead of two (to the
     leader and back), which under CPU quotas is a wake-up of a throttled process saved per
-    channel-attention block. Everyone adds the partials in the order of ``reduction.rows``
+    channel-attention block. The receives are posted here, before the stage computes, one
+    waiter thread per reduction, so partials that arrive while this device still computes are
+    ready when it needs them. Everyone adds the partials in the order of ``reduction.rows``
     (``sum_partials``), so every device holds the same total, whichever message came first.
     Seconds spent waiting for messages are added to ``waited[0]`` so that they count as
     communication, not compute (a device that waits for a slower one must not look slow).
     """
-
-    def recv(shape: list[int], src: int, tag: int, what: str) -> torch.Tensor:
-        if ch is None:
-            raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
-        t0 = time.perf_counter()
-        try:
-            return ch.recv(torch.empty(shape), src, tag, what)
-        finally:
-            waited[0] += time.perf_counter() - t0
-
     from edgeweave.planning.execute import partial_shape, sum_partials
 
-    n_red = len(stage.reductions)
-    if len(stage.transfers) > TAG_STRIDE - n_red:
+    if len(stage.transfers) > TAG_STRIDE - len(stage.reductions):
         raise EdgeweaveError(f"stage {s} has too many transfers and reductions for the runtime's tags")
-    workers = [a.device for a in stage.assignments if a.out_rows[1] > a.out_rows[0]]
-    receivers = [0] if stage.kind == "reduce" else workers
+    receivers = [0] if stage.kind == "reduce" else [a.device for a in stage.assignments if a.out_rows[1] > a.out_rows[0]]
+
+    def tag(i: int) -> int:
+        return transfer_tag(s, TAG_STRIDE - 1 - i)
+
+    def channel() -> Channel:
+        if ch is None:
+            raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
+        return ch
+
+    posted: dict[int, tuple[list[int], list[torch.Tensor], Any]] = {}
+    if device in receivers:
+        for i, red in enumerate(stage.reductions):
+            srcs = [d for d, rows in red.rows if rows[1] > rows[0] and d != device]
+            if srcs:
+                bufs = [torch.empty(partial_shape(gm, red)) for _ in srcs]
+                posted[i] = (srcs, bufs, channel().irecv_all(list(zip(bufs, srcs)), tag(i)))
 
     def fn(i: int, part: torch.Tensor | None) -> torch.Tensor | None:
         red = stage.reductions[i]
-        tag = transfer_tag(s, TAG_STRIDE - 1 - i)
         what = f"partial sum {red.node} of stage {s}"
         if part is not None:
             for d in receivers:
                 if d != device:
-                    if ch is None:
-                        raise EdgeweaveError(f"invalid plan: stage {s} reduces over devices but there is no channel")
-                    ch.isend(part, d, tag, what)
+                    channel().isend(part, d, tag(i), what)
         if device not in receivers:
             return None
-        shape = partial_shape(gm, red)
         parts = {} if part is None else {device: part}
-        for d, rows in red.rows:
-            if rows[1] > rows[0] and d != device:
-                parts[d] = recv(shape, d, tag, what)
+        if i in posted:
+            srcs, bufs, ticket = posted.pop(i)
+            t0 = time.perf_counter()
+            try:
+                channel().wait_all(ticket, srcs, what)
+            finally:
+                waited[0] += time.perf_counter() - t0
+            parts.update(zip(srcs, bufs))
         return sum_partials(red, parts)
 
     return fn

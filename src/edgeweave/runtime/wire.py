@@ -83,6 +83,16 @@ class Channel:
         """Post a receive into ``t``; a waiter thread takes it at once (see :class:`_Waiters`)."""
         return _WAITERS.submit([self.pg.recv([t], src, tag)], self.timeout_s + self.grace_s + 5.0)
 
+    def irecv_all(self, bufs: list[tuple[torch.Tensor, int]], tag: int) -> Ticket:
+        """Post a receive into each ``(tensor, src)`` at once, all on one waiter thread."""
+        return _WAITERS.submit([self.pg.recv([t], src, tag) for t, src in bufs], self.timeout_s + self.grace_s + 5.0)
+
+    def wait_all(self, ticket: Ticket, srcs: list[int], what: str) -> None:
+        """Wait for :meth:`irecv_all`'s receives from ``srcs``; a failure names its peer."""
+        wait_ticket(ticket, timeout_s=self.timeout_s + self.grace_s, probe=self.probe, poll_s=self.poll_s,
+                    describe=lambda i: f"{self.who(srcs[i])} during receiving {what}",
+                    peer=lambda i: self._peer(srcs[i]))
+
     def _peer(self, rank: int) -> tuple[int, str | None]:
         return rank, self.names[rank] if 0 <= rank < len(self.names) else None
 
