@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from edgeweave.runtime.wire import PeerError
+from edgeweave.runtime.wire import PeerError, wait_ticket
 
 
 def _waiters() -> int:
@@ -63,6 +63,9 @@ def test_receives_posted_together_are_waited_for_together_and_a_missing_one_is_n
     assert torch.equal(bufs[0], torch.full((3,), 1.0)) and torch.equal(bufs[1], torch.full((3,), 2.0))
     b.isend(torch.ones(3), 0, 301)
     ticket = a.irecv_all([(torch.empty(3), 1), (torch.empty(3), 1)], 301)  # only one comes
+    with pytest.raises(PeerError, match=r"the second sum did not answer within 1 s"):  # names the one missing
+        wait_ticket(ticket, timeout_s=1.0, probe=None, describe=lambda i: ("the first sum", "the second sum")[i])
+    ticket = a.irecv_all([(torch.empty(3), 1)], 302)
     with pytest.raises(PeerError, match=r"device 'b' \(rank 1\) during receiving the sums did not answer"):
-        a.wait_all(ticket, [1, 1], "the sums")
+        a.wait_all(ticket, [1], "the sums")
     b.flush_sends()

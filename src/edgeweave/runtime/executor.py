@@ -225,8 +225,8 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         c_start = 0.0
         a = stage.assignment(device)
         if stage.reductions:
-            # Exact global sums (plan.py): this device contributes its partial sums; the
-            # leader coordinates them even when it computes no strip.
+            # Exact global sums (plan.py): this device sends its partial sums and, where it
+            # needs the totals, adds everyone's; a device without a strip takes no part.
             waited = [0.0]
             rfn = _reduce_fn(stage, s, device, gm, ch, waited)
             holds = a is not None and not _empty(a.in_rows[1] - a.in_rows[0])

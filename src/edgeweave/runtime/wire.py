@@ -152,10 +152,12 @@ def bytes_to_tensor(data: bytes) -> torch.Tensor:
 
 @dataclass
 class Ticket:
-    """Operations handed to a waiter thread (:class:`_Waiters`); ``failed`` = (index, error)."""
+    """Operations handed to a waiter thread (:class:`_Waiters`); ``failed`` = (index, error);
+    ``at`` = the index of the operation being waited for (the one to name if it never ends)."""
 
     done: threading.Event
     failed: list[tuple[int, BaseException]]
+    at: int = 0
 
 
 class _Waiters:
@@ -190,6 +192,7 @@ class _Waiters:
         while True:
             works, timeout_s, ticket = q.get()
             for i, work in enumerate(works):
+                ticket.at = i
                 try:
                     work.wait(timedelta(seconds=timeout_s))
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
@@ -220,13 +223,13 @@ def wait_ticket(ticket: Ticket, *, timeout_s: float, probe: Probe | None, descri
                 poll_s: float = 0.2, peer: Callable[[int], tuple[int, str | None] | None] = lambda _i: None) -> None:
     """Wait for a :class:`Ticket`; ``describe(i)`` / ``peer(i)`` name its i-th operation."""
     deadline = time.monotonic() + timeout_s
-    first = 0
     while not ticket.done.wait(poll_s):
         reason = probe() if probe is not None else None
+        at = ticket.at
         if reason:
-            raise PeerError(f"gave up waiting for {describe(first)}: {reason}", *(peer(first) or (None, None)))
+            raise PeerError(f"gave up waiting for {describe(at)}: {reason}", *(peer(at) or (None, None)))
         if time.monotonic() > deadline:
-            raise PeerError(f"{describe(first)} did not answer within {timeout_s:g} s", *(peer(first) or (None, None)))
+            raise PeerError(f"{describe(at)} did not answer within {timeout_s:g} s", *(peer(at) or (None, None)))
     if ticket.failed:
         i, e = ticket.failed[0]
         reason = probe() if probe is not None else None
