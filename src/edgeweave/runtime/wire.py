@@ -81,7 +81,7 @@ class Channel:
 
     def irecv(self, t: torch.Tensor, src: int, tag: int) -> Ticket:
         """Post a receive into ``t``; a waiter thread takes it at once (see :class:`_Waiters`)."""
-        return _WAITERS.submit([self.pg.recv([t], src, tag)], self.timeout_s + self.grace_s + 5.0)
+        return self.irecv_all([(t, src)], tag)
 
     def irecv_all(self, bufs: list[tuple[torch.Tensor, int]], tag: int) -> Ticket:
         """Post a receive into each ``(tensor, src)`` at once, all on one waiter thread."""
