@@ -388,3 +388,43 @@ def test_an_idle_slow_device_is_probed_and_its_recovery_seen(gm):
     assert probes and not any(r.reverted for r in recs)
     assert probes[0].index - ev[2][0] >= pol.retry  # held until then
     assert statistics.median(r.latency_s for r in recs[-5:]) <= 1.15 * nominal
+
+
+def test_an_idle_device_is_probed_at_the_others_level_when_halfway_changes_nothing(gm):
+    """Run AB's case: the stream believed w1 far slower than it was (16x), the plan left it
+    too little work to measure, and its cap came back. A plan made with it halfway back (4x)
+    is hardly different from the current one, so that probe is not worth a trial; the stream
+    then tries it as far off its profile as the other devices are (the level it returns to
+    when it recovers), measures that plan no slower, and keeps it. Before, the declined
+    probe held the device off for ``retry`` frames without measuring anything."""
+    base = base_cluster()
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    sess = FakeSession(gm, base, noise=0.03, seed=9)
+    share = compute_s(base.devices[1], A.device_work(A.stage_works(gm, plan), 4)[1])
+    pol = A.AdaptPolicy(min_gain=0.1, min_compute_s=0.3 * share, probe_after=6, retry=100)
+    s = AdaptiveStream(sess, plan, base, policy=pol)
+    nominal = statistics.median(r.latency_s for r in s.serve([None] * 10)[2:])
+    sess.truth = [1.0, 16.0, 1.0, 1.0]
+    s.serve([None] * 4)
+    assert s.state.factors[1] > 10
+    sess.truth = [1.0] * 4  # back before any probe: only a probe can see it
+    halfway = s.planner(gm, A.scaled_cluster(base, [1.0, 4.0, 1.0, 1.0]), s.plan)
+    assert not A.decide(pol, A.reprice(s.plan, s.scale_base, s.plan_factors, [1.0, 4.0, 1.0, 1.0]),
+                        halfway.predicted_s).replan  # the case this test is about
+    recs = s.serve([None] * 20)
+    probes = [r for r in recs if r.probe]
+    assert probes and probes[0].event == "replanned" and not any(r.reverted for r in recs)
+    assert s.state.factors[1] < 1.5
+    assert statistics.median(r.latency_s for r in recs[-5:]) <= 1.15 * nominal
+
+
+def test_probe_levels_halfway_then_the_others_level():
+    pol = A.AdaptPolicy(change=0.3, probe_after=8)
+    st = A.AdaptState([1.2, 0.9, 6.25, 1.4], [1.2, 0.9, 6.25, 1.4], [[], [], [], []], 30, [True] * 4, seen={2: 20})
+    assert A.probe(st, pol) == [{2: 2.5}, {2: 1.2}]
+    assert A.probe(replace(st, seen={2: 25}), pol) == []  # measured 5 frames ago: not idle yet
+    assert A.probe(replace(st, recent=[[], [1.8], [], []]), pol) == []  # a change is being measured
+    assert A.probe(replace(st, held={2: (40, 3.0)}), pol) == []
+    # the others as slow as halfway: one probe only
+    slow = replace(st, factors=[3.0, 3.0, 6.25, 3.0])
+    assert A.probe(slow, pol) == [{2: 2.5}]

@@ -374,7 +374,8 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
         sel = [x for x in recs if x["phase"] == ph["phase"]]
         ph["replans"] = sum(x["event"] == "replanned" for x in sel)
         ph["reverts"] = sum(bool(x.get("reverted")) for x in sel)  # re-plans that undid the one before
-        ph["probes"] = sum(bool(x.get("probe")) for x in sel)  # re-plans that tried an idle device again
+        # re-plans that tried an idle device again (a declined probe is an evaluation that kept the plan)
+        ph["probes"] = sum(bool(x.get("probe")) and x["event"] == "replanned" for x in sel)
         ph["evaluations"] = sum(x["event"] != "" for x in sel)
         ph["median_latency_s"] = statistics.median(x["latency_s"] for x in sel)
         if ph["name"] in ("low", "back"):

@@ -50,7 +50,8 @@ class FrameRecord:
     event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned"
     reused: bool = False  # the re-plan went back to a plan measured under these speeds before
     reverted: bool = False  # the re-plan undid the previous one, which ran slower (adapt rule 5)
-    probe: bool = False  # the re-plan tries an idle slow device again (adapt rule 6)
+    # an idle slow device was probed (adapt rule 6): re-planned for, or kept when no probe was worth a trial
+    probe: bool = False
     candidate_s: float | None = None
     gain: float | None = None
     replan_s: float = 0.0  # planning + loading time spent after this frame (not in latency_s)
@@ -162,20 +163,25 @@ class AdaptiveStream:
                 rec.event = "kept"
             self.state = A.rebase(self.state)
             rec.replan_s = time.perf_counter() - t0
-        elif not rec.reverted and self.trial is None and (levels := A.probe(self.state, self.policy)):
+        elif not rec.reverted and self.trial is None and (tries := A.probe(self.state, self.policy)):
             t0 = time.perf_counter()
-            trial = self._trial(tm.total_s, {d: self.state.factors[d] for d in levels}, dict(levels))
-            self.state = A.start_probe(self.state, levels)
-            cand = self.planner(self.gm, A.scaled_cluster(self.base, self.state.factors), self.plan)
-            now = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
-            if A.decide(self.policy, now, cand.predicted_s).replan:  # the probe changes the split enough
-                self._use(cand, self.session.load_plan(cand), list(self.state.factors))
-                self.trial = trial
-                self.version += 1
-                rec.event, rec.probe, rec.candidate_s = "replanned", True, cand.predicted_s
-                estimated = cand.predicted_s
-            else:  # not worth a trial: keep the estimate, try again later
-                self.state = A.refute(self.state, self.policy, trial.levels, trial.believed)
+            rec.event, rec.probe = "kept", True
+            for levels in tries:  # the first probe that changes the split enough is tried
+                trial = self._trial(tm.total_s, {d: self.state.factors[d] for d in levels}, dict(levels))
+                probed = A.start_probe(self.state, levels)
+                cand = self.planner(self.gm, A.scaled_cluster(self.base, probed.factors), self.plan)
+                now = A.reprice(self.plan, self.scale_base, self.plan_factors, probed.factors)
+                rec.candidate_s = cand.predicted_s
+                if A.decide(self.policy, now, cand.predicted_s).replan:
+                    self.state = probed
+                    self._use(cand, self.session.load_plan(cand), list(self.state.factors))
+                    self.trial = trial
+                    self.version += 1
+                    rec.event = "replanned"
+                    estimated = cand.predicted_s
+                    break
+            else:  # none worth a trial: keep the estimate, try again later
+                self.state = A.refute(probed, self.policy, trial.levels, trial.believed)
             rec.replan_s = time.perf_counter() - t0
         rec.estimated_s = estimated
         rec.latency_ratio = self.state.latency_ratio
