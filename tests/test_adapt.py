@@ -391,7 +391,7 @@ def test_an_idle_slow_device_is_probed_and_its_recovery_seen(gm):
 
 
 def test_an_idle_device_is_probed_at_the_others_level_when_halfway_changes_nothing(gm):
-    """Run AB's case: the stream believed w1 far slower than it was (16x), the plan left it
+    """Run AB's case (there w2): the stream believed w1 far slower than it was (16x), the plan left it
     too little work to measure, and its cap came back. A plan made with it halfway back (4x)
     is hardly different from the current one, so that probe is not worth a trial; the stream
     then tries it as far off its profile as the other devices are (the level it returns to
