@@ -366,17 +366,25 @@ def test_a_re_plan_that_runs_slower_is_undone_and_not_retried(gm):
     assert recs[-1].factors[2] > 2.0  # the held estimate, not the thin strip's 0.7
 
 
+def idle_probe_stream(gm, seed: int, retry: int):
+    """A stream on which w1 gives no sample once its share shrinks to 30 % (so it can only be
+    probed), after 10 nominal frames; returns the stream, its session, policy and the nominal
+    latency."""
+    base = base_cluster()
+    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
+    sess = FakeSession(gm, base, noise=0.03, seed=seed)
+    share = compute_s(base.devices[1], A.device_work(A.stage_works(gm, plan), 4)[1])
+    pol = A.AdaptPolicy(min_gain=0.1, min_compute_s=0.3 * share, probe_after=6, retry=retry)
+    s = AdaptiveStream(sess, plan, base, policy=pol)
+    nominal = statistics.median(r.latency_s for r in s.serve([None] * 10)[2:])
+    return s, sess, pol, nominal
+
+
 def test_an_idle_slow_device_is_probed_and_its_recovery_seen(gm):
     """w1 slows 6x and the re-plan leaves it too little work to measure. While it stays slow,
     one probe is tried, measured slower and undone; after it recovers, the next probe (once
     the hold has expired) is kept and the stream gets back to the nominal latency."""
-    base = base_cluster()
-    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
-    sess = FakeSession(gm, base, noise=0.03, seed=8)
-    share = compute_s(base.devices[1], A.device_work(A.stage_works(gm, plan), 4)[1])
-    pol = A.AdaptPolicy(min_gain=0.1, min_compute_s=0.3 * share, probe_after=6, retry=20)
-    s = AdaptiveStream(sess, plan, base, policy=pol)
-    nominal = statistics.median(r.latency_s for r in s.serve([None] * 10)[2:])
+    s, sess, pol, nominal = idle_probe_stream(gm, seed=8, retry=20)
     sess.truth = [1.0, 6.0, 1.0, 1.0]
     recs = s.serve([None] * 24)
     ev = [(r.index, r.probe, r.reverted) for r in recs if r.event == "replanned"]
@@ -397,18 +405,12 @@ def test_an_idle_device_is_probed_at_the_others_level_when_halfway_changes_nothi
     then tries it as far off its profile as the other devices are (the level it returns to
     when it recovers), measures that plan no slower, and keeps it. Before, the declined
     probe held the device off for ``retry`` frames without measuring anything."""
-    base = base_cluster()
-    plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
-    sess = FakeSession(gm, base, noise=0.03, seed=9)
-    share = compute_s(base.devices[1], A.device_work(A.stage_works(gm, plan), 4)[1])
-    pol = A.AdaptPolicy(min_gain=0.1, min_compute_s=0.3 * share, probe_after=6, retry=100)
-    s = AdaptiveStream(sess, plan, base, policy=pol)
-    nominal = statistics.median(r.latency_s for r in s.serve([None] * 10)[2:])
+    s, sess, pol, nominal = idle_probe_stream(gm, seed=9, retry=100)
     sess.truth = [1.0, 16.0, 1.0, 1.0]
     s.serve([None] * 4)
     assert s.state.factors[1] > 10
     sess.truth = [1.0] * 4  # back before any probe: only a probe can see it
-    halfway = s.planner(gm, A.scaled_cluster(base, [1.0, 4.0, 1.0, 1.0]), s.plan)
+    halfway = s.planner(gm, A.scaled_cluster(s.base, [1.0, 4.0, 1.0, 1.0]), s.plan)
     assert not A.decide(pol, A.reprice(s.plan, s.scale_base, s.plan_factors, [1.0, 4.0, 1.0, 1.0]),
                         halfway.predicted_s).replan  # the case this test is about
     recs = s.serve([None] * 20)
