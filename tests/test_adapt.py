@@ -3,6 +3,7 @@ synthetic timings (a fake session whose devices compute at chosen true speeds)."
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from dataclasses import replace
@@ -40,8 +41,11 @@ class FakeSession:
     """Executes nothing: each device's compute time is its planned work priced on its *true*
     profile (base scaled by ``truth``), times random noise."""
 
-    def __init__(self, gm, base: Cluster, noise: float = 0.0, seed: int = 0):
+    def __init__(self, gm, base: Cluster, noise: float = 0.0, seed: int = 0, frame_noise: float = 0.0):
         self.gm, self.base, self.noise = gm, base, noise
+        # log-sd of a device's whole-frame speed (host contention moves all its stages at once;
+        # bench edgedi run AD: 0.14 robust, 0.19-0.23 with its tails, per device and frame)
+        self.frame_noise = frame_noise
         self.truth = [1.0] * len(base.devices)
         self.overhead = 1.0  # measured latency / cost model: what the model leaves out
         self.penalty: dict[int, float] = {}  # plan id -> what the model misses about that plan
@@ -63,7 +67,7 @@ class FakeSession:
 
     def infer(self, x, pid):
         plan, gm = self.plans[pid]
-        truth = self.effective(gm, plan)
+        truth = [t * math.exp(self.rng.gauss(0.0, self.frame_noise)) for t in self.effective(gm, plan)]
         comp = A.stage_compute(A.stage_works(gm, plan), A.scaled_cluster(self.base, truth))
         k = len(plan.devices)
         per = [[StageTiming(c, c * (1 + self.noise * (2 * self.rng.random() - 1))) for c in (row[d] for row in comp)]
@@ -131,7 +135,7 @@ def test_a_slower_device_synchronises_slower_too(gm):
 
 
 def test_observe_needs_patience_and_jumps_to_new_level():
-    pol = A.AdaptPolicy(alpha=0.5, change=0.3, patience=2, warmup=0)
+    pol = A.AdaptPolicy(change=0.3, patience=2, warmup=0)
     st = A.AdaptState.start(2)
     st, ch = A.observe(st, pol, [0.1, 0.0], [0.12, 0.0])  # w1 idle: it takes the measured devices' factor
     assert ch == [] and st.factors == pytest.approx([1.2, 1.2]) and st.sampled == [True, False]
@@ -156,7 +160,7 @@ def test_observe_needs_patience_and_jumps_to_new_level():
 
 
 def test_a_change_is_believed_only_when_its_frames_agree():
-    pol = A.AdaptPolicy(alpha=0.5, change=0.3, patience=2, warmup=0, agree=0.6)
+    pol = A.AdaptPolicy(change=0.3, patience=2, warmup=0, agree=0.6)
     st = A.AdaptState([2.5], [2.5], [[]], 5, [True])
     # a noisy frame at the old level (1.7: deviates) then the real change (0.9): two deviating
     # frames in a row, but not one new level; the third frame confirms 0.9
@@ -173,10 +177,10 @@ def test_a_change_is_believed_only_when_its_frames_agree():
     assert ch == [0] and st.factors[0] == pytest.approx(2.5)
 
 
-def stream(gm, noise: float, seed: int = 0):
+def stream(gm, noise: float, seed: int = 0, frame_noise: float = 0.0):
     base = base_cluster()
     plan = make_plan(gm, base, partition="optimal", fusion="auto", mode="exchange")
-    sess = FakeSession(gm, base, noise=noise, seed=seed)
+    sess = FakeSession(gm, base, noise=noise, seed=seed, frame_noise=frame_noise)
     return AdaptiveStream(sess, plan, base, policy=A.AdaptPolicy(min_gain=0.1, min_compute_s=1e-3)), sess
 
 
@@ -191,6 +195,28 @@ def test_no_flapping_when_nothing_changes(gm):
     assert [r for r in recs if r.event == "replanned"] == []
     # the kept plan is re-priced from the speeds its prediction assumed, not from the last basis
     assert recs[-1].estimated_s == pytest.approx(1.6 * s.plan.predicted_s, rel=0.2)
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_no_flapping_under_the_testbeds_frame_noise(gm, seed):
+    """Whole frames of one device run 15-20 % off (log-sd), as on the testbed: two such frames
+    in a row are not a change of speed, and a plan made on them would be undone by the next."""
+    s, sess = stream(gm, noise=0.05, seed=seed, frame_noise=0.2)
+    recs = s.serve([None] * 120)
+    assert [r.index for r in recs if r.event == "replanned"] == []
+
+
+@pytest.mark.parametrize("seed", [40, 41, 42, 43])
+def test_a_cap_change_is_found_within_four_frames_under_the_testbeds_frame_noise(gm, seed):
+    """The CUSUM that keeps noise out must not keep a real change out: w2 at 2.5x (0.25 -> 0.1
+    core) is re-planned for once, within 4 frames (twelve seeds: 2 at most 10 times out of 12),
+    and then left alone."""
+    s, sess = stream(gm, noise=0.05, seed=seed, frame_noise=0.2)
+    s.serve([None] * 15)
+    sess.truth = [1.0, 1.0, 2.5, 1.0]
+    recs = s.serve([None] * 15)
+    re = [r.index - recs[0].index for r in recs if r.event == "replanned"]
+    assert len(re) == 1 and re[0] <= 3
 
 
 def test_converges_from_wrong_profiles(gm):
@@ -323,7 +349,7 @@ def test_worse_and_refute():
     slower, _ = A.observe(st, pol, [0.1, 0.1], [0.1, 0.5])
     assert slower.recent[1] == [pytest.approx(5.0)]
     noise, _ = A.observe(st, pol, [0.1, 0.1], [0.1, 0.3])
-    assert noise.factors[1] == pytest.approx(3.1)
+    assert noise.factors[1] == pytest.approx(3.1)  # the level it was set to counts as one sample
     later = replace(st, frames=st.frames + 5)  # the hold expires after `retry` frames
     assert A.observe(later, pol, [0.1, 0.1], [0.1, 0.08])[0].recent[1] == [pytest.approx(0.8)]
 
@@ -339,9 +365,12 @@ def test_only_the_beliefs_a_failed_re_plan_contradicts_are_held():
     st = A.refute(st, pol, {1: 0.66, 2: 3.1}, believed, A.confirmed_by(st, pol, believed))
     assert st.factors == [1.0, 0.66, 3.1, 1.0] and set(st.held) == {2}
     base = [0.1] * 4
-    for _ in range(2):  # w1 measured at 0.9 again, w2 at 2.2 again (the refuted side)
-        st, changed = A.observe(st, pol, base, [0.1, 0.09, 0.22, 0.1])
-    assert changed == [1] and st.factors[1] == pytest.approx(0.9) and st.factors[2] == 3.1
+    believed = []
+    for _ in range(6):  # w1 measured at 0.99 again, w2 at 2.2 again (the refuted side)
+        st, changed = A.observe(st, pol, base, [0.1, 0.099, 0.22, 0.1])
+        believed += changed
+    # a 1.5x change: log 0.41 a frame, less the slack 0.2, adds up to `evidence` 1.0 in 5 frames
+    assert believed == [1] and st.factors[1] == pytest.approx(0.99) and st.factors[2] == 3.1
 
 
 def test_a_re_plan_that_runs_slower_is_undone_and_not_retried(gm):

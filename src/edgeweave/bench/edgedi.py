@@ -76,7 +76,9 @@ class EdgediConfig:
     adapt_model: str = "vgg16"  # the model whose plans the profiles predict well (ResNet18's small layers: not)
     adapt_device: str = "w2"
     adapt_caps: tuple[float, float] = (0.25, 0.1)
-    adapt_frames: tuple[int, int, int, int] = (8, 8, 12, 12)  # calibrate, steady, low cap, back
+    # calibrate, steady, low cap, back; the calibration evaluation comes after warm-up + 8 frames
+    # (AdaptPolicy.calibrate_after), inside the first phase
+    adapt_frames: tuple[int, int, int, int] = (10, 8, 12, 12)
     adapt_policy: tuple[tuple[str, float], ...] = ()  # AdaptPolicy overrides
     profile_quick: bool = True
     model_latency: bool = True
@@ -89,7 +91,7 @@ class EdgediConfig:
     def quick_config(cls) -> "EdgediConfig":
         """A few minutes: ResNet18 only at 96x96, 1/2/4 devices, 2 repeats, shorter stream."""
         return cls(models=("resnet18",), size=96, devices=(1, 2, 4), repeat=2, baseline_repeat=2,
-                   adapt_model="resnet18", adapt_frames=(5, 5, 8, 8), quick=True)
+                   adapt_model="resnet18", adapt_frames=(5, 5, 8, 8), adapt_policy=(("calibrate_after", 3),), quick=True)
 
 
 # ------------------------------------------------------------------------------------ models

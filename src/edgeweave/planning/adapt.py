@@ -5,21 +5,30 @@ processes; the stream driver (:mod:`edgeweave.runtime.stream`) feeds it measurem
 Speed estimate. Planning priced every device with a *base* profile (``a * FLOPs + b`` per node
 call). A CPU cap, a thermal throttle or a neighbour's load scales that line, so per device we
 estimate one factor ``f = measured compute seconds / base-predicted compute seconds`` of the
-work the plan gave it (its planned FLOPs under the base line), smoothed exponentially over
-frames. The effective profile is the base one with ``a`` and ``b`` multiplied by ``f`` (so
-``a_eff = f * a`` seconds per FLOP); :func:`scaled_cluster` builds it for the planner.
+work the plan gave it (its planned FLOPs under the base line): the median of its last
+``window`` samples since its last change point (rule 2). The effective profile is the base one
+with ``a`` and ``b`` multiplied by ``f`` (so ``a_eff = f * a`` seconds per FLOP);
+:func:`scaled_cluster` builds it for the planner.
 
 Re-plan policy, with hysteresis so it never flaps:
 
 1. a device *deviates* in a frame when its raw factor differs from the factor the current plan
    was made with (its *basis*) by more than ``change`` (relative, either direction);
-2. only after ``patience`` consecutive deviating frames that agree with each other (within
-   ``agree``) is the change believed: that device's estimate jumps to the median of those
-   frames (a change point; the slow average would need many frames to get there) and a
-   candidate plan is requested. Why they must agree: a device at 0.1 core measures +-25 %
-   from frame to frame, and in two bench runs a noisy frame just before its cap came back,
-   paired with the first frame after, was believed as a level halfway between the two (1.46x
-   where the truth was 2.5x, then 0.9x), so the stream re-planned twice for one change;
+2. a change is believed when the device has ``patience`` consecutive deviating frames that
+   agree with each other (within ``agree``) *and* its CUSUM (the running sum of
+   ``|log(sample / basis)| - slack`` on one side of the basis, never below 0) has reached
+   ``evidence``: that device's estimate jumps to the median of the deviating frames (a change
+   point; a window of old samples would need many frames to get there) and a candidate plan is
+   requested. Why the CUSUM: one device's whole frame runs 15-20 % off (log-sd) on the testbed,
+   so two frames 30 % off in a row are common, and each such belief re-planned on noise (bench
+   edgedi run AD: 7 re-plans where calibration and two cap changes asked for 3; the same
+   stream on synthetic frames of that noise re-planned 7 times in 120 frames with nothing
+   changed, now 0 in 26 such streams). A 2.5x change (a cap from 0.25 to 0.1 core) still passes
+   in 2 frames; 1.5x takes about 6, 1.3x about 15 (simulated). Why they must agree: a device
+   at 0.1 core measures +-25 % from frame to frame, and in two bench runs a noisy frame just
+   before its cap came back, paired with the first frame after, was believed as a level halfway
+   between the two (1.46x where the truth was 2.5x, then 0.9x), so the stream re-planned twice
+   for one change;
 3. the candidate replaces the current plan only if it is predicted at least ``min_gain`` faster
    than the current plan re-priced under the same estimates (:func:`reprice`); 10 % by
    default, the tolerance a served stream is held to (a kept plan is at most that much slower
@@ -87,10 +96,18 @@ from edgeweave.profiling.profile import Cluster, DeviceProfile
 
 @dataclass(frozen=True)
 class AdaptPolicy:
-    alpha: float = 0.5  # weight of the newest sample in the running factor
+    # the factor is the median of a device's last ``window`` samples since its last change point:
+    # one frame of a device runs +-15-20 % off on the testbed (log-sd, bench edgedi run AD), and
+    # a basis that noisy made the next frames look like a change (a running average weighing
+    # the newest frame by half kept 0.12 of that noise)
+    window: int = 16
     change: float = 0.3  # relative deviation from the basis that counts as a change
     patience: int = 2  # consecutive deviating frames before a change is believed
     agree: float = 0.6  # ... that agree this closely with each other (one new level, not noise)
+    # ... once the device's CUSUM of |log(sample / basis)| - ``slack`` (one side of the basis)
+    # reaches ``evidence`` (rule 2)
+    evidence: float = 1.0
+    slack: float = 0.2
     min_gain: float = 0.10  # a candidate must be predicted this much faster than the current plan
     # Devices predicted to compute less than this in a frame give no sample: tiny strips are
     # dominated by fixed per-call costs and CPU-quota periods (10 ms), not by the device's speed,
@@ -98,7 +115,9 @@ class AdaptPolicy:
     min_compute_s: float = 0.02
     warmup: int = 1  # first frames ignored (cold caches, first-touch allocations)
     ratio_window: int = 8  # steady frames whose measured / estimated latency calibrate predictions
-    calibrate_after: int = 4  # measured frames before the one calibration evaluation (0 = never)
+    # measured frames before the one calibration evaluation (0 = never): after 4 frames of the
+    # testbed's noise the estimates erred by 10-12 %, enough for a re-plan that later frames undid
+    calibrate_after: int = 8
     retry: int = 40  # frames a refuted change is held off (rule 5)
     probe_after: int = 8  # frames without a sample before an idle slow device is probed (rule 6)
     # rule 5's margin: above frame-to-frame noise (+-10-15 % on the testbed, more on loopback)
@@ -120,10 +139,13 @@ class AdaptState:
     evaluated: bool = False  # a candidate plan was evaluated at least once (see ``evaluation_due``)
     held: dict[int, tuple[int, float]] = field(default_factory=dict)  # device -> (until frame, refuted level)
     seen: dict[int, int] = field(default_factory=dict)  # device -> frame of its last sample (or probe)
+    level: list[list[float]] = field(default_factory=list)  # per device: samples since its last change point
+    drift: list[float] = field(default_factory=list)  # per device: CUSUM of log(sample / basis), signed by side
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
-        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0, [False] * n)
+        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0, [False] * n, level=[[] for _ in range(n)],
+                   drift=[0.0] * n)
 
     @property
     def latency_ratio(self) -> float:
@@ -256,7 +278,8 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     """
     n = len(state.factors)
     st = replace(state, factors=list(state.factors), recent=[list(r) for r in state.recent], frames=state.frames + 1,
-                 sampled=list(state.sampled) or [False] * n, seen=dict(state.seen))
+                 sampled=list(state.sampled) or [False] * n, seen=dict(state.seen),
+                 level=[list(v) for v in state.level] or [[] for _ in range(n)], drift=list(state.drift) or [0.0] * n)
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -267,19 +290,24 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
         st.seen[d] = st.frames
         if _held(st, policy, d, r):
             continue
-        if not st.sampled[d]:  # first sample: no history to average with
-            st.sampled[d] = True
-            st.factors[d] = r
-        st.factors[d] = (1 - policy.alpha) * st.factors[d] + policy.alpha * r
+        st.sampled[d] = True
+        st.level[d] = (st.level[d] + [r])[-policy.window:]
+        st.factors[d] = statistics.median(st.level[d])
+        x = math.log(r / st.basis[d]) if st.basis[d] > 0 else 0.0
+        if x * st.drift[d] < 0:
+            st.drift[d] = 0.0  # the other side of the basis: what was gathered is not this
         if _dev(r, st.basis[d]) > policy.change:
             if st.recent[d] and _dev(r, statistics.median(st.recent[d])) > policy.agree:
-                st.recent[d] = []  # not the level the previous deviating frames were at: start over
+                st.recent[d], st.drift[d] = [], 0.0  # not the level the previous deviating frames were at
             st.recent[d].append(r)
-            if len(st.recent[d]) >= policy.patience:
-                st.factors[d] = statistics.median(st.recent[d][-policy.patience:])
-                changed.append(d)
         else:
             st.recent[d] = []
+        st.drift[d] = math.copysign(max(0.0, abs(st.drift[d]) + abs(x) - policy.slack), x)
+        if len(st.recent[d]) >= policy.patience and abs(st.drift[d]) >= policy.evidence:
+                st.level[d] = list(st.recent[d])  # a change point: the new level starts here
+                st.factors[d] = statistics.median(st.level[d])
+                st.drift[d] = 0.0
+                changed.append(d)
     # A device never measured (it had no work yet) is assumed as far off its profile as the
     # median measured device: profiles measured on the same host share their errors.
     seen = [st.factors[d] for d in range(n) if st.sampled[d]]
@@ -314,7 +342,8 @@ def refute(state: AdaptState, policy: AdaptPolicy, levels: dict[int, float], bel
         factors[d] = f
         if d not in confirmed:
             held[d] = (state.frames + policy.retry, believed[d])
-    return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors], held=held)
+    return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors], held=held,
+                   level=_restart(state, levels), drift=[0.0] * len(factors))
 
 
 def confirmed_by(state: AdaptState, policy: AdaptPolicy, believed: dict[int, float]) -> set[int]:
@@ -360,7 +389,15 @@ def start_probe(state: AdaptState, levels: dict[int, float]) -> AdaptState:
     for d, f in levels.items():
         factors[d] = f
     return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors],
-                   seen=dict(state.seen) | {d: state.frames for d in levels})
+                   seen=dict(state.seen) | {d: state.frames for d in levels}, level=_restart(state, levels),
+                   drift=[0.0] * len(factors))
+
+
+def _restart(state: AdaptState, levels: dict[int, float]) -> list[list[float]]:
+    """Levels with ``levels``' devices set to one value, which counts as one sample: they were
+    set to it, not measured there, and the next sample alone should not replace it."""
+    old = state.level or [[] for _ in state.factors]
+    return [[levels[d]] if d in levels else list(v) for d, v in enumerate(old)]
 
 
 def worse(policy: AdaptPolicy, before_s: Sequence[float], after_s: Sequence[float]) -> bool:
@@ -467,4 +504,5 @@ def choose(policy: AdaptPolicy, dec: Decision, candidate_cal_s: float, current_c
 
 def rebase(state: AdaptState) -> AdaptState:
     """After an evaluation (re-planned or not): the estimate becomes the basis, runs reset."""
-    return replace(state, basis=list(state.factors), recent=[[] for _ in state.factors], evaluated=True)
+    return replace(state, basis=list(state.factors), recent=[[] for _ in state.factors], evaluated=True,
+                   drift=[0.0] * len(state.factors))
