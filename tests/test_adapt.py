@@ -219,6 +219,25 @@ def test_a_cap_change_is_found_within_four_frames_under_the_testbeds_frame_noise
     assert len(re) == 1 and re[0] <= 3
 
 
+def test_a_slowdown_that_deepens_while_its_re_plan_is_tested_is_not_held_off(gm):
+    """Run AF: w2 slowed 1.6x, the stream re-planned for it, and its cap dropped further (4x)
+    during the re-plan's test. The test's frames ran slower than before, so the stream goes
+    back (rule 5), but w2's belief was right, only too small: it is not held, and the deeper
+    slowdown is re-planned for within a few frames."""
+    s, sess = stream(gm, noise=0.03, seed=8)
+    s.serve([None] * 12)
+    sess.truth = [1.0, 1.0, 1.6, 1.0]
+    recs = s.serve([None])
+    while not (recs[-1].event == "replanned" and recs[-1].changed == [2]):
+        assert len(recs) < 6
+        recs += s.serve([None])
+    sess.truth = [1.0, 1.0, 4.0, 1.0]  # the drop comes during the test of that re-plan
+    recs = s.serve([None] * 10)
+    assert recs[2].reverted and 2 not in s.state.held
+    oracle = make_plan(gm, A.scaled_cluster(base_cluster(), sess.truth), partition="optimal", fusion="auto", mode="exchange")
+    assert recs[-1].latency_s <= 1.15 * oracle.predicted_s
+
+
 def test_converges_from_wrong_profiles(gm):
     s, sess = stream(gm, noise=0.05, seed=2)
     sess.truth = [1.0, 2.0, 1.0, 0.6]  # the profiles were wrong from the start
@@ -362,6 +381,11 @@ def test_only_the_beliefs_a_failed_re_plan_contradicts_are_held():
     st = A.AdaptState([1.0, 0.88, 4.0, 1.0], [1.0, 0.99, 2.2, 1.0], [[], [], [], []], 26, [True] * 4)
     believed = {1: 0.99, 2: 2.2}
     assert A.confirmed_by(st, pol, believed) == {1}
+    assert A.confirmed_by(st, pol, believed, {1: 0.66, 2: 3.1}) == {1}  # w2 went the other way: not beyond
+    # run AF: w2 believed 1.5x slower (from 1.0) and measured at 4.1x in the test (its cap dropped
+    # meanwhile): the belief was right, only too small, so w2 is not held
+    af = replace(st, factors=[1.0, 0.88, 4.1, 1.0])
+    assert A.confirmed_by(af, pol, {2: 1.5}, {2: 1.0}) == {2} and A.confirmed_by(af, pol, {2: 1.5}) == set()
     st = A.refute(st, pol, {1: 0.66, 2: 3.1}, believed, A.confirmed_by(st, pol, believed))
     assert st.factors == [1.0, 0.66, 3.1, 1.0] and set(st.held) == {2}
     base = [0.1] * 4

@@ -209,7 +209,7 @@ class AdaptiveStream:
             return False
         self._use(t.plan, t.plan_id, t.factors)
         self.state = A.refute(self.state, self.policy, t.levels, t.believed,
-                              A.confirmed_by(self.state, self.policy, t.believed))
+                              A.confirmed_by(self.state, self.policy, t.believed, t.levels))
         self.version += 1
         return True
 
