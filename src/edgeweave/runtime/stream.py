@@ -131,6 +131,8 @@ class AdaptiveStream:
                 samples = self.known[self.plan_id][2]
                 samples.append((list(self.state.factors), tm.total_s))
                 del samples[:-self.policy.ratio_window]
+        if self.trial is not None and A.deepened(self.state, self.trial.believed, self.trial.levels, changed):
+            self.trial = None  # void: re-plan for the deeper change now (adapt rule 5)
         if self.trial is not None and self._judge(tm.total_s):
             rec.event, rec.reverted = "replanned", True
             estimated = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
