@@ -11,6 +11,11 @@ What runs (one testbed of 4 devices, leader first: ``leader`` 0.25 core and ``w1
    measured speedup (the model alone on the 0.25-core leader, plain torch, over the latency on
    k devices) is the theoretical bound for the same model: the sum of the k devices' speeds
    over the leader's speed, a device's speed being 1 / its measured single-device latency.
+   The single-device runs (one warm process per distinct cap, in that device's namespace and
+   cap) join the round-robin of the distributed frames, one run each per round: the bound then
+   compares speeds measured within seconds of each other and of the frames (measured one
+   device after the other before the frames, the leader-to-w1 ratio came out anywhere from
+   1.33 to 1.92 for a 1.5x cap ratio, and the bound with it: runs AD and AF).
 2. **Adaptive partitioning.** A stream of frames of the original VGG16 (``adapt_model``; its
    plans are the ones the profiles predict well) on all 4 devices,
    served by the leader's :class:`edgeweave.runtime.stream.AdaptiveStream`; after a few frames
@@ -35,12 +40,10 @@ Summary keys: ``compact_flops_ratio`` (compact VGG16 FLOPs over the original's),
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import statistics
-import subprocess
-import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +75,6 @@ class EdgediConfig:
     fusion: str = "auto"
     mode: str = "exchange"
     repeat: int = 3
-    baseline_repeat: int = 3
     adapt_model: str = "vgg16"  # the model whose plans the profiles predict well (ResNet18's small layers: not)
     adapt_device: str = "w2"
     adapt_caps: tuple[float, float] = (0.25, 0.1)
@@ -90,7 +92,7 @@ class EdgediConfig:
     @classmethod
     def quick_config(cls) -> "EdgediConfig":
         """A few minutes: ResNet18 only at 96x96, 1/2/4 devices, 2 repeats, shorter stream."""
-        return cls(models=("resnet18",), size=96, devices=(1, 2, 4), repeat=2, baseline_repeat=2,
+        return cls(models=("resnet18",), size=96, devices=(1, 2, 4), repeat=2,
                    adapt_model="resnet18", adapt_frames=(5, 5, 8, 8), adapt_policy=(("calibrate_after", 3),), quick=True)
 
 
@@ -140,34 +142,6 @@ def write_variant(base: str, variant: str, cfg: EdgediConfig, path: Path) -> tup
     return path, model_hash(m), {"params": sum(p.numel() for p in m.parameters()), "flops": flops}
 
 
-BASELINE = textwrap.dedent(
-    """
-    # the whole model on one device: plain torch, no network, no partitioning
-    import json, statistics, sys, time, torch
-    torch.set_num_threads(1)
-    from edgeweave.checkpoint import load_checkpoint
-    m, spec, _ = load_checkpoint(sys.argv[1]); m.eval()
-    size, ch, repeat = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    x = torch.randn(1, ch, size, size)
-    with torch.inference_mode():
-        m(x)
-        t = []
-        for _ in range(repeat):
-            t0 = time.perf_counter(); m(x); t.append(time.perf_counter() - t0)
-    print(json.dumps({"median_s": statistics.median(t), "times_s": t}))
-    """
-)
-
-
-def single_latency(tb: Any, device: str, ckpt: Path, cfg: EdgediConfig) -> dict[str, Any]:
-    p = tb.exec(device, [sys.executable, "-c", BASELINE, str(ckpt), str(cfg.size), str(cfg.in_channels),
-                         str(cfg.baseline_repeat)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = p.communicate(timeout=cfg.timeout_s)
-    if p.returncode != 0:
-        raise EdgeweaveError(f"single-device baseline failed on {device}: {err.strip()[-300:]}")
-    return json.loads(out.strip().splitlines()[-1])
-
-
 # ------------------------------------------------------------------------------------ running
 def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("results")) -> dict[str, Any]:
     """Bring the testbed up, profile, run every configuration and the adaptive stream; write
@@ -210,13 +184,11 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
             for variant in cfg.variants:
                 key = f"{base}/{variant}"
                 ckpt, mhash, size = write_variant(base, variant, cfg, work / f"{base}-{variant}-{cfg.size}.safetensors")
-                single = {NAMES[i]: single_latency(tb, NAMES[i], ckpt, cfg) for i in _distinct_caps(cfg)}
-                models[key] = {"base": base, "variant": variant, "checkpoint": str(ckpt), "hash": mhash, **size,
-                               "single_s": {d: v["median_s"] for d, v in single.items()}, "single_times_s": single}
-                console.print(f"{key}: {size['flops'] / 1e9:.2f} GFLOPs, {size['params'] / 1e6:.2f} M params, single "
-                              + ", ".join(f"{d} {v['median_s']:.3f} s" for d, v in single.items()))
+                console.print(f"{key}: {size['flops'] / 1e9:.2f} GFLOPs, {size['params'] / 1e6:.2f} M params")
                 with_adapt = cfg.adapt_model == base and variant == "original"
-                r, a = _run_model(tb, cfg, key, ckpt, mhash, profiles, goodput, latencies, byte_s, work, T, with_adapt)
+                r, single, a = _run_model(tb, cfg, key, ckpt, mhash, profiles, goodput, latencies, byte_s, work, T, with_adapt)
+                models[key] = {"base": base, "variant": variant, "checkpoint": str(ckpt), "hash": mhash, **size,
+                               "single_s": {d: statistics.median(v) for d, v in single.items()}, "single_times_s": single}
                 rows += r
                 if a:
                     adapt = a
@@ -255,7 +227,12 @@ def _distinct_caps(cfg: EdgediConfig) -> list[int]:
 
 
 def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, profiles: dict, goodput: dict,
-               latencies: dict[float, float], byte_s: dict[float, float], work: Path, T: Any, with_adapt: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+               latencies: dict[float, float], byte_s: dict[float, float], work: Path, T: Any,
+               with_adapt: bool) -> tuple[list[dict[str, Any]], dict[str, list[float]], dict[str, Any]]:
+    """The model on 1..4 devices and alone on each distinct cap, round-robin (see module doc);
+    then the adaptive stream if ``with_adapt``. Returns the rows, the single-device times per
+    device and the stream's record."""
+
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
     from edgeweave.planning.planner import make_plan
@@ -287,11 +264,18 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
             plan.save(pfile)
             rep = bc.call({"op": "plan", "path": str(pfile.resolve())})
             live.append({"k": k, "plan": plan, "plan_s": plan_s, "rep": rep, "lats": [], "best": None})
-        for e in live:  # one untimed round: a plan's first frame after the others' warm-ups is slow
-            bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
-        for _ in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
-            for e in live:
-                T.timed_frame(bc, e)
+        single: dict[str, list[float]] = {NAMES[i]: [] for i in _distinct_caps(cfg)}
+        with contextlib.ExitStack() as stack:
+            solos = {d: stack.enter_context(T.SingleDevice(tb, d, str(ckpt), cfg.size, timeout_s=cfg.timeout_s))
+                     for d in single}
+            for e in live:  # one untimed round: a plan's first frame after the others' warm-ups is slow
+                bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
+            for rnd in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
+                for e in live:
+                    T.timed_frame(bc, e)
+                for d in (list(solos) if rnd % 2 == 0 else list(solos)[::-1]):
+                    single[d].append(solos[d].time_once())
+        console.print("  single device: " + ", ".join(f"{d} {statistics.median(v):.3f} s" for d, v in single.items()))
         for e in live:
             med = statistics.median(e["lats"])
             plan = e["plan"]
@@ -304,7 +288,7 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                          "timings": frame_summary(e["best"])})
             console.print(f"  {key} k={e['k']}: {med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {e['rep']['rel_err']:.1e})")
         adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latencies, byte_s, work, T) if with_adapt else {}
-    return rows, adapt
+    return rows, single, adapt
 
 
 def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, profiles: dict, goodput: dict,

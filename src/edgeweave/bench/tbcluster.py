@@ -267,16 +267,23 @@ def byte_costs(probes: Mapping[str, Mapping[str, Any]]) -> dict[float, float]:
 # ------------------------------------------------------------------------------------ baseline
 BASELINE = textwrap.dedent(
     """
-    # the whole model on one device: plain torch + torchvision, no network, no edgeweave
-    import json, statistics, sys, time, torch, torchvision
+    # the whole model on one device: plain torch, no network, no partitioning (a torchvision
+    # name, or a checkpoint file read with edgeweave's loader: its weights, then plain torch)
+    import json, os, statistics, sys, time, torch, torchvision
     torch.set_num_threads(1)
     name, sizes, repeat = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
     warmup = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    m = getattr(torchvision.models, name)(weights=None).eval()
+    if os.path.isfile(name):
+        from edgeweave.checkpoint import load_checkpoint
+        m, spec, _ = load_checkpoint(name)
+        ch = spec.in_channels
+    else:
+        m, ch = getattr(torchvision.models, name)(weights=None), 3
+    m.eval()
     out = {}
     with torch.inference_mode():
         for s in sizes:
-            x = torch.randn(1, 3, s, s)
+            x = torch.randn(1, ch, s, s)
             for _ in range(warmup):
                 m(x)
             if repeat == 0:  # serve: one timed inference per line on stdin
@@ -294,10 +301,11 @@ BASELINE = textwrap.dedent(
 )
 
 
-def single_device_latency(tb: Testbed, device: str, tv_name: str, sizes: Sequence[int], repeat: int,
+def single_device_latency(tb: Testbed, device: str, model: str, sizes: Sequence[int], repeat: int,
                           timeout_s: float = 900.0) -> dict[int, dict[str, Any]]:
-    """Latency of the whole torchvision model ``tv_name`` on ``device`` alone (inside its cap)."""
-    p = tb.exec(device, [sys.executable, "-c", BASELINE, tv_name, ",".join(map(str, sizes)), str(repeat)],
+    """Latency of the whole ``model`` (a torchvision name or a checkpoint path) on ``device``
+    alone (inside its cap)."""
+    p = tb.exec(device, [sys.executable, "-c", BASELINE, model, ",".join(map(str, sizes)), str(repeat)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = p.communicate(timeout=timeout_s)
     if p.returncode != 0:
@@ -331,9 +339,10 @@ class SingleDevice:
     (median 12 %) slower than a warm one on this host (bench edgeld run J: interleaved fresh
     samples 1.80-2.74 s against 1.60-1.66 s in one process), which inflated the speedups."""
 
-    def __init__(self, tb: Testbed, device: str, tv_name: str, size: int, warmup: int = 2, timeout_s: float = 600.0):
+    def __init__(self, tb: Testbed, device: str, model: str, size: int, warmup: int = 2, timeout_s: float = 600.0):
+        # model: a torchvision name or a checkpoint path
         self.timeout_s = timeout_s
-        self.p = tb.exec(device, [sys.executable, "-c", BASELINE, tv_name, str(size), "0", str(warmup)],
+        self.p = tb.exec(device, [sys.executable, "-c", BASELINE, model, str(size), "0", str(warmup)],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         if _read_line(self.p, timeout_s) is None:
             self.close()
