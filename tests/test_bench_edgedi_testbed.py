@@ -32,12 +32,17 @@ def test_edgedi_bench_tiny(tmp_path):
     # model runs only ~4 quota periods and where each run starts in its period closed the gap
     # even for the median (0.0441 vs 0.0412 s, session 16)
     cfg = E.EdgediConfig(models=("resnet18",), variants=("original", "compact"), size=96, devices=(1, 4), repeat=7,
-                         adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.05), model_latency=False,
+                         adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.05),
                          prefix="ewf-", subnet="10.77.34.0/24", quick=True)
     res = E.run_edgedi_bench(cfg, out_dir=tmp_path)
     assert not res["testbed_down"]["remaining"]
     assert {(r["model"], r["devices"]) for r in res["rows"]} == {(m, k) for m in ("resnet18/original", "resnet18/compact") for k in (1, 4)}
     assert all(r["rel_err"] < 1e-4 for r in res["rows"])
+    # the planner's per-message latency comes from all four devices synchronising in a line
+    probes = res["config"]["message_latency"]
+    assert set(probes) == {"0.25", "0.375"} and all(p["devices"] == 4 and p["synced_round_s"] > p["busy_round_s"] * 0.9
+                                                    for p in probes.values()), probes
+    assert all(0.0 <= v < 0.1 for v in res["config"]["planner_latency_s"].values())
     assert res["models"]["resnet18/original"]["single_s"]["leader"] > res["models"]["resnet18/original"]["single_s"]["w1"] * 1.1
     ad = res["adapt"]
     assert len(ad["records"]) == sum(cfg.adapt_frames) and ad["final_rel_err"] < 1e-4

@@ -89,7 +89,7 @@ def test_probes_used_by_the_planner_and_the_baseline(tb):
     plain torchvision inside the cap and reports a median per size."""
     from edgeweave.bench.tbcluster import single_device_latency, sync_latency
 
-    s = sync_latency(tb, "leader", "w1", rounds=12, work_ms=4.0)
+    s = sync_latency(tb, ["leader", "w1"], rounds=12, work_ms=4.0)
     assert s["busy_round_s"] >= 0.012, s
     assert s["synced_round_s"] > 0 and abs(s["overhead_s"]) < 0.2, s
     b = single_device_latency(tb, "w1", "mobilenet_v3_small", [32, 64], repeat=2, timeout_s=180)
@@ -111,7 +111,7 @@ def test_warm_single_device_and_per_cap_latencies(tb):
     assert all(t > 0 for t in times)
     # at 0.25 core the timed inferences used about a quarter of their wall time in the cgroup
     assert 0.1 * sum(times) < used < 0.6 * sum(times), (times, used)
-    lat, probes = message_latencies(tb, "leader", "w1", [0.5, 0.25], restore=(0.25, 0.25))
+    lat, probes = message_latencies(tb, ["leader", "w1"], [0.5, 0.25])
     assert set(lat) == {0.25, 0.5} and set(probes) == {"0.25", "0.5"}
     assert all(0.0 <= v < 0.1 for v in lat.values()), lat
     # CPU per byte moved, in the device's own time: positive, below 100 ms per MB, and

@@ -175,7 +175,7 @@ def run_edgedi_bench(cfg: EdgediConfig | None = None, out_dir: Path = Path("resu
         goodput = T.measure_rates(tb, sorted(set(cfg.rates), key=lambda r: -float(r.rstrip("mbit"))))
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
         lat_caps = sorted(set(cfg.caps) | {cfg.adapt_caps[0]})
-        latencies, sync = (T.message_latencies(tb, NAMES[0], NAMES[1], lat_caps, restore=cfg.caps[:2])
+        latencies, sync = (T.message_latencies(tb, NAMES, lat_caps)
                            if cfg.model_latency else ({}, {}))
         byte_s = T.byte_costs(sync)
         console.print("per-message latency (planner): " + ", ".join(f"{c:g} core {1e3 * v:.2f} ms" for c, v in latencies.items())

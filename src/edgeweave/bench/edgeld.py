@@ -195,11 +195,11 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
         rates = sorted({*cfg.rates, *cfg.hetero_rates}, key=lambda r: -float(r.rstrip("mbit")))
         goodput = T.measure_rates(tb, rates)
         console.print("links: " + ", ".join(f"{r} -> {v / 1e6:.0f} Mbit/s" for r, v in goodput.items()))
-        latencies, sync = (T.message_latencies(tb, NAMES[0], NAMES[1], caps, restore=(cfg.cpu, cfg.cpu))
+        latencies, sync = (T.message_latencies(tb, NAMES, caps)
                            if cfg.model_latency else ({}, {}))
         byte_s = T.byte_costs(sync)
         for c, v in latencies.items():
-            console.print(f"synchronisation cost between busy {c:g}-core devices: {1e3 * sync[f'{c:g}']['overhead_s']:.2f} ms "
+            console.print(f"synchronisation cost of {len(NAMES)} busy {c:g}-core devices in a line: {1e3 * sync[f'{c:g}']['overhead_s']:.2f} ms "
                           f"(planner: latency {1e3 * v:.2f} ms per device and message, "
                           f"{1e9 * byte_s.get(c, 0.0):.1f} ms of CPU per MB moved)")
         baselines = _baselines(tb, cfg, T, "start")
@@ -599,8 +599,8 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          f"{cfg['baseline_repeat']} at start + {cfg['baseline_repeat']} at end, and in {cfg['models'][-1]}'s homogeneous phases "
          f"once per round among the configurations, in a process kept warm through the phase (those rows' speedups use "
          f"the phase's own baseline)",
-         "- synchronisation cost between two busy devices at each cap (rounds of 4 ms CPU with and without a "
-         "message exchange, gloo, the runtime's wait), per round, and the planner's latency_s per device and message: "
+         "- synchronisation cost of all devices in a line, busy, at each cap (rounds of 4 ms CPU with and without a "
+         "message exchange with the neighbours, gloo, the runtime's wait), per round, and the planner's latency_s per device and message: "
          + ("; ".join(f"{c} core: {1e3 * v['overhead_s']:.2f} ms -> {1e3 * cfg['planner_latency_s'][c]:.2f} ms"
                       for c, v in cfg["message_latency"].items()) or "not modelled"),
          "- CPU per byte a device sends or relays (the planner's byte_s; a 512 KiB message echoed between the two "

@@ -153,13 +153,14 @@ def planner_cluster(names: Sequence[str], caps: Sequence[float], rates: Sequence
 
 SYNC = textwrap.dedent(
     """
-    # what one synchronisation costs two busy CPU-capped devices, waited for as the runtime waits
+    # what one synchronisation costs busy CPU-capped devices, waited for as the runtime waits
     import json, statistics, sys, time, torch, torch.distributed as dist
     from edgeweave.runtime.wire import wait_work
     torch.set_num_threads(1)
-    rank, addr, port, rounds, work_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
-    bulk_bytes, bulk_rounds = int(sys.argv[6]), int(sys.argv[7])
-    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2)
+    rank, n, addr, port, rounds, work_ms = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), float(sys.argv[6])
+    bulk_bytes, bulk_rounds = int(sys.argv[7]), int(sys.argv[8])
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=n)
+    peers = [p for p in (rank - 1, rank + 1) if 0 <= p < n]  # strips lie in a line: one or two neighbours
     a = torch.randn(64, 64)
     def busy():
         c0 = time.process_time()
@@ -173,17 +174,19 @@ SYNC = textwrap.dedent(
         for r in range(rounds):
             t0 = time.monotonic()
             busy()
-            if exchange:   # like a stage boundary: both send a halo-sized message, both wait
-                s = dist.isend(torch.zeros(256), 1 - rank)
-                wait(dist.irecv(torch.empty(256), 1 - rank))
-                wait(s)
+            if exchange:   # like a stage boundary: each sends a halo-sized message to its neighbours, then waits
+                sends = [dist.isend(torch.zeros(256), p) for p in peers]
+                for p in peers:
+                    wait(dist.irecv(torch.empty(256), p))
+                for w in sends:
+                    wait(w)
             out.append(time.monotonic() - t0)
         return out[2:]
     alone, synced = timed(False), timed(True)
-    # CPU per byte moved: both ends echo a strip-sized message, received as the runtime
-    # receives (into a new buffer, then copied once into place); process CPU (every thread,
-    # gloo's included) per byte sent plus received, in this device's time (wall per CPU second
-    # when busy, from the rounds alone)
+    # CPU per byte moved (ranks 0 and 1): both ends echo a strip-sized message, received as the
+    # runtime receives (into a new buffer, then copied once into place); process CPU (every
+    # thread, gloo's included) per byte sent plus received, in this device's time (wall per CPU
+    # second when busy, from the rounds alone)
     buf, held = torch.zeros(bulk_bytes // 4), torch.zeros(bulk_bytes // 4)
     def recv(src):
         got = torch.empty_like(buf)
@@ -191,43 +194,42 @@ SYNC = textwrap.dedent(
         held.copy_(got)
     dist.barrier()
     c0 = time.process_time()
-    for r in range(bulk_rounds):
+    for r in range(bulk_rounds if rank < 2 else 0):
         if rank == 0:
             wait(dist.isend(buf, 1)); recv(1)
         else:
             recv(0); wait(dist.isend(buf, 0))
     cpu_per_byte = (time.process_time() - c0) / (2.0 * bulk_rounds * buf.numel() * 4)
-    byte_s = cpu_per_byte * statistics.fmean(alone) / (work_ms / 1e3)
+    byte_s = cpu_per_byte * statistics.fmean(alone) / (work_ms / 1e3) if rank < 2 else 0.0
     res = torch.tensor([statistics.fmean(alone), statistics.fmean(synced), statistics.median(alone), statistics.median(synced), byte_s], dtype=torch.float64)
-    if rank == 1:
-        wait(dist.isend(res, 0))
-    else:
-        other = torch.empty_like(res)
-        wait(dist.irecv(other, 1))
-        m = ((res + other) / 2).tolist()
+    dist.all_reduce(res)
+    if rank == 0:
+        m = (res / torch.tensor([n, n, n, n, 2], dtype=torch.float64)).tolist()
         print(json.dumps({"busy_round_s": m[0], "synced_round_s": m[1], "overhead_s": m[1] - m[0],
-                          "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms,
+                          "overhead_median_s": m[3] - m[2], "rounds": rounds, "work_ms": work_ms, "devices": n,
                           "byte_s": m[4], "bulk_bytes": bulk_bytes, "bulk_rounds": bulk_rounds}))
     dist.destroy_process_group()
     """
 )
 
 
-def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0,
+def sync_latency(tb: Testbed, devices: Sequence[str], rounds: int = 40, work_ms: float = 4.0, timeout_s: float = 120.0,
                  bulk_bytes: int = 1 << 19, bulk_rounds: int = 16) -> dict[str, Any]:
-    """What one synchronisation costs two busy devices: rounds of ``work_ms`` CPU seconds each,
-    alone and then ending with a small message exchange (as at a stage boundary), waited for the
-    way the runtime waits; ``overhead_s`` = mean synced round - mean busy round. Under a CPU
-    quota this is far more than the wire latency: a device that used up its quota sleeps until
-    the next period, and the two devices finish their work out of phase. The planner's
-    per-message ``latency_s`` (added once at each end of a transfer) comes from this.
+    """What one synchronisation costs busy devices: rounds of ``work_ms`` CPU seconds each,
+    alone and then ending with a small message exchange between neighbours of the line
+    ``devices`` (as at a stage boundary), waited for the way the runtime waits; ``overhead_s``
+    = mean synced round - mean busy round (over the devices). Under a CPU quota this is far
+    more than the wire latency: a device that used up its quota sleeps until the next period,
+    and the devices finish their work out of phase. The planner's per-message ``latency_s``
+    (added once at each end of a transfer) comes from this.
 
-    Then both echo ``bulk_bytes`` ``bulk_rounds`` times: ``byte_s`` is the CPU time per byte
-    sent or received, in the device's own time (the planner's ``DeviceProfile.byte_s``)."""
+    Then the first two echo ``bulk_bytes`` ``bulk_rounds`` times: ``byte_s`` is the CPU time
+    per byte sent or received, in the device's own time (the planner's ``DeviceProfile.byte_s``)."""
     port = str(random.randint(40000, 49999))
-    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), tb.address(a), port, str(rounds), str(work_ms),
-                         str(bulk_bytes), str(bulk_rounds)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate((a, b))]
+    n = len(devices)
+    procs = [tb.exec(d, [sys.executable, "-c", SYNC, str(i), str(n), tb.address(devices[0]), port, str(rounds),
+                         str(work_ms), str(bulk_bytes), str(bulk_rounds)],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, d in enumerate(devices)]
     outs = []
     for p in procs:
         o, e = p.communicate(timeout=timeout_s)
@@ -237,25 +239,32 @@ def sync_latency(tb: Testbed, a: str, b: str, rounds: int = 40, work_ms: float =
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
-def message_latencies(tb: Testbed, a: str, b: str, caps: Sequence[float], restore: Sequence[float | None]
+def message_latencies(tb: Testbed, devices: Sequence[str], caps: Sequence[float]
                       ) -> tuple[dict[float, float], dict[str, dict[str, Any]]]:
-    """The planner's per-message latency at each CPU cap: :func:`sync_latency` between ``a`` and
-    ``b`` both capped at it, half the overhead to each side. Why per cap: the overhead is mostly
-    CPU time and quota waits of the two ends, so it grows as the cap shrinks (about 1/cap on
-    this host: 1.1 ms at 0.5 core, 3 ms at 0.25, 9 ms at 0.1); one value measured at 0.25 core
-    made a 0.5-core device look as slow to synchronise as a 0.125-core one. ``restore``: the
-    caps ``a`` and ``b`` get back. Returns ({cap: latency_s}, {cap: probe result})."""
+    """The planner's per-message latency at each CPU cap: :func:`sync_latency` over the line of
+    ``devices`` (the cluster the plans run on), all capped at it, half the overhead to each end
+    of a message; the caps are given back afterwards.
+
+    Why per cap: the overhead is mostly CPU time and quota waits, so it grows as the cap
+    shrinks; one value measured at 0.25 core made a 0.5-core device look as slow to synchronise
+    as a 0.125-core one. Why the whole line and not a pair: a stage boundary waits for the
+    slowest of its devices to wake, so it costs more the more devices share it (at 0.25 core,
+    session 19: 2.2-2.7 ms per round for 2 devices, 4.5-4.8 ms for 4; at 0.375 core 1.4-1.8 and
+    4.1-4.5 ms). Priced from a pair, VGG16's 4-device plan in bench edgedi predicted 0.208 s and
+    ran 0.301 s; priced 3x higher the planner chose 8 stages instead of 10, predicted 0.242 s and
+    ran 4 % faster (median of 10 interleaved rounds). Returns ({cap: latency_s}, {cap: probe})."""
+    before = {d: tb.cpu_cap(d) for d in devices}
     lat: dict[float, float] = {}
     probes: dict[str, dict[str, Any]] = {}
     try:
         for c in sorted(set(float(c) for c in caps)):
-            tb.set_cpu(a, c)
-            tb.set_cpu(b, c)
-            probes[f"{c:g}"] = sync_latency(tb, a, b)
+            for d in devices:
+                tb.set_cpu(d, c)
+            probes[f"{c:g}"] = sync_latency(tb, devices)
             lat[c] = max(0.0, float(probes[f"{c:g}"]["overhead_s"])) / 2
     finally:
-        tb.set_cpu(a, restore[0])
-        tb.set_cpu(b, restore[1])
+        for d, c in before.items():
+            tb.set_cpu(d, c)
     return lat, probes
 
 
