@@ -26,15 +26,20 @@ Planner = Callable[[Any, Cluster, Plan], Plan]  # (graph, estimated cluster, cur
 
 
 def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
-    """Same partitioner, fusion, mode and strip order as the current plan, under the estimated
-    profiles. The order is kept because searching it again made every evaluation a stall of
-    4-6 s on a 0.25-core leader (bench edgedi, run S) for plans a few % faster at most."""
+    """Same partitioner, fusion and mode as the current plan, under the estimated profiles, with
+    the strips' order searched again (``make_plan`` does where links differ).
+
+    Why search: a device whose speed changed much may belong elsewhere in the line. Bench
+    edgedi run AH kept the order after w2's cap dropped to 0.1 core, so w2 stayed in the middle
+    with 2 of 50 rows and two neighbours waiting for it at each of 10 stage boundaries: 0.41 s a
+    frame; the searched order puts it at an end (9 stages) and ran 0.30 s (10 interleaved rounds
+    on one testbed; predicted 0.354 against 0.293 s). Session 11 had kept the order because the
+    search then took 4-6 s per evaluation on the 0.25-core leader; it now takes 0.55 s against
+    0.13 s with the order given, on one host core."""
     from edgeweave.planning.planner import make_plan
 
-    order = current.meta.get("strip_order")
     return make_plan(gm, cluster, partition=current.partition, fusion=current.fusion, mode=current.mode,
-                     model_name=current.model, model_hash=current.model_hash,
-                     order=order if order is not None and len(order) == len(cluster.devices) else None)
+                     model_name=current.model, model_hash=current.model_hash)
 
 
 @dataclass
