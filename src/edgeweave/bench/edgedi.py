@@ -232,7 +232,6 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
     """The model on 1..4 devices and alone on each distinct cap, round-robin (see module doc);
     then the adaptive stream if ``with_adapt``. Returns the rows, the single-device times per
     device and the stream's record."""
-
     from edgeweave.checkpoint import load_checkpoint
     from edgeweave.planning.graph import capture
     from edgeweave.planning.planner import make_plan
