@@ -448,6 +448,24 @@ def test_a_re_plan_that_runs_slower_is_undone_and_not_retried(gm):
     assert recs[-1].factors[2] > 2.0  # the held estimate, not the thin strip's 0.7
 
 
+def test_a_recovery_is_believed_back_to_the_level_before_the_slowdown_not_beyond(gm):
+    """Run AJ: when w2's CPU came back, its thin strip from the low phase ran inside its quota
+    and looked 0.65 of its profile (1.13 before the drop); believing that, the stream overloaded
+    it and re-planned a second time. A recovery is believed at most back to the level before the
+    slowdown: one re-plan for the drop, one for the return."""
+    s, sess = stream(gm, noise=0.03, seed=9)
+    s.serve([None] * 10)
+    nominal = A.device_work(A.stage_works(gm, s.plan), 4)[2]
+    sess.truth = [1.0, 1.0, 2.5, 1.0]
+    recs = s.serve([None] * 10)
+    assert sum(r.event == "replanned" for r in recs) == 1 and s.state.before == {2: pytest.approx(1.0, rel=0.1)}
+    sess.truth = [1.0] * 4
+    sess.light = {2: (0.6 * compute_s(base_cluster().devices[2], nominal), 0.6)}  # a thin strip looks 0.6
+    recs = s.serve([None] * 14)
+    assert sum(r.event == "replanned" for r in recs) == 1, [(r.index, r.event, r.factors) for r in recs]
+    assert s.state.factors[2] == pytest.approx(1.0, rel=0.15) and not s.state.before
+
+
 def idle_probe_stream(gm, seed: int, retry: int):
     """A stream on which w1 gives no sample once its share shrinks to 30 % (so it can only be
     probed), after 10 nominal frames; returns the stream, its session, policy and the nominal

@@ -19,7 +19,8 @@ Re-plan policy, with hysteresis so it never flaps:
    ``|log(sample / basis)| - slack`` on one side of the basis, never below 0) has reached
    ``evidence``: that device's estimate jumps to the median of the deviating frames (a change
    point; a window of old samples would need many frames to get there) and a candidate plan is
-   requested. Why the CUSUM: one device's whole frame runs 15-20 % off (log-sd) on the testbed,
+   requested. A recovery from a believed slowdown is believed at most back to the level
+   before it (:func:`_recovery_floor`: a thin strip looks faster than the device is). Why the CUSUM: one device's whole frame runs 15-20 % off (log-sd) on the testbed,
    so two frames 30 % off in a row are common, and each such belief re-planned on noise (bench
    edgedi run AD: 7 re-plans where calibration and two cap changes asked for 3; the same
    stream on synthetic frames of that noise re-planned 7 times in 120 frames with nothing
@@ -144,6 +145,8 @@ class AdaptState:
     seen: dict[int, int] = field(default_factory=dict)  # device -> frame of its last sample (or probe)
     level: list[list[float]] = field(default_factory=list)  # per device: samples since its last change point
     drift: list[float] = field(default_factory=list)  # per device: CUSUM of log(sample / basis), signed by side
+    # per device slowed down since: the factor it had before (its recovery is believed at most back there)
+    before: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def start(cls, n: int) -> "AdaptState":
@@ -282,7 +285,8 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
     n = len(state.factors)
     st = replace(state, factors=list(state.factors), recent=[list(r) for r in state.recent], frames=state.frames + 1,
                  sampled=list(state.sampled) or [False] * n, seen=dict(state.seen),
-                 level=[list(v) for v in state.level] or [[] for _ in range(n)], drift=list(state.drift) or [0.0] * n)
+                 level=[list(v) for v in state.level] or [[] for _ in range(n)], drift=list(state.drift) or [0.0] * n,
+                 before=dict(state.before))
     if st.frames <= policy.warmup:
         return st, []
     changed: list[int] = []
@@ -310,6 +314,7 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
                 st.level[d] = list(st.recent[d])  # a change point: the new level starts here
                 st.factors[d] = statistics.median(st.level[d])
                 st.drift[d] = 0.0
+                _recovery_floor(st, policy, d)
                 changed.append(d)
     # A device never measured (it had no work yet) is assumed as far off its profile as the
     # median measured device: profiles measured on the same host share their errors.
@@ -320,6 +325,29 @@ def observe(state: AdaptState, policy: AdaptPolicy, predicted_base: Sequence[flo
             if not st.sampled[d]:
                 st.factors[d] = prior
     return st, changed
+
+
+def _recovery_floor(st: AdaptState, policy: AdaptPolicy, d: int) -> None:
+    """At a change point of device ``d`` (``st`` updated in place): a slowdown remembers the
+    level before it; a recovery is believed at most back to that level, not beyond.
+
+    Why: the plan made for a slow device leaves it a thin strip, and when its CPU comes back
+    such short stages run inside its quota, so it looks faster than it ever was (bench edgedi
+    run AJ: w2 measured 0.65 of its profile on the low phase's strip, 1.13 before the drop and
+    1.24 once it had its rows back). Believing 0.65, the stream gave it more rows than before
+    the drop, ran 0.42 and 0.37 s against 0.30 s, and re-planned again. A device that really
+    gets faster than before is seen on the next full strip like any other change."""
+    f, basis = st.factors[d], st.basis[d]
+    if f > basis:
+        st.before.setdefault(d, basis)
+        return
+    floor = st.before.get(d)
+    if floor is None:
+        return
+    if f < floor:
+        st.level[d], st.factors[d] = [floor], floor
+    if st.factors[d] <= floor * (1 + policy.change):
+        del st.before[d]  # recovered
 
 
 def _held(state: AdaptState, policy: AdaptPolicy, d: int, r: float) -> bool:
@@ -341,12 +369,13 @@ def refute(state: AdaptState, policy: AdaptPolicy, levels: dict[int, float], bel
     again within ``patience`` frames and re-planned for without the refuted ones."""
     factors = list(state.factors)
     held = dict(state.held)
+    before = {d: f for d, f in state.before.items() if d not in levels or levels[d] > f * (1 + policy.change)}
     for d, f in levels.items():
         factors[d] = f
         if d not in confirmed:
             held[d] = (state.frames + policy.retry, believed[d])
     return replace(state, factors=factors, basis=list(factors), recent=[[] for _ in factors], held=held,
-                   level=_restart(state, levels), drift=[0.0] * len(factors))
+                   level=_restart(state, levels), drift=[0.0] * len(factors), before=before)
 
 
 def confirmed_by(state: AdaptState, policy: AdaptPolicy, believed: dict[int, float],
