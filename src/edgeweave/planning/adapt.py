@@ -20,10 +20,11 @@ Re-plan policy, with hysteresis so it never flaps:
    ``evidence``: that device's estimate jumps to the median of the deviating frames (a change
    point; a window of old samples would need many frames to get there) and a candidate plan is
    requested. A recovery from a believed slowdown is believed at most back to the level
-   before it (:func:`_recovery_floor`: a thin strip looks faster than the device is). Why the CUSUM: one device's whole frame runs 15-20 % off (log-sd) on the testbed,
-   so two frames 30 % off in a row are common, and each such belief re-planned on noise (bench
-   edgedi run AD: 7 re-plans where calibration and two cap changes asked for 3; the same
-   stream on synthetic frames of that noise re-planned 7 times in 120 frames with nothing
+   before it (:func:`_recovery_floor`: a thin strip looks faster than the device is). Why the
+   CUSUM: one device's whole frame runs 15-20 % off (log-sd) on the testbed, so two frames
+   30 % off in a row are common, and each such belief re-planned on noise (bench edgedi run
+   AD: 7 re-plans where calibration and two cap changes asked for 3; the same stream on
+   synthetic frames of that noise re-planned 7 times in 120 frames with nothing
    changed, now 0 in 26 such streams). A 2.5x change (a cap from 0.25 to 0.1 core) still passes
    in 2 frames; 1.5x takes about 6, 1.3x about 15 (simulated). Why they must agree: a device
    at 0.1 core measures +-25 % from frame to frame, and in two bench runs a noisy frame just
@@ -411,7 +412,7 @@ def deepened(state: AdaptState, believed: dict[int, float], levels: dict[int, fl
     (2 frames), believed the drop there (2 more) and re-planned: 5 slow frames where re-planning
     for the deeper level at once takes 2. A device that turns back instead (the thin-strip burst
     that rule 5 exists for) does not void the test."""
-    return any(d in believed and d in levels and _further(levels[d], believed[d], state.factors[d]) for d in changed)
+    return any(d in levels and _further(levels[d], believed[d], state.factors[d]) for d in changed)
 
 
 def probe(state: AdaptState, policy: AdaptPolicy) -> list[dict[int, float]]:
