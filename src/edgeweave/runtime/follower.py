@@ -72,7 +72,11 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
                 _log(name, "leader shut the cluster down")
                 return 0
             rank = info["members"].index(ticket) + 1
-            _serve_generation(store, gen, rank, info, state)
+            try:
+                _serve_generation(store, gen, rank, info, state)
+            except EdgeweaveError as e:  # the group never formed (a member did not come): wait for the next
+                _log(name, f"generation {gen}: {e}")
+            rv.mark_left(store, gen, ticket)
             state.plans.clear()
             gen += 1
     except (RuntimeError, OSError) as e:  # store connection lost: the leader is gone

@@ -13,7 +13,8 @@ tears them down; ``RemoteCluster(cluster)`` waits for followers started by hand 
 The leader is device 0 and computes its own strips. The session never decides anything: it
 runs the plan it is given. Every wait is bounded by ``timeout_s`` and names the device that did
 not answer; after such a failure the generation is aborted (followers leave it) and the session
-refuses further work until :meth:`regroup` starts a new generation with the devices still alive.
+refuses further work until :meth:`recover` (or :meth:`regroup`) starts a new generation with the
+devices still alive.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class Session:
         self.gloo_host = gloo_host
         self.leader_profile = leader_profile or DeviceProfile(name=leader_name)
         self.followers: list[Follower] = []
+        self.gone: list[Follower] = []  # left out of a generation (dead or hung; local ones are reaped too)
+        self._ticket_mark = -1  # the last ticket taken before the first generation
         self.gen = -1
         self.seq = 0
         self.ch: Channel | None = None
@@ -167,13 +170,36 @@ class Session:
                 raise PeerError(f"{missing_desc} did not register within {timeout_s:g} s")
             time.sleep(0.05)
 
+    def newcomers(self) -> list[str]:
+        """Devices that registered after the session started and are not in it (a board
+        started late, or one that came back with a new registration): candidates for
+        ``regroup(join=...)``. A registration once left out (``gone``) is never offered again.
+        One store call when there are none."""
+        n = int(self.store.add(rv.ROOT + "tickets", 0))
+        taken = {f.ticket for f in self.followers + self.gone}
+        out: list[str] = []
+        for t in range(self._ticket_mark + 1, n + 1):
+            key = f"{rv.ROOT}worker/{t}"
+            if t in taken or not self.store.check([key]):
+                continue
+            name = str(rv.get_json(self.store, key).get("name"))
+            if name not in self.names and name not in out:
+                out.append(name)
+        return out
+
     def _start_generation(self) -> None:
+        if self._ticket_mark < 0:  # registrations older than the session are not newcomers
+            self._ticket_mark = int(self.store.add(rv.ROOT + "tickets", 0))
         self.gen = rv.latest_generation(self.store)
         self.seq = 0
         info = {"members": [f.ticket for f in self.followers], "names": self.names, "timeout_s": self.timeout_s}
         rv.publish_generation(self.store, self.gen, info)
         self.gstore = rv.gen_store(self.store, self.gen)
-        pg = rv.make_group(self.store, self.gen, 0, self.world, self.timeout_s, self.gloo_host)
+        try:
+            pg = rv.make_group(self.store, self.gen, 0, self.world, self.timeout_s, self.gloo_host)
+        except EdgeweaveError as e:  # a member never came; recover() can go on without it
+            self.ch, self.broken = None, str(e)
+            raise
         self.ch = Channel(pg, 0, self.names, self.timeout_s, probe=self._probe, grace_s=LEADER_GRACE_S)
         self.broken = None
         self.plans = {}
@@ -197,6 +223,7 @@ class Session:
             if clash:
                 raise EdgeweaveError(f"cannot add {clash}: already members of the cluster")
             keep = keep + new
+        self.gone += [f for f in self.followers if f not in keep]
         self.followers = keep
         self._start_generation()
         if self.model is not None:
@@ -225,12 +252,38 @@ class Session:
         return f" (its last log line: {lines[-1][:200]})" if lines else ""
 
     def _fail(self, e: PeerError) -> None:
-        """Abort this generation so followers stop waiting, and refuse work until regroup()."""
+        """Abort this generation so followers stop waiting, and refuse work until regroup().
+        The abort reaches followers inside a command; an ``end`` reaches those between two."""
         self.broken = str(e)
         try:
             self.gstore.set("abort", str(e)[:1000])
+            self._command({"op": "end"})
         except Exception:  # noqa: BLE001 - the store is ours; this should not fail
             pass
+
+    def recover(self, wait_s: float | None = None) -> list[str]:
+        """After a failure, go on with the followers that are still there: a new generation
+        of every follower that left the broken one (each marks it when it does) within
+        ``wait_s`` (default: the time-out). One whose process exited, or that hung or lost its
+        link, is left out. Returns the names left out; plans must be loaded again."""
+        if self._closed:
+            raise EdgeweaveError("the cluster session is closed")
+        self._fail(PeerError(self.broken or "the leader regroups the cluster"))  # everyone leaves
+        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
+
+        def running(f: Follower) -> bool:
+            return f.process is None or f.process.poll() is None
+
+        while True:
+            pending = [f for f in self.followers if running(f) and not rv.has_left(self.store, self.gen, f.ticket)]
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        late = {f.name for f in pending}
+        alive = [f.name for f in self.followers if running(f) and f.name not in late]
+        lost = [f.name for f in self.followers if f.name not in alive]
+        self.regroup(alive=alive)
+        return lost
 
     def _check_usable(self) -> Channel:
         if self._closed:
@@ -458,7 +511,7 @@ class LocalCluster(Session):
         return [f.process.pid for f in self.followers if f.process is not None]
 
     def _reap(self) -> None:
-        procs = [f.process for f in self.followers if f.process is not None]
+        procs = [f.process for f in self.followers + self.gone if f.process is not None]
         deadline = time.monotonic() + 5.0
         for p in procs:
             try:

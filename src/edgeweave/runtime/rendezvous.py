@@ -12,6 +12,8 @@ Keys (all small JSON strings; never pickles):
 - ``ew/worker/<ticket>``: its registration (name, pid, host, profile, has_model).
 - ``ew/gen/<N>``: ``{"members": [ticket...], "names": [leader, ...], "timeout_s": T,
   "leader_addr": A}`` or ``{"shutdown": true}``.
+- ``ew/left/<N>/<ticket>``: the follower left generation N and waits for the next one (after a
+  failure, the leader regroups with the followers that say so: see ``Session.recover``).
 - inside ``ew/g<N>/``: ``cmd/<seq>`` (leader -> all), ``ack/<seq>/<rank>`` (follower ->
   leader), ``err/<rank>`` (a follower's failure report), ``abort`` (leader gave up the generation).
 """
@@ -113,6 +115,15 @@ def wait_generation(store: Any, first: int, ticket: int) -> tuple[int, dict[str,
         if info.get("shutdown") or ticket in info.get("members", []):
             return gen, info
         gen += 1
+
+
+def mark_left(store: Any, gen: int, ticket: int) -> None:
+    """Follower: it is out of generation ``gen`` and alive (the leader's roll call after a failure)."""
+    store.set(f"{ROOT}left/{gen}/{ticket}", "1")
+
+
+def has_left(store: Any, gen: int, ticket: int) -> bool:
+    return bool(store.check([f"{ROOT}left/{gen}/{ticket}"]))
 
 
 def latest_generation(store: Any) -> int:
