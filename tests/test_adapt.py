@@ -60,6 +60,9 @@ class FakeSession:
         self.plans[pid] = (plan, self.gm)
         return pid
 
+    def newcomers(self) -> list[str]:
+        return []  # the devices never change here (tests/test_stream_regroup.py covers that)
+
     def effective(self, gm, plan) -> list[float]:
         works = A.device_work(A.stage_works(gm, plan), len(plan.devices))
         return [self.light[d][1] if d in self.light and compute_s(self.base.devices[d], w) < self.light[d][0] else t
@@ -530,3 +533,13 @@ def test_probe_levels_halfway_then_the_others_level():
     # the others as slow as halfway: one probe only
     slow = replace(st, factors=[3.0, 3.0, 6.25, 3.0])
     assert A.probe(slow, pol) == [{2: 2.5}]
+
+
+def test_a_new_membership_keeps_each_devices_estimate_and_gives_newcomers_the_median():
+    assert A.carried_factors(["l", "a", "b", "c"], [1.0, 2.0, 0.5, 4.0], ["l", "c", "b"]) == [1.0, 4.0, 0.5]
+    # a board that joins is assumed as far off its profile as the median of the others
+    assert A.carried_factors(["l", "a", "b"], [1.0, 3.0, 2.0], ["l", "b", "new"]) == [1.0, 2.0, 1.5]
+    assert A.carried_factors(["l"], [2.0], ["x"]) == [1.0]  # nothing known of anyone: as profiled
+    st = A.AdaptState.start(2, [1.5, 0.5])
+    assert st.factors == st.basis == [1.5, 0.5] and st.sampled == [True, True]
+    assert A.AdaptState.start(2).sampled == [False, False]

@@ -28,7 +28,8 @@ def run(
     check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),
     adaptive: bool = typer.Option(False, "--adaptive", help="Serve the --repeat inferences as a stream: estimate every "
                                   "device's real speed from its step times and re-plan when a device turns out slower "
-                                  "or faster than its profile (JSON: per-frame `frames`, `replans`)."),
+                                  "or faster than its profile. A follower that dies or hangs is left out and the frame runs "
+                                  "again on the others (JSON: per-frame `frames`, `replans`, `lost`)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Write a PNG timeline of the fastest inference: "
                                             "per device, when each stage waited for its inputs and when it computed."),

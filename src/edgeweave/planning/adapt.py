@@ -150,8 +150,11 @@ class AdaptState:
     before: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, n: int) -> "AdaptState":
-        return cls([1.0] * n, [1.0] * n, [[] for _ in range(n)], 0, [False] * n, level=[[] for _ in range(n)],
+    def start(cls, n: int, factors: Sequence[float] | None = None) -> "AdaptState":
+        """Nothing measured yet; with ``factors``, the devices are taken to run at those speeds
+        (known from an earlier plan or cluster) until their own samples say otherwise."""
+        f = [1.0] * n if factors is None else [float(v) for v in factors]
+        return cls(f, list(f), [[] for _ in range(n)], 0, [factors is not None] * n, level=[[] for _ in range(n)],
                    drift=[0.0] * n)
 
     @property
@@ -265,6 +268,16 @@ def scale_profile(p: DeviceProfile, f: float) -> DeviceProfile:
 def scaled_cluster(base: Cluster, factors: Sequence[float]) -> Cluster:
     """The planner's view of the cluster under the current estimates (first ``len(factors)`` devices)."""
     return Cluster([scale_profile(p, float(f)) for p, f in zip(base.devices, factors)])
+
+
+def carried_factors(names: Sequence[str], factors: Sequence[float], members: Sequence[str]) -> list[float]:
+    """Speed estimates for a new membership (devices left or joined): a device keeps its own;
+    a newcomer gets the median of the others' (profiles measured alike share their errors,
+    as ``observe`` assumes for a device not measured yet), or 1 when none is known."""
+    known = dict(zip(names, factors))
+    kept = [known[n] for n in members if n in known]
+    prior = statistics.median(kept) if kept else 1.0
+    return [float(known.get(n, prior)) for n in members]
 
 
 def _dev(x: float, basis: float) -> float:

@@ -178,6 +178,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
     if frames is not None:
         result["frames"] = frames
         result["replans"] = sum(f["event"] == "replanned" for f in frames)
+        result["lost"] = [n for f in frames for n in f["lost"]]
     if cfg.check:
         ref, single_s = single_device(model, x, repeat=max(1, min(cfg.repeat, 3)))
         result.update(compare(y, ref))
@@ -216,9 +217,14 @@ def result_table(res: dict[str, Any]) -> Any:
 
 
 def frames_line(res: dict[str, Any]) -> str:
-    """Per-frame latencies of an adaptive run; * marks a re-plan (taking effect from the next)."""
-    marks = [f"{f['latency_s']:.3f}{'*' if f['event'] == 'replanned' else ''}" for f in res["frames"]]
-    return f"frames (s, * = re-planned after it; {res['replans']} re-plans): " + " ".join(marks)
+    """Per-frame latencies of an adaptive run; * marks a re-plan (taking effect from the next),
+    ! a frame that failed and ran again without the devices that left."""
+    sign = {"replanned": "*", "regrouped": "!"}
+    marks = [f"{f['latency_s']:.3f}{sign.get(f['event'], '')}" for f in res["frames"]]
+    line = f"frames (s, * = re-planned after it; {res['replans']} re-plans): " + " ".join(marks)
+    if res.get("lost"):
+        line += f"\n! left out after a failure (the frame ran again): {', '.join(res['lost'])}"
+    return line
 
 
 def summary_line(res: dict[str, Any]) -> str:

@@ -6,6 +6,10 @@ its speed estimates and decide whether a new plan (made by the pure planner unde
 estimated profiles) is worth loading. The session still only executes plans; the decisions
 are pure functions of measurements. ``AdaptiveStream`` keeps its state between calls, so a
 caller can serve a stream in pieces (a benchmark changes a CPU cap between pieces).
+
+A device that dies, hangs or loses its link does not end the stream: the session regroups with
+the devices still there (``Session.recover``), the stream re-plans for them under its current
+speed estimates, and the frame that failed runs again (in-flight work is retried, not lost).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.planning import adapt as A
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster
+from edgeweave.runtime.wire import PeerError
 
 Planner = Callable[[Any, Cluster, Plan], Plan]  # (graph, estimated cluster, current plan) -> plan
 
@@ -52,7 +57,7 @@ class FrameRecord:
     estimated_s: float  # the plan re-priced under the estimate after this frame
     factors: list[float]  # per-device speed factors after this frame (1 = as profiled)
     compute_s: list[float]  # measured compute seconds per device
-    event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned"
+    event: str = ""  # "" | "kept" (change evaluated, plan kept) | "replanned" | "regrouped" (a device left)
     reused: bool = False  # the re-plan went back to a plan measured under these speeds before
     reverted: bool = False  # the re-plan undid the previous one, which ran slower (adapt rule 5)
     # an idle slow device was probed (adapt rule 6): re-planned for, or kept when no probe was worth a trial
@@ -63,9 +68,21 @@ class FrameRecord:
     changed: list[int] = field(default_factory=list)
     latency_ratio: float = 1.0  # measured / estimated latency over recent steady frames
     calibrated_s: float = 0.0  # estimated_s * latency_ratio: the stream's latency prediction
+    lost: list[str] = field(default_factory=list)  # devices left out when this frame failed (it then ran again)
+    joined: list[str] = field(default_factory=list)  # devices taken in before this frame
+    regroup_s: float = 0.0  # the new generation and its plan, or the failure to the retry (not in latency_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Regroup:
+    """A change of the devices before a frame ran: who left (after a failure) and who joined."""
+
+    lost: list[str] = field(default_factory=list)
+    joined: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass
@@ -87,17 +104,17 @@ class AdaptiveStream:
 
     def __init__(self, session: Any, plan: Plan, base: Cluster, *, policy: A.AdaptPolicy | None = None,
                  planner: Planner = default_planner, plan_id: int | None = None,
-                 factors: list[float] | None = None):
+                 factors: list[float] | None = None, admit_every_s: float = 1.0):
         k = len(plan.devices)
         if [d.name for d in base.devices[:k]] != list(plan.devices):
             raise EdgeweaveError(f"the base cluster's devices {[d.name for d in base.devices]} do not start with the "
                                  f"plan's {plan.devices}")
         self.session, self.policy, self.planner = session, policy or A.AdaptPolicy(), planner
         self.base = Cluster(base.devices[:k])
+        self.profiles = {d.name: d for d in base.devices}  # for a regroup: the base profiles by name
         self.k = k
-        self.state = A.AdaptState.start(k)
-        if factors is not None:
-            self.state = A.AdaptState(list(factors), list(factors), [[] for _ in range(k)], 0, [True] * k)
+        self.state = A.AdaptState.start(k, factors)
+        self.admit_every_s, self._admitted_at = admit_every_s, time.monotonic()
         self.version = 0
         self.records: list[FrameRecord] = []
         # every plan served so far: (plan, the speeds its prediction assumes, steady samples of
@@ -121,12 +138,14 @@ class AdaptiveStream:
         self.scale_base = A.stage_scaling(plan, self.comp_base, self.base)  # what a speed change moves
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
-        y, tm = self.session.infer(x, self.plan_id)
+        y, tm, change = self._infer(x)
         self.last_timings = tm
         measured = [sum(tm.per_device[d][s].compute_s for s in self.sampled_stages) for d in range(self.k)]
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
         rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
                           list(self.state.factors), measured, changed=changed)
+        if change is not None:
+            rec.event, rec.lost, rec.joined, rec.regroup_s = "regrouped", change.lost, change.joined, change.seconds
         # the plan that ran, re-priced under the updated estimate: the latency ratio's sample,
         # and the current plan's side of an evaluation
         estimated = A.reprice(self.plan, self.scale_base, self.plan_factors, self.state.factors)
@@ -195,6 +214,56 @@ class AdaptiveStream:
         rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
         return y, rec
+
+    def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Regroup | None]:
+        """One inference on the current devices. Devices that registered since (a board that
+        came back) are taken in first, at most once every ``admit_every_s``; when the inference
+        fails, the stream regroups with the devices still there, re-plans and runs it again.
+        A second failure with every device still there is not a device that left (a bad input,
+        a bug): it is raised."""
+        change: Regroup | None = None
+        now = time.monotonic()
+        if now - self._admitted_at >= self.admit_every_s:
+            self._admitted_at = now
+            if new := self.session.newcomers():
+                change, t0 = Regroup(), time.perf_counter()
+                try:
+                    self.session.regroup(join=new)
+                except EdgeweaveError:  # one of them never joined the group: go on without it
+                    change.lost += self.session.recover()
+                change.joined = [n for n in new if n in self.session.names]
+                change.seconds += time.perf_counter() - t0
+        failed = False
+        while True:
+            try:
+                if change is not None and self.plan_id not in self.session.plans:  # a new generation
+                    t0 = time.perf_counter()
+                    self._regrouped()
+                    change.seconds += time.perf_counter() - t0
+                y, tm = self.session.infer(x, self.plan_id)
+                return y, tm, change
+            except PeerError:
+                t0 = time.perf_counter()
+                gone = self.session.recover()
+                if failed and not gone:
+                    raise
+                failed = True
+                change = change or Regroup()
+                change.lost += gone
+                change.seconds += time.perf_counter() - t0
+
+    def _regrouped(self) -> None:
+        """Start over on the session's new membership: each device keeps its speed estimate,
+        the plan is made again for these devices (adapt's history belongs to the old ones)."""
+        names = self.session.names
+        self.base = Cluster([self.profiles.get(n, p) for n, p in zip(names, self.session.cluster.devices)])
+        factors = A.carried_factors(self.plan.devices, self.state.factors, names)
+        self.k = len(names)
+        self.state = A.AdaptState.start(self.k, factors)
+        self.known, self.trial = {}, None
+        self.version += 1
+        plan = self.planner(self.gm, A.scaled_cluster(self.base, factors), self.plan)
+        self._use(plan, self.session.load_plan(plan), factors)
 
     def _trial(self, latency_s: float, levels: dict[int, float], believed: dict[int, float]) -> Trial:
         """A test of leaving the current plan, judged against its last ``patience`` latencies

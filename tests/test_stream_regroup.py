@@ -1,0 +1,163 @@
+"""A device that dies or hangs in the middle of an adaptive stream (real processes, gloo on loopback).
+
+The stream must go on with the devices still there: the failed frame runs again on a plan for the
+survivors, its output equals the single-device result, and nothing is left running afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from edgeweave.checkpoint import load_model
+from edgeweave.planning.graph import capture
+from edgeweave.planning.planner import make_plan
+from edgeweave.runtime.leader import LocalCluster
+from edgeweave.runtime.stream import AdaptiveStream
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _model():
+    torch.manual_seed(0)
+    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
+    for m in model.modules():  # non-trivial statistics: a wrong halo or padding shows in the output
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval(), spec
+
+
+def _stream(cl: LocalCluster, model: torch.nn.Module) -> AdaptiveStream:
+    # equal split: every follower has rows, so the one that dies takes work with it
+    plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
+                     mode="exchange", model_hash=cl.model_hash)
+    return AdaptiveStream(cl, plan, cl.cluster)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead too
+        return fh.read().split()[2] != "Z"
+
+
+def _check(s: AdaptiveStream, model: torch.nn.Module, frames: int):
+    recs = []
+    for i in range(frames):
+        x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(i))
+        y, rec = s.step(x)
+        with torch.no_grad():
+            assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+        recs.append(rec)
+    return recs
+
+
+@pytest.mark.slow
+def test_the_stream_goes_on_when_followers_die_down_to_the_leader_alone():
+    model, spec = _model()
+    cl = LocalCluster(3, timeout_s=10)
+    pids = cl.pids
+    try:
+        cl.load_model(model, spec)
+        s = _stream(cl, model)
+        assert all(r.event != "regrouped" for r in _check(s, model, 2))
+        os.kill(cl.followers[1].process.pid, signal.SIGKILL)  # worker2, between worker1 and worker3
+        t0 = time.monotonic()
+        recs = _check(s, model, 3)
+        assert time.monotonic() - t0 < 10  # the connection drops: no time-out to wait for
+        assert recs[0].event == "regrouped" and recs[0].lost == ["worker2"] and recs[0].regroup_s > 0
+        assert cl.names == ["leader", "worker1", "worker3"] and s.plan.devices == cl.names
+        assert all(len(r.compute_s) == 3 and r.event != "regrouped" for r in recs[1:])
+        assert {r.plan_version for r in recs[1:]} == {recs[0].plan_version}
+        # the work moved: every survivor computes, the leader included
+        assert all(c > 0 for c in recs[-1].compute_s)
+        for f in list(cl.followers):
+            os.kill(f.process.pid, signal.SIGKILL)
+        recs = _check(s, model, 2)
+        assert recs[0].event == "regrouped" and sorted(recs[0].lost) == ["worker1", "worker3"]
+        assert cl.names == ["leader"] and s.plan.devices == ["leader"] and len(recs[1].compute_s) == 1
+    finally:
+        cl.close()
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_a_hung_follower_is_left_out_after_the_time_out_and_reaped_at_the_end():
+    model, spec = _model()
+    timeout = 3.0
+    cl = LocalCluster(2, timeout_s=timeout)
+    pids = cl.pids
+    try:
+        cl.load_model(model, spec)
+        s = _stream(cl, model)
+        _check(s, model, 1)
+        os.kill(cl.followers[0].process.pid, signal.SIGSTOP)  # alive, never answers
+        t0 = time.monotonic()
+        (rec,) = _check(s, model, 1)
+        took = time.monotonic() - t0
+        assert rec.event == "regrouped" and rec.lost == ["worker1"]
+        # found silent within the time-out, then left out after one more time-out of roll call
+        assert took < 2 * timeout + 8.0
+        assert cl.names == ["leader", "worker2"]
+        _check(s, model, 2)
+    finally:
+        cl.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)  # the stopped process too, though it left the cluster
+
+
+@pytest.mark.slow
+def test_a_board_that_comes_back_is_taken_in_again():
+    """A follower dies; a new process registers under its name (the board rebooted). The stream
+    takes it in before a later frame: the model is shipped to it and it gets rows again."""
+    import json
+    import subprocess
+    import sys
+
+    model, spec = _model()
+    cl = LocalCluster(2, timeout_s=10)
+    pids = cl.pids
+    back = None
+    try:
+        cl.load_model(model, spec)
+        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
+                         mode="exchange", model_hash=cl.model_hash)
+        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        _check(s, model, 1)
+        os.kill(cl.followers[0].process.pid, signal.SIGKILL)
+        (rec,) = _check(s, model, 1)
+        assert rec.lost == ["worker1"] and cl.names == ["leader", "worker2"]
+        assert cl.newcomers() == []  # the dead registration is not offered again
+        prof = json.dumps(s.profiles["worker1"].to_dict())
+        back = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{cl.port}",
+                                 "--name", "worker1", "--profile-json", prof], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.monotonic() + 120
+        joined = None
+        while joined is None and time.monotonic() < deadline:
+            (rec,) = _check(s, model, 1)
+            joined = rec if rec.joined else None
+            time.sleep(0.2)
+        assert joined is not None and joined.joined == ["worker1"] and joined.lost == []
+        assert cl.names == ["leader", "worker2", "worker1"] and s.plan.devices == cl.names
+        recs = _check(s, model, 2)
+        assert len(recs[-1].compute_s) == 3 and recs[-1].compute_s[2] > 0
+    finally:
+        cl.close()
+        if back is not None:
+            try:
+                assert back.wait(timeout=20) == 0  # the shutdown reaches the newcomer too
+            finally:
+                if back.poll() is None:
+                    back.kill()
+                    back.wait()
+    assert not any(_alive(p) for p in pids)
