@@ -69,6 +69,9 @@ def test_the_stream_goes_on_when_followers_die_down_to_the_leader_alone():
         s = _stream(cl, model)
         assert all(r.event != "regrouped" for r in _check(s, model, 2))
         os.kill(cl.followers[1].process.pid, signal.SIGKILL)  # worker2, between worker1 and worker3
+        # let gloo see the connection close first: it then refuses to even post an operation
+        # with worker2 (a RuntimeError at once, which must count as worker2's failure too)
+        time.sleep(1.0)
         t0 = time.monotonic()
         recs = _check(s, model, 3)
         assert time.monotonic() - t0 < 10  # the connection drops: no time-out to wait for
@@ -161,3 +164,41 @@ def test_a_board_that_comes_back_is_taken_in_again():
                     back.kill()
                     back.wait()
     assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
+def test_hand_started_followers_a_dead_one_costs_no_time_out():
+    """Followers started by hand (no process handle at the leader): the survivors mark the broken
+    generation as left, the dead one never does, and since the failure named it the leader does
+    not wait the time-out for it."""
+    import subprocess
+    import sys
+
+    from edgeweave.profiling.profile import Cluster
+    from edgeweave.runtime.leader import RemoteCluster
+
+    model, spec = _model()
+    timeout = 30.0
+    port = 29800 + os.getpid() % 150
+    prof = Cluster.uniform(3)
+    procs = [subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{port}",
+                               "--name", d.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, OMP_NUM_THREADS="1")) for d in prof.devices[1:]]
+    try:
+        with RemoteCluster(prof, f"127.0.0.1:{port}", timeout_s=timeout, start_timeout_s=120) as cl:
+            cl.load_model(model, spec)
+            s = _stream(cl, model)
+            _check(s, model, 1)
+            procs[0].kill()
+            procs[0].wait()
+            time.sleep(1.0)
+            (rec,) = _check(s, model, 1)
+            assert rec.lost == [prof.devices[1].name] and cl.names == ["leader", prof.devices[2].name]
+            assert rec.regroup_s < timeout / 3, rec.regroup_s
+            _check(s, model, 1)
+        assert procs[1].wait(timeout=20) == 0  # the survivor got the shutdown
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -136,6 +136,8 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
                 rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": False, "error": msg})
             if isinstance(e, PeerError) or op == "infer":
                 # the message pattern of this generation is broken: report and leave it
+                if isinstance(e, PeerError) and e.name:  # whom it blames: the leader's roll call stops waiting for it
+                    gstore.set(f"blames/{rank}", e.name)
                 gstore.set(f"err/{rank}", msg[:1000])
                 return
         seq += 1

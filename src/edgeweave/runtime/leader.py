@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,22 +262,29 @@ class Session:
         except Exception:  # noqa: BLE001 - the store is ours; this should not fail
             pass
 
-    def recover(self, wait_s: float | None = None) -> list[str]:
+    def recover(self, wait_s: float | None = None, suspects: Sequence[str] = ()) -> list[str]:
         """After a failure, go on with the followers that are still there: a new generation
         of every follower that left the broken one (each marks it when it does) within
         ``wait_s`` (default: the time-out). One whose process exited, or that hung or lost its
-        link, is left out. Returns the names left out; plans must be loaded again."""
+        link, is left out. The wait ends early once only ``suspects`` (the device the failure
+        named) and devices a follower blamed are missing, so a dead board costs no time-out.
+        Returns the names left out; plans must be loaded again."""
         if self._closed:
             raise EdgeweaveError("the cluster session is closed")
         self._fail(PeerError(self.broken or "the leader regroups the cluster"))  # everyone leaves
-        deadline = time.monotonic() + (self.timeout_s if wait_s is None else wait_s)
+        start = time.monotonic()
+        deadline = start + (self.timeout_s if wait_s is None else wait_s)
 
         def running(f: Follower) -> bool:
             return f.process is None or f.process.poll() is None
 
+        blamed = set(suspects)
         while True:
             pending = [f for f in self.followers if running(f) and not rv.has_left(self.store, self.gen, f.ticket)]
-            if not pending or time.monotonic() > deadline:
+            blamed |= {self.gstore.get(f"blames/{r}").decode() for r in range(1, self.world)
+                       if self.gstore.check([f"blames/{r}"])}
+            now = time.monotonic()  # half a second for the blamed to mark anyway (a wrong blame loses a board)
+            if not pending or now > deadline or (now > start + 0.5 and {f.name for f in pending} <= blamed):
                 break
             time.sleep(0.02)
         late = {f.name for f in pending}

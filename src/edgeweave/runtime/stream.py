@@ -70,7 +70,7 @@ class FrameRecord:
     calibrated_s: float = 0.0  # estimated_s * latency_ratio: the stream's latency prediction
     lost: list[str] = field(default_factory=list)  # devices left out when this frame failed (it then ran again)
     joined: list[str] = field(default_factory=list)  # devices taken in before this frame
-    regroup_s: float = 0.0  # the new generation and its plan, or the failure to the retry (not in latency_s)
+    regroup_s: float = 0.0  # failed attempt + new generation + new plan, before the frame ran (not in latency_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,16 +235,16 @@ class AdaptiveStream:
                 change.seconds += time.perf_counter() - t0
         failed = False
         while True:
+            t0 = time.perf_counter()
             try:
                 if change is not None and self.plan_id not in self.session.plans:  # a new generation
-                    t0 = time.perf_counter()
                     self._regrouped()
                     change.seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
                 y, tm = self.session.infer(x, self.plan_id)
                 return y, tm, change
-            except PeerError:
-                t0 = time.perf_counter()
-                gone = self.session.recover()
+            except PeerError as e:  # the failed attempt's time counts as the regroup's
+                gone = self.session.recover(suspects=[e.name] if e.name else [])
                 if failed and not gone:
                     raise
                 failed = True

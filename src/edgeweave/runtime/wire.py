@@ -76,7 +76,7 @@ class Channel:
     def isend(self, t: torch.Tensor, dst: int, tag: int, what: str = "data") -> None:
         """Post a send; it is waited for (and errors surface) in :meth:`flush_sends`."""
         t = t.contiguous()
-        work = self.pg.send([t], dst, tag)
+        work = self._post(lambda: self.pg.send([t], dst, tag), dst, f"sending {what}")
         self._pending_sends.append((work, dst, what, t))  # keep ``t`` alive until sent
 
     def irecv(self, t: torch.Tensor, src: int, tag: int) -> Ticket:
@@ -85,7 +85,17 @@ class Channel:
 
     def irecv_all(self, bufs: list[tuple[torch.Tensor, int]], tag: int) -> Ticket:
         """Post a receive into each ``(tensor, src)`` at once, all on one waiter thread."""
-        return _WAITERS.submit([self.pg.recv([t], src, tag) for t, src in bufs], self.timeout_s + self.grace_s + 5.0)
+        works = [self._post(lambda t=t, src=src: self.pg.recv([t], src, tag), src, "receiving") for t, src in bufs]
+        return _WAITERS.submit(works, self.timeout_s + self.grace_s + 5.0)
+
+    def _post(self, op: Callable[[], Any], peer: int, what: str) -> Any:
+        """gloo refuses to post an operation on a pair whose peer has already hung up (a
+        RuntimeError at once, not from ``wait``): that is the peer's failure too."""
+        try:
+            return op()
+        except RuntimeError as e:
+            raise PeerError(f"{self.who(peer)} hung up before {what}: {str(e).splitlines()[0][:200]}",
+                            *self._peer(peer)) from None
 
     def wait_all(self, ticket: Ticket, srcs: list[int], what: str) -> None:
         """Wait for :meth:`irecv_all`'s receives from ``srcs``; a failure names its peer."""
@@ -113,7 +123,7 @@ class Channel:
 
     def send(self, t: torch.Tensor, dst: int, tag: int, what: str) -> None:
         t = t.contiguous()
-        self.wait(self.pg.send([t], dst, tag), dst, f"sending {what}")
+        self.wait(self._post(lambda: self.pg.send([t], dst, tag), dst, f"sending {what}"), dst, f"sending {what}")
 
     def recv(self, t: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
         self.wait(self.irecv(t, src, tag), src, f"receiving {what}")
