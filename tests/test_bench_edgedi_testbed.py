@@ -1,5 +1,6 @@
 """bench edgedi end to end on a tiny emulated testbed: capped devices, shaped links, the leader in
-its own namespace running the adaptive stream while a follower's cap changes.
+its own namespace running the adaptive stream while a follower's cap changes, then while a
+follower dies and comes back.
 
 Needs root, iproute2 and the cgroup v1 cpu controller (skipped otherwise). Its own prefix and
 subnet (ewf-, 10.77.34.0/24) keep it apart from a running benchmark and the other testbed tests.
@@ -32,7 +33,7 @@ def test_edgedi_bench_tiny(tmp_path):
     # model runs only ~4 quota periods and where each run starts in its period closed the gap
     # even for the median (0.0441 vs 0.0412 s, session 16)
     cfg = E.EdgediConfig(models=("resnet18",), variants=("original", "compact"), size=96, devices=(1, 4), repeat=7,
-                         adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.05),
+                         adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.05), failover_frames=(2, 2),
                          prefix="ewf-", subnet="10.77.34.0/24", quick=True)
     res = E.run_edgedi_bench(cfg, out_dir=tmp_path)
     assert not res["testbed_down"]["remaining"]
@@ -47,7 +48,13 @@ def test_edgedi_bench_tiny(tmp_path):
     ad = res["adapt"]
     assert len(ad["records"]) == sum(cfg.adapt_frames) and ad["final_rel_err"] < 1e-4
     assert [p["name"] for p in ad["phases"]] == ["calibrate", "steady", "low", "back"]
+    # w1's follower killed mid-stream: the stream went on with three devices, took it back when it
+    # restarted, and still computes exactly
+    fo = ad["failover"]
+    assert fo["lost"] == ["w1"] and fo["joined"] == ["w1"] and fo["final_rel_err"] < 1e-4, fo
+    assert fo["devices_without"] == 3 and fo["devices_back"] == 4 and fo["regroup_s"] > 0
     s = res["summary"]
     assert s["compact_flops_ratio"] < 0.2 and "adapt_frames_to_recover" in s
     out = json.loads((tmp_path / "edgedi" / "edgedi.json").read_text())
     assert out["loadavg"]["before"] and (tmp_path / "edgedi" / "adapt.png").stat().st_size > 0
+    assert (tmp_path / "edgedi" / "failover.png").stat().st_size > 0 and s["failover_rejoin_s"] > 0

@@ -82,6 +82,10 @@ class EdgediConfig:
     # (AdaptPolicy.calibrate_after), inside the first phase
     adapt_frames: tuple[int, int, int, int] = (10, 8, 12, 12)
     adapt_policy: tuple[tuple[str, float], ...] = ()  # AdaptPolicy overrides
+    # then a follower dies (SIGKILL) mid-stream: frames served without it, and after it comes back
+    failover_device: str = "w1"
+    failover_frames: tuple[int, int] = (6, 6)
+    failover_join_timeout_s: float = 300.0  # for the restarted follower to boot and register
     profile_quick: bool = True
     model_latency: bool = True
     quick: bool = False
@@ -287,6 +291,8 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                          "timings": frame_summary(e["best"])})
             console.print(f"  {key} k={e['k']}: {med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {e['rep']['rel_err']:.1e})")
         adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latencies, byte_s, work, T) if with_adapt else {}
+        if adapt and cfg.failover_device:
+            adapt["failover"] = _failover(cfg, bc, adapt)
     return rows, single, adapt
 
 
@@ -385,6 +391,50 @@ def _adapt(tb: Any, cfg: EdgediConfig, bc: Any, gm: Any, key: str, mhash: str, p
             "policy": dict(cfg.adapt_policy)}
 
 
+def _failover(cfg: EdgediConfig, bc: Any, adapt: dict[str, Any]) -> dict[str, Any]:
+    """A follower dies in the middle of the stream and its board comes back (DESIGN: devices come
+    and go). ``lost``: the frames after the kill; the first fails, the stream regroups with the
+    others, re-plans and runs it again. ``waiting``: frames served while the restarted follower
+    boots (one per call, until one is taken in). ``back``: frames after it joined.
+
+    References: the survivors' plan re-priced on the stream's estimates times the latency ratio
+    the stream had calibrated before the failure; after the return, the back phase's median
+    latency before the failure."""
+    dev = cfg.failover_device
+    ratio = float(adapt["records"][-1].get("latency_ratio", 1.0))
+    before_s = next(p["median_latency_s"] for p in adapt["phases"] if p["name"] == "back")
+    bc.kill(dev)
+    lost = bc.call({"op": "stream", "frames": cfg.failover_frames[0]}, timeout_s=cfg.timeout_s)["records"]
+    console.print(f"failover: {dev} killed: " + " ".join(f"{x['latency_s']:.2f}{'!' if x['lost'] else ''}" for x in lost)
+                  + f" (regroup {lost[0]['regroup_s']:.2f} s, lost {lost[0]['lost']})")
+    bc.restart(dev)
+    t0 = time.perf_counter()
+    waiting: list[dict[str, Any]] = []
+    while time.perf_counter() - t0 < cfg.failover_join_timeout_s and not (waiting and waiting[-1]["joined"]):
+        waiting += bc.call({"op": "stream", "frames": 1}, timeout_s=cfg.timeout_s)["records"]
+    rejoin_s = time.perf_counter() - t0
+    joined = bool(waiting and waiting[-1]["joined"])
+    back = bc.call({"op": "stream", "frames": cfg.failover_frames[1]}, timeout_s=cfg.timeout_s)["records"] if joined else []
+    console.print(f"  {dev} back after {rejoin_s:.1f} s ({len(waiting)} frames meanwhile"
+                  + (f", regroup {waiting[-1]['regroup_s']:.2f} s): " if joined else ", never joined)")
+                  + " ".join(f"{x['latency_s']:.2f}" for x in back))
+    check = bc.call({"op": "check"})
+    for stage, recs in (("lost", lost), ("waiting", waiting), ("back", back)):
+        for x in recs:
+            x["stage"] = stage
+    reference = lost[0]["estimated_s"] * ratio
+    steady = [x["latency_s"] for x in lost[1:] + waiting[:-1]]
+    return {"device": dev, "records": lost + waiting + back, "lost": lost[0]["lost"],
+            "joined": waiting[-1]["joined"] if joined else [], "regroup_s": lost[0]["regroup_s"],
+            "first_frame_s": lost[0]["latency_s"], "reference_s": reference, "latency_ratio": ratio,
+            "median_without_s": statistics.median(steady) if steady else None,
+            "without_over_prediction": statistics.median(steady) / reference if steady else None,
+            "rejoin_s": rejoin_s, "join_regroup_s": waiting[-1]["regroup_s"] if joined else None,
+            "median_back_s": statistics.median(x["latency_s"] for x in back[1:]) if len(back) > 1 else None,
+            "before_s": before_s, "final_rel_err": check["rel_err"],
+            "devices_without": len(lost[-1]["factors"]), "devices_back": len(back[-1]["factors"]) if back else None}
+
+
 def _mark(rec: dict[str, Any]) -> str:
     """A frame's re-plan in the console trace: * new plan, ^ a plan measured before, < undone,
     ? a probe of an idle slow device."""
@@ -463,6 +513,13 @@ def summarize(result: dict[str, Any], cfg: EdgediConfig) -> dict[str, Any]:
         s["adapt_replans_steady"] = by["steady"]["replans"] + sum(max(0, by[n]["replans"] - 1) for n in ("low", "back") if n in by)
         s["adapt_calibration_replans"] = by.get("calibrate", {}).get("replans")
         s["adapt_replan_s_max"] = max((x["replan_s"] for x in adapt["records"]), default=0.0)
+        fo = adapt.get("failover")
+        if fo:
+            s["failover_regroup_s"] = fo["regroup_s"]  # failed attempt + new generation + survivors' plan
+            s["failover_without_over_prediction"] = fo["without_over_prediction"]
+            s["failover_rejoin_s"] = fo["rejoin_s"]  # restart of the follower (boot included) to taken in
+            s["failover_back_over_before"] = (fo["median_back_s"] / fo["before_s"]) if fo["median_back_s"] else None
+            s["failover_rel_err"] = fo["final_rel_err"]
     else:
         s["adapt_frames_to_recover"] = None
         s["adapt_replans_steady"] = None
@@ -558,6 +615,9 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         files["plot_adapt"] = str(out / "adapt.png")
         fig.savefig(files["plot_adapt"], dpi=110)
         plt.close(fig)
+    fo = (ad or {}).get("failover")
+    if fo:
+        files["plot_failover"] = _plot_failover(fo, ad["model"], out / "failover.png", plt)
     s = result.get("summary", {})
     r = _row(rows, f"{s.get('main_model')}/original", s.get("devices_max", 0))
     if r and (r.get("timings") or {}).get("stages"):
@@ -568,6 +628,31 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
             f"{r['model']} at {result['config'].get('size')} px on {r['devices']} devices (caps {r['caps']}, links "
             f"{r['rates']}), fastest of {len(r.get('latencies_s', []))} frames")
     return files
+
+
+def _plot_failover(fo: dict[str, Any], model: str, path: Path, plt: Any) -> str:
+    recs = fo["records"]
+    xs = list(range(1, len(recs) + 1))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.plot(xs, [r["latency_s"] for r in recs], marker="o", ms=3, label="measured latency")
+    ax.bar(xs, [r["regroup_s"] for r in recs], bottom=[r["latency_s"] for r in recs], color="r", alpha=0.35,
+           label="regroup before the frame (failed attempt, new group, new plan)")
+    n_lost = sum(r["stage"] != "back" for r in recs)
+    ax.hlines(fo["reference_s"], 0.5, n_lost + 0.5, colors="g", label=f"survivors' plan, predicted x {fo['latency_ratio']:.2f}")
+    ax.hlines(fo["before_s"], 0.5, len(recs) + 0.5, colors="0.5", linestyles=":", label="before the failure (median)")
+    ax.axvline(0.6, color="r", lw=0.8)
+    ax.text(0.7, fo["reference_s"], f" {fo['device']} killed", color="r", fontsize=8, va="bottom")
+    for i, r in enumerate(recs, start=1):
+        if r["joined"]:
+            ax.axvline(i - 0.4, color="b", lw=0.8)
+            ax.text(i - 0.3, fo["before_s"], f" {', '.join(r['joined'])} back ({fo['rejoin_s']:.0f} s after its restart)",
+                    color="b", fontsize=8, va="bottom")
+    ax.set(xlabel="frame after the failure", ylabel="seconds", title=f"a follower dies and comes back: {model}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _f(v: Any, nd: int = 3) -> str:
@@ -627,5 +712,16 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
               f"{_f(next((p.get('oracle_measured_s') for p in ad['phases'] if p['name'] == 'low'), None))} s; "
               f"{ad['device']}'s rows {ad['oracle_rows_of_device']}). Frames to recover: first frame after the change from which "
               "the median of 3 frames is within 10% of the reference."]
+    fo = (ad or {}).get("failover")
+    if fo:
+        L += ["", "## A follower dies and comes back", "",
+              f"{fo['device']}'s follower killed (SIGKILL) after the adaptation phases. The next frame failed; the stream "
+              f"regrouped with {fo['devices_without']} devices (left out: {fo['lost']}) and ran it again: regroup "
+              f"{fo['regroup_s']:.2f} s (failed attempt, new generation, survivors' plan), then that frame "
+              f"{fo['first_frame_s']:.3f} s. Without it: median {_f(fo['median_without_s'])} s against the survivors' "
+              f"plan predicted x ratio {fo['reference_s']:.3f} s ({_f(fo['without_over_prediction'], 2)}x). Restarted, it "
+              f"was taken in {fo['rejoin_s']:.1f} s later (boot and registration included; joined {fo['joined']}, regroup "
+              f"{_f(fo['join_regroup_s'], 2)} s); then median {_f(fo['median_back_s'])} s against {fo['before_s']:.3f} s "
+              f"before the failure. Output rel_err at the end {fo['final_rel_err']:.1e}. Plot: failover.png."]
     L += ["", "Files: " + ", ".join(Path(v).name for v in files.values()), ""]
     return "\n".join(L)

@@ -417,15 +417,25 @@ class BenchCluster:
         self.leader = tb.exec(tb.leader, argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                               text=True, bufsize=1)
         self.workers = {}
+        self.worker_args = ["--model", str(self.ckpt), "--connect-timeout", str(int(timeout_s))]
         try:
-            self.workers = tb.start_workers(port=self.port, extra_args=["--model", str(self.ckpt), "--connect-timeout",
-                                                                        str(int(timeout_s))])
+            self.workers = tb.start_workers(port=self.port, extra_args=self.worker_args)
             self.ready = self._read(timeout_s * 2)
             if self.ready.get("op") != "ready":
                 raise EdgeweaveError(f"bench leader did not start: {self.ready}")
         except BaseException:
             self.close()
             raise
+
+    def kill(self, device: str) -> None:
+        """The follower on ``device`` dies (SIGKILL: no goodbye, its sockets just close)."""
+        p = self.workers[device]
+        p.kill()
+        p.wait(timeout=10)
+
+    def restart(self, device: str) -> None:
+        """The board comes back: a new follower process on ``device`` registers with the leader."""
+        self.workers |= self.tb.start_workers(port=self.port, extra_args=self.worker_args, devices=[device])
 
     def _read(self, timeout_s: float) -> dict[str, Any]:
         from edgeweave.bench.leader_driver import PREFIX

@@ -349,14 +349,15 @@ class Testbed:
         self._procs.append(p)
         return p
 
-    def start_workers(self, port: int = 29500, python: str | None = None, log: bool = True, extra_args: Sequence[str] = ()) -> dict[str, subprocess.Popen]:
+    def start_workers(self, port: int = 29500, python: str | None = None, log: bool = True, extra_args: Sequence[str] = (),
+                      devices: Sequence[str] | None = None) -> dict[str, subprocess.Popen]:
         """Start ``edgeweave worker --leader LEADER:PORT --name NAME [extra_args]`` on every
-        non-leader device, detached (own session), logging to the state directory
-        (``/run/edgeweave/testbed-<prefix>-logs/<name>.log``); pids are recorded so ``down``
-        stops them."""
+        non-leader device (or on ``devices``: a board that comes back), detached (own session),
+        logging to the state directory (``/run/edgeweave/testbed-<prefix>-logs/<name>.log``);
+        pids are recorded so ``down`` stops them."""
         python = python or sys.executable
         out: dict[str, subprocess.Popen] = {}
-        for name in self.devices[1:]:
+        for name in (self.devices[1:] if devices is None else devices):
             argv = C.worker_argv(python, self.address(self.leader), port, name) + list(extra_args)
             kw: dict[str, Any] = {"start_new_session": True, "stdin": subprocess.DEVNULL}
             if log and self.emulated:
