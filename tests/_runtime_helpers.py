@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from edgeweave.checkpoint import load_model
 from edgeweave.planning.graph import capture
 from edgeweave.planning.planner import make_plan
 from edgeweave.profiling.profile import Cluster
@@ -48,3 +49,23 @@ def check(cl, name: str, size: int, workers: int, partition: str = "optimal", fu
 def strip_sizes(plan) -> list[int]:
     return [a.out_rows[1] - a.out_rows[0] for s in plan.stages if s.kind == "spatial" for a in s.assignments
             if a.out_rows[1] > a.out_rows[0]]
+
+
+def small_model():
+    torch.manual_seed(0)
+    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
+    # non-trivial batch-norm statistics so that wrong halos or padding show up in the output
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval(), spec
+
+
+def _alive(pid: int) -> bool:
+    """Is ``pid`` a live (non-zombie) process? Reads /proc, no psutil."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from _runtime_helpers import _alive
+
 pytestmark = pytest.mark.timeout(300)
 
 EW = [sys.executable, "-m", "edgeweave"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _children_named_worker() -> list[int]:

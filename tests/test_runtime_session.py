@@ -24,22 +24,13 @@ from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
 from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.wire import PeerError
 
+from _runtime_helpers import _alive, small_model
+
 pytestmark = pytest.mark.timeout(300)
 
 STAGE0 = [f"features_{i}" for i in range(7)]  # conv bn relu conv bn relu pool: 28 -> 14 rows
 STAGE1 = [f"features_{i}" for i in range(7, 14)]  # ... 14 -> 7 rows
 HEAD = ["avgpool", "flatten", "classifier_0", "classifier_1", "classifier_2"]
-
-
-def small_model():
-    torch.manual_seed(0)
-    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
-    # non-trivial batch-norm statistics so that wrong halos or padding show up in the output
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval(), spec
 
 
 def plan_exchange(h: str, batch: int = 1) -> Plan:
@@ -74,15 +65,6 @@ def plan_gather(h: str) -> Plan:
                [Transfer(0, 1, (0, 64))])
     return Plan("small_cnn", h, [1, 1, 28, 28], ["leader", "worker1", "worker2"], "equal", "none", "gather",
                 [s0, s1, s2, s3], final_transfers=[Transfer(1, 0, (3, 10))])
-
-
-def _alive(pid: int) -> bool:
-    """Is ``pid`` a live (non-zombie) process? Reads /proc, no psutil."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")

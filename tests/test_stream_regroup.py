@@ -13,23 +13,13 @@ import time
 import pytest
 import torch
 
-from edgeweave.checkpoint import load_model
 from edgeweave.planning.graph import capture
 from edgeweave.planning.planner import make_plan
 from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.stream import AdaptiveStream
+from _runtime_helpers import _alive, small_model as _model
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _model():
-    torch.manual_seed(0)
-    model, spec = load_model("small_cnn", in_channels=1, input_size=28)
-    for m in model.modules():  # non-trivial statistics: a wrong halo or padding shows in the output
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval(), spec
 
 
 def _stream(cl: LocalCluster, model: torch.nn.Module) -> AdaptiveStream:
@@ -37,15 +27,6 @@ def _stream(cl: LocalCluster, model: torch.nn.Module) -> AdaptiveStream:
     plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
                      mode="exchange", model_hash=cl.model_hash)
     return AdaptiveStream(cl, plan, cl.cluster)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead too
-        return fh.read().split()[2] != "Z"
 
 
 def _check(s: AdaptiveStream, model: torch.nn.Module, frames: int):
