@@ -423,7 +423,7 @@ def _failover(cfg: EdgediConfig, bc: Any, adapt: dict[str, Any]) -> dict[str, An
         for x in recs:
             x["stage"] = stage
     reference = lost[0]["estimated_s"] * ratio
-    steady = [x["latency_s"] for x in lost[1:] + waiting[:-1]]
+    steady = [x["latency_s"] for x in lost[1:] + (waiting[:-1] if joined else waiting)]  # without it, first frame excepted
     return {"device": dev, "records": lost + waiting + back, "lost": lost[0]["lost"],
             "joined": waiting[-1]["joined"] if joined else [], "regroup_s": lost[0]["regroup_s"],
             "first_frame_s": lost[0]["latency_s"], "reference_s": reference, "latency_ratio": ratio,
