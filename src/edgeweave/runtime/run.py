@@ -125,32 +125,44 @@ def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"max_abs_err": err, "max_abs_ref": mref, "rel_err": err / max(mref, 1e-12)}
 
 
-def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
-        listen: str = "0.0.0.0:29400", timeout_s: float = 60.0) -> dict[str, Any]:
-    """What ``edgeweave run`` does; returns the JSON result (see DESIGN.md's contract)."""
-    cfg.validate()
-    torch.set_num_threads(1)
-    torch.manual_seed(cfg.seed)
+def open_session(workers: int | None, cluster_file: str | None, listen: str = "0.0.0.0:29400",
+                 timeout_s: float = 60.0) -> Session:
+    """``--workers K`` starts K local followers; ``--cluster FILE`` alone waits for followers started
+    by hand (both: local followers planned with the file's profiles). Not yet entered."""
     profiles = Cluster.load(cluster_file) if cluster_file else None
     if workers is None and profiles is None:
         raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
     if workers is not None and profiles is not None and len(profiles.devices) != workers + 1:
         raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
                              f"it needs {workers + 1} (the leader first)")
+    if workers is not None:
+        return LocalCluster(workers, profiles=profiles, timeout_s=timeout_s)
+    assert profiles is not None
+    return RemoteCluster(profiles, listen, timeout_s=timeout_s)
+
+
+def load_sized(model_name: str, input_size: int | None) -> tuple[torch.nn.Module, Any, int]:
+    """The model and the input size to run it at: ``input_size``, else the checkpoint's, else 224."""
     model, spec = load_for_run(model_name, input_size or 224)
     if input_size is None:  # a checkpoint knows the size it was trained for
         input_size = int(spec.input_size[0])
     if input_size < 1:
         raise EdgeweaveError(f"--input-size must be positive, got {input_size}")
+    return model, spec, input_size
+
+
+def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
+        listen: str = "0.0.0.0:29400", timeout_s: float = 60.0) -> dict[str, Any]:
+    """What ``edgeweave run`` does; returns the JSON result (see DESIGN.md's contract)."""
+    cfg.validate()
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed)
+    if workers is None and cluster_file is None:  # before loading a model
+        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    model, spec, input_size = load_sized(model_name, input_size)
     x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     t_start = time.perf_counter()
-    session: Session
-    if workers is not None:
-        session = LocalCluster(workers, profiles=profiles, timeout_s=timeout_s)
-    else:
-        assert profiles is not None
-        session = RemoteCluster(profiles, listen, timeout_s=timeout_s)
-    with session:
+    with open_session(workers, cluster_file, listen, timeout_s) as session:
         startup_s = time.perf_counter() - t_start
         result = run_on_session(session, model_name, model, spec, x, cfg)
     result["startup_s"] = startup_s
