@@ -15,6 +15,7 @@ speed estimates, and the frame that failed runs again (in-flight work is retried
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -116,7 +117,9 @@ class AdaptiveStream:
         self.state = A.AdaptState.start(k, factors)
         self.admit_every_s, self._admitted_at = admit_every_s, time.monotonic()
         self.version = 0
-        self.records: list[FrameRecord] = []
+        # the recent frames (a server runs for days; callers keep what step() returns if they want all)
+        self.records: deque[FrameRecord] = deque(maxlen=64)
+        self.frames = 0
         # every plan served so far: (plan, the speeds its prediction assumes, steady samples of
         # (speed estimates, measured latency)); the stream may go back to one (adapt rule 4)
         self.known: dict[int, tuple[Plan, list[float], list[tuple[list[float], float]]]] = {}
@@ -142,7 +145,7 @@ class AdaptiveStream:
         self.last_timings = tm
         measured = [sum(tm.per_device[d][s].compute_s for s in self.sampled_stages) for d in range(self.k)]
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
-        rec = FrameRecord(len(self.records), tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
+        rec = FrameRecord(self.frames, tm.total_s, self.plan_id, self.version, self.plan.predicted_s, 0.0,
                           list(self.state.factors), measured, changed=changed)
         if change is not None:
             rec.event, rec.lost, rec.joined, rec.regroup_s = "regrouped", change.lost, change.joined, change.seconds
@@ -213,6 +216,7 @@ class AdaptiveStream:
         rec.latency_ratio = self.state.latency_ratio
         rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
+        self.frames += 1
         return y, rec
 
     def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Regroup | None]:
