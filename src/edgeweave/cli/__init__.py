@@ -26,6 +26,7 @@ _COMMAND_MODULES = [
     "edgeweave.cli.demo",
     "edgeweave.cli.compress",
     "edgeweave.cli.run",
+    "edgeweave.cli.serve",
     "edgeweave.cli.plan",
     "edgeweave.cli.profile",
     "edgeweave.cli.testbed",

@@ -1,0 +1,57 @@
+"""`edgeweave serve`: answer HTTP inference requests on the leader, the cluster behind it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from edgeweave.cli.common import JsonOpt, console, emit_json
+
+
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", "-n",
+                                             help="Input height and width (default: the checkpoint's, else 224)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without "
+                                          "--workers, wait for followers started by hand with `edgeweave worker`."),
+    listen: str = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT followers join (with --cluster)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP API listens on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port of the HTTP API."),
+    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
+    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
+    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    normalize: str = typer.Option("none", "--normalize", help="How images sent to /v1/infer are normalised after "
+                                  "scaling to [0, 1]: the training data's name (imagenet, cifar100, neucls, mnist5k) "
+                                  "or MEAN/STD per channel, e.g. 0.5/0.25. Raw tensors are used as sent."),
+    max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body accepted (413 above)."),
+    max_waiting: int = typer.Option(8, "--max-waiting", help="Requests that may wait for the cluster (503 beyond)."),
+    wait_timeout: float = typer.Option(30.0, "--wait-timeout", help="Seconds a request may wait for its turn (503 after)."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait inside the cluster may take."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Serve inference over HTTP until Ctrl-C: every request is one exact distributed inference.
+
+    The cluster re-plans when a device turns out slower or faster than its profile, goes on
+    without a device that dies (the request that failed runs again) and takes back one that
+    registers again. At the end it prints (or writes, with --json) the final statistics."""
+    from edgeweave.runtime.run import RunConfig
+    from edgeweave.serving.serve import ServeConfig, serve as do_serve
+    from edgeweave.serving.server import ServerLimits
+
+    cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode),
+                      normalize=normalize, max_body_bytes=int(max_body_mb * (1 << 20)),
+                      limits=ServerLimits(max_waiting=max_waiting, wait_timeout_s=wait_timeout), listen=listen,
+                      timeout_s=timeout)
+    stats = do_serve(model, input_size, workers, cluster, cfg)
+    lat = stats["latency_s"]
+    console.print(f"stopped: {stats['served']} served, {stats['refused']} refused (busy), {stats['failed']} failed; "
+                  f"{stats['replans']} re-plans, {stats['regroups']} regroups"
+                  + (f"; latency p50 {lat['p50']:.4f} s, p90 {lat['p90']:.4f} s over the last {stats['window']}"
+                     if lat else ""))
+    emit_json(stats, json_out)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

@@ -1,0 +1,86 @@
+"""``edgeweave serve``: the leader answers HTTP requests with the cluster behind it.
+
+Load the model, start (or wait for) the followers, plan, warm the strips up, then serve until
+interrupted (Ctrl-C or SIGTERM: uvicorn finishes the requests in flight, then the followers are
+told to leave). Every frame goes through the adaptive stream, so the cluster re-plans when a
+device turns out slower or faster than its profile, and goes on without a device that dies.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgeweave.console import console
+from edgeweave.errors import EdgeweaveError
+from edgeweave.runtime.run import RunConfig, load_sized, open_session, plan_for
+from edgeweave.serving.preprocess import check_norm, parse_normalize
+from edgeweave.serving.server import InferenceServer, ServerLimits
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    run: RunConfig = field(default_factory=RunConfig)  # partition, fusion, mode
+    normalize: str = "none"
+    max_body_bytes: int = 16 << 20
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    listen: str = "0.0.0.0:29400"  # where followers started by hand find the leader (with a cluster file)
+    timeout_s: float = 60.0  # any network wait inside the cluster
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the cluster starts (minutes on slow boards), not after."""
+    if not 0 < port < 65536:
+        raise EdgeweaveError(f"--port must be 1-65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise EdgeweaveError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(model_name: str, input_size: int | None, workers: int | None, cluster_file: str | None,
+          cfg: ServeConfig) -> dict[str, Any]:
+    """Serve until interrupted; returns the final ``/v1/stats``."""
+    from edgeweave.runtime.stream import AdaptiveStream
+    from edgeweave.serving.app import create_app
+
+    cfg.run.validate()
+    if cfg.limits.max_waiting < 0 or cfg.limits.wait_timeout_s <= 0 or cfg.max_body_bytes < 1:
+        raise EdgeweaveError("--max-waiting must be >= 0, --wait-timeout and --max-body-mb positive")
+    if workers is None and cluster_file is None:
+        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    norm = parse_normalize(cfg.normalize)
+    check_port(cfg.host, cfg.port)
+    torch.set_num_threads(1)
+    model, spec, size = load_sized(model_name, input_size)
+    check_norm(norm, spec.in_channels)
+    with ExitStack() as stack:
+        with console.status("starting the cluster, planning, warming up ..."):
+            session = stack.enter_context(open_session(workers, cluster_file, cfg.listen, cfg.timeout_s))
+            session.load_model(model, spec)
+            plan = plan_for(session, model, (1, spec.in_channels, size, size), cfg.run, model_name)
+            stream = AdaptiveStream(session, plan, session.cluster, plan_id=session.load_plan(plan))
+            server = InferenceServer(stream, spec, model_name, cfg.limits)
+            warm_s = server.warm_up()
+        return _run(server, create_app(server, norm, cfg.max_body_bytes), cfg, warm_s)
+
+
+def _run(server: InferenceServer, app: Any, cfg: ServeConfig, warm_s: float) -> dict[str, Any]:
+    import uvicorn
+
+    plan = server.stream.plan
+    console.print(f"serving {server.model_name} {list(server.input_shape)} on http://{cfg.host}:{cfg.port} "
+                  f"with {', '.join(plan.devices)} ({plan.partition}, fusion {plan.fusion}, {plan.mode}; "
+                  f"predicted {plan.predicted_s:.4f} s, warm-up frame {warm_s:.3f} s)\n"
+                  f"  POST /v1/infer (image/* or application/octet-stream float32), GET /v1/model, /v1/stats, "
+                  f"/healthz, /docs; Ctrl-C stops")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5,
+                limit_concurrency=2 * cfg.limits.max_waiting + 16)
+    return server.stats()
