@@ -31,7 +31,7 @@ from edgeweave.planning.graph import capture
 from edgeweave.planning.planner import make_plan
 from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.stream import AdaptiveStream
-from edgeweave.serving.app import create_app
+from edgeweave.serving.app import _classes, create_app
 from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image, decode_raw, encode_raw,
                                           parse_normalize)
 from edgeweave.serving.server import InferenceServer, ServerLimits, _percentiles
@@ -95,6 +95,15 @@ def test_huge_images_are_refused_before_decoding():
     assert len(big) < 1 << 20
     with pytest.raises(BadInput, match="pixels"):
         decode_image(big, 1, (28, 28), NORMALIZATIONS["none"])
+
+
+def test_top_classes_are_the_softmax_ranking_with_labels():
+    y = torch.tensor([[0.0, 3.0, 1.0]])
+    out = _classes(y, 5, ["a", "b", "c"])
+    assert [t["class"] for t in out["top"]] == [1, 2, 0] and out["prediction"]["label"] == "b"
+    assert abs(sum(t["score"] for t in out["top"]) - 1) < 1e-12
+    assert out["prediction"]["score"] == pytest.approx(float(torch.softmax(y[0].double(), 0)[1]))
+    assert "label" not in _classes(y, 1, None)["prediction"] and len(_classes(y, 1, None)["top"]) == 1
 
 
 def test_percentiles():
