@@ -105,5 +105,30 @@ def edgedi(
     emit_json(result, json_out)
 
 
+@bench_app.command("serve")
+def serve(
+    quick: bool = QuickOpt,
+    model: str = typer.Option("vgg11", "--model", "-m", help="Model to serve (registry name or checkpoint)."),
+    size: Optional[int] = typer.Option(None, "--input-size", "-n", min=8, help="Input size (default 96, quick 64)."),
+    workers: int = typer.Option(2, "--workers", "-w", min=1, help="Local followers beside the leader."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """The HTTP API on loopback (no root): per-request overhead of raw and image requests over the
+    inference itself, throughput with concurrent clients, and what a client sees when a follower
+    is SIGKILLed between two requests. Writes results/serve/ (--quick: results/serve/quick/)."""
+    from edgeweave.bench.serve import ServeBenchConfig, run_serve_bench
+
+    cfg = ServeBenchConfig.quick_config() if quick else ServeBenchConfig()
+    cfg.model, cfg.workers = model, workers
+    if size is not None:
+        cfg.size = size
+    result = run_serve_bench(cfg, out_dir=out, quick=quick)
+    console.rule("bench serve summary")
+    for k, v in result["summary"].items():
+        console.print(f"{k}: {v}")
+    emit_json(result, json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

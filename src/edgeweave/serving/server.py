@@ -99,7 +99,7 @@ class InferenceServer:
             self.joined += rec.joined
         return y, {
             "frame": rec.index, "latency_s": rec.latency_s, "queue_s": t_start - t_arrive,
-            "regroup_s": rec.regroup_s, "plan_version": rec.plan_version, "devices": devices,
+            "regroup_s": rec.regroup_s, "replan_s": rec.replan_s, "plan_version": rec.plan_version, "devices": devices,
             "event": rec.event, "lost": rec.lost, "joined": rec.joined,
         }
 
