@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -30,7 +31,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.graph import capture
 from edgeweave.planning.planner import make_plan
 from edgeweave.runtime.leader import LocalCluster
-from edgeweave.runtime.stream import AdaptiveStream
+from edgeweave.runtime.stream import AdaptiveStream, Frame
 from edgeweave.serving.app import _classes, create_app
 from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image, decode_raw, encode_raw,
                                           parse_normalize)
@@ -111,6 +112,47 @@ def test_percentiles():
     assert _percentiles([2.0]) == {"p50": 2.0, "p90": 2.0, "p99": 2.0, "max": 2.0}
     p = _percentiles([float(i) for i in range(1, 101)])
     assert p["p50"] == 50.5 and 89 < p["p90"] < 92 and 98 < p["p99"] <= 100 and p["max"] == 100
+
+
+class _SlowLearner:
+    """A stream whose learning from a frame takes ``learn_s`` (a re-plan on a slow leader), or fails."""
+
+    def __init__(self, learn_s: float, fail: bool = False):
+        self.learn_s, self.fail = learn_s, fail
+        self.frames = self.version = 0
+        self.plan = SimpleNamespace(devices=["leader"], input_shape=[1, 1, 4, 4], predicted_s=0.01)
+        self.records: list = []
+
+    def run(self, x):
+        return 2 * x, Frame(SimpleNamespace(total_s=0.01))
+
+    def learn(self, frame):
+        time.sleep(self.learn_s)
+        if self.fail:
+            raise RuntimeError("bug")
+        self.frames += 1
+        self.records.append(SimpleNamespace(event="replanned", factors=[1.0], calibrated_s=0.01))
+        return self.records[-1]
+
+
+def test_the_answer_does_not_wait_for_learning_but_the_next_frame_does():
+    spec = SimpleNamespace(in_channels=1)
+    server = InferenceServer(_SlowLearner(1.0), spec, "m", ServerLimits(wait_timeout_s=10))
+    x = torch.ones(1, 1, 4, 4)
+    t0 = time.monotonic()
+    y, info = server.infer(x)
+    assert time.monotonic() - t0 < 0.5 and torch.equal(y, 2 * x) and info["frame"] == 0
+    y, info = server.infer(x)  # waits for the first frame's learning
+    assert info["queue_s"] >= 0.8 and info["frame"] == 1
+    assert server.idle(5) and server.stats()["replans"] == 2 and server.stats()["served"] == 2
+
+
+def test_a_failure_while_learning_is_counted_and_serving_goes_on():
+    server = InferenceServer(_SlowLearner(0.0, fail=True), SimpleNamespace(in_channels=1), "m")
+    x = torch.ones(1, 1, 4, 4)
+    for _ in range(2):
+        assert torch.equal(server.infer(x)[0], 2 * x)
+    assert server.idle(5) and server.stats()["learn_errors"] == 2 and server.stats()["served"] == 2
 
 
 # ---- the API on real followers ----------------------------------------------------------------
@@ -207,6 +249,7 @@ def test_concurrent_requests_are_served_one_frame_at_a_time_and_exactly(served):
         assert torch.allclose(torch.tensor(r.json()["logits"]), _ref(model, x), rtol=1e-4, atol=1e-5)
         frames.add(r.json()["frame"])
     assert len(frames) == len(xs)
+    assert server.idle(30)
     s = server.stats()
     assert s["served"] == before + len(xs) and s["latency_s"]["p50"] > 0 and s["window"] >= len(xs)
 
@@ -237,6 +280,7 @@ def test_when_a_follower_dies_the_request_still_gets_the_exact_answer(served):
     assert out["event"] == "regrouped" and out["lost"] == ["worker1"] and out["regroup_s"] > 0
     assert out["devices"] == ["leader", "worker2"]
     assert torch.allclose(torch.tensor(out["logits"]), _ref(model, x), rtol=1e-4, atol=1e-5)
+    assert server.idle(30)
     s = client.get("/v1/stats").json()
     assert s["regroups"] == 1 and s["lost"] == ["worker1"] and s["devices"] == ["leader", "worker2"]
 

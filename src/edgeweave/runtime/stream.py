@@ -87,6 +87,14 @@ class Regroup:
 
 
 @dataclass
+class Frame:
+    """A frame that ran and has not been learnt from yet (see :meth:`AdaptiveStream.run`)."""
+
+    timings: Any
+    change: Regroup | None = None
+
+
+@dataclass
 class Trial:
     """A re-plan under test (adapt rule 5): what to go back to, and the evidence."""
 
@@ -141,7 +149,19 @@ class AdaptiveStream:
         self.scale_base = A.stage_scaling(plan, self.comp_base, self.base)  # what a speed change moves
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
+        """Run one frame and learn from it (which may re-plan before the next)."""
+        y, frame = self.run(x)
+        return y, self.learn(frame)
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, Frame]:
+        """The inference half of :meth:`step`: a server answers after it and calls :meth:`learn`
+        before the next frame (re-planning takes seconds on a slow leader; the answer need not wait)."""
         y, tm, change = self._infer(x)
+        return y, Frame(tm, change)
+
+    def learn(self, frame: Frame) -> FrameRecord:
+        """Update the speed estimates from ``frame`` and re-plan when the policy says so."""
+        tm, change = frame.timings, frame.change
         self.last_timings = tm
         measured = [sum(tm.per_device[d][s].compute_s for s in self.sampled_stages) for d in range(self.k)]
         self.state, changed = A.observe(self.state, self.policy, self.pred_base, measured)
@@ -217,7 +237,7 @@ class AdaptiveStream:
         rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
         self.frames += 1
-        return y, rec
+        return rec
 
     def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Regroup | None]:
         """One inference on the current devices. Devices that registered since (a board that

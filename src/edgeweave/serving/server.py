@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
 
 
@@ -48,7 +49,7 @@ class InferenceServer:
         self._stats_lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=limits.window)
         self.started = time.time()
-        self.served = self.failed = self.refused = 0
+        self.served = self.failed = self.refused = self.learn_errors = 0
         self.replans = self.regroups = 0
         self.lost: list[str] = []
         self.joined: list[str] = []
@@ -67,7 +68,11 @@ class InferenceServer:
         return time.perf_counter() - t0
 
     def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Run ``x`` (1, C, H, W) when its turn comes; the output and what the frame reports."""
+        """Run ``x`` (1, C, H, W) when its turn comes; the output and what the frame reports.
+
+        The answer does not wait for the stream to learn from the frame: a re-plan takes seconds
+        on a slow leader. A thread learns while holding the stream, so the next frame waits for
+        it instead (and a frame never runs on a half-made plan)."""
         if tuple(x.shape[1:]) != self.input_shape or x.shape[0] != 1:
             raise EdgeweaveError(f"input shape {list(x.shape)}; the plan takes [1, {', '.join(map(str, self.input_shape))}]")
         t_arrive = time.perf_counter()
@@ -78,30 +83,54 @@ class InferenceServer:
             if not self._lock.acquire(timeout=self.limits.wait_timeout_s):
                 self._count("refused")
                 raise Busy(f"waited {self.limits.wait_timeout_s:g} s for the cluster; try again later")
+            t_start = time.perf_counter()
             try:
-                t_start = time.perf_counter()
-                try:
-                    y, rec = self.stream.step(x)
-                except EdgeweaveError as e:  # PeerError included: a failure the stream could not absorb
-                    self._count("failed")
-                    raise ClusterFailed(f"inference failed: {e}") from None
-                devices = list(self.stream.plan.devices)
-            finally:
+                index = self.stream.frames
+                y, frame = self.stream.run(x)
+                version, devices = self.stream.version, list(self.stream.plan.devices)  # after a regroup
+            except EdgeweaveError as e:  # PeerError included: a failure the stream could not absorb
                 self._lock.release()
+                self._count("failed")
+                raise ClusterFailed(f"inference failed: {e}") from None
+            except BaseException:
+                self._lock.release()
+                raise
+            # the learning thread releases the stream when done
+            threading.Thread(target=self._learn, args=(frame,), name="edgeweave-learn", daemon=True).start()
         finally:
             self._slots.release()
+        change = frame.change
+        info = {
+            "frame": index, "latency_s": frame.timings.total_s, "queue_s": t_start - t_arrive,
+            "regroup_s": change.seconds if change else 0.0, "plan_version": version,
+            "devices": devices, "event": "regrouped" if change else "",
+            "lost": list(change.lost) if change else [], "joined": list(change.joined) if change else [],
+        }
         with self._stats_lock:
             self.served += 1
-            self._latencies.append(rec.latency_s)
-            self.replans += rec.event == "replanned"
-            self.regroups += rec.event == "regrouped"
-            self.lost += rec.lost
-            self.joined += rec.joined
-        return y, {
-            "frame": rec.index, "latency_s": rec.latency_s, "queue_s": t_start - t_arrive,
-            "regroup_s": rec.regroup_s, "replan_s": rec.replan_s, "plan_version": rec.plan_version, "devices": devices,
-            "event": rec.event, "lost": rec.lost, "joined": rec.joined,
-        }
+            self._latencies.append(frame.timings.total_s)
+            self.regroups += change is not None
+            self.lost += info["lost"]
+            self.joined += info["joined"]
+        return y, info
+
+    def _learn(self, frame: Any) -> None:
+        try:
+            rec = self.stream.learn(frame)
+            with self._stats_lock:
+                self.replans += rec.event == "replanned"
+        except Exception as e:  # a bug, not the client's: keep serving on the plan in use
+            console.print(f"[red]learning from frame failed: {type(e).__name__}: {e}[/red]")
+            self._count("learn_errors")
+        finally:
+            self._lock.release()
+
+    def idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no frame runs and nothing is being learnt (a benchmark between phases, a test)."""
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        self._lock.release()
+        return True
 
     def _count(self, what: str) -> None:
         with self._stats_lock:
@@ -113,7 +142,7 @@ class InferenceServer:
             lat = list(self._latencies)
             out: dict[str, Any] = {
                 "model": self.model_name, "uptime_s": time.time() - self.started, "served": self.served,
-                "failed": self.failed, "refused": self.refused, "replans": self.replans,
+                "failed": self.failed, "refused": self.refused, "learn_errors": self.learn_errors, "replans": self.replans,
                 "regroups": self.regroups, "lost": list(self.lost), "joined": list(self.joined),
             }
         recs = self.stream.records
