@@ -575,3 +575,28 @@ def test_a_squeeze_is_priced_as_one_message_delay_not_a_round_trip() -> None:
     assert one <= squeeze < 1.1 * one
     assert one <= to_leader < 1.1 * one
     assert pl.reduction_s([red, red], [0, 1, 2, 3], [nb, nb]) == pytest.approx(2 * squeeze)
+
+
+def test_prepare_makes_the_reordered_weight_before_the_first_frame_and_only_where_rows_are_owned() -> None:
+    from edgeweave.planning import execute
+
+    torch.manual_seed(0)
+    model = build_model("vgg11", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm = capture(model, tuple(x.shape))
+    plan = make_plan(gm, hetero(3), partition="equal", fusion="pools", mode="exchange")
+    linear = [r for s in plan.stages for r in s.reductions if "linear" in r.node or "classifier" in r.node]
+    assert linear, "the plan should split the classifier's first layer by rows"
+    owners = {d for r in linear for d, rows in r.rows if not is_empty(rows)}
+    idle = set(range(3)) - owners
+    execute._ROWS_FIRST.clear()
+    for d in idle:
+        execute.prepare(gm, plan, d)
+    assert not execute._ROWS_FIRST  # nothing to make for a device that owns no rows
+    execute.prepare(gm, plan, min(owners))
+    assert len(execute._ROWS_FIRST) == 1
+    made = next(iter(execute._ROWS_FIRST.values()))[2]
+    with torch.no_grad():
+        assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-5
+    # the frame used the prepared copy: nothing new was made
+    assert len(execute._ROWS_FIRST) == 1 and next(iter(execute._ROWS_FIRST.values()))[2] is made

@@ -163,6 +163,7 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
 
 
 def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
+    from edgeweave.planning.execute import prepare
     from edgeweave.planning.graph import capture
 
     text = ch.recv_bytes(0, TAG_CONTROL, "a plan").decode()
@@ -177,6 +178,7 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     if shape not in state.graphs:  # tracing costs seconds; plans for one shape share a graph
         state.graphs[shape] = capture(state.model, shape)
     gm = state.graphs[shape]
+    prepare(gm, plan, rank)  # the first frame runs at this device's real speed
     state.plans[int(cmd["plan_id"])] = (plan, gm)
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
 

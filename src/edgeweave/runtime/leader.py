@@ -359,6 +359,7 @@ class Session:
     def load_plan(self, plan: Plan) -> int:
         """Send ``plan`` (JSON text) to every follower; they check its model hash and capture the
         graph. Returns the plan id for :meth:`infer`."""
+        from edgeweave.planning.execute import prepare
         from edgeweave.planning.graph import capture
 
         ch = self._check_usable()
@@ -379,13 +380,15 @@ class Session:
         try:
             for r in range(1, self.world):
                 ch.send_bytes(text, r, TAG_CONTROL, "the plan")
+            # the leader's share of the preparation, while the followers prepare theirs
+            shape = tuple(plan.input_shape)
+            if shape not in self._graphs:
+                self._graphs[shape] = capture(self.model, shape)
+            prepare(self._graphs[shape], plan, 0)
             self._await_acks(seq, "accept the plan")
         except PeerError as e:
             self._fail(e)
             raise
-        shape = tuple(plan.input_shape)
-        if shape not in self._graphs:
-            self._graphs[shape] = capture(self.model, shape)
         self.plans[pid] = (plan, self._graphs[shape])
         return pid
 
