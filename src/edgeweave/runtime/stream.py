@@ -124,6 +124,7 @@ class AdaptiveStream:
         self.k = k
         self.state = A.AdaptState.start(k, factors)
         self.admit_every_s, self._admitted_at = admit_every_s, time.monotonic()
+        self._pending: Regroup | None = None  # devices taken in after the last frame, reported with the next
         self.version = 0
         # the recent frames (a server runs for days; callers keep what step() returns if they want all)
         self.records: deque[FrameRecord] = deque(maxlen=64)
@@ -237,26 +238,41 @@ class AdaptiveStream:
         rec.calibrated_s = A.calibrated(self.state, estimated)
         self.records.append(rec)
         self.frames += 1
+        self._admit()
         return rec
 
-    def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Regroup | None]:
-        """One inference on the current devices. Devices that registered since (a board that
-        came back) are taken in first, at most once every ``admit_every_s``; when the inference
-        fails, the stream regroups with the devices still there, re-plans and runs it again.
-        A second failure with every device still there is not a device that left (a bad input,
-        a bug): it is raised."""
-        change: Regroup | None = None
+    def _admit(self) -> None:
+        """Take in the devices that registered since (a board that came back), at most once every
+        ``admit_every_s``, and plan for them. Done after a frame was learnt from, not before the
+        next one runs, so a server has already answered (a new group, shipping the model and
+        preparing the plan take seconds); the next frame reports the change."""
         now = time.monotonic()
-        if now - self._admitted_at >= self.admit_every_s:
-            self._admitted_at = now
-            if new := self.session.newcomers():
-                change, t0 = Regroup(), time.perf_counter()
-                try:
-                    self.session.regroup(join=new)
-                except EdgeweaveError:  # one of them never joined the group: go on without it
-                    change.lost += self.session.recover()
-                change.joined = [n for n in new if n in self.session.names]
-                change.seconds += time.perf_counter() - t0
+        if now - self._admitted_at < self.admit_every_s:
+            return
+        self._admitted_at = now
+        if not (new := self.session.newcomers()):
+            return
+        change, t0 = Regroup(), time.perf_counter()
+        try:
+            self.session.regroup(join=new)
+        except EdgeweaveError:  # one of them never joined the group: go on without it
+            change.lost += self.session.recover()
+        change.joined = [n for n in new if n in self.session.names]
+        for _ in range(2):  # a newcomer may die at once; else the next frame's retry loop plans
+            try:
+                if self.plan_id not in self.session.plans:
+                    self._regrouped()
+                break
+            except PeerError as e:
+                change.lost += self.session.recover(suspects=[e.name] if e.name else [])
+        change.seconds += time.perf_counter() - t0
+        self._pending = change
+
+    def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, Regroup | None]:
+        """One inference on the current devices; when it fails, the stream regroups with the
+        devices still there, re-plans and runs it again. A second failure with every device still
+        there is not a device that left (a bad input, a bug): it is raised."""
+        change, self._pending = self._pending, None
         failed = False
         while True:
             t0 = time.perf_counter()
