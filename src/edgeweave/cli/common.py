@@ -24,6 +24,20 @@ JsonOpt = typer.Option(
 )
 
 
+# Options of the commands that run or plan a model on a cluster (run, serve, plan)
+ModelOpt = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path.")
+InputSizeOpt = typer.Option(None, "--input-size", "-n",
+                            help="Input height and width (default: the checkpoint's, else 224).")
+WorkersOpt = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader).")
+ClusterOpt = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without --workers, wait "
+                          "for followers started by hand with `edgeweave worker --leader HOST:PORT`.")
+ListenOpt = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader listens on for followers "
+                         "(with --cluster).")
+PartitionOpt = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal")
+FusionOpt = typer.Option("auto", "--fusion", help="none | pools | auto")
+ModeOpt = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)")
+
+
 def normalize_json_flag(argv: list[str]) -> list[str]:
     """Give a bare ``--json`` (last, or followed by another option) the value ``-`` (stdout)."""
     out: list[str] = []

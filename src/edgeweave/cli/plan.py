@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from edgeweave.cli.common import JsonOpt, console, emit_json
+from edgeweave.cli.common import FusionOpt, JsonOpt, ModeOpt, ModelOpt, PartitionOpt, console, emit_json
 from edgeweave.errors import EdgeweaveError
 
 _TORCHVISION_SHORT = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
@@ -100,15 +100,16 @@ def _print(res: dict[str, Any]) -> None:
 
 
 def plan(
-    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
+    model: str = ModelOpt,
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (devices JSON/TOML; first = leader)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="K identical followers plus the leader."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", "-n", help="Input height and width."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", "-n", help="Input height and width (default: "
+                                             "the checkpoint's, else 224 for ImageNet models and 32 for the others)."),
     batch: int = typer.Option(1, "--batch"),
     in_channels: int = typer.Option(3, "--in-channels"),
-    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
-    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
-    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    partition: str = PartitionOpt,
+    fusion: str = FusionOpt,
+    mode: str = ModeOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Print the plan (who computes which rows of which block) and its predicted time."""

@@ -8,21 +8,22 @@ from typing import Optional
 
 import typer
 
-from edgeweave.cli.common import JsonOpt, console, emit_json
+from edgeweave.cli.common import (
+    ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
+    emit_json,
+)
 from edgeweave.errors import EdgeweaveError
 
 
 def run(
-    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", "-n",
-                                             help="Input height and width (default: the checkpoint's, else 224)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader)."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without "
-                                          "--workers, wait for followers started by hand."),
-    listen: str = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader listens on (with --cluster)."),
-    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
-    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
-    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    model: str = ModelOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    workers: Optional[int] = WorkersOpt,
+    cluster: Optional[str] = ClusterOpt,
+    listen: str = ListenOpt,
+    partition: str = PartitionOpt,
+    fusion: str = FusionOpt,
+    mode: str = ModeOpt,
     batch: int = typer.Option(1, "--batch"),
     repeat: int = typer.Option(3, "--repeat", help="Timed inferences (after one warm-up); latency is the median."),
     check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),

@@ -6,22 +6,23 @@ from typing import Optional
 
 import typer
 
-from edgeweave.cli.common import JsonOpt, console, emit_json
+from edgeweave.cli.common import (
+    ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
+    emit_json,
+)
 
 
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path."),
-    input_size: Optional[int] = typer.Option(None, "--input-size", "-n",
-                                             help="Input height and width (default: the checkpoint's, else 224)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader)."),
-    cluster: Optional[str] = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without "
-                                          "--workers, wait for followers started by hand with `edgeweave worker`."),
-    listen: str = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT followers join (with --cluster)."),
+    model: str = ModelOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    workers: Optional[int] = WorkersOpt,
+    cluster: Optional[str] = ClusterOpt,
+    listen: str = ListenOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="Address the HTTP API listens on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port of the HTTP API."),
-    partition: str = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal"),
-    fusion: str = typer.Option("auto", "--fusion", help="none | pools | auto"),
-    mode: str = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)"),
+    partition: str = PartitionOpt,
+    fusion: str = FusionOpt,
+    mode: str = ModeOpt,
     normalize: str = typer.Option("none", "--normalize", help="How images sent to /v1/infer are normalised after "
                                   "scaling to [0, 1]: the training data's name (imagenet, cifar100, neucls, mnist5k) "
                                   "or MEAN/STD per channel, e.g. 0.5/0.25. Raw tensors are used as sent."),
