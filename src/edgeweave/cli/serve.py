@@ -28,7 +28,8 @@ def serve(
                                   "or MEAN/STD per channel, e.g. 0.5/0.25. Raw tensors are used as sent."),
     max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body accepted (413 above)."),
     max_waiting: int = typer.Option(8, "--max-waiting", help="Requests that may wait for the cluster (503 beyond)."),
-    wait_timeout: float = typer.Option(30.0, "--wait-timeout", help="Seconds a request may wait for its turn (503 after)."),
+    wait_timeout: float = typer.Option(30.0, "--wait-timeout",
+                                       help="Seconds a request may wait for its turn (503 after)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait inside the cluster may take."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:

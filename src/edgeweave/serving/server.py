@@ -74,7 +74,8 @@ class InferenceServer:
         on a slow leader. A thread learns while holding the stream, so the next frame waits for
         it instead (and a frame never runs on a half-made plan)."""
         if tuple(x.shape[1:]) != self.input_shape or x.shape[0] != 1:
-            raise EdgeweaveError(f"input shape {list(x.shape)}; the plan takes [1, {', '.join(map(str, self.input_shape))}]")
+            want = ", ".join(map(str, self.input_shape))
+            raise EdgeweaveError(f"input shape {list(x.shape)}; the plan takes [1, {want}]")
         t_arrive = time.perf_counter()
         if not self._slots.acquire(blocking=False):
             self._count("refused")
@@ -142,7 +143,8 @@ class InferenceServer:
             lat = list(self._latencies)
             out: dict[str, Any] = {
                 "model": self.model_name, "uptime_s": time.time() - self.started, "served": self.served,
-                "failed": self.failed, "refused": self.refused, "learn_errors": self.learn_errors, "replans": self.replans,
+                "failed": self.failed, "refused": self.refused, "learn_errors": self.learn_errors,
+                "replans": self.replans,
                 "regroups": self.regroups, "lost": list(self.lost), "joined": list(self.joined),
             }
         recs = self.stream.records
