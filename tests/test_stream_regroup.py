@@ -100,6 +100,44 @@ def test_a_hung_follower_is_left_out_after_the_time_out_and_reaped_at_the_end():
 
 
 @pytest.mark.slow
+def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back():
+    """A board that hung (SIGSTOP) long enough to be left out wakes up (SIGCONT): it sees the
+    next generation without it, registers again, and the stream takes it in by itself."""
+    model, spec = _model()
+    timeout = 3.0
+    cl = LocalCluster(2, timeout_s=timeout)
+    pids = cl.pids
+    try:
+        cl.load_model(model, spec)
+        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
+                         mode="exchange", model_hash=cl.model_hash)
+        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        _check(s, model, 1)
+        pid = cl.followers[0].process.pid
+        os.kill(pid, signal.SIGSTOP)
+        (rec,) = _check(s, model, 1)
+        assert rec.lost == ["worker1"] and cl.names == ["leader", "worker2"]
+        os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        joined = None
+        while joined is None and time.monotonic() < deadline:
+            (rec,) = _check(s, model, 1)
+            joined = rec if rec.joined else None
+            time.sleep(0.2)
+        assert joined is not None and joined.joined == ["worker1"], "the woken follower was not taken back"
+        assert cl.names == ["leader", "worker2", "worker1"]
+        assert cl.followers[-1].info["pid"] == pid  # the same process, registered again
+        recs = _check(s, model, 2)
+        assert len(recs[-1].compute_s) == 3 and recs[-1].compute_s[2] > 0
+    finally:
+        cl.close()
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+@pytest.mark.slow
 def test_a_board_that_comes_back_is_taken_in_again():
     """A follower dies; a new process registers under its name (the board rebooted). The stream
     takes it in before a later frame: the model is shipped to it and it gets rows again."""

@@ -58,19 +58,29 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     _preload()
     prof = dict(profile or {"name": name})
     prof["name"] = name
-    ticket = rv.register(store, {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
-                                 "profile": prof, "model_hash": state.model_hash,
-                                 "pinned": bool(model_path), "profile_given": profile is not None,
-                                 "leader_host": host})
+    registration = {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
+                    "profile": prof, "model_hash": state.model_hash, "pinned": bool(model_path),
+                    "profile_given": profile is not None, "leader_host": host}
+    ticket = rv.register(store, registration)
     _log(name, f"registered with {host}:{port} (ticket {ticket})")
-    gen = 0
+    gen, was_member = 0, False
     try:
         while True:
-            gen, info = rv.wait_generation(store, gen, ticket)
+            info = rv.next_generation(store, gen)
             if info.get("shutdown"):
                 store.set(f"{rv.ROOT}bye/{ticket}", "1")  # lets the leader's store outlive our last read
                 _log(name, "leader shut the cluster down")
                 return 0
+            if ticket not in info.get("members", []):
+                if was_member:
+                    # Left out while alive: blamed for another's failure, or too slow (or stopped)
+                    # to answer the leader's roll call. A registration once left out is never
+                    # offered again, so offer ourselves anew; the leader takes newcomers in.
+                    ticket = rv.register(store, registration)
+                    was_member = False
+                    _log(name, f"left out of generation {gen}; registered again (ticket {ticket})")
+                gen += 1
+                continue
             rank = info["members"].index(ticket) + 1
             try:
                 _serve_generation(store, gen, rank, info, state)
@@ -78,7 +88,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
                 _log(name, f"generation {gen}: {e}")
             rv.mark_left(store, gen, ticket)
             state.plans.clear()
-            gen += 1
+            gen, was_member = gen + 1, True
     except (RuntimeError, OSError) as e:  # store connection lost: the leader is gone
         _log(name, f"lost the leader ({str(e).splitlines()[0][:120]}); exiting")
         return 3

@@ -106,15 +106,10 @@ def wait_key(store: Any, key: str, poll_s: float = 30.0) -> None:
                 return
 
 
-def wait_generation(store: Any, first: int, ticket: int) -> tuple[int, dict[str, Any]]:
-    """Follower: the first generation >= ``first`` that includes ``ticket`` (or shuts down)."""
-    gen = first
-    while True:
-        wait_key(store, f"{ROOT}gen/{gen}")
-        info = get_json(store, f"{ROOT}gen/{gen}")
-        if info.get("shutdown") or ticket in info.get("members", []):
-            return gen, info
-        gen += 1
+def next_generation(store: Any, gen: int) -> dict[str, Any]:
+    """Follower: generation ``gen`` once the leader publishes it (members, names, or shutdown)."""
+    wait_key(store, f"{ROOT}gen/{gen}")
+    return get_json(store, f"{ROOT}gen/{gen}")
 
 
 def mark_left(store: Any, gen: int, ticket: int) -> None:
