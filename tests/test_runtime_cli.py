@@ -192,7 +192,11 @@ def test_run_adaptive_replans_when_a_profile_is_wrong(tmp_path: Path):
     assert res["replans"] >= 1 and "re-plans" in out.stderr
     first = next(f for f in res["frames"] if f["event"] == "replanned")
     factors = first["factors"]
-    assert factors[1] > 2 * factors[0], factors  # w1 found much slower than profiled, relative to the leader
+    # w1 found slower than profiled, relative to the leader, when the stream re-planned (after two
+    # frames: 2.2-2.8x in five runs), and much slower once the estimate settled (6.4-6.9x)
+    assert factors[1] > 1.5 * factors[0], factors
+    last = res["frames"][-1]["factors"]
+    assert last[1] > 3 * last[0], last
     undone = [f for f in res["frames"] if f.get("reverted")]
 
     def rows_of_w1(plan: dict) -> float:
