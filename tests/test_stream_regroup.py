@@ -138,6 +138,32 @@ def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back()
 
 
 @pytest.mark.slow
+def test_a_registration_whose_board_died_before_it_was_taken_in_costs_no_time_out():
+    """A board registers and dies before the stream takes it in: its beat never moves, so it is
+    not offered (taking it in would wait a whole group time-out), and it is dropped for good."""
+    from edgeweave.runtime import rendezvous as rv
+
+    model, spec = _model()
+    timeout = 20.0
+    cl = LocalCluster(1, timeout_s=timeout)
+    try:
+        cl.load_model(model, spec)
+        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
+                         mode="exchange", model_hash=cl.model_hash)
+        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        _check(s, model, 1)
+        rv.register(cl.store, {"name": "ghost", "pid": 0, "profile": {"name": "ghost"}})  # never beats
+        t0 = time.monotonic()
+        recs = _check(s, model, 3)
+        assert time.monotonic() - t0 < timeout / 4
+        assert all(not r.joined and not r.lost for r in recs) and cl.names == ["leader", "worker1"]
+        t0 = time.monotonic()
+        assert cl.newcomers() == [] and time.monotonic() - t0 < 0.5  # remembered as dead
+    finally:
+        cl.close()
+
+
+@pytest.mark.slow
 def test_a_board_that_comes_back_is_taken_in_again():
     """A follower dies; a new process registers under its name (the board rebooted). The stream
     takes it in before a later frame: the model is shipped to it and it gets rows again."""

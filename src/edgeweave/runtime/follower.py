@@ -66,7 +66,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     gen, was_member = 0, False
     try:
         while True:
-            info = rv.next_generation(store, gen)
+            info = rv.next_generation(store, gen, ticket)
             if info.get("shutdown"):
                 store.set(f"{rv.ROOT}bye/{ticket}", "1")  # lets the leader's store outlive our last read
                 _log(name, "leader shut the cluster down")

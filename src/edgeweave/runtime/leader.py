@@ -113,6 +113,7 @@ class Session:
         self.followers: list[Follower] = []
         self.gone: list[Follower] = []  # left out of a generation (dead or hung; local ones are reaped too)
         self._ticket_mark = -1  # the last ticket taken before the first generation
+        self._dead_tickets: set[int] = set()  # registrations that stopped beating before they were taken in
         self.gen = -1
         self.seq = 0
         self.ch: Channel | None = None
@@ -171,22 +172,37 @@ class Session:
                 raise PeerError(f"{missing_desc} did not register within {timeout_s:g} s")
             time.sleep(0.05)
 
-    def newcomers(self) -> list[str]:
+    def newcomers(self, beat_wait_s: float = 4 * rv.BEAT_S) -> list[str]:
         """Devices that registered after the session started and are not in it (a board
-        started late, or one that came back with a new registration): candidates for
-        ``regroup(join=...)``. A registration once left out (``gone``) is never offered again.
-        One store call when there are none."""
+        started late, or one that came back with a new registration), and whose process still
+        runs: candidates for ``regroup(join=...)``. A registration once left out (``gone``) is
+        never offered again. One store call when there are none.
+
+        Alive means its beat counter moves (a waiting follower beats every ``rv.BEAT_S``); a
+        registration whose counter does not move within ``beat_wait_s`` is dropped for good (a
+        board that died before it was taken in; if it restarts it registers anew). Taking a dead
+        one in would cost a whole group time-out."""
         n = int(self.store.add(rv.ROOT + "tickets", 0))
-        taken = {f.ticket for f in self.followers + self.gone}
-        out: list[str] = []
+        taken = {f.ticket for f in self.followers + self.gone} | self._dead_tickets
+        latest: dict[str, int] = {}  # name -> its newest registration
         for t in range(self._ticket_mark + 1, n + 1):
             key = f"{rv.ROOT}worker/{t}"
             if t in taken or not self.store.check([key]):
                 continue
             name = str(rv.get_json(self.store, key).get("name"))
-            if name not in self.names and name not in out:
-                out.append(name)
-        return out
+            if name not in self.names:
+                latest[name] = t
+        if not latest:
+            return []
+        first = rv.beats(self.store, list(latest.values()))
+        waiting = set(latest.values())
+        deadline = time.monotonic() + beat_wait_s
+        while waiting and time.monotonic() < deadline:
+            time.sleep(rv.BEAT_S / 5)
+            now = rv.beats(self.store, list(waiting))
+            waiting -= {t for t, c in now.items() if c > first[t]}
+        self._dead_tickets |= waiting
+        return [name for name, t in latest.items() if t not in waiting]
 
     def _start_generation(self) -> None:
         if self._ticket_mark < 0:  # registrations older than the session are not newcomers

@@ -106,10 +106,34 @@ def wait_key(store: Any, key: str, poll_s: float = 30.0) -> None:
                 return
 
 
-def next_generation(store: Any, gen: int) -> dict[str, Any]:
-    """Follower: generation ``gen`` once the leader publishes it (members, names, or shutdown)."""
-    wait_key(store, f"{ROOT}gen/{gen}")
-    return get_json(store, f"{ROOT}gen/{gen}")
+BEAT_S = 0.5  # a waiting follower adds to its beat counter this often
+
+
+def beat_key(ticket: int) -> str:
+    return f"{ROOT}beat/{ticket}"
+
+
+def next_generation(store: Any, gen: int, ticket: int) -> dict[str, Any]:
+    """Follower: generation ``gen`` once the leader publishes it (members, names, or shutdown).
+
+    While it waits it beats (adds to ``beat/<ticket>`` every ``BEAT_S``), so the leader can tell a
+    registration whose process still runs from one whose board died before it was taken in,
+    without waiting a group time-out for it."""
+    key = f"{ROOT}gen/{gen}"
+    while True:
+        store.add(beat_key(ticket), 1)  # raises when the leader is gone
+        try:
+            store.wait([key], timedelta(seconds=BEAT_S))
+            break
+        except Exception:  # noqa: BLE001 - the time-out; a lost leader raises in add or check
+            if store.check([key]):
+                break
+    return get_json(store, key)
+
+
+def beats(store: Any, tickets: list[int]) -> dict[int, int]:
+    """Leader: each ticket's beat count so far."""
+    return {t: int(store.add(beat_key(t), 0)) for t in tickets}
 
 
 def mark_left(store: Any, gen: int, ticket: int) -> None:
