@@ -69,3 +69,13 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def equal_stream(cl, model: torch.nn.Module, **kw):
+    """An adaptive stream over ``small_model`` on ``cl`` with an equal split: every follower has
+    rows, so one that dies takes work with it."""
+    from edgeweave.runtime.stream import AdaptiveStream
+
+    plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
+                     mode="exchange", model_hash=cl.model_hash)
+    return AdaptiveStream(cl, plan, cl.cluster, **kw)

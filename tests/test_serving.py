@@ -28,15 +28,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from edgeweave.errors import EdgeweaveError
-from edgeweave.planning.graph import capture
-from edgeweave.planning.planner import make_plan
 from edgeweave.runtime.leader import LocalCluster
-from edgeweave.runtime.stream import AdaptiveStream, Frame
+from edgeweave.runtime.stream import Frame
 from edgeweave.serving.app import _classes, create_app
 from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image, decode_raw, encode_raw,
                                           parse_normalize)
 from edgeweave.serving.server import InferenceServer, ServerLimits, _percentiles
-from _runtime_helpers import _alive, small_model
+from _runtime_helpers import _alive, equal_stream, small_model
 
 RAW = {"content-type": "application/octet-stream"}
 PNG = {"content-type": "image/png"}
@@ -164,9 +162,7 @@ def served():
     pids = cl.pids
     try:
         cl.load_model(model, spec)
-        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
-                         mode="exchange", model_hash=cl.model_hash)
-        server = InferenceServer(AdaptiveStream(cl, plan, cl.cluster), spec, "small_cnn",
+        server = InferenceServer(equal_stream(cl, model), spec, "small_cnn",
                                  ServerLimits(max_waiting=8, wait_timeout_s=0.5))
         server.warm_up()
         with TestClient(create_app(server, NORMALIZATIONS["none"], max_body_bytes=64 << 10)) as client:

@@ -13,20 +13,11 @@ import time
 import pytest
 import torch
 
-from edgeweave.planning.graph import capture
-from edgeweave.planning.planner import make_plan
 from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.stream import AdaptiveStream
-from _runtime_helpers import _alive, small_model as _model
+from _runtime_helpers import _alive, equal_stream, small_model as _model
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _stream(cl: LocalCluster, model: torch.nn.Module) -> AdaptiveStream:
-    # equal split: every follower has rows, so the one that dies takes work with it
-    plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
-                     mode="exchange", model_hash=cl.model_hash)
-    return AdaptiveStream(cl, plan, cl.cluster)
 
 
 def _check(s: AdaptiveStream, model: torch.nn.Module, frames: int):
@@ -47,7 +38,7 @@ def test_the_stream_goes_on_when_followers_die_down_to_the_leader_alone():
     pids = cl.pids
     try:
         cl.load_model(model, spec)
-        s = _stream(cl, model)
+        s = equal_stream(cl, model)
         assert all(r.event != "regrouped" for r in _check(s, model, 2))
         os.kill(cl.followers[1].process.pid, signal.SIGKILL)  # worker2, between worker1 and worker3
         # let gloo see the connection close first: it then refuses to even post an operation
@@ -80,7 +71,7 @@ def test_a_hung_follower_is_left_out_after_the_time_out_and_reaped_at_the_end():
     pids = cl.pids
     try:
         cl.load_model(model, spec)
-        s = _stream(cl, model)
+        s = equal_stream(cl, model)
         _check(s, model, 1)
         os.kill(cl.followers[0].process.pid, signal.SIGSTOP)  # alive, never answers
         t0 = time.monotonic()
@@ -109,9 +100,7 @@ def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back()
     pids = cl.pids
     try:
         cl.load_model(model, spec)
-        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
-                         mode="exchange", model_hash=cl.model_hash)
-        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        s = equal_stream(cl, model, admit_every_s=0.0)
         _check(s, model, 1)
         pid = cl.followers[0].process.pid
         os.kill(pid, signal.SIGSTOP)
@@ -148,9 +137,7 @@ def test_a_registration_whose_board_died_before_it_was_taken_in_costs_no_time_ou
     cl = LocalCluster(1, timeout_s=timeout)
     try:
         cl.load_model(model, spec)
-        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
-                         mode="exchange", model_hash=cl.model_hash)
-        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        s = equal_stream(cl, model, admit_every_s=0.0)
         _check(s, model, 1)
         rv.register(cl.store, {"name": "ghost", "pid": 0, "profile": {"name": "ghost"}})  # never beats
         t0 = time.monotonic()
@@ -177,9 +164,7 @@ def test_a_board_that_comes_back_is_taken_in_again():
     back = None
     try:
         cl.load_model(model, spec)
-        plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
-                         mode="exchange", model_hash=cl.model_hash)
-        s = AdaptiveStream(cl, plan, cl.cluster, admit_every_s=0.0)
+        s = equal_stream(cl, model, admit_every_s=0.0)
         _check(s, model, 1)
         os.kill(cl.followers[0].process.pid, signal.SIGKILL)
         (rec,) = _check(s, model, 1)
@@ -232,7 +217,7 @@ def test_hand_started_followers_a_dead_one_costs_no_time_out():
     try:
         with RemoteCluster(prof, f"127.0.0.1:{port}", timeout_s=timeout, start_timeout_s=120) as cl:
             cl.load_model(model, spec)
-            s = _stream(cl, model)
+            s = equal_stream(cl, model)
             _check(s, model, 1)
             procs[0].kill()
             procs[0].wait()
