@@ -220,13 +220,20 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
     red = node_reduce(node) or _no_reduce(node)
     if red.op != "linear":
         return t.sum(dim=(2, 3), keepdim=True)
-    weight = _module(gm, node).weight
+    by_row, per_row = _row_weight(gm, node, rows)
+    if by_row is None:  # the whole map: the layer itself
+        return F.linear(t.reshape(t.shape[0], -1), _module(gm, node).weight)
+    return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), by_row[:, rows[0] * per_row:rows[1] * per_row])
+
+
+def _row_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, rows: Range) -> tuple[torch.Tensor | None, int]:
+    """The linear reduction's weight by rows of its map (``_rows_first``) and its columns per row;
+    None where ``rows`` is the whole unpooled map, which the layer itself multiplies."""
     _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
     pool = reduce_pool(node)
-    if rows == (0, h) and pool is None:  # the whole map: the layer itself
-        return F.linear(t.reshape(t.shape[0], -1), weight)
-    by_row = _rows_first(weight, c, h, w, pool)
-    return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), by_row[:, rows[0] * w * c:rows[1] * w * c])
+    if rows == (0, h) and pool is None:
+        return None, w * c
+    return _rows_first(_module(gm, node).weight, c, h, w, pool), w * c
 
 
 _ROWS_FIRST: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -285,12 +292,8 @@ def prepare(gm: torch.fx.GraphModule, plan: Plan, device: int) -> None:
     for stage in plan.stages:
         for red in stage.reductions:
             own, node = red.owned(device), by[red.node]
-            if is_empty(own) or (node_reduce(node) or _no_reduce(node)).op != "linear":
-                continue
-            _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
-            pool = reduce_pool(node)
-            if own != (0, h) or pool is not None:  # the rows partial_sum will read
-                _rows_first(_module(gm, node).weight, c, h, w, pool)
+            if not is_empty(own) and (node_reduce(node) or _no_reduce(node)).op == "linear":
+                _row_weight(gm, node, own)  # what partial_sum will read
 
 
 def finish_reduce(gm: torch.fx.GraphModule, node: torch.fx.Node, total: torch.Tensor) -> torch.Tensor:
