@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -91,13 +92,15 @@ def publish_generation(store: Any, gen: int, info: dict[str, Any]) -> None:
     set_json(store, f"{ROOT}gen/{gen}", info)
 
 
-def wait_key(store: Any, key: str, poll_s: float = 30.0) -> None:
+def wait_key(store: Any, key: str, poll_s: float = 30.0, every_poll: Callable[[], Any] | None = None) -> None:
     """Block until ``key`` exists, for as long as the store (the leader) is alive.
 
     ``store.wait`` wakes as soon as the key is set; its time-out only lets us notice a dead
-    leader, which makes ``check`` raise.
+    leader, which makes ``check`` raise. ``every_poll`` runs before each wait (a heartbeat).
     """
     while True:
+        if every_poll is not None:
+            every_poll()
         try:
             store.wait([key], timedelta(seconds=poll_s))
             return
@@ -120,14 +123,7 @@ def next_generation(store: Any, gen: int, ticket: int) -> dict[str, Any]:
     registration whose process still runs from one whose board died before it was taken in,
     without waiting a group time-out for it."""
     key = f"{ROOT}gen/{gen}"
-    while True:
-        store.add(beat_key(ticket), 1)  # raises when the leader is gone
-        try:
-            store.wait([key], timedelta(seconds=BEAT_S))
-            break
-        except Exception:  # noqa: BLE001 - the time-out; a lost leader raises in add or check
-            if store.check([key]):
-                break
+    wait_key(store, key, BEAT_S, every_poll=lambda: store.add(beat_key(ticket), 1))
     return get_json(store, key)
 
 
