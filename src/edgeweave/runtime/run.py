@@ -125,13 +125,18 @@ def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"max_abs_err": err, "max_abs_ref": mref, "rel_err": err / max(mref, 1e-12)}
 
 
+def require_cluster(workers: int | None, cluster_file: str | None) -> None:
+    """Say what is missing before anything slow (loading a model) happens."""
+    if workers is None and not cluster_file:
+        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+
+
 def open_session(workers: int | None, cluster_file: str | None, listen: str = "0.0.0.0:29400",
                  timeout_s: float = 60.0) -> Session:
     """``--workers K`` starts K local followers; ``--cluster FILE`` alone waits for followers started
     by hand (both: local followers planned with the file's profiles). Not yet entered."""
+    require_cluster(workers, cluster_file)
     profiles = Cluster.load(cluster_file) if cluster_file else None
-    if workers is None and profiles is None:
-        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
     if workers is not None and profiles is not None and len(profiles.devices) != workers + 1:
         raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
                              f"it needs {workers + 1} (the leader first)")
@@ -157,8 +162,7 @@ def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunCo
     cfg.validate()
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    if workers is None and cluster_file is None:  # before loading a model
-        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    require_cluster(workers, cluster_file)
     model, spec, input_size = load_sized(model_name, input_size)
     x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     t_start = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 
 from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
-from edgeweave.runtime.run import RunConfig, load_sized, open_session, plan_for
+from edgeweave.runtime.run import RunConfig, load_sized, open_session, plan_for, require_cluster
 from edgeweave.serving.preprocess import check_norm, parse_normalize
 from edgeweave.serving.server import InferenceServer, ServerLimits
 
@@ -54,8 +54,7 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
     cfg.run.validate()
     if cfg.limits.max_waiting < 0 or cfg.limits.wait_timeout_s <= 0 or cfg.max_body_bytes < 1:
         raise EdgeweaveError("--max-waiting must be >= 0, --wait-timeout and --max-body-mb positive")
-    if workers is None and cluster_file is None:
-        raise EdgeweaveError("give --workers K (local followers) or --cluster FILE (followers started by hand)")
+    require_cluster(workers, cluster_file)
     norm = parse_normalize(cfg.normalize)
     check_port(cfg.host, cfg.port)
     torch.set_num_threads(1)
