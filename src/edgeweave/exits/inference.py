@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.exits.confidence import confidence as confidence_of
-from edgeweave.exits.voting import check_weights, vote
+from edgeweave.exits.voting import check_weights, vote_probs
 from edgeweave.models.multi_exit import MultiExitNet
 
 NEVER = 2.0
@@ -31,6 +31,7 @@ class ExitResult:
     exit_index: torch.Tensor  # (N,) exit the sample left at (the last exit for voted samples)
     voted: torch.Tensor  # (N,) bool: no exit was confident, the answer is the weighted vote
     confidence: torch.Tensor  # (N,) confidence at the exit it left from
+    probs: torch.Tensor  # (N, C) what the answer was taken from: the exit's softmax, or the vote's
 
 
 def forced_exit_thresholds(num_exits: int, k: int) -> list[float]:
@@ -59,33 +60,38 @@ def early_exit(model: MultiExitNet, x: torch.Tensor, thresholds: Sequence[float]
     exit_index = torch.full((n,), -1, dtype=torch.long)
     voted = torch.zeros(n, dtype=torch.bool)
     conf_out = torch.zeros(n)
+    probs_out: torch.Tensor | None = None
     alive = torch.arange(n)
     history: list[torch.Tensor] = []  # per-exit probabilities of the samples still running
     h = x
     for k in range(k_exits):
         h = model.run_segment(k, h)
         probs = F.softmax(model.run_head(k, h), dim=-1)
+        if probs_out is None:
+            probs_out = probs.new_zeros(n, probs.shape[-1])
         history.append(probs)
         conf = confidence_of(probs, confidence)
         leave = conf >= thr[k]
         last = k == k_exits - 1
         if last:
             stay_voted = ~leave
-            out = probs.argmax(-1)
             if stay_voted.any():
-                out = torch.where(stay_voted, vote(history, weights), out)
-            pred[alive], exit_index[alive], voted[alive], conf_out[alive] = out, k, stay_voted, conf
+                probs = torch.where(stay_voted.unsqueeze(-1), vote_probs(history, weights), probs)
+            pred[alive], exit_index[alive], voted[alive], conf_out[alive] = probs.argmax(-1), k, stay_voted, conf
+            probs_out[alive] = probs
             break
         if leave.any():
             idx = alive[leave]
             pred[idx], exit_index[idx], conf_out[idx] = probs[leave].argmax(-1), k, conf[leave]
+            probs_out[idx] = probs[leave]
         keep = ~leave
         if not keep.any():
             break
         if not keep.all():
             alive, h = alive[keep], h[keep]
             history = [p[keep] for p in history]
-    return ExitResult(pred, exit_index, voted, conf_out)
+    assert probs_out is not None  # check_thresholds: at least one exit
+    return ExitResult(pred, exit_index, voted, conf_out, probs_out)
 
 
 @torch.no_grad()
@@ -116,6 +122,8 @@ def simulate(probs: torch.Tensor, thresholds: Sequence[float], *, voting_weights
     rows = torch.arange(n)
     pred = probs[rows, first].argmax(-1)
     voted = ~any_pass
+    chosen = probs[rows, first]
     if voted.any():
-        pred = torch.where(voted, vote([probs[:, k] for k in range(k_exits)], weights), pred)
-    return ExitResult(pred, first, voted, conf[rows, first])
+        chosen = torch.where(voted.unsqueeze(-1), vote_probs([probs[:, k] for k in range(k_exits)], weights), chosen)
+        pred = torch.where(voted, chosen.argmax(-1), pred)
+    return ExitResult(pred, first, voted, conf[rows, first], chosen)

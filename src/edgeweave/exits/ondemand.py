@@ -34,6 +34,8 @@ class Prediction:
     voted: torch.Tensor
     choice: Choice
     latency_ms: float
+    probs: torch.Tensor  # (N, C) what each answer was taken from: its exit's softmax, or the vote
+    confidence: torch.Tensor  # (N,) at the exit each sample left from
 
     def to_dict(self) -> dict[str, Any]:
         return {"labels": self.labels.tolist(), "exits": self.exits.tolist(), "voted": self.voted.tolist(),
@@ -54,7 +56,7 @@ def points_from_extra(extra: dict[str, Any]) -> list[OperatingPoint]:
 
 class OnDemandModel:
     def __init__(self, model: MultiExitNet, points: Sequence[OperatingPoint], default: str | None = None,
-                 adapt_to_load: bool = True) -> None:
+                 adapt_to_load: bool = True, model_spec: Any = None) -> None:
         """``adapt_to_load``: scale calibrated latencies by the slowdown observed on recent
         single-sample requests (``policy.LoadTracker``) before choosing a point."""
         if not isinstance(model, MultiExitNet):
@@ -62,6 +64,7 @@ class OnDemandModel:
         if not points:
             raise EdgeweaveError("this model has no operating points: run `edgeweave exits calibrate CKPT` first")
         self.model = model.eval()
+        self.model_spec = model_spec  # the checkpoint's ModelSpec when loaded from one
         self.points = list(points)
         self.default = default
         self.load_tracker = LoadTracker() if adapt_to_load else None
@@ -70,8 +73,8 @@ class OnDemandModel:
     def load(cls, path: str | Path, default: str | None = None) -> "OnDemandModel":
         from edgeweave.checkpoint import load_checkpoint
 
-        model, _spec, extra = load_checkpoint(path)
-        return cls(model, points_from_extra(extra), default)  # type: ignore[arg-type]
+        model, spec, extra = load_checkpoint(path)
+        return cls(model, points_from_extra(extra), default, model_spec=spec)  # type: ignore[arg-type]
 
     def choose(self, latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Choice:
         scale = self.load_tracker.factor() if self.load_tracker is not None else 1.0
@@ -94,7 +97,7 @@ class OnDemandModel:
         ms = (time.perf_counter() - t0) * 1e3
         if self.load_tracker is not None and x.shape[0] == 1:
             self.load_tracker.observe(c.point, ms)
-        return Prediction(r.pred, r.exit_index, r.voted, c, ms)
+        return Prediction(r.pred, r.exit_index, r.voted, c, ms, r.probs, r.confidence)
 
 
 def predict(model: MultiExitNet, points: Sequence[OperatingPoint], x: torch.Tensor, *,

@@ -28,9 +28,15 @@ def check_weights(weights: Sequence[float] | None, num_exits: int) -> list[float
     return w
 
 
-def vote(probs_per_exit: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Class index per row from the weighted sum of per-exit probability matrices (N, C)."""
+def vote_probs(probs_per_exit: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """The vote as a distribution (N, C): the weighted mean of the per-exit probabilities, so a
+    voted answer can report a score like an exit's."""
     if len(probs_per_exit) != len(weights):
         raise ValueError("one weight per exit")
     acc = sum(w * p for w, p in zip(weights, probs_per_exit))
-    return acc.argmax(dim=-1)  # type: ignore[union-attr]
+    return acc / sum(weights)  # type: ignore[operator]
+
+
+def vote(probs_per_exit: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Class index per row from the weighted sum of per-exit probability matrices (N, C)."""
+    return vote_probs(probs_per_exit, weights).argmax(dim=-1)
