@@ -11,7 +11,7 @@ from edgeweave.exits.calibrate import OperatingPoint, exit_proportions, threshol
 from edgeweave.exits.confidence import confidence
 from edgeweave.exits.inference import NEVER, early_exit, forced_exit_thresholds, simulate
 from edgeweave.exits.policy import choose
-from edgeweave.exits.voting import vote
+from edgeweave.exits.voting import default_voting_weights, vote
 from edgeweave.models import build_model
 
 torch.set_num_threads(1)
@@ -88,6 +88,13 @@ def test_batched_and_single_early_exit_agree():
         p_x = torch.stack([F.softmax(o, -1) for o in m.forward_all(x)], 1)
     sim = simulate(p_x, thr)
     assert torch.equal(sim.pred, batched.pred) and torch.equal(sim.exit_index, batched.exit_index)
+    # each answer's probabilities: its exit's softmax, or for a voted sample the weighted mean of all
+    w = default_voting_weights(3)
+    for i in range(x.shape[0]):
+        k = int(batched.exit_index[i])
+        want = sum(w[j] * p_x[i, j] for j in range(3)) / sum(w) if batched.voted[i] else p_x[i, k]
+        assert torch.allclose(batched.probs[i], want, atol=1e-6) and torch.allclose(sim.probs[i], want, atol=1e-6)
+        assert int(batched.probs[i].argmax()) == int(batched.pred[i])
 
 
 def _random_probs(n, k, c, seed):
