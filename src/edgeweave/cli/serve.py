@@ -37,7 +37,10 @@ def serve(
 
     The cluster re-plans when a device turns out slower or faster than its profile, goes on
     without a device that dies (the request that failed runs again) and takes back one that
-    registers again. At the end it prints (or writes, with --json) the final statistics."""
+    registers again. A multi-exit checkpoint calibrated with `edgeweave exits calibrate` is served
+    on this device alone instead (no --workers): each request may add ?budget_ms= or
+    ?min_accuracy= and runs at the operating point that serves it best. At the end it prints (or
+    writes, with --json) the final statistics."""
     from edgeweave.runtime.run import RunConfig
     from edgeweave.serving.serve import ServeConfig, serve as do_serve
     from edgeweave.serving.server import ServerLimits
@@ -48,10 +51,11 @@ def serve(
                       timeout_s=timeout)
     stats = do_serve(model, input_size, workers, cluster, cfg)
     lat = stats["latency_s"]
+    more = (f"{stats['unsatisfied']} could not be met; by point {stats['by_point']}" if "by_point" in stats
+            else f"{stats['replans']} re-plans, {stats['regroups']} regroups")
     console.print(f"stopped: {stats['served']} served, {stats['refused']} refused (busy), {stats['failed']} failed; "
-                  f"{stats['replans']} re-plans, {stats['regroups']} regroups"
-                  + (f"; latency p50 {lat['p50']:.4f} s, p90 {lat['p90']:.4f} s over the last {stats['window']}"
-                     if lat else ""))
+                  f"{more}" + (f"; latency p50 {lat['p50']:.4f} s, p90 {lat['p90']:.4f} s over the last {stats['window']}"
+                               if lat else ""))
     emit_json(stats, json_out)
 
 

@@ -3,7 +3,10 @@
 - ``POST /v1/infer``: the body is an image file (``Content-Type: image/...``) or the input tensor
   as raw little-endian float32 (``application/octet-stream``). Answers the top classes, the
   inference's latency and what the cluster did for this frame; ``?logits=true`` adds the outputs.
-- ``GET /v1/model``: what to send (channels, size, normalisation, classes) and the current plan.
+  A multi-exit model (``serving.ondemand``) also takes ``?budget_ms=`` and ``?min_accuracy=``
+  and answers with the operating point that ran and the exit the sample left at.
+- ``GET /v1/model``: what to send (channels, size, normalisation, classes) and how the model runs
+  (the current plan, or the operating points).
 - ``GET /v1/stats``: counters, latency percentiles over recent frames, devices, speed estimates.
 - ``GET /healthz``: 200 while the server answers (the cluster's state is in ``/v1/stats``).
 
@@ -14,7 +17,7 @@ the limit, so a client cannot make the leader (an edge board) buffer more than t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
@@ -22,10 +25,12 @@ from starlette.concurrency import run_in_threadpool
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.serving.preprocess import RAW_TYPES, Norm, decode_image, decode_raw
-from edgeweave.serving.server import Busy, ClusterFailed, InferenceServer
+from edgeweave.serving.server import Busy, ClusterFailed
 
 
-def create_app(server: InferenceServer, norm: Norm, max_body_bytes: int = 16 << 20) -> FastAPI:
+def create_app(server: Any, norm: Norm, max_body_bytes: int = 16 << 20) -> FastAPI:
+    """``server``: an :class:`InferenceServer` (the cluster) or an
+    :class:`~edgeweave.serving.ondemand.OnDemandServer` (a multi-exit model on the leader)."""
     app = FastAPI(title="edgeweave", summary="Exact distributed inference on a cluster of edge devices.")
     spec = server.spec
 
@@ -35,12 +40,10 @@ def create_app(server: InferenceServer, norm: Norm, max_body_bytes: int = 16 << 
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
-        plan = server.stream.plan
         return {
             "model": server.model_name, "input_shape": list(server.input_shape), "normalize": {"mean": list(norm[0]),
                                                                                               "std": list(norm[1])},
-            "num_classes": spec.num_classes, "classes": spec.classes, "devices": list(plan.devices),
-            "partition": plan.partition, "fusion": plan.fusion, "mode": plan.mode, "predicted_s": plan.predicted_s,
+            "num_classes": spec.num_classes, "classes": spec.classes, **server.model_info(),
             "accepts": ["image/png", "image/jpeg", "image/bmp", "image/tiff", *RAW_TYPES],
             "max_body_bytes": max_body_bytes,
         }
@@ -50,25 +53,36 @@ def create_app(server: InferenceServer, norm: Norm, max_body_bytes: int = 16 << 
         return server.stats()
 
     @app.post("/v1/infer")
-    async def infer(request: Request, top: int = 5, logits: bool = False) -> dict[str, Any]:
+    async def infer(request: Request, top: int = 5, logits: bool = False, budget_ms: Optional[float] = None,
+                    min_accuracy: Optional[float] = None) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if not (ctype.startswith("image/") or ctype in RAW_TYPES):
             raise HTTPException(415, f"send an image (Content-Type: image/png, image/jpeg, ...) or a raw float32 "
                                      f"tensor ({RAW_TYPES[0]}); got {ctype or 'no content type'!r}")
         if top < 1:
             raise HTTPException(400, "top must be at least 1")
+        slo = {k: v for k, v in (("budget_ms", budget_ms), ("min_accuracy", min_accuracy)) if v is not None}
+        if slo and not server.on_demand:
+            raise HTTPException(400, f"{' and '.join(slo)} apply to a multi-exit model with operating points "
+                                     f"(edgeweave exits calibrate); this server runs {server.model_name} whole")
         body = await _read_bounded(request, max_body_bytes)
         try:
             if ctype in RAW_TYPES:
                 x = decode_raw(body, server.input_shape)
             else:
                 x = await run_in_threadpool(decode_image, body, server.input_shape[0], server.input_shape[1:], norm)
-            y, info = await run_in_threadpool(server.infer, x)
+            y, info = await run_in_threadpool(server.infer, x, **slo)
         except (Busy, ClusterFailed) as e:
             raise HTTPException(503, str(e)) from None
         except EdgeweaveError as e:  # BadInput: the body cannot be the model's input
             raise HTTPException(400, str(e)) from None
-        return {**_classes(y, top, spec.classes), **info, **({"logits": y[0].tolist()} if logits else {})}
+        if server.on_demand:  # the exit's probabilities (or the vote's), not logits
+            probs = y[0].flatten().double()
+            extra = {"probabilities": y[0].tolist()} if logits else {}
+        else:
+            probs = torch.softmax(y[0].flatten().double(), dim=0)
+            extra = {"logits": y[0].tolist()} if logits else {}
+        return {**_classes(probs, top, spec.classes), **info, **extra}
 
     return app
 
@@ -85,9 +99,8 @@ async def _read_bounded(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _classes(y: torch.Tensor, top: int, names: list[str] | None) -> dict[str, Any]:
-    """The most probable classes (softmax over the model's outputs)."""
-    p = torch.softmax(y[0].flatten().double(), dim=0)
+def _classes(p: torch.Tensor, top: int, names: list[str] | None) -> dict[str, Any]:
+    """The most probable classes of the distribution ``p`` (C,)."""
     vals, idx = p.topk(min(top, p.numel()))
     out = [{"class": int(i), "score": float(v), **({"label": names[int(i)]} if names and int(i) < len(names) else {})}
            for v, i in zip(vals, idx)]

@@ -4,6 +4,10 @@ Load the model, start (or wait for) the followers, plan, warm the strips up, the
 interrupted (Ctrl-C or SIGTERM: uvicorn finishes the requests in flight, then the followers are
 told to leave). Every frame goes through the adaptive stream, so the cluster re-plans when a
 device turns out slower or faster than its profile, and goes on without a device that dies.
+
+A multi-exit checkpoint with calibrated operating points (``edgeweave exits calibrate``) is
+served on this device alone instead, each request at the point its latency budget or accuracy
+target asks for (``serving.ondemand`` says why not on the cluster).
 """
 
 from __future__ import annotations
@@ -54,10 +58,17 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
     cfg.run.validate()
     if cfg.limits.max_waiting < 0 or cfg.limits.wait_timeout_s <= 0 or cfg.max_body_bytes < 1:
         raise EdgeweaveError("--max-waiting must be >= 0, --wait-timeout and --max-body-mb positive")
-    require_cluster(workers, cluster_file)
+    on_demand = has_operating_points(model_name)
+    if on_demand and (workers is not None or cluster_file):
+        raise EdgeweaveError(f"{model_name} is a multi-exit model with operating points: it is served on this device "
+                             f"alone, each request at the point it asks for; drop --workers/--cluster")
+    if not on_demand:
+        require_cluster(workers, cluster_file)
     norm = parse_normalize(cfg.normalize)
     check_port(cfg.host, cfg.port)
     torch.set_num_threads(1)
+    if on_demand:
+        return _serve_on_demand(model_name, input_size, norm, cfg)
     model, spec, size = load_sized(model_name, input_size)
     check_norm(norm, spec.in_channels)
     with ExitStack() as stack:
@@ -71,14 +82,39 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
         return _run(server, create_app(server, norm, cfg.max_body_bytes), cfg, warm_s)
 
 
-def _run(server: InferenceServer, app: Any, cfg: ServeConfig, warm_s: float) -> dict[str, Any]:
+def has_operating_points(model_name: str) -> bool:
+    """Whether ``model_name`` is a checkpoint that ``exits calibrate`` gave operating points
+    (read from its header: the weights are not loaded for this)."""
+    from edgeweave.checkpoint import is_checkpoint_path, read_metadata
+    from edgeweave.exits.ondemand import points_from_extra
+
+    if not is_checkpoint_path(model_name):
+        return False
+    return bool(points_from_extra(read_metadata(model_name).get("extra", {})))
+
+
+def _serve_on_demand(model_name: str, input_size: int | None, norm: Any, cfg: ServeConfig) -> dict[str, Any]:
+    from edgeweave.exits.ondemand import OnDemandModel
+    from edgeweave.serving.app import create_app
+    from edgeweave.serving.ondemand import OnDemandServer
+
+    od = OnDemandModel.load(model_name)
+    spec = od.model_spec
+    if input_size is not None and (input_size, input_size) != tuple(spec.input_size):
+        raise EdgeweaveError(f"{model_name} was calibrated at {spec.input_size[0]}x{spec.input_size[1]}; "
+                             f"drop --input-size or give {spec.input_size[0]}")
+    check_norm(norm, spec.in_channels)
+    server = OnDemandServer(od, spec, model_name, cfg.limits)
+    return _run(server, create_app(server, norm, cfg.max_body_bytes), cfg, server.warm_up())
+
+
+def _run(server: Any, app: Any, cfg: ServeConfig, warm_s: float) -> dict[str, Any]:
     import uvicorn
 
-    plan = server.stream.plan
     console.print(f"serving {server.model_name} {list(server.input_shape)} on http://{cfg.host}:{cfg.port} "
-                  f"with {', '.join(plan.devices)} ({plan.partition}, fusion {plan.fusion}, {plan.mode}; "
-                  f"predicted {plan.predicted_s:.4f} s, warm-up frame {warm_s:.3f} s)\n"
-                  f"  POST /v1/infer (image/* or application/octet-stream float32), GET /v1/model, /v1/stats, "
+                  f"{server.describe()}; warm-up {warm_s:.3f} s\n"
+                  f"  POST /v1/infer (image/* or application/octet-stream float32"
+                  f"{'; ?budget_ms= or ?min_accuracy=' if server.on_demand else ''}), GET /v1/model, /v1/stats, "
                   f"/healthz, /docs; Ctrl-C stops")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5,
                 limit_concurrency=2 * cfg.limits.max_waiting + 16)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,18 +39,83 @@ class ServerLimits:
     window: int = 256  # recent frames the latency percentiles are taken over
 
 
+class Turns:
+    """One request computes at a time; at most ``max_waiting`` more wait, each for at most
+    ``wait_timeout_s``. :meth:`enter` either gives the caller the turn or raises :class:`Busy`;
+    the caller then calls :meth:`leave_queue` once it stops counting as waiting and
+    :meth:`release` once the model (or stream) is free again, which may be later, from another
+    thread."""
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()  # the model: one request at a time
+        self._slots = threading.BoundedSemaphore(limits.max_waiting + 1)  # the running one + the waiting ones
+
+    def enter(self) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise Busy(f"{self.limits.max_waiting} requests are already waiting; try again later")
+        if not self._lock.acquire(timeout=self.limits.wait_timeout_s):
+            self._slots.release()
+            raise Busy(f"waited {self.limits.wait_timeout_s:g} s for the model; try again later")
+
+    def leave_queue(self) -> None:
+        self._slots.release()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no request runs and nothing holds the model (a benchmark between phases, a test)."""
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        self._lock.release()
+        return True
+
+
+class Counters:
+    """What a server counts since it started, and the latencies of its recent answers; thread-safe.
+
+    ``names``: counters besides served/failed/refused; ``tallies``: answers counted by a value
+    they carry (e.g. which operating point served them)."""
+
+    def __init__(self, window: int, *names: str, tallies: tuple[str, ...] = ()) -> None:
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=window)
+        self.started = time.time()
+        self.counts = dict.fromkeys(("served", "failed", "refused", *names), 0)
+        self.tallies: dict[str, Counter[str]] = {t: Counter() for t in tallies}
+
+    def add(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[what] += n
+
+    def served(self, latency_s: float, tally: dict[str, Any] | None = None, **more: int) -> None:
+        with self._lock:
+            self.counts["served"] += 1
+            self._latencies.append(latency_s)
+            for k, v in more.items():
+                self.counts[k] += v
+            for t, v in (tally or {}).items():
+                self.tallies[t][str(v)] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            lat = list(self._latencies)
+            return {"uptime_s": time.time() - self.started, **self.counts,
+                    **{t: dict(sorted(c.items())) for t, c in self.tallies.items()},
+                    "window": len(lat), "latency_s": _percentiles(lat)}
+
+
 class InferenceServer:
     """Serve single inputs on an :class:`~edgeweave.runtime.stream.AdaptiveStream`; thread-safe."""
 
+    on_demand = False  # requests cannot choose how deep the model runs (see serving.ondemand)
+
     def __init__(self, stream: Any, spec: Any, model_name: str, limits: ServerLimits = ServerLimits()):
         self.stream, self.spec, self.model_name, self.limits = stream, spec, model_name, limits
-        self._lock = threading.Lock()  # the stream: one frame at a time
-        self._slots = threading.BoundedSemaphore(limits.max_waiting + 1)  # the running one + the waiting ones
-        self._stats_lock = threading.Lock()
-        self._latencies: deque[float] = deque(maxlen=limits.window)
-        self.started = time.time()
-        self.served = self.failed = self.refused = self.learn_errors = 0
-        self.replans = self.regroups = 0
+        self.turns = Turns(limits)
+        self.counters = Counters(limits.window, "learn_errors", "replans", "regroups")
+        self._events_lock = threading.Lock()
         self.lost: list[str] = []
         self.joined: list[str] = []
 
@@ -63,8 +128,12 @@ class InferenceServer:
         """One untimed frame of zeros (the stream's estimator ignores its first frame anyway), so that
         the first client does not pay the strips' first-run costs. Returns its seconds."""
         t0 = time.perf_counter()
-        with self._lock:
+        self.turns.enter()
+        try:
             self.stream.step(torch.zeros(1, *self.input_shape))
+        finally:
+            self.turns.leave_queue()
+            self.turns.release()
         return time.perf_counter() - t0
 
     def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -73,33 +142,30 @@ class InferenceServer:
         The answer does not wait for the stream to learn from the frame: a re-plan takes seconds
         on a slow leader. A thread learns while holding the stream, so the next frame waits for
         it instead (and a frame never runs on a half-made plan)."""
-        if tuple(x.shape[1:]) != self.input_shape or x.shape[0] != 1:
-            want = ", ".join(map(str, self.input_shape))
-            raise EdgeweaveError(f"input shape {list(x.shape)}; the plan takes [1, {want}]")
+        check_input(x, self.input_shape)
         t_arrive = time.perf_counter()
-        if not self._slots.acquire(blocking=False):
-            self._count("refused")
-            raise Busy(f"{self.limits.max_waiting} requests are already waiting; try again later")
         try:
-            if not self._lock.acquire(timeout=self.limits.wait_timeout_s):
-                self._count("refused")
-                raise Busy(f"waited {self.limits.wait_timeout_s:g} s for the cluster; try again later")
-            t_start = time.perf_counter()
+            self.turns.enter()
+        except Busy:
+            self.counters.add("refused")
+            raise
+        t_start = time.perf_counter()
+        try:
             try:
                 index = self.stream.frames
                 y, frame = self.stream.run(x)
                 version, devices = self.stream.version, list(self.stream.plan.devices)  # after a regroup
             except EdgeweaveError as e:  # PeerError included: a failure the stream could not absorb
-                self._lock.release()
-                self._count("failed")
+                self.turns.release()
+                self.counters.add("failed")
                 raise ClusterFailed(f"inference failed: {e}") from None
             except BaseException:
-                self._lock.release()
+                self.turns.release()
                 raise
             # the learning thread releases the stream when done
             threading.Thread(target=self._learn, args=(frame,), name="edgeweave-learn", daemon=True).start()
         finally:
-            self._slots.release()
+            self.turns.leave_queue()
         change = frame.change
         info = {
             "frame": index, "latency_s": frame.timings.total_s, "queue_s": t_start - t_arrive,
@@ -107,55 +173,55 @@ class InferenceServer:
             "devices": devices, "event": "regrouped" if change else "",
             "lost": list(change.lost) if change else [], "joined": list(change.joined) if change else [],
         }
-        with self._stats_lock:
-            self.served += 1
-            self._latencies.append(frame.timings.total_s)
-            self.regroups += change is not None
-            self.lost += info["lost"]
-            self.joined += info["joined"]
+        self.counters.served(frame.timings.total_s, regroups=int(change is not None))
+        if change is not None:
+            with self._events_lock:
+                self.lost += info["lost"]
+                self.joined += info["joined"]
         return y, info
 
     def _learn(self, frame: Any) -> None:
         try:
             rec = self.stream.learn(frame)
-            with self._stats_lock:
-                self.replans += rec.event == "replanned"
+            self.counters.add("replans", int(rec.event == "replanned"))
         except Exception as e:  # a bug, not the client's: keep serving on the plan in use
             console.print(f"[red]learning from frame failed: {type(e).__name__}: {e}[/red]")
-            self._count("learn_errors")
+            self.counters.add("learn_errors")
         finally:
-            self._lock.release()
+            self.turns.release()
 
     def idle(self, timeout_s: float | None = None) -> bool:
-        """Wait until no frame runs and nothing is being learnt (a benchmark between phases, a test)."""
-        if not self._lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
-            return False
-        self._lock.release()
-        return True
+        return self.turns.idle(timeout_s)
 
-    def _count(self, what: str) -> None:
-        with self._stats_lock:
-            setattr(self, what, getattr(self, what) + 1)
+    def describe(self) -> str:
+        plan = self.stream.plan
+        return (f"with {', '.join(plan.devices)} ({plan.partition}, fusion {plan.fusion}, {plan.mode}; "
+                f"predicted {plan.predicted_s:.4f} s)")
+
+    def model_info(self) -> dict[str, Any]:
+        """What ``/v1/model`` adds about how the model runs: the current plan."""
+        plan = self.stream.plan
+        return {"devices": list(plan.devices), "partition": plan.partition, "fusion": plan.fusion, "mode": plan.mode,
+                "predicted_s": plan.predicted_s}
 
     def stats(self) -> dict[str, Any]:
         """Counters since start, latency percentiles over the recent window, the cluster as it is now."""
-        with self._stats_lock:
-            lat = list(self._latencies)
-            out: dict[str, Any] = {
-                "model": self.model_name, "uptime_s": time.time() - self.started, "served": self.served,
-                "failed": self.failed, "refused": self.refused, "learn_errors": self.learn_errors,
-                "replans": self.replans,
-                "regroups": self.regroups, "lost": list(self.lost), "joined": list(self.joined),
-            }
+        out: dict[str, Any] = {"model": self.model_name, **self.counters.snapshot()}
+        with self._events_lock:
+            out.update(lost=list(self.lost), joined=list(self.joined))
         recs = self.stream.records
         last = recs[-1] if recs else None
         out.update({
             "devices": list(self.stream.plan.devices), "plan_version": self.stream.version,
             "speed_factors": list(last.factors) if last else None,
             "predicted_s": last.calibrated_s if last else self.stream.plan.predicted_s,
-            "window": len(lat), "latency_s": _percentiles(lat),
         })
         return out
+
+
+def check_input(x: torch.Tensor, shape: tuple[int, int, int]) -> None:
+    if tuple(x.shape[1:]) != tuple(shape) or x.shape[0] != 1:
+        raise EdgeweaveError(f"input shape {list(x.shape)}; the model takes [1, {', '.join(map(str, shape))}]")
 
 
 def _percentiles(xs: list[float]) -> dict[str, float] | None:

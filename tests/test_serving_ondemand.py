@@ -1,0 +1,152 @@
+"""`edgeweave serve` with a multi-exit checkpoint: each request at the operating point it asks for.
+
+The checkpoint is calibrated for real (``exits calibrate``'s library call on generated data);
+every answer is compared with ``early_exit`` run directly at the point the policy picks.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from edgeweave.checkpoint import ModelSpec, save_checkpoint
+from edgeweave.data import load_dataset
+from edgeweave.exits.inference import early_exit
+from edgeweave.exits.ondemand import OnDemandModel, calibrate_checkpoint
+from edgeweave.exits.policy import choose
+from edgeweave.models import build_model
+from edgeweave.serving.app import create_app
+from edgeweave.serving.ondemand import OnDemandServer
+from edgeweave.serving.preprocess import NORMALIZATIONS, encode_raw
+from edgeweave.serving.server import ServerLimits
+
+RAW = {"content-type": "application/octet-stream"}
+KW = {"width": 4, "head_hidden": 8}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    bundle = load_dataset("synthetic", input_size=16, in_channels=1, num_classes=4, samples=160, noise=1.0)
+    m = build_model("multi_exit_small", num_classes=4, in_channels=1, **KW)
+    path = save_checkpoint(tmp_path_factory.mktemp("od") / "m.safetensors", m,
+                           ModelSpec("multi_exit_small", 4, 1, (16, 16), KW, bundle.classes))
+    calibrate_checkpoint(path, bundle, limit=20)
+    return path
+
+
+@pytest.fixture()
+def served(ckpt):
+    od = OnDemandModel.load(ckpt)
+    od.load_tracker = None  # the point a request gets must not move with this machine's load here
+    server = OnDemandServer(od, od.model_spec, "m", ServerLimits(max_waiting=2, wait_timeout_s=0.5))
+    server.warm_up()
+    with TestClient(create_app(server, NORMALIZATIONS["none"])) as client:
+        yield client, server, od
+
+
+def _expected(od: OnDemandModel, x: torch.Tensor, **slo):
+    point = choose(od.points, latency_budget_ms=slo.get("budget_ms"), min_accuracy=slo.get("min_accuracy")).point
+    return point, early_exit(od.model, x, point.thresholds, voting_weights=point.voting_weights or None,
+                             confidence=point.confidence)
+
+
+def test_each_request_runs_at_the_point_it_asks_for(served):
+    client, server, od = served
+    fastest = min(od.points, key=lambda p: p.p95_ms)
+    accurate = max(od.points, key=lambda p: p.accuracy)
+    asks = [{}, {"budget_ms": fastest.p95_ms * 1.01}, {"budget_ms": 1e-6}, {"min_accuracy": accurate.accuracy},
+            {"min_accuracy": 1.0}]
+    g = torch.Generator().manual_seed(3)
+    unmet = 0
+    for slo in asks * 2:
+        x = torch.randn(1, 1, 16, 16, generator=g)
+        q = "&".join(f"{k}={v!r}" for k, v in slo.items())
+        r = client.post(f"/v1/infer?logits=true&top=2&{q}", content=encode_raw(x), headers=RAW)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        point, ref = _expected(od, x, **slo)
+        assert out["point"] == point.name and out["exit"] == int(ref.exit_index[0]) and out["exits"] == 3
+        assert out["prediction"]["class"] == int(ref.pred[0]) and out["voted"] == bool(ref.voted[0])
+        assert torch.allclose(torch.tensor(out["probabilities"]), ref.probs[0], atol=1e-6)
+        assert abs(sum(out["probabilities"]) - 1) < 1e-5 and len(out["top"]) == 2
+        assert out["prediction"]["label"] == od.model_spec.classes[out["prediction"]["class"]]
+        satisfied = slo.get("budget_ms", 1.0) > 1e-3 and slo.get("min_accuracy", 0) <= accurate.accuracy
+        assert out["satisfied"] is satisfied and (satisfied or "no operating point" in out["message"]), out
+        unmet += not satisfied
+        assert out["latency_s"] > 0 and out["queue_s"] >= 0
+    s = client.get("/v1/stats").json()
+    assert len(s["by_point"]) >= 2 and unmet >= 2 and s["served"] == 10 and s["unsatisfied"] == unmet and sum(s["by_point"].values()) == 10
+    assert sum(s["by_exit"].values()) == 10 and s["latency_s"]["p50"] > 0
+    m = client.get("/v1/model").json()
+    assert m["input_shape"] == [1, 16, 16] and m["exits"] == 3 and m["default_point"] == accurate.name
+    assert [p["name"] for p in m["operating_points"]] == [p.name for p in od.points]
+
+
+def test_bad_service_levels_and_a_busy_model_get_clear_errors(served):
+    client, server, _ = served
+    x = encode_raw(torch.zeros(1, 1, 16, 16))
+    for q, word in [("budget_ms=0", "budget_ms"), ("budget_ms=-3", "budget_ms"), ("min_accuracy=0", "min_accuracy"),
+                    ("min_accuracy=97", "fraction")]:
+        r = client.post(f"/v1/infer?{q}", content=x, headers=RAW)
+        assert r.status_code == 400 and word in r.json()["detail"], (q, r.text)
+    with server.turns._lock:  # another request is running
+        r = client.post("/v1/infer", content=x, headers=RAW)
+    assert r.status_code == 503 and "waited" in r.json()["detail"]
+    assert client.post("/v1/infer", content=x, headers=RAW).status_code == 200
+    s = server.stats()
+    assert s["refused"] == 1 and s["served"] == 1
+
+
+def test_a_multi_exit_checkpoint_is_not_spread_over_workers(ckpt):
+    out = subprocess.run([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--workers", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "drop --workers" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_edgeweave_serve_on_demand_answers_until_interrupted(ckpt, tmp_path):
+    from test_serving import _free_port, _png
+    import numpy as np
+
+    port = _free_port()
+    stats_file = tmp_path / "stats.json"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--port", str(port),
+                             "--json", str(stats_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.3)
+        img = _png(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8))
+        for q in ("", "?budget_ms=1000", "?min_accuracy=1"):
+            r = httpx.post(f"{url}/v1/infer{q}", content=img, headers={"content-type": "image/png"}, timeout=30)
+            assert r.status_code == 200 and 0 <= r.json()["exit"] < 3, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err[-3000:]
+    assert "early exits on demand" in err and "stopped: 3 served" in err
+    stats = json.loads(stats_file.read_text())
+    assert stats["served"] == 3 and stats["unsatisfied"] >= 1 and sum(stats["by_point"].values()) == 3
