@@ -6,7 +6,6 @@ size, queue, wait) and the input checks are exercised through HTTP as a client m
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.runtime.leader import LocalCluster
@@ -35,15 +33,10 @@ from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image
                                           parse_normalize)
 from edgeweave.serving.server import InferenceServer, ServerLimits, _percentiles
 from _runtime_helpers import _alive, equal_stream, small_model
+from _serving_helpers import free_port, png, scrape
 
 RAW = {"content-type": "application/octet-stream"}
 PNG = {"content-type": "image/png"}
-
-
-def _png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ---- pure parts -------------------------------------------------------------------------------
@@ -77,20 +70,20 @@ def test_raw_tensor_with_nan_is_refused():
 def test_images_are_converted_resized_and_normalised():
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (28, 28), dtype=np.uint8)
-    x = decode_image(_png(grey), 1, (28, 28), ((0.5,), (0.25,)))
+    x = decode_image(png(grey), 1, (28, 28), ((0.5,), (0.25,)))
     assert x.shape == (1, 1, 28, 28)
     assert torch.allclose(x[0, 0], (torch.from_numpy(grey).float() / 255 - 0.5) / 0.25)
     rgb = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)  # another size, three channels
-    y = decode_image(_png(rgb), 1, (28, 28), NORMALIZATIONS["none"])
+    y = decode_image(png(rgb), 1, (28, 28), NORMALIZATIONS["none"])
     assert y.shape == (1, 1, 28, 28) and 0 <= float(y.min()) and float(y.max()) <= 1
-    z = decode_image(_png(rgb), 3, (7, 5), NORMALIZATIONS["imagenet"])
+    z = decode_image(png(rgb), 3, (7, 5), NORMALIZATIONS["imagenet"])
     assert z.shape == (1, 3, 7, 5)
     with pytest.raises(BadInput, match="readable"):
         decode_image(b"not an image", 1, (28, 28), NORMALIZATIONS["none"])
 
 
 def test_huge_images_are_refused_before_decoding():
-    big = _png(np.zeros((4097, 4097), dtype=np.uint8))  # compresses to a few kB, 16.8 M pixels
+    big = png(np.zeros((4097, 4097), dtype=np.uint8))  # compresses to a few kB, 16.8 M pixels
     assert len(big) < 1 << 20
     with pytest.raises(BadInput, match="pixels"):
         decode_image(big, 1, (28, 28), NORMALIZATIONS["none"])
@@ -197,7 +190,7 @@ def test_raw_input_gives_the_single_device_output(served):
 @pytest.mark.slow
 def test_an_image_is_preprocessed_then_inferred_exactly(served):
     client, _, model, _ = served
-    img = _png(np.random.default_rng(1).integers(0, 256, (40, 30), dtype=np.uint8))
+    img = png(np.random.default_rng(1).integers(0, 256, (40, 30), dtype=np.uint8))
     r = client.post("/v1/infer?logits=true", content=img, headers=PNG)
     assert r.status_code == 200, r.text
     x = decode_image(img, 1, (28, 28), NORMALIZATIONS["none"])
@@ -252,6 +245,22 @@ def test_concurrent_requests_are_served_one_frame_at_a_time_and_exactly(served):
 
 
 @pytest.mark.slow
+def test_metrics_say_what_stats_says_in_prometheus_format(served):
+    client, server, _, _ = served
+    client.post("/v1/infer", content=encode_raw(torch.zeros(1, 1, 28, 28)), headers=RAW)
+    assert server.idle(30)
+    m, s = scrape(client), client.get("/v1/stats").json()
+    for key in ("served", "failed", "refused", "replans", "regroups", "learn_errors"):
+        assert m[f"edgeweave_{key}_total"][()] == s[key], key
+    assert m["edgeweave_devices"][()] == len(s["devices"]) == 3
+    lat = {dict(k)["quantile"]: v for k, v in m["edgeweave_latency_seconds"].items()}
+    assert lat["0.5"] == s["latency_s"]["p50"] and lat["1"] == s["latency_s"]["max"] > 0
+    speeds = {dict(k)["device"]: v for k, v in m["edgeweave_speed_factor"].items()}
+    assert list(speeds) == s["devices"] and list(speeds.values()) == s["speed_factors"]
+    assert "edgeweave_unsatisfied_total" not in m
+
+
+@pytest.mark.slow
 def test_a_request_that_waits_too_long_is_told_the_cluster_is_busy(served):
     client, server, _, _ = served
     refused = server.stats()["refused"]
@@ -284,12 +293,6 @@ def test_when_a_follower_dies_the_request_still_gets_the_exact_answer(served):
 
 # ---- the command a user runs ------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_port_in_use_is_reported_before_the_cluster_starts():
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -303,7 +306,7 @@ def test_a_port_in_use_is_reported_before_the_cluster_starts():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_edgeweave_serve_answers_until_interrupted(tmp_path: Path):
-    port = _free_port()
+    port = free_port()
     stats_file = tmp_path / "stats.json"
     proc = subprocess.Popen([sys.executable, "-m", "edgeweave", "serve", "--model", "small_cnn", "--input-size", "32",
                              "--workers", "2", "--port", str(port), "--normalize", "cifar100", "--json",
@@ -323,7 +326,7 @@ def test_edgeweave_serve_answers_until_interrupted(tmp_path: Path):
         info = httpx.get(f"{url}/v1/model").json()
         assert info["input_shape"] == [3, 32, 32] and len(info["devices"]) == 3
         assert info["normalize"]["mean"] == list(NORMALIZATIONS["cifar100"][0])
-        img = _png(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        img = png(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
         for _ in range(3):
             r = httpx.post(f"{url}/v1/infer", content=img, headers=PNG, timeout=60)
             assert r.status_code == 200, r.text

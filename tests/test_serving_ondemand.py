@@ -28,6 +28,7 @@ from edgeweave.serving.app import create_app
 from edgeweave.serving.ondemand import OnDemandServer
 from edgeweave.serving.preprocess import NORMALIZATIONS, encode_raw
 from edgeweave.serving.server import ServerLimits
+from _serving_helpers import free_port, png, scrape
 
 RAW = {"content-type": "application/octet-stream"}
 KW = {"width": 4, "head_hidden": 8}
@@ -87,6 +88,10 @@ def test_each_request_runs_at_the_point_it_asks_for(served):
     s = client.get("/v1/stats").json()
     assert len(s["by_point"]) >= 2 and unmet >= 2 and s["served"] == 10 and s["unsatisfied"] == unmet and sum(s["by_point"].values()) == 10
     assert sum(s["by_exit"].values()) == 10 and s["latency_s"]["p50"] > 0
+    metrics = scrape(client)
+    assert metrics["edgeweave_served_total"][()] == 10 and metrics["edgeweave_unsatisfied_total"][()] == unmet
+    assert {dict(k)["point"]: v for k, v in metrics["edgeweave_answers_by_point_total"].items()} == s["by_point"]
+    assert metrics["edgeweave_load_factor"][()] == 1.0 and metrics["edgeweave_devices"][()] == 1
     m = client.get("/v1/model").json()
     assert m["input_shape"] == [1, 16, 16] and m["exits"] == 3 and m["default_point"] == accurate.name
     assert [p["name"] for p in m["operating_points"]] == [p.name for p in od.points]
@@ -116,10 +121,9 @@ def test_a_multi_exit_checkpoint_is_not_spread_over_workers(ckpt):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_edgeweave_serve_on_demand_answers_until_interrupted(ckpt, tmp_path):
-    from test_serving import _free_port, _png
     import numpy as np
 
-    port = _free_port()
+    port = free_port()
     stats_file = tmp_path / "stats.json"
     proc = subprocess.Popen([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--port", str(port),
                              "--json", str(stats_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -135,7 +139,7 @@ def test_edgeweave_serve_on_demand_answers_until_interrupted(ckpt, tmp_path):
                 pass
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.3)
-        img = _png(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8))
+        img = png(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8))
         for q in ("", "?budget_ms=1000", "?min_accuracy=1"):
             r = httpx.post(f"{url}/v1/infer{q}", content=img, headers={"content-type": "image/png"}, timeout=30)
             assert r.status_code == 200 and 0 <= r.json()["exit"] < 3, r.text

@@ -8,6 +8,7 @@
 - ``GET /v1/model``: what to send (channels, size, normalisation, classes) and how the model runs
   (the current plan, or the operating points).
 - ``GET /v1/stats``: counters, latency percentiles over recent frames, devices, speed estimates.
+- ``GET /metrics``: the same statistics in Prometheus' text format (``serving.metrics``).
 - ``GET /healthz``: 200 while the server answers (the cluster's state is in ``/v1/stats``).
 
 Errors are JSON ``{"detail": "..."}`` with 400 (bad input), 413 (body too large), 415 (content
@@ -20,10 +21,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.serving.metrics import CONTENT_TYPE as METRICS_TYPE
+from edgeweave.serving.metrics import exposition
 from edgeweave.serving.preprocess import RAW_TYPES, Norm, decode_image, decode_raw
 from edgeweave.serving.server import Busy, ClusterFailed
 
@@ -51,6 +54,12 @@ def create_app(server: Any, norm: Norm, max_body_bytes: int = 16 << 20) -> FastA
     @app.get("/v1/stats")
     def stats() -> dict[str, Any]:
         return server.stats()
+
+    scrape = exposition(server)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(scrape(), media_type=METRICS_TYPE)
 
     @app.post("/v1/infer")
     async def infer(request: Request, top: int = 5, logits: bool = False, budget_ms: Optional[float] = None,

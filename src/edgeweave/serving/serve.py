@@ -115,7 +115,7 @@ def _run(server: Any, app: Any, cfg: ServeConfig, warm_s: float) -> dict[str, An
                   f"{server.describe()}; warm-up {warm_s:.3f} s\n"
                   f"  POST /v1/infer (image/* or application/octet-stream float32"
                   f"{'; ?budget_ms= or ?min_accuracy=' if server.on_demand else ''}), GET /v1/model, /v1/stats, "
-                  f"/healthz, /docs; Ctrl-C stops")
+                  f"/metrics, /healthz, /docs; Ctrl-C stops")
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5,
                 limit_concurrency=2 * cfg.limits.max_waiting + 16)
     return server.stats()
