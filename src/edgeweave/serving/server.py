@@ -118,6 +118,7 @@ class InferenceServer:
         self._events_lock = threading.Lock()
         self.lost: list[str] = []
         self.joined: list[str] = []
+        self._view = self._cluster_view()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -131,6 +132,7 @@ class InferenceServer:
         self.turns.enter()
         try:
             self.stream.step(torch.zeros(1, *self.input_shape))
+            self._view = self._cluster_view()
         finally:
             self.turns.leave_queue()
             self.turns.release()
@@ -154,7 +156,7 @@ class InferenceServer:
             try:
                 index = self.stream.frames
                 y, frame = self.stream.run(x)
-                version, devices = self.stream.version, list(self.stream.plan.devices)  # after a regroup
+                self._view = view = self._cluster_view()  # after a regroup
             except EdgeweaveError as e:  # PeerError included: a failure the stream could not absorb
                 self.turns.release()
                 self.counters.add("failed")
@@ -169,8 +171,8 @@ class InferenceServer:
         change = frame.change
         info = {
             "frame": index, "latency_s": frame.timings.total_s, "queue_s": t_start - t_arrive,
-            "regroup_s": change.seconds if change else 0.0, "plan_version": version,
-            "devices": devices, "event": "regrouped" if change else "",
+            "regroup_s": change.seconds if change else 0.0, "plan_version": view["plan_version"],
+            "devices": view["devices"], "event": "regrouped" if change else "",
             "lost": list(change.lost) if change else [], "joined": list(change.joined) if change else [],
         }
         self.counters.served(frame.timings.total_s, regroups=int(change is not None))
@@ -188,7 +190,18 @@ class InferenceServer:
             console.print(f"[red]learning from frame failed: {type(e).__name__}: {e}[/red]")
             self.counters.add("learn_errors")
         finally:
+            self._view = self._cluster_view()
             self.turns.release()
+
+    def _cluster_view(self) -> dict[str, Any]:
+        """The stream as stats report it, taken while this thread holds it (one reference
+        assignment publishes it): a re-plan between two reads would otherwise pair one plan's
+        devices with another's version."""
+        recs = self.stream.records
+        last = recs[-1] if recs else None
+        return {"devices": list(self.stream.plan.devices), "plan_version": self.stream.version,
+                "speed_factors": list(last.factors) if last else None,
+                "predicted_s": last.calibrated_s if last else self.stream.plan.predicted_s}
 
     def idle(self, timeout_s: float | None = None) -> bool:
         return self.turns.idle(timeout_s)
@@ -200,7 +213,7 @@ class InferenceServer:
 
     def model_info(self) -> dict[str, Any]:
         """What ``/v1/model`` adds about how the model runs: the current plan."""
-        plan = self.stream.plan
+        plan = self.stream.plan  # one reference: its fields belong together
         return {"devices": list(plan.devices), "partition": plan.partition, "fusion": plan.fusion, "mode": plan.mode,
                 "predicted_s": plan.predicted_s}
 
@@ -209,14 +222,7 @@ class InferenceServer:
         out: dict[str, Any] = {"model": self.model_name, **self.counters.snapshot()}
         with self._events_lock:
             out.update(lost=list(self.lost), joined=list(self.joined))
-        recs = self.stream.records
-        last = recs[-1] if recs else None
-        out.update({
-            "devices": list(self.stream.plan.devices), "plan_version": self.stream.version,
-            "speed_factors": list(last.factors) if last else None,
-            "predicted_s": last.calibrated_s if last else self.stream.plan.predicted_s,
-        })
-        return out
+        return out | self._view
 
 
 def check_input(x: torch.Tensor, shape: tuple[int, int, int]) -> None:
