@@ -55,9 +55,11 @@ class FakeSession:
         self.plans: dict[int, tuple] = {}
         self.rng = random.Random(seed)
 
-    def load_plan(self, plan):
-        pid = len(self.plans)
+    def load_plan(self, plan, drop=()):
+        pid = self.loaded = getattr(self, "loaded", -1) + 1
         self.plans[pid] = (plan, self.gm)
+        for p in drop:
+            del self.plans[p]
         return pid
 
     def newcomers(self) -> list[str]:
@@ -383,6 +385,22 @@ def test_returns_to_the_plan_measured_before_the_change(gm):
     assert len(back) == 1 and back[0].reused and s.plan_id == pid0
     assert recs[-1].latency_s <= 1.1 * statistics.median(r.latency_s for r in before[2:])
     assert all(r.event == "" for r in recs[back[0].index - recs[0].index + 1:])  # and stays there
+
+
+def test_a_stream_that_keeps_re_planning_keeps_a_bounded_number_of_plans(gm):
+    """A device that changes speed again and again (a flapping board, for days) makes a new plan
+    each time; the stream keeps the most recently used KEEP_PLANS loaded and drops older ones on
+    every device, never the one in use, and can still go back to a recent one."""
+    from edgeweave.runtime.stream import KEEP_PLANS
+
+    s, sess = stream(gm, noise=0.02, seed=4)
+    levels = [2.5, 1.0, 4.0, 1.5, 6.0, 1.2, 3.0, 1.0, 5.0, 1.8, 7.0, 1.3, 3.6, 1.0, 4.5, 2.0, 8.0, 1.1]
+    for i, f in enumerate(levels):
+        sess.truth = [1.0, 1.0, f, 1.0] if i % 4 < 2 else [1.0, f, 1.0, 1.0]
+        s.serve([None] * 12)
+        assert s.plan_id in sess.plans and set(s.known) == set(sess.plans), i
+        assert len(sess.plans) <= KEEP_PLANS
+    assert sess.loaded >= KEEP_PLANS + 2, f"the test needs more plans made than kept ({sess.loaded + 1} made)"
 
 
 def test_worse_and_refute():

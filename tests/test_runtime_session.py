@@ -136,6 +136,27 @@ def test_hand_made_gather_plan_with_linear_split(cluster):
         assert torch.allclose(y2, model(x2), rtol=1e-4, atol=1e-5)
 
 
+def test_a_long_session_does_not_grow_the_store(cluster):
+    """A server runs one command per request for weeks, and the store lives in the leader's
+    memory: commands (and acknowledgements) are deleted once every follower has read them."""
+    cl, model = cluster
+    x = torch.randn(1, 1, 28, 28)
+    pid = cl.load_plan(plan_exchange(cl.model_hash))
+    cl.infer(x, pid)
+    before = cl.store.num_keys()
+    for _ in range(20):
+        cl.infer(x, pid)
+    cl.ping()
+    pid2 = cl.load_plan(plan_gather(cl.model_hash), drop=[pid])  # and plans a stream no longer needs
+    y, _ = cl.infer(x, pid2)
+    assert cl.store.num_keys() == before
+    with torch.no_grad():
+        assert torch.allclose(y, model(x), rtol=1e-4, atol=1e-5)
+    assert pid not in cl.plans
+    with pytest.raises(EdgeweaveError, match="no plan"):
+        cl.infer(x, pid)
+
+
 def test_plan_for_other_weights_is_refused_by_the_leader(cluster):
     cl, _ = cluster
     with pytest.raises(EdgeweaveError, match="made for weights"):

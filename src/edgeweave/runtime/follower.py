@@ -190,6 +190,8 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     gm = state.graphs[shape]
     prepare(gm, plan, rank)  # the first frame runs at this device's real speed
     state.plans[int(cmd["plan_id"])] = (plan, gm)
+    for p in cmd.get("drop", []):
+        state.plans.pop(int(p), None)
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
 
 

@@ -323,12 +323,21 @@ class Session:
         rv.set_json(self.gstore, f"cmd/{seq}", cmd)
         return seq
 
+    def _forget(self, seq: int, keys: Sequence[str] = ()) -> None:
+        """Delete command ``seq`` (and ``keys``) from the store once every follower has read it.
+
+        Why: the store lives in the leader's memory for the whole generation, and a server runs
+        one command per request for weeks; kept, they grew it by a key per frame."""
+        for k in (f"cmd/{seq}", *keys):
+            self.gstore.delete_key(k)
+
     def _await_acks(self, seq: int, what: str) -> list[dict[str, Any]]:
         keys = [f"ack/{seq}/{r}" for r in range(1, self.world)]
         wait_store_keys(self.gstore, keys, timeout_s=self.timeout_s, probe=self._probe,
                         describe_missing=lambda m: ", ".join(self.who(int(k.rsplit("/", 1)[1])) for k in m)
                         + f" ({what})")
         acks = [rv.get_json(self.gstore, k) for k in keys]
+        self._forget(seq, keys)  # every follower acknowledged: all have read the command
         for r, a in enumerate(acks, start=1):
             if not a.get("ok"):
                 raise EdgeweaveError(f"{self.who(r)} failed to {what}: {a.get('error')}")
@@ -372,9 +381,11 @@ class Session:
         for r in ship:
             self.followers[r - 1].info["model_hash"] = self.model_hash
 
-    def load_plan(self, plan: Plan) -> int:
+    def load_plan(self, plan: Plan, drop: Sequence[int] = ()) -> int:
         """Send ``plan`` (JSON text) to every follower; they check its model hash and capture the
-        graph. Returns the plan id for :meth:`infer`."""
+        graph. Returns the plan id for :meth:`infer`. Plans ``drop`` are forgotten on every
+        device with the same command (a long stream re-plans; each plan kept costs memory on
+        every board)."""
         from edgeweave.planning.execute import prepare
         from edgeweave.planning.graph import capture
 
@@ -392,7 +403,8 @@ class Session:
         pid = self._next_plan
         self._next_plan += 1
         text = plan.to_json().encode()
-        seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text)})
+        drop = [int(p) for p in drop if p in self.plans]
+        seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text), "drop": drop})
         try:
             for r in range(1, self.world):
                 ch.send_bytes(text, r, TAG_CONTROL, "the plan")
@@ -406,6 +418,8 @@ class Session:
             self._fail(e)
             raise
         self.plans[pid] = (plan, self._graphs[shape])
+        for p in drop:
+            del self.plans[p]
         return pid
 
     def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:
@@ -423,7 +437,7 @@ class Session:
         if list(x.shape) != list(plan.input_shape):  # before followers start waiting for rows
             raise EdgeweaveError(f"plan {plan_id} was made for input shape {plan.input_shape}, got {list(x.shape)}")
         t0 = time.perf_counter()
-        self._command({"op": "infer", "plan_id": plan_id})
+        seq = self._command({"op": "infer", "plan_id": plan_id})
         try:
             # timings are posted first so that they are in by the time the leader's part ends
             n = len(plan.stages) + 1
@@ -441,6 +455,7 @@ class Session:
             self._fail(PeerError(f"the leader failed during inference: {type(e).__name__}: {e}"))
             raise
         total = time.perf_counter() - t0
+        self._forget(seq)  # every follower sent its timings: all have read the command
         assert y is not None
         return ordinary(y), Timings(total, self.names, per_device, [s.kind for s in plan.stages])
 

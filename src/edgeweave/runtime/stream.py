@@ -29,6 +29,7 @@ from edgeweave.profiling.profile import Cluster
 from edgeweave.runtime.wire import PeerError
 
 Planner = Callable[[Any, Cluster, Plan], Plan]  # (graph, estimated cluster, current plan) -> plan
+KEEP_PLANS = 8  # plans a stream keeps loaded to go back to; each costs memory on every board
 
 
 def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
@@ -129,16 +130,27 @@ class AdaptiveStream:
         # the recent frames (a server runs for days; callers keep what step() returns if they want all)
         self.records: deque[FrameRecord] = deque(maxlen=64)
         self.frames = 0
-        # every plan served so far: (plan, the speeds its prediction assumes, steady samples of
-        # (speed estimates, measured latency)); the stream may go back to one (adapt rule 4)
+        # the plans served, least recently used first, at most KEEP_PLANS: (plan, the speeds its
+        # prediction assumes, steady samples of (speed estimates, measured latency)); the stream may
+        # go back to one (adapt rule 4)
         self.known: dict[int, tuple[Plan, list[float], list[tuple[list[float], float]]]] = {}
         self.trial: Trial | None = None
         self._use(plan, plan_id if plan_id is not None else session.load_plan(plan), list(self.state.factors))
 
+    def _load(self, plan: Plan) -> int:
+        """Load ``plan`` on the session; the least recently used plans beyond ``KEEP_PLANS`` are
+        dropped with it (never the one in use, which a trial would go back to)."""
+        spare = [p for p in self.known if p != self.plan_id]
+        drop = spare[: max(0, len(self.known) + 1 - KEEP_PLANS)]
+        pid = self.session.load_plan(plan, drop=drop)
+        for p in drop:
+            del self.known[p]
+        return pid
+
     def _use(self, plan: Plan, pid: int, factors: list[float]) -> None:
         # ``factors``: the speeds the plan's own prediction assumes (re-pricing starts from them)
         self.plan, self.plan_id, self.plan_factors = plan, pid, factors
-        self.known.setdefault(pid, (plan, factors, []))
+        self.known[pid] = self.known.pop(pid, None) or (plan, factors, [])  # now the most recently used
         self.gm = self.session.plans[pid][1]
         self.works = A.stage_works(self.gm, plan)
         self.comp_base = A.stage_compute(self.works, self.base)
@@ -197,7 +209,7 @@ class AdaptiveStream:
             choice = A.choose(self.policy, dec, A.calibrated(self.state, cand.predicted_s),
                               A.calibrated(self.state, estimated), known[1] if known else None)
             if choice == "candidate":
-                self._use(cand, self.session.load_plan(cand), list(self.state.factors))
+                self._use(cand, self._load(cand), list(self.state.factors))
                 estimated = cand.predicted_s  # made under these very factors
             elif choice == "known":
                 assert known is not None
@@ -224,7 +236,7 @@ class AdaptiveStream:
                 rec.candidate_s = cand.predicted_s
                 if A.decide(self.policy, now, cand.predicted_s).replan:
                     self.state = probed
-                    self._use(cand, self.session.load_plan(cand), list(self.state.factors))
+                    self._use(cand, self._load(cand), list(self.state.factors))
                     self.trial = trial
                     self.version += 1
                     rec.event = "replanned"
@@ -303,7 +315,7 @@ class AdaptiveStream:
         self.known, self.trial = {}, None
         self.version += 1
         plan = self.planner(self.gm, A.scaled_cluster(self.base, factors), self.plan)
-        self._use(plan, self.session.load_plan(plan), factors)
+        self._use(plan, self._load(plan), factors)
 
     def _trial(self, latency_s: float, levels: dict[int, float], believed: dict[int, float]) -> Trial:
         """A test of leaving the current plan, judged against its last ``patience`` latencies
