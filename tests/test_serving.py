@@ -33,7 +33,7 @@ from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image
                                           parse_normalize)
 from edgeweave.serving.server import InferenceServer, ServerLimits, _percentiles
 from _runtime_helpers import _alive, equal_stream, small_model
-from _serving_helpers import free_port, png, scrape
+from _serving_helpers import free_port, png, scrape, serve_command
 
 RAW = {"content-type": "application/octet-stream"}
 PNG = {"content-type": "image/png"}
@@ -306,23 +306,9 @@ def test_a_port_in_use_is_reported_before_the_cluster_starts():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_edgeweave_serve_answers_until_interrupted(tmp_path: Path):
-    port = free_port()
     stats_file = tmp_path / "stats.json"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeweave", "serve", "--model", "small_cnn", "--input-size", "32",
-                             "--workers", "2", "--port", str(port), "--normalize", "cifar100", "--json",
-                             str(stats_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+    with serve_command(["--model", "small_cnn", "--input-size", "32", "--workers", "2", "--normalize", "cifar100",
+                        "--json", str(stats_file)]) as (url, end):
         info = httpx.get(f"{url}/v1/model").json()
         assert info["input_shape"] == [3, 32, 32] and len(info["devices"]) == 3
         assert info["normalize"]["mean"] == list(NORMALIZATIONS["cifar100"][0])
@@ -331,14 +317,7 @@ def test_edgeweave_serve_answers_until_interrupted(tmp_path: Path):
             r = httpx.post(f"{url}/v1/infer", content=img, headers=PNG, timeout=60)
             assert r.status_code == 200, r.text
             assert 0 <= r.json()["prediction"]["class"] < 10
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
-    assert "stopped: 3 served" in err
+    assert end["returncode"] == 0, end["stderr"][-3000:]
+    assert "stopped: 3 served" in end["stderr"]
     stats = json.loads(stats_file.read_text())
     assert stats["served"] == 3 and stats["failed"] == 0 and stats["latency_s"]["p50"] > 0

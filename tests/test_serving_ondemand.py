@@ -7,13 +7,12 @@ every answer is compared with ``early_exit`` run directly at the point the polic
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -28,7 +27,7 @@ from edgeweave.serving.app import create_app
 from edgeweave.serving.ondemand import OnDemandServer
 from edgeweave.serving.preprocess import NORMALIZATIONS, encode_raw
 from edgeweave.serving.server import ServerLimits
-from _serving_helpers import free_port, png, scrape
+from _serving_helpers import png, scrape, serve_command
 
 RAW = {"content-type": "application/octet-stream"}
 KW = {"width": 4, "head_hidden": 8}
@@ -121,36 +120,13 @@ def test_a_multi_exit_checkpoint_is_not_spread_over_workers(ckpt):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_edgeweave_serve_on_demand_answers_until_interrupted(ckpt, tmp_path):
-    import numpy as np
-
-    port = free_port()
     stats_file = tmp_path / "stats.json"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--json", str(stats_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
+    with serve_command(["--model", str(ckpt), "--json", str(stats_file)], up_within_s=120) as (url, end):
         img = png(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8))
         for q in ("", "?budget_ms=1000", "?min_accuracy=1"):
             r = httpx.post(f"{url}/v1/infer{q}", content=img, headers={"content-type": "image/png"}, timeout=30)
             assert r.status_code == 200 and 0 <= r.json()["exit"] < 3, r.text
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.returncode == 0, err[-3000:]
-    assert "early exits on demand" in err and "stopped: 3 served" in err
+    assert end["returncode"] == 0, end["stderr"][-3000:]
+    assert "early exits on demand" in end["stderr"] and "stopped: 3 served" in end["stderr"]
     stats = json.loads(stats_file.read_text())
     assert stats["served"] == 3 and stats["unsatisfied"] >= 1 and sum(stats["by_point"].values()) == 3

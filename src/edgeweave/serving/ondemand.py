@@ -21,7 +21,7 @@ import torch
 from edgeweave.errors import EdgeweaveError
 from edgeweave.exits.inference import NEVER, early_exit
 from edgeweave.exits.ondemand import OnDemandModel
-from edgeweave.serving.server import Busy, Counters, ServerLimits, Turns, check_input
+from edgeweave.serving.server import Counters, ServerLimits, Turns, check_input
 
 
 class OnDemandServer:
@@ -31,8 +31,8 @@ class OnDemandServer:
 
     def __init__(self, od: OnDemandModel, spec: Any, model_name: str, limits: ServerLimits = ServerLimits()):
         self.od, self.spec, self.model_name, self.limits = od, spec, model_name, limits
-        self.turns = Turns(limits)
         self.counters = Counters(limits.window, "unsatisfied", tallies=("by_point", "by_exit"))
+        self.turns = Turns(limits, self.counters)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -55,13 +55,7 @@ class OnDemandServer:
             raise EdgeweaveError(f"budget_ms must be positive, got {budget_ms:g}")
         if min_accuracy is not None and not 0 < min_accuracy <= 1:
             raise EdgeweaveError(f"min_accuracy is a fraction in (0, 1], got {min_accuracy:g}")
-        t_arrive = time.perf_counter()
-        try:
-            self.turns.enter()
-        except Busy:
-            self.counters.add("refused")
-            raise
-        t_start = time.perf_counter()
+        queue_s = self.turns.enter()
         try:  # the choice too: the load factor it reads moves with every answer
             p = self.od.predict(x, latency_budget_ms=budget_ms, min_accuracy=min_accuracy)
         finally:
@@ -69,7 +63,7 @@ class OnDemandServer:
             self.turns.release()
         c, exit_k = p.choice, int(p.exits[0])
         info = {
-            "latency_s": p.latency_ms / 1e3, "queue_s": t_start - t_arrive, "exit": exit_k,
+            "latency_s": p.latency_ms / 1e3, "queue_s": queue_s, "exit": exit_k,
             "exits": self.od.model.num_exits, "voted": bool(p.voted[0]), "confidence": float(p.confidence[0]),
             "point": c.point.name, "satisfied": c.satisfied, "message": c.message,
             "point_accuracy": c.point.accuracy, "point_p95_ms": c.point.p95_ms,

@@ -46,17 +46,22 @@ class Turns:
     :meth:`release` once the model (or stream) is free again, which may be later, from another
     thread."""
 
-    def __init__(self, limits: ServerLimits) -> None:
-        self.limits = limits
+    def __init__(self, limits: ServerLimits, counters: "Counters") -> None:
+        self.limits, self.counters = limits, counters
         self._lock = threading.Lock()  # the model: one request at a time
         self._slots = threading.BoundedSemaphore(limits.max_waiting + 1)  # the running one + the waiting ones
 
-    def enter(self) -> None:
+    def enter(self) -> float:
+        """Wait for the turn; returns the seconds waited. A refusal is counted (``refused``)."""
+        t0 = time.perf_counter()
         if not self._slots.acquire(blocking=False):
+            self.counters.add("refused")
             raise Busy(f"{self.limits.max_waiting} requests are already waiting; try again later")
         if not self._lock.acquire(timeout=self.limits.wait_timeout_s):
             self._slots.release()
+            self.counters.add("refused")
             raise Busy(f"waited {self.limits.wait_timeout_s:g} s for the model; try again later")
+        return time.perf_counter() - t0
 
     def leave_queue(self) -> None:
         self._slots.release()
@@ -113,8 +118,8 @@ class InferenceServer:
 
     def __init__(self, stream: Any, spec: Any, model_name: str, limits: ServerLimits = ServerLimits()):
         self.stream, self.spec, self.model_name, self.limits = stream, spec, model_name, limits
-        self.turns = Turns(limits)
         self.counters = Counters(limits.window, "learn_errors", "replans", "regroups")
+        self.turns = Turns(limits, self.counters)
         self._events_lock = threading.Lock()
         self.lost: list[str] = []
         self.joined: list[str] = []
@@ -145,13 +150,7 @@ class InferenceServer:
         on a slow leader. A thread learns while holding the stream, so the next frame waits for
         it instead (and a frame never runs on a half-made plan)."""
         check_input(x, self.input_shape)
-        t_arrive = time.perf_counter()
-        try:
-            self.turns.enter()
-        except Busy:
-            self.counters.add("refused")
-            raise
-        t_start = time.perf_counter()
+        queue_s = self.turns.enter()
         try:
             try:
                 index = self.stream.frames
@@ -170,7 +169,7 @@ class InferenceServer:
             self.turns.leave_queue()
         change = frame.change
         info = {
-            "frame": index, "latency_s": frame.timings.total_s, "queue_s": t_start - t_arrive,
+            "frame": index, "latency_s": frame.timings.total_s, "queue_s": queue_s,
             "regroup_s": change.seconds if change else 0.0, "plan_version": view["plan_version"],
             "devices": view["devices"], "event": "regrouped" if change else "",
             "lost": list(change.lost) if change else [], "joined": list(change.joined) if change else [],
