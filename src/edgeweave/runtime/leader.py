@@ -327,9 +327,13 @@ class Session:
         """Delete command ``seq`` (and ``keys``) from the store once every follower has read it.
 
         Why: the store lives in the leader's memory for the whole generation, and a server runs
-        one command per request for weeks; kept, they grew it by a key per frame."""
-        for k in (f"cmd/{seq}", *keys):
-            self.gstore.delete_key(k)
+        one command per request for weeks; kept, they grew it by a key per frame. Best effort: a
+        store that fails here fails the next command, which says why; this answer is good."""
+        try:
+            for k in (f"cmd/{seq}", *keys):
+                self.gstore.delete_key(k)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _await_acks(self, seq: int, what: str) -> list[dict[str, Any]]:
         keys = [f"ack/{seq}/{r}" for r in range(1, self.world)]
