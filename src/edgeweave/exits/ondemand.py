@@ -65,6 +65,7 @@ class OnDemandModel:
             raise EdgeweaveError("this model has no operating points: run `edgeweave exits calibrate CKPT` first")
         self.model = model.eval()
         self.model_spec = model_spec  # the checkpoint's ModelSpec when loaded from one
+        self.measured_on: dict[str, Any] = {}  # where the points were measured (machine, threads), if known
         self.points = list(points)
         self.default = default
         self.load_tracker = LoadTracker() if adapt_to_load else None
@@ -74,7 +75,9 @@ class OnDemandModel:
         from edgeweave.checkpoint import load_checkpoint
 
         model, spec, extra = load_checkpoint(path)
-        return cls(model, points_from_extra(extra), default, model_spec=spec)  # type: ignore[arg-type]
+        od = cls(model, points_from_extra(extra), default, model_spec=spec)  # type: ignore[arg-type]
+        od.measured_on = dict((extra or {}).get(EXTRA_KEY, {}).get("measured_on", {}))
+        return od
 
     def choose(self, latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Choice:
         scale = self.load_tracker.factor() if self.load_tracker is not None else 1.0

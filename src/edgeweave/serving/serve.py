@@ -66,9 +66,9 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
         require_cluster(workers, cluster_file)
     norm = parse_normalize(cfg.normalize)
     check_port(cfg.host, cfg.port)
-    torch.set_num_threads(1)
     if on_demand:
         return _serve_on_demand(model_name, input_size, norm, cfg)
+    torch.set_num_threads(1)
     model, spec, size = load_sized(model_name, input_size)
     check_norm(norm, spec.in_channels)
     with ExitStack() as stack:
@@ -99,6 +99,8 @@ def _serve_on_demand(model_name: str, input_size: int | None, norm: Any, cfg: Se
     from edgeweave.serving.ondemand import OnDemandServer
 
     od = OnDemandModel.load(model_name)
+    # the threads the operating points were measured with (exits calibrate --threads, default 1)
+    torch.set_num_threads(int(od.measured_on.get("threads", 1)))
     spec = od.model_spec
     if input_size is not None and (input_size, input_size) != tuple(spec.input_size):
         raise EdgeweaveError(f"{model_name} was calibrated at {spec.input_size[0]}x{spec.input_size[1]}; "
