@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import torch
 
 from edgeweave.checkpoint import load_model
@@ -79,3 +83,24 @@ def equal_stream(cl, model: torch.nn.Module, **kw):
     plan = make_plan(capture(model, (1, 1, 28, 28)), cl.cluster, partition="equal", fusion="pools",
                      mode="exchange", model_hash=cl.model_hash)
     return AdaptiveStream(cl, plan, cl.cluster, **kw)
+
+
+@contextlib.contextmanager
+def small_cluster(workers: int, timeout_s: float, grace_s: float = 0.0) -> Iterator[tuple]:
+    """``small_model`` loaded on a LocalCluster of ``workers`` followers; yields (cluster, model,
+    spec). After a clean exit every process the cluster started must be gone, within ``grace_s``
+    (a follower that was stopped with SIGSTOP takes a moment to reap)."""
+    from edgeweave.runtime.leader import LocalCluster
+
+    model, spec = small_model()
+    cl = LocalCluster(workers, timeout_s=timeout_s)
+    pids = cl.pids
+    try:
+        cl.load_model(model, spec)
+        yield cl, model, spec
+    finally:
+        cl.close()
+    deadline = time.monotonic() + grace_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)

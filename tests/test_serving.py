@@ -26,13 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeweave.errors import EdgeweaveError
-from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.stream import Frame
 from edgeweave.serving.app import _classes, create_app
 from edgeweave.serving.preprocess import (NORMALIZATIONS, BadInput, decode_image, decode_raw, encode_raw,
                                           parse_normalize)
 from edgeweave.serving.server import InferenceServer, ServerLimits, _percentiles
-from _runtime_helpers import _alive, equal_stream, small_model
+from _runtime_helpers import equal_stream, small_cluster
 from _serving_helpers import free_port, png, scrape, serve_command
 
 RAW = {"content-type": "application/octet-stream"}
@@ -150,19 +149,12 @@ def test_a_failure_while_learning_is_counted_and_serving_goes_on():
 
 @pytest.fixture(scope="module")
 def served():
-    model, spec = small_model()
-    cl = LocalCluster(2, timeout_s=10)
-    pids = cl.pids
-    try:
-        cl.load_model(model, spec)
+    with small_cluster(2, timeout_s=10) as (cl, model, spec):
         server = InferenceServer(equal_stream(cl, model), spec, "small_cnn",
                                  ServerLimits(max_waiting=8, wait_timeout_s=0.5))
         server.warm_up()
         with TestClient(create_app(server, NORMALIZATIONS["none"], max_body_bytes=64 << 10)) as client:
             yield client, server, model, cl
-    finally:
-        cl.close()
-    assert not any(_alive(p) for p in pids)
 
 
 def _ref(model, x: torch.Tensor) -> torch.Tensor:

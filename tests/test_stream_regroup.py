@@ -15,7 +15,7 @@ import torch
 
 from edgeweave.runtime.leader import LocalCluster
 from edgeweave.runtime.stream import AdaptiveStream
-from _runtime_helpers import _alive, equal_stream, small_model as _model
+from _runtime_helpers import _alive, equal_stream, small_cluster, small_model as _model
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,13 +31,20 @@ def _check(s: AdaptiveStream, model: torch.nn.Module, frames: int):
     return recs
 
 
+def _until_joined(s: AdaptiveStream, model: torch.nn.Module, within_s: float):
+    """Serve checked frames until one reports a device taken in; that frame's record, or None."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        (rec,) = _check(s, model, 1)
+        if rec.joined:
+            return rec
+        time.sleep(0.2)
+    return None
+
+
 @pytest.mark.slow
 def test_the_stream_goes_on_when_followers_die_down_to_the_leader_alone():
-    model, spec = _model()
-    cl = LocalCluster(3, timeout_s=10)
-    pids = cl.pids
-    try:
-        cl.load_model(model, spec)
+    with small_cluster(3, timeout_s=10) as (cl, model, _spec):
         s = equal_stream(cl, model)
         assert all(r.event != "regrouped" for r in _check(s, model, 2))
         os.kill(cl.followers[1].process.pid, signal.SIGKILL)  # worker2, between worker1 and worker3
@@ -58,19 +65,13 @@ def test_the_stream_goes_on_when_followers_die_down_to_the_leader_alone():
         recs = _check(s, model, 2)
         assert recs[0].event == "regrouped" and sorted(recs[0].lost) == ["worker1", "worker3"]
         assert cl.names == ["leader"] and s.plan.devices == ["leader"] and len(recs[1].compute_s) == 1
-    finally:
-        cl.close()
-    assert not any(_alive(p) for p in pids)
 
 
 @pytest.mark.slow
 def test_a_hung_follower_is_left_out_after_the_time_out_and_reaped_at_the_end():
-    model, spec = _model()
     timeout = 3.0
-    cl = LocalCluster(2, timeout_s=timeout)
-    pids = cl.pids
-    try:
-        cl.load_model(model, spec)
+    # the stopped process is reaped at the end too, though it left the cluster
+    with small_cluster(2, timeout_s=timeout, grace_s=5) as (cl, model, _spec):
         s = equal_stream(cl, model)
         _check(s, model, 1)
         os.kill(cl.followers[0].process.pid, signal.SIGSTOP)  # alive, never answers
@@ -82,24 +83,13 @@ def test_a_hung_follower_is_left_out_after_the_time_out_and_reaped_at_the_end():
         assert took < 2 * timeout + 8.0
         assert cl.names == ["leader", "worker2"]
         _check(s, model, 2)
-    finally:
-        cl.close()
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)  # the stopped process too, though it left the cluster
 
 
 @pytest.mark.slow
 def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back():
     """A board that hung (SIGSTOP) long enough to be left out wakes up (SIGCONT): it sees the
     next generation without it, registers again, and the stream takes it in by itself."""
-    model, spec = _model()
-    timeout = 3.0
-    cl = LocalCluster(2, timeout_s=timeout)
-    pids = cl.pids
-    try:
-        cl.load_model(model, spec)
+    with small_cluster(2, timeout_s=3.0, grace_s=5) as (cl, model, _spec):
         s = equal_stream(cl, model, admit_every_s=0.0)
         _check(s, model, 1)
         pid = cl.followers[0].process.pid
@@ -107,23 +97,12 @@ def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back()
         (rec,) = _check(s, model, 1)
         assert rec.lost == ["worker1"] and cl.names == ["leader", "worker2"]
         os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        joined = None
-        while joined is None and time.monotonic() < deadline:
-            (rec,) = _check(s, model, 1)
-            joined = rec if rec.joined else None
-            time.sleep(0.2)
+        joined = _until_joined(s, model, within_s=60)
         assert joined is not None and joined.joined == ["worker1"], "the woken follower was not taken back"
         assert cl.names == ["leader", "worker2", "worker1"]
         assert cl.followers[-1].info["pid"] == pid  # the same process, registered again
         recs = _check(s, model, 2)
         assert len(recs[-1].compute_s) == 3 and recs[-1].compute_s[2] > 0
-    finally:
-        cl.close()
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
 
 
 @pytest.mark.slow
@@ -174,12 +153,7 @@ def test_a_board_that_comes_back_is_taken_in_again():
         back = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{cl.port}",
                                  "--name", "worker1", "--profile-json", prof], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        deadline = time.monotonic() + 120
-        joined = None
-        while joined is None and time.monotonic() < deadline:
-            (rec,) = _check(s, model, 1)
-            joined = rec if rec.joined else None
-            time.sleep(0.2)
+        joined = _until_joined(s, model, within_s=120)
         assert joined is not None and joined.joined == ["worker1"] and joined.lost == []
         assert cl.names == ["leader", "worker2", "worker1"] and s.plan.devices == cl.names
         recs = _check(s, model, 2)
