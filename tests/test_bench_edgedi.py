@@ -79,10 +79,14 @@ def synthetic_result(cfg):
 def test_summary_bounds_targets_and_outputs(tmp_path):
     cfg = E.EdgediConfig()
     res = synthetic_result(cfg)
-    E._speedups(res["rows"], res["models"], cfg)
     r4 = E._row(res["rows"], "vgg16/original", 4)
+    # the four devices' CPU per frame (two frames) against the leader alone: 1.25x its work
+    r4 |= {"cpu_frames_s": [[0.2, 0.3, 0.2, 0.3], [0.25, 0.3, 0.2, 0.3]], "single_device_cpu_frames_s": [0.8, 0.84, 0.76]}
+    E._speedups(res["rows"], res["models"], cfg)
     assert r4["bound"] == pytest.approx(1 + 1.5 + 1 + 1.5)  # two 0.25-core and two 0.375-core boards
     assert r4["speedup"] == pytest.approx(3.2) and r4["speedup_vs_bound"] == pytest.approx(3.2 / 5)
+    assert r4["work_ratio"] == pytest.approx(1.025 / 0.8) and r4["speedup_ceiling"] == pytest.approx(5 * 0.8 / 1.025)
+    assert "work_ratio" not in E._row(res["rows"], "vgg16/original", 3)  # nothing metered: no ceiling
     from edgeweave.runtime.timeline import frame_summary
 
     r4["timings"] = frame_summary({"total_s": 0.4, "stages": [
@@ -92,6 +96,7 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     s = E.summarize(res, cfg)
     assert s["breakdown_4dev"]["compute_s"] == pytest.approx(0.225) and s["breakdown_4dev"]["imbalance_s"] == pytest.approx(0.075)
     assert s["compact_flops_ratio"] == pytest.approx(0.25)
+    assert s["speedup_ceiling_4dev"] == pytest.approx(r4["speedup_ceiling"])
     assert s["compact_speedup_4dev"] == pytest.approx(1.0 / (0.25 / 3.2))
     assert s["adapt_frames_to_recover_per_change"] == [3, 1]  # median of 3 frames within 10% from the 3rd frame on
     assert s["adapt_frames_to_recover"] == 3
@@ -106,6 +111,7 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     assert back["summary"]["adapt_frames_to_recover"] == 3
     assert "speedup_vs_bound" in (tmp_path / "report.md").read_text()
     assert "= compute 0.225 s (the mean device's) + imbalance 0.075 s" in (tmp_path / "report.md").read_text()
+    assert "that work allows at most 3.90x, 0.78 of the bound" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow

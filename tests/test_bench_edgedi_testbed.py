@@ -39,6 +39,11 @@ def test_edgedi_bench_tiny(tmp_path):
     assert not res["testbed_down"]["remaining"]
     assert {(r["model"], r["devices"]) for r in res["rows"]} == {(m, k) for m in ("resnet18/original", "resnet18/compact") for k in (1, 4)}
     assert all(r["rel_err"] < 1e-4 for r in res["rows"])
+    # every device's cgroup was metered: the devices' CPU per frame against the leader alone, and
+    # the speedup that work allows, which no measured speedup passes (a margin for noise)
+    for r in res["rows"]:
+        assert len(r["cpu_frames_s"]) == cfg.repeat and all(len(f) == r["devices"] for f in r["cpu_frames_s"]), r["model"]
+        assert 0.5 < r["work_ratio"] < 10 and r["speedup"] <= 1.3 * r["speedup_ceiling"], r
     # the planner's per-message latency comes from all four devices synchronising in a line
     probes = res["config"]["message_latency"]
     assert set(probes) == {"0.25", "0.375"} and all(p["devices"] == 4 and p["synced_round_s"] > p["busy_round_s"] * 0.9

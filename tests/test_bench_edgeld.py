@@ -20,7 +20,7 @@ from edgeweave.bench.edgeld import (
     summarize,
     write_outputs,
 )
-from edgeweave.bench.tbcluster import bench_spec, planner_cluster
+from edgeweave.bench.tbcluster import bench_spec, cpu_ceiling, metered, planner_cluster
 
 
 def test_full_config_covers_every_experiment_once():
@@ -134,6 +134,26 @@ def test_speedups_use_the_phase_s_own_baseline_where_there_is_one():
     assert rows[0]["speedup"] is None and rows[1]["speedup"] == pytest.approx(4.4)
 
 
+def test_cpu_ceiling_is_the_bound_over_the_extra_work():
+    # three frames of leader + 4 (CPU seconds per device) against one device alone
+    frames = [[0.09, 0.08, 0.08, 0.08, 0.08], [0.10, 0.08, 0.08, 0.09, 0.08], [0.09, 0.08, 0.07, 0.08, 0.08]]
+    c = cpu_ceiling(frames, [0.30, 0.31, 0.29], bound=5.0)
+    assert c["cpu_s"] == pytest.approx([0.09, 0.08, 0.08, 0.08, 0.08])  # per device, median over frames
+    assert c["work_ratio"] == pytest.approx(0.41 / 0.30)  # median frame total over median single frame
+    assert c["speedup_ceiling"] == pytest.approx(5.0 * 0.30 / 0.41)
+    # a cluster doing no extra work is bounded by the bound itself; less CPU than alone, above it
+    assert cpu_ceiling([[0.15, 0.15]], [0.3], 2.0)["speedup_ceiling"] == pytest.approx(2.0)
+    assert cpu_ceiling([[0.1, 0.1]], [0.3], 2.0)["speedup_ceiling"] == pytest.approx(3.0)
+    assert cpu_ceiling([], [0.3], 5.0) == {} and cpu_ceiling(frames, [], 5.0) == {}  # nothing metered
+
+
+def test_metered_reports_what_each_device_used_meanwhile():
+    usage = [[1.0, 2.0], [1.25, 2.5]]
+    out, used = metered(lambda: usage.pop(0), lambda: "answer")
+    assert out == "answer" and used == pytest.approx([0.25, 0.5])
+    assert metered(None, lambda: 7) == (7, None)  # no cgroups (loopback fallback): no numbers
+
+
 def test_missing_experiments_give_none_not_errors():
     s = summarize([_row("a_followers")], EdgeldConfig())
     assert s.get("optimal_gain_over_bodp") is None
@@ -159,6 +179,7 @@ def test_outputs_written(tmp_path):
         + [{"index": "final", "kind": "final_transfers", "wall_s": 0.0, "compute_s": 0.0, "devices": []}]}
     rows[2]["timings"] = frame_summary(frame)
     rows[2]["latencies_s"] = [0.5, 0.6]
+    rows[2] |= cpu_ceiling([[0.1, 0.08, 0.08, 0.08, 0.08]], [0.3], 5.0)  # 0.42 s of CPU against 0.3 s
     result = {
         "config": asdict(cfg) | {"devices": list(NAMES), "link_goodput_bps": {"1000mbit": 9.4e8},
                                  "message_latency": {"0.25": {"overhead_s": 4e-3, "work_ms": 4.0}},
@@ -185,7 +206,8 @@ def test_outputs_written(tmp_path):
     # where the headline frame's time went: mean compute 0.28 s (2 x 0.14), imbalance 2 x 0.04
     b = data["summary"]["speedup_vgg16_4f_1000mbit_breakdown"]
     assert b["compute_s"] == pytest.approx(0.28) and b["imbalance_s"] == pytest.approx(0.08)
-    assert "| vgg16@112 k=4 1000mbit auto/gather | 0.500 | 0.280 | 0.080 | 0.140 | 2 |" in md
+    assert "| vgg16@112 k=4 1000mbit auto/gather | 0.500 | 0.280 | 0.080 | 0.140 | 2 | 1.400 | 3.571 |" in md
+    assert data["summary"]["speedup_vgg16_4f_1000mbit_ceiling"] == pytest.approx(5 / 1.4)
     assert (tmp_path / "timeline_1000mbit.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeweave.jsonio import write_json
+from edgeweave.bench.tbcluster import cpu_ceiling
 from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
 
@@ -268,6 +269,8 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
             rep = bc.call({"op": "plan", "path": str(pfile.resolve())})
             live.append({"k": k, "plan": plan, "plan_s": plan_s, "rep": rep, "lats": [], "best": None})
         single: dict[str, list[float]] = {NAMES[i]: [] for i in _distinct_caps(cfg)}
+        meter = T.cpu_meter(tb, NAMES)
+        single_cpu: list[float] = []  # the leader's, alone (its cgroup; the cluster idles)
         with contextlib.ExitStack() as stack:
             solos = {d: stack.enter_context(T.SingleDevice(tb, d, str(ckpt), cfg.size, timeout_s=cfg.timeout_s))
                      for d in single}
@@ -275,9 +278,12 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                 bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
             for rnd in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
                 for e in live:
-                    T.timed_frame(bc, e)
+                    T.timed_frame(bc, e, meter)
                 for d in (list(solos) if rnd % 2 == 0 else list(solos)[::-1]):
-                    single[d].append(solos[d].time_once())
+                    lat, used = T.metered(meter, solos[d].time_once)
+                    single[d].append(lat)
+                    if used is not None and d == NAMES[0]:
+                        single_cpu.append(used[0])
         console.print("  single device: " + ", ".join(f"{d} {statistics.median(v):.3f} s" for d, v in single.items()))
         for e in live:
             med = statistics.median(e["lats"])
@@ -288,7 +294,8 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                          "prediction_error": abs(plan.predicted_s - med) / med, "rel_err": e["rep"]["rel_err"],
                          "max_abs_err": e["rep"]["max_abs_err"], "stage_kinds": [s.kind for s in plan.stages],
                          "leader_only": plan.meta.get("leader_only"), "plan_s": e["plan_s"],
-                         "timings": frame_summary(e["best"])})
+                         "timings": frame_summary(e["best"]),
+                         "cpu_frames_s": [f[: e["k"]] for f in e.get("cpu", [])], "single_device_cpu_frames_s": single_cpu})
             console.print(f"  {key} k={e['k']}: {med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {e['rep']['rel_err']:.1e})")
         adapt = _adapt(tb, cfg, bc, gm, key, mhash, profiles, goodput, latencies, byte_s, work, T) if with_adapt else {}
         if adapt and cfg.failover_device:
@@ -470,6 +477,9 @@ def _speedups(rows: list[dict[str, Any]], models: dict[str, dict[str, Any]], cfg
         r["speedup"] = lead / r["latency_s"]
         r["bound"] = sum(speed[c] for c in cfg.caps[: r["devices"]]) / speed[cfg.caps[0]]
         r["speedup_vs_bound"] = r["speedup"] / r["bound"]
+        # the CPU the devices spent per frame against the leader alone: the speedup that work
+        # allows at best is the bound over that ratio (tbcluster.cpu_ceiling)
+        r.update(cpu_ceiling(r.get("cpu_frames_s") or [], r.get("single_device_cpu_frames_s") or [], r["bound"]))
         orig = models.get(f"{r['base']}/original")
         r["speedup_vs_original"] = orig["single_s"][NAMES[0]] / r["latency_s"] if orig else None
 
@@ -490,6 +500,7 @@ def summarize(result: dict[str, Any], cfg: EdgediConfig) -> dict[str, Any]:
     s["speedup_4dev"], s["bound_4dev"] = (r["speedup"], r["bound"]) if r else (None, None)
     # where that configuration's fastest frame spent its time (runtime/timeline.py)
     s["breakdown_4dev"] = (r.get("timings") or {}).get("breakdown") if r else None
+    s["work_ratio_4dev"], s["speedup_ceiling_4dev"] = (r.get("work_ratio"), r.get("speedup_ceiling")) if r else (None, None)
     rc = _row(rows, f"{main}/compact", kmax)
     s["compact_speedup_4dev"] = rc["speedup_vs_original"] if rc else None
     rp = _row(rows, f"{main}/compact_pruned", kmax)
@@ -536,7 +547,7 @@ def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ outputs
 CSV_KEYS = ("model", "devices", "caps", "rates", "latency_s", "predicted_s", "prediction_error", "single_device_s",
-            "speedup", "bound", "speedup_vs_bound", "speedup_vs_original", "rel_err")
+            "speedup", "bound", "speedup_vs_bound", "work_ratio", "speedup_ceiling", "speedup_vs_original", "rel_err")
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
@@ -676,7 +687,7 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          "", "## Summary and targets", "", "| key | value | target | met |", "|---|---|---|---|"]
     for k, t in tg.items():
         L.append(f"| {k} | {_f(t['value'])} | {t['target']} | {t['met']} |")
-    for k in ("compact_flops_ratio", "speedup_4dev", "bound_4dev", "compact_speedup_4dev", "compact_pruned_speedup_4dev",
+    for k in ("compact_flops_ratio", "speedup_4dev", "bound_4dev", "work_ratio_4dev", "speedup_ceiling_4dev", "compact_speedup_4dev", "compact_pruned_speedup_4dev",
               "prediction_error_median", "max_rel_err", "adapt_frames_to_recover_per_change",
               "adapt_frames_to_recover_vs_measured_oracle", "adapt_replans_per_phase", "adapt_replan_s_max"):
         if k in s:
@@ -687,15 +698,22 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
               f"(runtime/timeline.py, `timeline.png`): {b['total_s']:.3f} s = compute {b['compute_s']:.3f} s (the mean "
               f"device's) + imbalance {b['imbalance_s']:.3f} s (per stage, the slowest device over the mean one) + "
               f"transfers/sync {b['other_s']:.3f} s, {b['stages']} stages."]
+    if s.get("work_ratio_4dev") and s.get("speedup_ceiling_4dev"):
+        L += ["", f"The {s['devices_max']} devices used {s['work_ratio_4dev']:.2f}x the CPU of one frame on the leader alone, "
+              f"all together (their cgroups): even perfectly balanced and never waiting, that work allows at most "
+              f"{s['speedup_ceiling_4dev']:.2f}x, {1 / s['work_ratio_4dev']:.2f} of the bound."]
     L += ["", "## Models", "", "| model | GFLOPs | M params | single s (per cap) |", "|---|---|---|---|"]
     for k, m in result["models"].items():
         L.append(f"| {k} | {m['flops'] / 1e9:.3f} | {m['params'] / 1e6:.3f} | "
                  + ", ".join(f"{d}: {v:.3f}" for d, v in m["single_s"].items()) + " |")
-    L += ["", "## Runs", "", "| model | k | latency s | predicted s | speedup | bound | speedup/bound | vs original | rel_err |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "## Runs", "", "CPU x single: the CPU all k devices used per frame over one frame on the leader alone; "
+          "ceiling: the bound over that ratio (the most a plan doing this work could reach).", "",
+          "| model | k | latency s | predicted s | speedup | bound | speedup/bound | CPU x single | ceiling | vs original | rel_err |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         L.append(f"| {r['model']} | {r['devices']} | {r['latency_s']:.3f} | {r['predicted_s']:.3f} | {r['speedup']:.2f} | "
-                 f"{r['bound']:.2f} | {r['speedup_vs_bound']:.2f} | {_f(r['speedup_vs_original'], 2)} | {r['rel_err']:.1e} |")
+                 f"{r['bound']:.2f} | {r['speedup_vs_bound']:.2f} | {_f(r.get('work_ratio'), 2)} | {_f(r.get('speedup_ceiling'), 2)} | "
+                 f"{_f(r['speedup_vs_original'], 2)} | {r['rel_err']:.1e} |")
     ad = result["adapt"]
     if ad:
         L += ["", "## Adaptive partitioning", "",

@@ -315,6 +315,8 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             # It runs in a process kept warm through the phase, as the cluster's are.
             adjacent = model == cfg.models[-1] and not hetero and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
+            base_cpu: list[float] = []
+            meter = T.cpu_meter(tb, NAMES)
             with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
                   else contextlib.nullcontext()) as solo:
                 # One untimed round first: the first frame of a plan after the others' warm-ups
@@ -323,9 +325,12 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                     bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
                 for _ in range(cfg.hetero_repeat if hetero else cfg.repeat):
                     for e in live:
-                        T.timed_frame(bc, e)
+                        T.timed_frame(bc, e, meter)
                     if solo is not None:
-                        base_lats.append(solo.time_once())
+                        lat, used = T.metered(meter, solo.time_once)
+                        base_lats.append(lat)
+                        if used is not None:
+                            base_cpu.append(used[0])  # the leader's cgroup, where it runs
             if base_lats:
                 console.print(f"  single device, interleaved: {statistics.median(base_lats):.3f} s "
                               f"({', '.join(f'{t:.2f}' for t in base_lats)})")
@@ -347,6 +352,8 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                 if base_lats and r.size == cfg.size:
                     row["single_device_adjacent_s"] = statistics.median(base_lats)
                     row["single_device_adjacent_times_s"] = list(base_lats)
+                    frames_cpu = [f[: r.k + 1] for f in e.get("cpu", [])]
+                    row.update(T.cpu_ceiling(frames_cpu, base_cpu, sum(caps[: r.k + 1]) / caps[0]))
                 rows.append(row)
                 console.print(f"  {model}@{r.size} k={r.k} {r.partition:8s} {r.fusion:5s} {r.mode:8s} "
                               f"{med:.3f} s (pred {plan.predicted_s:.3f}, rel_err {rep['rel_err']:.1e})")
@@ -381,6 +388,10 @@ def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
         s[f"{key}_latency_s"] = b["latency_s"] if b else None
         # where the time of that configuration's fastest frame went (runtime/timeline.py)
         s[f"{key}_breakdown"] = (b.get("timings") or {}).get("breakdown") if b else None
+        # the CPU all devices spent per frame over the single device's, and the speedup that
+        # work allows at best (tbcluster.cpu_ceiling)
+        s[f"{key}_work_ratio"] = b.get("work_ratio") if b else None
+        s[f"{key}_ceiling"] = b.get("speedup_ceiling") if b else None
     het = [r for r in rows if r["heterogeneous"] and "b_partition" in r["experiments"]]
     lat = {(r["partition"], r["mode"], r["fusion"]): r["latency_s"] for r in het}
     samples = {(r["partition"], r["mode"], r["fusion"]): r.get("latencies_s") or [r["latency_s"]] for r in het}
@@ -454,7 +465,7 @@ def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ outputs
 CSV_KEYS = ("experiments", "model", "size", "followers", "partition", "fusion", "mode", "link", "caps", "rates",
             "latency_s", "predicted_s", "prediction_error", "single_device_s", "single_device_adjacent_s", "speedup",
-            "speedup_startend", "rel_err", "stages")
+            "speedup_startend", "work_ratio", "speedup_ceiling", "rel_err", "stages")
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> dict[str, str]:
@@ -620,6 +631,10 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
         if iv:
             L.append(f"Speedup at {rate}: {s[f'speedup_vgg16_4f_{rate}']:.2f}x, 90 % bootstrap interval over the repeats "
                      f"{iv[0]:.2f}-{iv[1]:.2f}x; over the start/end baseline {s[f'speedup_vgg16_4f_{rate}_startend']:.2f}x.")
+        wr, ceil = s.get(f"speedup_vgg16_4f_{rate}_work_ratio"), s.get(f"speedup_vgg16_4f_{rate}_ceiling")
+        if wr and ceil:
+            L.append(f"At {rate} the devices used {wr:.2f}x the single device's CPU per frame, all together: even perfectly "
+                     f"balanced and never waiting, this plan could not pass {ceil:.2f}x.")
     L += ["", f"Speedup modes: 1000 Mbit/s {s.get('speedup_vgg16_4f_1000mbit_mode')}, 100 Mbit/s "
           f"{s.get('speedup_vgg16_4f_100mbit_mode')}; fusion best {s.get('fusion_best')}; largest rel_err {s.get('max_rel_err')}",
           "", "## Single device (plain torch)", "", "| model@size | median s |", "|---|---|"]
@@ -646,15 +661,19 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
     L += ["", "## Where the time goes", "",
           "The fastest frame of a configuration, split (runtime/timeline.py): compute = the mean device's compute "
           "seconds (the work, spread perfectly evenly); imbalance = per stage, the slowest device's compute over the "
-          "mean one's; the rest = transfers, waits at stage boundaries, the leader's bookkeeping.", "",
-          "| configuration | frame s | compute s | imbalance s | transfers/sync s | stages |", "|---|---|---|---|---|---|"]
+          "mean one's; the rest = transfers, waits at stage boundaries, the leader's bookkeeping. CPU x single = the "
+          "CPU all devices used per frame (their cgroups, median over the repeats) over one frame on the device alone; "
+          "ceiling = the speedup that work allows at best (devices' total cap over the baseline's, over that ratio).", "",
+          "| configuration | frame s | compute s | imbalance s | transfers/sync s | stages | CPU x single | ceiling |",
+          "|---|---|---|---|---|---|---|---|"]
     shown = list(_headline(result["rows"], cfg).values())
     shown += [r for r in result["rows"] if "c_fusion" in r["experiments"] and all(r is not x for x in shown)]
     for row in shown:
         b = (row.get("timings") or {}).get("breakdown")
         if b:
             L.append(f"| {row['model']}@{row['size']} k={row['followers']} {row['link']} {row['fusion']}/{row['mode']} | "
-                     f"{b['total_s']:.3f} | {b['compute_s']:.3f} | {b['imbalance_s']:.3f} | {b['other_s']:.3f} | {b['stages']} |")
+                     f"{b['total_s']:.3f} | {b['compute_s']:.3f} | {b['imbalance_s']:.3f} | {b['other_s']:.3f} | {b['stages']} | "
+                     f"{_fmt(row.get('work_ratio'))} | {_fmt(row.get('speedup_ceiling'))} |")
     L += ["", "## Runs", "", "| exp | model | size | k | partition | fusion | mode | links | latency s | predicted s | err | speedup |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -378,14 +379,56 @@ class SingleDevice:
         self.close()
 
 
+# ------------------------------------------------------------------------------------ CPU
+CpuMeter = Callable[[], list[float]]
+
+
+def cpu_meter(tb: Testbed, devices: Sequence[str]) -> CpuMeter | None:
+    """CPU seconds each device's cgroup has used so far (cpuacct), in ``devices`` order; None
+    where the testbed does not account CPU (the loopback fallback without root)."""
+    if any(tb.cpu_usage_s(d) is None for d in devices):
+        return None
+    return lambda: [float(tb.cpu_usage_s(d) or 0.0) for d in devices]
+
+
+def metered(meter: CpuMeter | None, fn: Callable[[], Any]) -> tuple[Any, list[float] | None]:
+    """``fn()`` and the CPU seconds each metered device used meanwhile (None without a meter)."""
+    before = meter() if meter else None
+    out = fn()
+    return out, ([b - a for a, b in zip(before, meter())] if meter and before is not None else None)
+
+
+def cpu_ceiling(frames_cpu: Sequence[Sequence[float]], single_cpu: Sequence[float], bound: float) -> dict[str, Any]:
+    """What the CPU a cluster spends per frame allows, against one device alone.
+
+    ``work_ratio`` is the median over frames of the CPU all devices used together, over the
+    median CPU of one frame of the model on the baseline device alone. A device cannot finish
+    its share faster than its cap lets it use CPU, so even perfectly balanced and never waiting
+    the frame takes at least the total CPU over the total cap; over the single device's latency
+    that is ``bound / work_ratio`` (``bound``: the devices' speeds summed, over the baseline
+    device's speed, as the benches define it). Why it is reported: it separates what a better
+    plan could still win (the gap between the speedup and this ceiling: waiting, imbalance) from
+    what it could not (the extra work of splitting: halos, every device reading every layer's
+    weights for its few rows, the runtime's per-stage work, the leader's bookkeeping)."""
+    if not frames_cpu or not single_cpu or statistics.median(single_cpu) <= 0:
+        return {}
+    per_device = [statistics.median(f[d] for f in frames_cpu) for d in range(len(frames_cpu[0]))]
+    ratio = statistics.median(sum(f) for f in frames_cpu) / statistics.median(single_cpu)
+    return {"cpu_s": per_device, "single_device_cpu_s": statistics.median(single_cpu), "work_ratio": ratio,
+            "speedup_ceiling": bound / ratio}
+
+
 # ------------------------------------------------------------------------------------ cluster
-def timed_frame(bc: "BenchCluster", entry: dict[str, Any]) -> None:
+def timed_frame(bc: "BenchCluster", entry: dict[str, Any], meter: CpuMeter | None = None) -> None:
     """One timed inference of ``entry``'s loaded plan (``entry["rep"]["plan_id"]``): its latency
-    goes to ``entry["lats"]``, and its timings to ``entry["best"]`` while it is the fastest."""
-    res = bc.call({"op": "infer", "plan_id": entry["rep"]["plan_id"], "repeat": 1})
+    goes to ``entry["lats"]``, and its timings to ``entry["best"]`` while it is the fastest; with
+    a ``meter``, each device's CPU for the frame to ``entry["cpu"]``."""
+    res, used = metered(meter, lambda: bc.call({"op": "infer", "plan_id": entry["rep"]["plan_id"], "repeat": 1}))
     if not entry["lats"] or res["latencies_s"][0] <= min(entry["lats"]):
         entry["best"] = res["timings"]
     entry["lats"].extend(res["latencies_s"])
+    if used is not None:
+        entry.setdefault("cpu", []).append(used)
 
 
 @dataclass
