@@ -3,9 +3,10 @@
 Why: the rows a device sends at a stage boundary mostly follow a ReLU, so many of their values
 are zero (VGG16, seeded weights and input: 45-53 % after each ReLU, 17-39 % after each max
 pool). On a 100 Mbit/s link a 115 KB halo costs ~9 ms; sent as a bit mask of the non-zero
-values plus those values it is ~1.9x smaller after a ReLU, and coding it costs ~0.03 ms and
-decoding ~0.04 ms on one core of this project's host (numpy's ``packbits`` and boolean
-indexing, one pass each).
+values plus those values it is ~1.9x smaller after a ReLU, and coding it costs ~0.04 ms and
+decoding ~0.04 ms on one core of this project's host (numpy's ``packbits``, ``compress`` and an
+index scatter; with boolean indexing both took 0.12 ms, which a 0.25-core device pays 4x in
+wall time at every stage boundary).
 
 What is exact: a value is "zero" only when all its 32 bits are 0, so -0.0, NaN and infinities
 travel as values and every decoded tensor is bit-identical to the one sent. Dense rows (a
@@ -76,7 +77,9 @@ def encode(t: torch.Tensor) -> torch.Tensor:
     mb = _mask_bytes(n)
     packed = np.packbits(nonzero, bitorder="little")
     out[HEADER:HEADER + packed.size] = packed
-    out[HEADER + mb:].view(np.float32)[:] = flat[nonzero]
+    # np.compress, not flat[nonzero]: the same values, 5x faster (boolean indexing takes a
+    # general path; 0.24 against 0.045 ms for a 224 KB halo on this project's host)
+    np.compress(nonzero, flat, out=out[HEADER + mb:].view(np.float32))
     return torch.from_numpy(out)
 
 
@@ -107,8 +110,9 @@ def decode(buf: torch.Tensor, shape: list[int] | tuple[int, ...], who: str = "a 
         raise EdgeweaveError(f"{who} sent a coded message whose header ({kind}, {count}) does not fit "
                              f"{n} values in {data.size} bytes")
     nonzero = np.unpackbits(data[HEADER:HEADER + mb], count=n, bitorder="little").view(np.bool_)
-    if int(np.count_nonzero(nonzero)) != count:
+    where = np.flatnonzero(nonzero)  # scattering by index: 4x faster than by the boolean mask
+    if where.size != count:
         raise EdgeweaveError(f"{who} sent a coded message whose mask does not match its count")
     out = np.zeros(n, dtype=np.float32)
-    out[nonzero] = data[HEADER + mb:HEADER + mb + 4 * count].view(np.float32)
+    out[where] = data[HEADER + mb:HEADER + mb + 4 * count].view(np.float32)
     return _from_wire(torch.from_numpy(out), list(shape))
