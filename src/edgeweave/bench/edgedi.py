@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeweave.jsonio import write_json
 from edgeweave.bench.tbcluster import cpu_ceiling
+from edgeweave.jsonio import write_json
 from edgeweave.console import console
 from edgeweave.errors import EdgeweaveError
 
@@ -687,7 +687,8 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
          "", "## Summary and targets", "", "| key | value | target | met |", "|---|---|---|---|"]
     for k, t in tg.items():
         L.append(f"| {k} | {_f(t['value'])} | {t['target']} | {t['met']} |")
-    for k in ("compact_flops_ratio", "speedup_4dev", "bound_4dev", "work_ratio_4dev", "speedup_ceiling_4dev", "compact_speedup_4dev", "compact_pruned_speedup_4dev",
+    for k in ("compact_flops_ratio", "speedup_4dev", "bound_4dev", "work_ratio_4dev", "speedup_ceiling_4dev",
+              "compact_speedup_4dev", "compact_pruned_speedup_4dev",
               "prediction_error_median", "max_rel_err", "adapt_frames_to_recover_per_change",
               "adapt_frames_to_recover_vs_measured_oracle", "adapt_replans_per_phase", "adapt_replan_s_max"):
         if k in s:
