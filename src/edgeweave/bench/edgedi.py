@@ -35,7 +35,10 @@ measured goodput (same harness as ``bench edgeld``).
 Summary keys: ``compact_flops_ratio`` (compact VGG16 FLOPs over the original's),
 ``speedup_vs_bound`` (measured speedup over the bound, original main model, 4 devices),
 ``compact_speedup_4dev`` (original on the leader alone over compact on 4 devices),
-``adapt_frames_to_recover`` (worst of the two cap changes), ``adapt_replans_steady``.
+``adapt_frames_to_recover`` (worst of the two cap changes), ``adapt_replans_steady``;
+``work_ratio_4dev`` / ``speedup_ceiling_4dev`` (the CPU the four devices used per frame, from
+their cgroups, over one frame on the leader alone, and the bound over it: the most any plan doing
+that work could reach, ``tbcluster.cpu_ceiling``).
 """
 
 from __future__ import annotations
