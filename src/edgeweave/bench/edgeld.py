@@ -289,6 +289,7 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
         if bc.ready["model_hash"] != mhash:
             raise EdgeweaveError("the leader's weights differ from the checkpoint written")
         console.print(f"  cluster up in {time.perf_counter() - t0:.1f} s")
+        meter = T.cpu_meter(tb, NAMES)  # every device's CPU per frame (None without cgroups)
         phases: dict[tuple, list[RunSpec]] = {}
         for r in runs:
             phases.setdefault(r.phase, []).append(r)
@@ -316,7 +317,6 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             adjacent = model == cfg.models[-1] and not hetero and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
             base_cpu: list[float] = []
-            meter = T.cpu_meter(tb, NAMES)
             with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
                   else contextlib.nullcontext()) as solo:
                 # One untimed round first: the first frame of a plan after the others' warm-ups

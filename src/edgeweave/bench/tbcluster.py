@@ -393,9 +393,11 @@ def cpu_meter(tb: Testbed, devices: Sequence[str]) -> CpuMeter | None:
 
 def metered(meter: CpuMeter | None, fn: Callable[[], Any]) -> tuple[Any, list[float] | None]:
     """``fn()`` and the CPU seconds each metered device used meanwhile (None without a meter)."""
-    before = meter() if meter else None
+    if meter is None:
+        return fn(), None
+    before = meter()
     out = fn()
-    return out, ([b - a for a, b in zip(before, meter())] if meter and before is not None else None)
+    return out, [b - a for a, b in zip(before, meter())]
 
 
 def cpu_ceiling(frames_cpu: Sequence[Sequence[float]], single_cpu: Sequence[float], bound: float) -> dict[str, Any]:
