@@ -169,7 +169,7 @@ def run_edgeld_bench(cfg: EdgeldConfig | None = None, out_dir: Path = Path("resu
     if not ok:
         raise EdgeweaveError(f"bench edgeld needs the emulated testbed (root, Linux, iproute2, cgroup v1): {why}")
     # a quick run writes beside the full one (results/edgeld/quick/) instead of over it;
-    # both share the checkpoints and plans in results/edgeld/work/
+    # both share the checkpoints and plans in the work folder beside them (results/edgeld/work)
     work = Path(out_dir) / "edgeld" / "work"
     out = Path(out_dir) / "edgeld" / ("quick" if cfg.quick else "")
     out.mkdir(parents=True, exist_ok=True)

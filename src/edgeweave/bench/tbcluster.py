@@ -249,9 +249,9 @@ def message_latencies(tb: Testbed, devices: Sequence[str], caps: Sequence[float]
     Why per cap: the overhead is mostly CPU time and quota waits, so it grows as the cap
     shrinks; one value measured at 0.25 core made a 0.5-core device look as slow to synchronise
     as a 0.125-core one. Why the whole line and not a pair: a stage boundary waits for the
-    slowest of its devices to wake, so it costs more the more devices share it (at 0.25 core,
-    session 19: 2.2-2.7 ms per round for 2 devices, 4.5-4.8 ms for 4; at 0.375 core 1.4-1.8 and
-    4.1-4.5 ms). Priced from a pair, VGG16's 4-device plan in bench edgedi predicted 0.208 s and
+    slowest of its devices to wake, so it costs more the more devices share it (measured on the
+    testbed at 0.25 core: 2.2-2.7 ms per round for 2 devices, 4.5-4.8 ms for 4; at 0.375 core
+    1.4-1.8 and 4.1-4.5 ms). Priced from a pair, VGG16's 4-device plan in bench edgedi predicted 0.208 s and
     ran 0.301 s; priced 3x higher the planner chose 8 stages instead of 10, predicted 0.242 s and
     ran 4 % faster (median of 10 interleaved rounds). Returns ({cap: latency_s}, {cap: probe})."""
     before = {d: tb.cpu_cap(d) for d in devices}

@@ -40,9 +40,8 @@ def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
     edgedi run AH kept the order after w2's cap dropped to 0.1 core, so w2 stayed in the middle
     with 2 of 50 rows and two neighbours waiting for it at each of 10 stage boundaries: 0.41 s a
     frame; the searched order puts it at an end (9 stages) and ran 0.30 s (10 interleaved rounds
-    on one testbed; predicted 0.354 against 0.293 s). Session 11 had kept the order because the
-    search then took 4-6 s per evaluation on the 0.25-core leader; it now takes 0.55 s against
-    0.13 s with the order given, on one host core."""
+    on one testbed; predicted 0.354 against 0.293 s). The search costs 0.55 s of planning against
+    0.13 s with the order given, on one host core (2.3-2.5 s per re-plan on a 0.25-core leader)."""
     from edgeweave.planning.planner import make_plan
 
     return make_plan(gm, cluster, partition=current.partition, fusion=current.fusion, mode=current.mode,
