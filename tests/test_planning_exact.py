@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeweave.models import build_model
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture
 from edgeweave.planning.plan import Plan
 from edgeweave.planning.planner import make_plan
@@ -182,7 +182,8 @@ def test_a_stage_copies_its_input_only_when_it_may_write_into_it() -> None:
     The runtime may still be sending that tensor to a neighbour, so a stage that would write into
     it must copy it first; a stage that writes only into what it computed must not pay the copy.
     """
-    from edgeweave.planning.execute import run_stage, writes_input
+    from edgeweave.engine import run_stage
+    from edgeweave.engine.stage import writes_input
     from edgeweave.planning.plan import Assignment, Stage
 
     torch.manual_seed(0)
@@ -213,7 +214,8 @@ def test_a_device_computing_a_whole_stage_alone_runs_the_models_own_ops(name: st
     """``whole_on``: on one device every spatial and leader stage runs the model's own ops (a
     generated module), so its output equals the model's value there bit for bit, attention
     squeezes included; strips of a split stage and reduce stages keep the strip interpreter."""
-    from edgeweave.planning.execute import run_stage, stage_io, whole_on
+    from edgeweave.engine import run_stage
+    from edgeweave.engine.stage import stage_io, whole_on
 
     _, gm, x, ref = _setup(name, shape)
     values: dict[str, torch.Tensor] = {}

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeweave.models import build_model
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.fusion import atomic_segments, choose_blocks
 from edgeweave.planning.graph import capture, node_kind
 from edgeweave.planning.planner import make_plan

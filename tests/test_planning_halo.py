@@ -9,7 +9,8 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeweave.planning.execute import apply_window, fewer_copies, run_stage
+from edgeweave.engine import run_stage
+from edgeweave.engine.windows import apply_window, fewer_copies
 from edgeweave.planning.graph import capture, node_kind, window_of
 from edgeweave.planning.halo import required_rows, window_in_rows, window_output_size
 from edgeweave.planning.plan import Assignment, Stage

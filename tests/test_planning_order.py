@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.models import build_model
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture
 from edgeweave.planning.planner import _strips, make_plan, scale_counts
 from edgeweave.profiling.profile import Cluster, DeviceProfile

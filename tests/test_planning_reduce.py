@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeweave.models import build_model
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture, is_small, reduction_of, side_inputs
 from edgeweave.planning.halo import is_empty
 from edgeweave.planning.plan import Plan
@@ -409,7 +409,7 @@ def test_pool_matrix_is_adaptive_average_pooling(n_in: int, n_out: int) -> None:
 @settings(max_examples=80, deadline=None)
 def test_a_weight_carried_back_through_the_pool_applies_to_the_map(h: int, w: int, oh: int, ow: int) -> None:
     """``fc(flatten(adaptive_avg_pool2d(x)))`` equals the folded, rows-first weight applied to ``x``."""
-    from edgeweave.planning import execute
+    from edgeweave.engine import reduce as execute
 
     weight = torch.randn(5, 2 * oh * ow, dtype=torch.float64)
     x = torch.randn(3, 2, h, w, dtype=torch.float64)
@@ -441,7 +441,7 @@ def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
 
 
 def test_partial_products_use_one_reordered_copy_of_the_weight_for_every_row_range() -> None:
-    from edgeweave.planning import execute
+    from edgeweave.engine import reduce as execute
 
     torch.manual_seed(0)
     w = torch.randn(7, 2 * 4 * 3)
@@ -578,7 +578,7 @@ def test_a_squeeze_is_priced_as_one_message_delay_not_a_round_trip() -> None:
 
 
 def test_prepare_makes_the_reordered_weight_before_the_first_frame_and_only_where_rows_are_owned() -> None:
-    from edgeweave.planning import execute
+    from edgeweave.engine import reduce as execute
 
     torch.manual_seed(0)
     model = build_model("vgg11", num_classes=10).eval()
@@ -591,9 +591,9 @@ def test_prepare_makes_the_reordered_weight_before_the_first_frame_and_only_wher
     idle = set(range(3)) - owners
     execute._ROWS_FIRST.clear()
     for d in idle:
-        execute.prepare(gm, plan, d)
+        execute.prepare_reductions(gm, plan, d)
     assert not execute._ROWS_FIRST  # nothing to make for a device that owns no rows
-    execute.prepare(gm, plan, min(owners))
+    execute.prepare_reductions(gm, plan, min(owners))
     assert len(execute._ROWS_FIRST) == 1
     made = next(iter(execute._ROWS_FIRST.values()))[2]
     with torch.no_grad():

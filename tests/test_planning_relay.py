@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgeweave.models import build_model
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture
 from edgeweave.planning.cost import relay_bytes
 from edgeweave.planning.planner import make_plan

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from edgeweave.models import build_model
 from edgeweave.planning.cost import row_bytes, wire_row_bytes
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture, measure_density, node_shape
 from edgeweave.planning.planner import make_plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile

@@ -59,7 +59,7 @@ def test_compact_cifar_resnet18_three_workers(cl, partition, mode):
 
 
 def test_results_are_bit_reproducible_and_match_simulate(cl):
-    from edgeweave.planning.execute import simulate
+    from edgeweave.engine import simulate
 
     model = _model(cl, "compact_small_cnn", 40)
     gm = capture(model, (1, 3, 40, 40))

@@ -18,7 +18,7 @@ import torch
 
 from edgeweave.checkpoint import load_model, model_hash, save_checkpoint
 from edgeweave.errors import EdgeweaveError
-from edgeweave.planning.execute import simulate
+from edgeweave.engine import simulate
 from edgeweave.planning.graph import capture
 from edgeweave.planning.plan import Assignment, Plan, Stage, Transfer
 from edgeweave.runtime.leader import LocalCluster

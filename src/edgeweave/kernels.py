@@ -43,8 +43,9 @@ def max_pool2d(x: torch.Tensor, kernel_size: int | tuple[int, int], stride: int 
                ceil_mode: bool = False) -> torch.Tensor:
     """``F.max_pool2d`` (no indices), rows first then columns; ceil mode and channels-last maps
     go to torch (its NHWC pooling is vectorised over channels and faster still: 0.8 ms for the
-    map above), keeping their layout."""
-    if ceil_mode or x.dim() not in (3, 4) or is_map_layout(x):
+    map above), keeping their layout; so does an export to ONNX (one MaxPool node for the
+    backends' own kernels)."""
+    if ceil_mode or x.dim() not in (3, 4) or is_map_layout(x) or torch.onnx.is_in_onnx_export():
         return F.max_pool2d(x, kernel_size, stride or kernel_size, padding, dilation, ceil_mode=ceil_mode)
     (kh, kw), (sh, sw) = pair(kernel_size), pair(stride or kernel_size)
     (ph, pw), (dh, dw) = pair(padding), pair(dilation)

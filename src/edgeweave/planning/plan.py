@@ -111,6 +111,9 @@ class Plan:
     final_transfers: list[Transfer] = field(default_factory=list)
     predicted_s: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    # The compute backend of each device (engine/backends.py), in device order; empty or
+    # shorter: torch for the devices it does not name.
+    backends: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +167,7 @@ class Plan:
             final_transfers=[tr(t) for t in d.get("final_transfers", [])],
             predicted_s=float(d.get("predicted_s", 0.0)),
             meta=dict(d.get("meta", {})),
+            backends=[str(b) for b in d.get("backends", [])],
         )
 
     @classmethod

@@ -16,15 +16,13 @@ from typing import Any, Callable
 
 import torch
 
+from edgeweave.engine.program import DeviceProgram
+from edgeweave.engine.reduce import partial_shape, sum_partials
 from edgeweave.errors import EdgeweaveError
 from edgeweave.layout import dense
 from edgeweave.planning.plan import Plan, Stage, Transfer
 from edgeweave.runtime import codec
 from edgeweave.runtime.wire import TAG_STRIDE, Channel, transfer_tag
-
-# run_stage(gm, stage, device, x) -> rows out_rows of the stage output (planning.execute).
-StageRunner = Callable[[Any, Stage, int, torch.Tensor], torch.Tensor]
-
 
 def split_axis(shape: list[int] | tuple[int, ...]) -> int:
     """The axis a plan cuts along: rows (dim 2) of 4-D maps, features (dim 1) otherwise."""
@@ -153,8 +151,6 @@ def _reduce_fn(stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
     Seconds spent waiting for messages are added to ``waited[0]`` so that they count as
     communication, not compute (a device that waits for a slower one must not look slow).
     """
-    from edgeweave.planning.execute import partial_shape, sum_partials
-
     if len(stage.transfers) > TAG_STRIDE - len(stage.reductions):
         raise EdgeweaveError(f"stage {s} has too many transfers and reductions for the runtime's tags")
     receivers = [0] if stage.kind == "reduce" else [a.device for a in stage.assignments if a.out_rows[1] > a.out_rows[0]]
@@ -198,13 +194,15 @@ def _reduce_fn(stage: Stage, s: int, device: int, gm: Any, ch: Channel | None,
     return fn
 
 
-def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: Channel | None,
-                 run_stage: StageRunner) -> tuple[torch.Tensor | None, list[StageTiming]]:
-    """Run ``plan`` as device ``device``; the leader (device 0) passes the input ``x``.
+def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
+                 ) -> tuple[torch.Tensor | None, list[StageTiming]]:
+    """Run ``prog.plan`` as device ``prog.device`` with what ``engine.prepare`` compiled for it;
+    the leader (device 0) passes the input ``x``.
 
     Returns the model output on the leader (None elsewhere) and this device's timings, one per
     stage plus one for the final transfers. Sends are flushed before returning.
     """
+    plan, device, gm = prog.plan, prog.device, prog.gm
     timings: list[StageTiming] = []
     shape0 = list(plan.input_shape)
     hold = Holdings(split_axis(shape0), shape0)
@@ -233,8 +231,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
             if stage.kind == "reduce" and (holds or device == 0):
                 xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
                 c0 = c_start = time.perf_counter()
-                with torch.no_grad():
-                    y = run_stage(gm, stage, device, xin, reduce_fn=rfn)
+                y = prog.run(s, xin, rfn)
                 compute = time.perf_counter() - c0 - waited[0]
                 if device == 0:
                     assert a is not None
@@ -245,8 +242,7 @@ def execute_plan(plan: Plan, device: int, gm: Any, x: torch.Tensor | None, ch: C
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
             c0 = c_start = time.perf_counter()
-            with torch.no_grad():
-                y = run_stage(gm, stage, device, xin) if rfn is None else run_stage(gm, stage, device, xin, reduce_fn=rfn)
+            y = prog.run(s, xin, rfn)
             compute = time.perf_counter() - c0 - waited[0]
             if not isinstance(y, torch.Tensor):
                 # a model returning a tuple (multi-exit): only the leader's last stage may

@@ -31,7 +31,7 @@ class FollowerState:
     name: str
     model: torch.nn.Module | None = None
     model_hash: str | None = None
-    plans: dict[int, tuple[Plan, Any]] = field(default_factory=dict)  # plan id -> (plan, graph module)
+    plans: dict[int, Any] = field(default_factory=dict)  # plan id -> engine.DeviceProgram
     graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
     gloo_host: str = ""
 
@@ -98,7 +98,7 @@ def _preload() -> None:
     """Import what commands need before registering, so the leader's first command (and its
     time-out) does not pay for importing torchvision and the planner."""
     import edgeweave.checkpoint  # noqa: F401
-    import edgeweave.planning.execute  # noqa: F401
+    import edgeweave.engine  # noqa: F401
     import edgeweave.planning.graph  # noqa: F401
     from edgeweave.models.registry import _ensure_builtin_models_loaded
 
@@ -173,7 +173,7 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
 
 
 def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
-    from edgeweave.planning.execute import prepare
+    from edgeweave.engine import prepare
     from edgeweave.planning.graph import capture
 
     text = ch.recv_bytes(0, TAG_CONTROL, "a plan").decode()
@@ -188,21 +188,19 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     if shape not in state.graphs:  # tracing costs seconds; plans for one shape share a graph
         state.graphs[shape] = capture(state.model, shape)
     gm = state.graphs[shape]
-    prepare(gm, plan, rank)  # the first frame runs at this device's real speed
-    state.plans[int(cmd["plan_id"])] = (plan, gm)
+    prog = prepare(gm, plan, rank)  # compiled now: the first frame runs at this device's real speed
+    state.plans[int(cmd["plan_id"])] = prog
     for p in cmd.get("drop", []):
         state.plans.pop(int(p), None)
-    rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
+    rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "backend": prog.backend, "fallbacks": prog.fallbacks})
 
 
 def _cmd_infer(ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
-    from edgeweave.planning.execute import run_stage
     from edgeweave.runtime.executor import execute_plan
 
     pid = int(cmd["plan_id"])
     if pid not in state.plans:
         raise EdgeweaveError(f"device {state.name!r} has no plan {pid}")
-    plan, gm = state.plans[pid]
-    _out, timings = execute_plan(plan, ch.rank, gm, None, ch, run_stage)
+    _out, timings = execute_plan(state.plans[pid], None, ch)
     t = torch.tensor([[s.wall_s, s.compute_s, s.begin, s.ready] for s in timings], dtype=torch.float64)
     ch.send(t, 0, TAG_TIMING, "timings")

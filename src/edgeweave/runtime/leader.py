@@ -120,7 +120,10 @@ class Session:
         self.broken: str | None = None
         self.model: torch.nn.Module | None = None
         self.model_hash: str | None = None
-        self.plans: dict[int, tuple[Plan, Any]] = {}
+        self.plans: dict[int, tuple[Plan, Any]] = {}  # plan id -> (plan, graph module)
+        # plan id -> the leader's compiled share (engine.prepare) and what every device runs it on
+        self.programs: dict[int, Any] = {}
+        self.backends: dict[int, list[dict[str, Any]]] = {}
         self._next_plan = 0
         self._closed = False
         _LIVE.add(self)
@@ -219,7 +222,7 @@ class Session:
             raise
         self.ch = Channel(pg, 0, self.names, self.timeout_s, probe=self._probe, grace_s=LEADER_GRACE_S)
         self.broken = None
-        self.plans = {}
+        self.plans, self.programs, self.backends = {}, {}, {}
 
     def regroup(self, alive: list[str] | None = None, join: list[str] = (), join_timeout_s: float = 60.0) -> None:
         """Start a new generation: the followers named in ``alive`` (default: every follower
@@ -364,7 +367,7 @@ class Session:
         self._model_bytes = model_to_bytes(model, spec, extra)
         self.model, self.model_hash = device_copy(model), model_hash(model)
         self._graphs: dict[tuple[int, ...], Any] = {}
-        self.plans = {}  # plans name the old weights' hash; followers dropped theirs too
+        self.plans, self.programs, self.backends = {}, {}, {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
         return self.model_hash
 
@@ -390,7 +393,7 @@ class Session:
         graph. Returns the plan id for :meth:`infer`. Plans ``drop`` are forgotten on every
         device with the same command (a long stream re-plans; each plan kept costs memory on
         every board)."""
-        from edgeweave.planning.execute import prepare
+        from edgeweave.engine import prepare
         from edgeweave.planning.graph import capture
 
         ch = self._check_usable()
@@ -416,20 +419,23 @@ class Session:
             shape = tuple(plan.input_shape)
             if shape not in self._graphs:
                 self._graphs[shape] = capture(self.model, shape)
-            prepare(self._graphs[shape], plan, 0)
-            self._await_acks(seq, "accept the plan")
+            prog = prepare(self._graphs[shape], plan, 0)
+            acks = self._await_acks(seq, "accept the plan")
         except PeerError as e:
             self._fail(e)
             raise
         self.plans[pid] = (plan, self._graphs[shape])
+        self.programs[pid] = prog
+        self.backends[pid] = [{"backend": prog.backend, "fallbacks": prog.fallbacks}] + [
+            {"backend": a.get("backend", "torch"), "fallbacks": list(a.get("fallbacks", []))} for a in acks]
         for p in drop:
             del self.plans[p]
+            self.programs.pop(p, None)
+            self.backends.pop(p, None)
         return pid
 
     def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:
         """Run one input through the cluster with a loaded plan (default: the last one)."""
-        from edgeweave.planning.execute import run_stage
-
         ch = self._check_usable()
         if plan_id is None:
             if not self.plans:
@@ -447,7 +453,7 @@ class Session:
             n = len(plan.stages) + 1
             bufs = {r: torch.zeros(n, 4, dtype=torch.float64) for r in range(1, self.world)}
             posted = {r: ch.irecv(t, r, TAG_TIMING) for r, t in bufs.items()}
-            y, mine = execute_plan(plan, 0, gm, x.detach().to(torch.float32), ch, run_stage)
+            y, mine = execute_plan(self.programs[plan_id], x.detach().to(torch.float32), ch)
             per_device = [mine]
             for r, t in bufs.items():
                 ch.wait(posted[r], r, "receiving timings")
