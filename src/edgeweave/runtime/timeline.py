@@ -4,8 +4,9 @@ The timings of an inference (``Timings.to_dict()``) say, per stage and device, w
 began, when its compute began (its inputs in hand) and how long it computed. Laid side by side
 they show what a latency is made of, which the total alone hides:
 
-* ``compute_s``: the work itself, as if it were spread perfectly evenly (the mean over the
-  devices that computed of each one's compute seconds);
+* ``compute_s``: the work itself, as if each stage's work were spread perfectly evenly over the
+  devices that computed it (per stage the mean of their compute seconds, summed over stages: a
+  stage the leader computes alone counts whole);
 * ``imbalance_s``: per stage, how much longer the slowest device computed than the mean one,
   summed over stages (a plan's uneven split, and devices that run the same work at different
   speeds: on a CPU-quota testbed the phase of each device's quota period);
@@ -31,16 +32,15 @@ def breakdown(timings: dict[str, Any]) -> dict[str, Any]:
     stages = _stages(timings)
     k = max((len(s["devices"]) for s in stages), default=0)
     per_device = [0.0] * k
-    imbalance = 0.0
+    compute = imbalance = 0.0
     for s in stages:
         working = [d for d in s["devices"] if d.get("ready_s") is not None]  # devices that computed
         for d in working:
             per_device[d["device"]] += d["compute_s"]
-        if working:
+        if working:  # the stage's work spread over the devices that did it, not over all of them
             cs = [d["compute_s"] for d in working]
+            compute += sum(cs) / len(cs)
             imbalance += max(cs) - sum(cs) / len(cs)
-    used = [c for c in per_device if c > 0]
-    compute = sum(used) / len(used) if used else 0.0
     total = float(timings["total_s"])
     return {"total_s": total, "compute_s": compute, "imbalance_s": imbalance,
             "other_s": total - compute - imbalance, "stages": len(stages), "compute_by_device_s": per_device}
