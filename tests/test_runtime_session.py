@@ -191,7 +191,7 @@ def test_follower_with_the_right_local_model_gets_nothing_shipped(tmp_path: Path
     model, spec = small_model()
     ck = save_checkpoint(tmp_path / "same.safetensors", model, spec)
     with LocalCluster(1, timeout_s=30, extra_args={"worker1": ["--model", str(ck)]}) as cl:
-        assert cl.followers[0].info["model_hash"] == model_hash(model)
+        assert cl.followers[0].info["model_tag"] == cl.ctl.tag("model", model_hash(model))  # never the hash itself
         cl.load_model(model, spec)
         plan = plan_exchange(cl.model_hash)
         # two devices: put everything of the 3-device plan's device 2 on device 1
@@ -292,7 +292,7 @@ def test_a_follower_that_joins_later_gets_a_rank_in_the_next_generation():
         cl.load_model(model, spec)
         late = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{cl.port}",
                                  "--name", "worker2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                env=dict(os.environ, OMP_NUM_THREADS="1", EDGEWEAVE_KEY_FILE=cl.key_file))
         try:
             cl.regroup(join=["worker2"])
             assert cl.names == ["leader", "worker1", "worker2"] and cl.gen == 1

@@ -107,8 +107,15 @@ def test_a_follower_left_out_while_alive_offers_itself_again_and_is_taken_back()
 
 @pytest.mark.slow
 def test_a_registration_whose_board_died_before_it_was_taken_in_costs_no_time_out():
-    """A board registers and dies before the stream takes it in: its beat never moves, so it is
-    not offered (taking it in would wait a whole group time-out), and it is dropped for good."""
+    """A board registers (and proves it holds the key) and dies before the stream takes it in: its
+    beat never moves, so it is not offered (taking it in would wait a whole group time-out), and it
+    is dropped for good."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from edgeweave.runtime import auth
     from edgeweave.runtime import rendezvous as rv
 
     model, spec = _model()
@@ -118,7 +125,12 @@ def test_a_registration_whose_board_died_before_it_was_taken_in_costs_no_time_ou
         cl.load_model(model, spec)
         s = equal_stream(cl, model, admit_every_s=0.0)
         _check(s, model, 1)
-        rv.register(cl.store, {"name": "ghost", "pid": 0, "profile": {"name": "ghost"}})  # never beats
+        def ghost() -> None:  # answers the challenge once the stream looks for newcomers, then never beats
+            st = dist.TCPStore("127.0.0.1", cl.port, None, False, timedelta(seconds=30), wait_for_workers=False)
+            rv.join(st, auth.Control(auth.load_key(cl.key_file)), "ghost",
+                    {"name": "ghost", "pid": 0, "profile": {"name": "ghost"}})
+
+        threading.Thread(target=ghost, daemon=True).start()
         t0 = time.monotonic()
         recs = _check(s, model, 3)
         assert time.monotonic() - t0 < timeout / 4
@@ -152,7 +164,8 @@ def test_a_board_that_comes_back_is_taken_in_again():
         prof = json.dumps(s.profiles["worker1"].to_dict())
         back = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{cl.port}",
                                  "--name", "worker1", "--profile-json", prof], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", EDGEWEAVE_KEY_FILE=cl.key_file))
         joined = _until_joined(s, model, within_s=120)
         assert joined is not None and joined.joined == ["worker1"] and joined.lost == []
         assert cl.names == ["leader", "worker2", "worker1"] and s.plan.devices == cl.names

@@ -458,11 +458,14 @@ class BenchCluster:
         self.log = open(self.workdir / "leader.log", "ab")
         argv = [sys.executable, "-m", driver, "--listen", f"0.0.0.0:{self.port}",
                 "--model", str(self.ckpt), "--cluster", str(cfile), "--timeout", str(timeout_s)]
-        env = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+        from edgeweave.runtime.auth import KEY_ENV, write_key
+
+        key_file = write_key(self.workdir / "cluster.key", force=True)  # the leader listens beyond loopback
+        env = {"TORCH_CPP_LOG_LEVEL": "ERROR", KEY_ENV: str(key_file)}
         self.leader = tb.exec(tb.leader, argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                               text=True, bufsize=1)
         self.workers = {}
-        self.worker_args = ["--model", str(self.ckpt), "--connect-timeout", str(int(timeout_s))]
+        self.worker_args = ["--model", str(self.ckpt), "--connect-timeout", str(int(timeout_s)), "--key", str(key_file)]
         try:
             self.workers = tb.start_workers(port=self.port, extra_args=self.worker_args)
             self.ready = self._read(timeout_s * 2)

@@ -33,6 +33,7 @@ _COMMAND_MODULES = [
     "edgeweave.cli.distill",
     "edgeweave.cli.exits",
     "edgeweave.cli.bench",
+    "edgeweave.cli.keygen",
 ]
 
 

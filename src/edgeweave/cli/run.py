@@ -12,6 +12,7 @@ from edgeweave.cli.common import (
     ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
     emit_json,
 )
+from edgeweave.cli.keygen import KeyOpt, use_key
 from edgeweave.errors import EdgeweaveError
 
 
@@ -35,9 +36,12 @@ def run(
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Write a PNG timeline of the fastest inference: "
                                             "per device, when each stage waited for its inputs and when it computed."),
     json_out: Optional[str] = JsonOpt,
+    key: Optional[Path] = KeyOpt,
 ) -> None:
     """One inference distributed over local worker processes or a cluster."""
     from edgeweave.runtime.run import RunConfig, run as do_run
+
+    use_key(key, listen if cluster and workers is None else None)
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
                     adaptive=adaptive)
@@ -71,6 +75,7 @@ def worker(
     profile: Optional[Path] = typer.Option(None, "--profile", help="This device's profile (DeviceProfile JSON)."),
     profile_json: Optional[str] = typer.Option(None, "--profile-json", hidden=True),
     connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Seconds to wait for the leader."),
+    key: Optional[Path] = KeyOpt,
 ) -> None:
     """Start a follower: join the leader, receive the model and plans, compute strips."""
     from edgeweave.runtime.follower import serve
@@ -86,7 +91,7 @@ def worker(
     except ValueError as e:
         raise EdgeweaveError(f"profile is not valid JSON: {e}") from None
     raise typer.Exit(serve(leader, name, threads=threads, model_path=model, profile=prof,
-                           connect_timeout_s=connect_timeout))
+                           connect_timeout_s=connect_timeout, key=use_key(key)))
 
 
 def register(app: typer.Typer) -> None:

@@ -4,6 +4,10 @@ It decides nothing. It registers with the leader's store, joins each generation 
 rank in, and serves the leader's commands (``model``, ``plan``, ``infer``, ``end``) until the
 leader shuts the cluster down or disappears. It refuses to compute with weights whose sha256
 differs from the plan's ``model_hash``, whether the weights were shipped or loaded locally.
+
+With a cluster key it proves it holds the key before the leader admits it (``rendezvous.join``),
+and believes only control values sealed with that key (``auth.Control``): a forged or replayed
+generation, command or abort is logged and ignored. Without one it joins a leader on loopback only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from edgeweave.errors import EdgeweaveError
 from edgeweave.layout import to_device_layout
 from edgeweave.planning.plan import Plan
+from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError
 
@@ -34,6 +39,7 @@ class FollowerState:
     plans: dict[int, Any] = field(default_factory=dict)  # plan id -> engine.DeviceProgram
     graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
     gloo_host: str = ""
+    ctl: auth.Control = field(default_factory=lambda: auth.Control(None))  # seals and checks control values
 
 
 def _log(name: str, msg: str) -> None:
@@ -41,34 +47,43 @@ def _log(name: str, msg: str) -> None:
 
 
 def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path: str | None = None,
-          profile: dict[str, Any] | None = None, connect_timeout_s: float = 60.0) -> int:
-    """Run a follower until the leader shuts the cluster down; returns an exit code."""
+          profile: dict[str, Any] | None = None, connect_timeout_s: float = 60.0, key: bytes | None = None) -> int:
+    """Run a follower until the leader shuts the cluster down; returns an exit code. ``key``: the
+    cluster key (without one, only a leader on loopback can be joined)."""
     torch.set_num_threads(max(1, threads))
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     host, port = rv.parse_address(leader)
-    state = FollowerState(name)
+    auth.require_key_or_loopback(host, key, "follower")
+    state = FollowerState(name, ctl=auth.Control(key, log=lambda m: _log(name, m)))
     if model_path:
         from edgeweave.checkpoint import load_model, model_hash
 
         state.model, _spec = load_model(model_path)
         state.model = to_device_layout(state.model.eval())
         state.model_hash = model_hash(state.model)
-    store = rv.connect_store(host, port, connect_timeout_s)
+    raw_store = rv.connect_store(host, port, connect_timeout_s)
+    store = rv.SealedStore(raw_store, "", state.ctl)
     state.gloo_host = rv.gloo_host_for(host, port)  # the interface that reaches the leader
     _preload()
     prof = dict(profile or {"name": name})
     prof["name"] = name
+    ctl = state.ctl
+    # what the leader learns once we proved we hold the key: our local weights only as a keyed tag
     registration = {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
-                    "profile": prof, "model_hash": state.model_hash, "pinned": bool(model_path),
-                    "profile_given": profile is not None, "leader_host": host}
-    ticket = rv.register(store, registration)
-    _log(name, f"registered with {host}:{port} (ticket {ticket})")
+                    "profile": prof, "pinned": bool(model_path), "profile_given": profile is not None,
+                    "leader_host": host,
+                    "model_tag": ctl.tag("model", state.model_hash) if state.model_hash else None}
+    hello = {"pid": os.getpid(), "host": socket.gethostname(), "addr": state.gloo_host}
+    _log(name, f"cluster key fingerprint {auth.fingerprint(ctl.key)}" if ctl.keyed else
+         "no cluster key: unauthenticated, loopback only")
     gen, was_member = 0, False
     try:
+        ticket = rv.join(raw_store, ctl, name, registration, hello)
+        _log(name, f"admitted by {host}:{port} (ticket {ticket})")
         while True:
             info = rv.next_generation(store, gen, ticket)
             if info.get("shutdown"):
-                store.set(f"{rv.ROOT}bye/{ticket}", "1")  # lets the leader's store outlive our last read
+                rv.set_json(store, f"{rv.ROOT}bye/{ticket}", True)  # lets the leader's store outlive our last read
                 _log(name, "leader shut the cluster down")
                 return 0
             if ticket not in info.get("members", []):
@@ -76,14 +91,14 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
                     # Left out while alive: blamed for another's failure, or too slow (or stopped)
                     # to answer the leader's roll call. A registration once left out is never
                     # offered again, so offer ourselves anew; the leader takes newcomers in.
-                    ticket = rv.register(store, registration)
+                    ticket = rv.join(raw_store, ctl, name, registration, hello)
                     was_member = False
                     _log(name, f"left out of generation {gen}; registered again (ticket {ticket})")
                 gen += 1
                 continue
             rank = info["members"].index(ticket) + 1
             try:
-                _serve_generation(store, gen, rank, info, state)
+                _serve_generation(raw_store, gen, rank, info, state)
             except EdgeweaveError as e:  # the group never formed (a member did not come): wait for the next
                 _log(name, f"generation {gen}: {e}")
             rv.mark_left(store, gen, ticket)
@@ -109,21 +124,18 @@ def _preload() -> None:
 def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], state: FollowerState) -> None:
     names = [str(n) for n in info["names"]]
     timeout_s = float(info.get("timeout_s", 60.0))
-    gstore = rv.gen_store(store, gen)
+    gstore = rv.SealedStore(rv.gen_store(store, gen), rv.gen_scope(gen), state.ctl)
 
     def probe() -> str | None:
-        if gstore.check(["abort"]):
-            return f"the leader aborted generation {gen}: {gstore.get('abort').decode()[:300]}"
-        return None
+        why = gstore.read_if_set("abort", writer="leader")  # a forged abort is logged and ignored
+        return f"the leader aborted generation {gen}: {str(why)[:300]}" if why is not None else None
 
     pg = rv.make_group(store, gen, rank, len(names), timeout_s, state.gloo_host)
     ch = Channel(pg, rank, names, timeout_s, probe=probe)
     seq = 0
     while True:
-        key = f"cmd/{seq}"
-        rv.wait_key(gstore, key)
-        cmd = rv.get_json(gstore, key)
-        op = cmd.get("op")
+        cmd = gstore.wait_read(f"cmd/{seq}", writer="leader", ordered=True)
+        op = cmd.get("op") if isinstance(cmd, dict) else None
         try:
             if op == "end":
                 return
@@ -147,8 +159,8 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
             if isinstance(e, PeerError) or op == "infer":
                 # the message pattern of this generation is broken: report and leave it
                 if isinstance(e, PeerError) and e.name:  # whom it blames: the leader's roll call stops waiting for it
-                    gstore.set(f"blames/{rank}", e.name)
-                gstore.set(f"err/{rank}", msg[:1000])
+                    rv.set_json(gstore, f"blames/{rank}", e.name)
+                rv.set_json(gstore, f"err/{rank}", msg[:1000])
                 return
         seq += 1
 
@@ -156,20 +168,24 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
 def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
     from edgeweave.checkpoint import model_from_bytes, model_hash
 
-    want = str(cmd["hash"])
+    # the command carries keyed tags of the weights' hash and of the bytes, never the hash itself
+    want, ctl = str(cmd["tag"]), state.ctl
     rank = ch.rank
     if rank in cmd.get("ship", []):
         data = ch.recv_bytes(0, TAG_CONTROL, "the model", max_bytes=int(cmd["nbytes"]))
+        if not auth.equal(ctl.tag("model-bytes", data), cmd.get("bytes")):
+            raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the model: the bytes it received are "
+                                 f"not the ones the leader sealed")
         model, _spec, _extra = model_from_bytes(data, where=f"model shipped to {state.name}")
         state.model, state.model_hash = to_device_layout(model.eval()), model_hash(model)
         state.plans.clear()
         state.graphs.clear()
-    if state.model_hash != want:
-        have = state.model_hash[:12] if state.model_hash else "none"
+    have = ctl.tag("model", state.model_hash) if state.model_hash else "none"
+    if not auth.equal(have, want):
         where = " (loaded from its --model path)" if cmd.get("ship") is not None and rank not in cmd["ship"] else ""
-        raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the model: its weights{where} hash "
-                             f"{have}... differs from the leader's {want[:12]}...")
-    rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "hash": state.model_hash})
+        raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the model: its weights{where} (tag "
+                             f"{have[:12]}...) differ from the leader's (tag {want[:12]}...)")
+    rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
 
 
 def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
@@ -177,6 +193,7 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     from edgeweave.planning.graph import capture
 
     text = ch.recv_bytes(0, TAG_CONTROL, "a plan").decode()
+    _check_tag(state, "plan", text, cmd)
     plan = Plan.from_json(text)
     rank = ch.rank
     if state.model is None:
@@ -193,6 +210,13 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     for p in cmd.get("drop", []):
         state.plans.pop(int(p), None)
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "backend": prog.backend, "fallbacks": prog.fallbacks})
+
+
+def _check_tag(state: FollowerState, label: str, data: str | bytes, cmd: dict[str, Any]) -> None:
+    """Bytes that came over gloo (not authenticated) must be the ones the sealed command names."""
+    if not auth.equal(state.ctl.tag(label, data), cmd.get("tag")):
+        raise EdgeweaveError(f"device {state.name!r} refuses the {label}: the bytes it received are not the ones "
+                             f"the leader sealed")
 
 
 def _cmd_infer(ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:

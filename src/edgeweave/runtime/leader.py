@@ -15,11 +15,17 @@ runs the plan it is given. Every wait is bounded by ``timeout_s`` and names the 
 not answer; after such a failure the generation is aborted (followers leave it) and the session
 refuses further work until :meth:`recover` (or :meth:`regroup`) starts a new generation with the
 devices still alive.
+
+With a cluster key (``key=``; by default the file ``EDGEWEAVE_KEY_FILE`` names, and a fresh
+ephemeral key for a :class:`LocalCluster`) a follower is admitted only after it proves it holds
+the key (``rendezvous.Gate``), and every control value is sealed (``auth.Control``); see
+docs/security.md. Without one the leader listens on loopback only.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -39,6 +45,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.layout import device_copy, ordinary
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.executor import StageTiming, check_plan, execute_plan
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError, wait_store_keys
@@ -91,6 +98,13 @@ class Timings:
 
 LEADER_GRACE_S = 2.0  # see Channel.grace_s
 
+ENV_KEY = "env"  # key=ENV_KEY: the key of the file EDGEWEAVE_KEY_FILE names, if it is set
+_security_log = logging.getLogger("edgeweave.security")
+
+
+def _warn(msg: str) -> None:
+    _security_log.warning(f"edgeweave leader: {msg}")
+
 _LIVE: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
 
@@ -104,8 +118,13 @@ class Session:
     """A leader holding a TCPStore, a set of followers and one generation at a time."""
 
     def __init__(self, store: Any, leader_name: str = "leader", *, timeout_s: float = 60.0, gloo_host: str = "",
-                 leader_profile: DeviceProfile | None = None):
+                 leader_profile: DeviceProfile | None = None, key: bytes | None = None,
+                 allowed: set[str] | None = None):
         self.store = store
+        # membership and control: ``key`` None is a loopback-only cluster (nothing is checked)
+        self.ctl = auth.Control(key, writer="leader", session=auth.new_nonce(), log=_warn)
+        self.sstore = rv.SealedStore(store, "", self.ctl)  # sealed values outside a generation
+        self.gate = rv.Gate(store, self.ctl, allowed)
         self.leader_name = leader_name
         self.timeout_s = float(timeout_s)
         self.gloo_host = gloo_host
@@ -150,11 +169,21 @@ class Session:
     def who(self, rank: int) -> str:
         return f"device {self.names[rank]!r} (rank {rank})"
 
+    def security(self) -> dict[str, Any]:
+        """Whether the cluster is keyed, and what its door and its readers turned away."""
+        return {"keyed": self.ctl.keyed, "key_fingerprint": auth.fingerprint(self.ctl.key),
+                "members_refused": self.gate.refusals, "control_forged": self.ctl.forged,
+                "refusals": [r.to_dict() for r in self.gate.refused[-16:]]}
+
+    def _writer(self, rank: int) -> str:
+        """Who must have sealed a report of ``rank`` (its registration's ticket)."""
+        return f"t{self.followers[rank - 1].ticket}"
+
     def _wait_registrations(self, expect: list[str] | int, timeout_s: float) -> list[Follower]:
         """Followers by name (in the given order) or the first ``expect`` to register."""
         deadline = time.monotonic() + timeout_s
         while True:
-            regs = rv.registrations(self.store)
+            regs = dict(self.gate.poll())  # admitted only: they proved they hold the key
             by_name: dict[str, tuple[int, dict[str, Any]]] = {}
             for t, info in sorted(regs.items()):  # a device that registers again (restarted) wins
                 by_name[str(info.get("name"))] = (t, info)
@@ -185,14 +214,13 @@ class Session:
         registration whose counter does not move within ``beat_wait_s`` is dropped for good (a
         board that died before it was taken in; if it restarts it registers anew). Taking a dead
         one in would cost a whole group time-out."""
-        n = int(self.store.add(rv.ROOT + "tickets", 0))
+        admitted = self.gate.poll()  # one store call when nothing is new
         taken = {f.ticket for f in self.followers + self.gone} | self._dead_tickets
         latest: dict[str, int] = {}  # name -> its newest registration
-        for t in range(self._ticket_mark + 1, n + 1):
-            key = f"{rv.ROOT}worker/{t}"
-            if t in taken or not self.store.check([key]):
+        for t, info in sorted(admitted.items()):
+            if t <= self._ticket_mark or t in taken:
                 continue
-            name = str(rv.get_json(self.store, key).get("name"))
+            name = str(info.get("name"))
             if name not in self.names:
                 latest[name] = t
         if not latest:
@@ -213,8 +241,8 @@ class Session:
         self.gen = rv.latest_generation(self.store)
         self.seq = 0
         info = {"members": [f.ticket for f in self.followers], "names": self.names, "timeout_s": self.timeout_s}
-        rv.publish_generation(self.store, self.gen, info)
-        self.gstore = rv.gen_store(self.store, self.gen)
+        rv.publish_generation(self.sstore, self.gen, info)
+        self.gstore = rv.SealedStore(rv.gen_store(self.store, self.gen), rv.gen_scope(self.gen), self.ctl)
         try:
             pg = rv.make_group(self.store, self.gen, 0, self.world, self.timeout_s, self.gloo_host)
         except EdgeweaveError as e:  # a member never came; recover() can go on without it
@@ -260,8 +288,8 @@ class Session:
         reason = self._probe_processes()
         if reason:
             return reason
-        reports = [f"{self.who(r)} reported: {self.gstore.get(f'err/{r}').decode()}"
-                   for r in range(1, self.world) if self.gstore.check([f"err/{r}"])]
+        reports = [f"{self.who(r)} reported: {err}" for r in range(1, self.world)
+                   if (err := self.gstore.read_if_set(f"err/{r}", self._writer(r))) is not None]  # forged: ignored
         return "; ".join(reports) or None
 
     @staticmethod
@@ -276,7 +304,7 @@ class Session:
         The abort reaches followers inside a command; an ``end`` reaches those between two."""
         self.broken = str(e)
         try:
-            self.gstore.set("abort", str(e)[:1000])
+            rv.set_json(self.gstore, "abort", str(e)[:1000])
             self._command({"op": "end"})
         except Exception:  # noqa: BLE001 - the store is ours; this should not fail
             pass
@@ -299,9 +327,9 @@ class Session:
 
         blamed = set(suspects)
         while True:
-            pending = [f for f in self.followers if running(f) and not rv.has_left(self.store, self.gen, f.ticket)]
-            blamed |= {self.gstore.get(f"blames/{r}").decode() for r in range(1, self.world)
-                       if self.gstore.check([f"blames/{r}"])}
+            pending = [f for f in self.followers if running(f) and not rv.has_left(self.sstore, self.gen, f.ticket)]
+            blamed |= {str(b) for r in range(1, self.world)
+                       if (b := self.gstore.read_if_set(f"blames/{r}", self._writer(r))) is not None}
             now = time.monotonic()  # half a second for the blamed to mark anyway (a wrong blame loses a board)
             if not pending or now > deadline or (now > start + 0.5 and {f.name for f in pending} <= blamed):
                 break
@@ -323,7 +351,7 @@ class Session:
     def _command(self, cmd: dict[str, Any]) -> int:
         seq = self.seq
         self.seq += 1
-        rv.set_json(self.gstore, f"cmd/{seq}", cmd)
+        rv.set_json(self.gstore, f"cmd/{seq}", cmd)  # sealed: followers ignore a command we did not write
         return seq
 
     def _forget(self, seq: int, keys: Sequence[str] = ()) -> None:
@@ -340,10 +368,24 @@ class Session:
 
     def _await_acks(self, seq: int, what: str) -> list[dict[str, Any]]:
         keys = [f"ack/{seq}/{r}" for r in range(1, self.world)]
-        wait_store_keys(self.gstore, keys, timeout_s=self.timeout_s, probe=self._probe,
-                        describe_missing=lambda m: ", ".join(self.who(int(k.rsplit("/", 1)[1])) for k in m)
-                        + f" ({what})")
-        acks = [rv.get_json(self.gstore, k) for k in keys]
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # an answer that fails the check (forged) is logged and waited past
+            missing = [k for k in keys if k not in got]
+            wait_store_keys(self.gstore, missing, timeout_s=max(0.0, deadline - time.monotonic()), probe=self._probe,
+                            describe_missing=lambda m: ", ".join(self.who(int(k.rsplit("/", 1)[1])) for k in m)
+                            + f" ({what})")
+            for k in missing:
+                a = self.gstore.read(k, self._writer(int(k.rsplit("/", 1)[1])))
+                if isinstance(a, dict):
+                    got[k] = a
+            if len(got) == len(keys):
+                break
+            if time.monotonic() > deadline:
+                bad = ", ".join(self.who(int(k.rsplit("/", 1)[1])) for k in keys if k not in got)
+                raise PeerError(f"{bad} ({what}): only answers that fail the check within {self.timeout_s:g} s")
+            time.sleep(0.02)
+        acks = [got[k] for k in keys]
         self._forget(seq, keys)  # every follower acknowledged: all have read the command
         for r, a in enumerate(acks, start=1):
             if not a.get("ok"):
@@ -366,6 +408,8 @@ class Session:
         model.eval()
         self._model_bytes = model_to_bytes(model, spec, extra)
         self.model, self.model_hash = device_copy(model), model_hash(model)
+        # what followers are told: keyed tags (the hash itself never goes to the store)
+        self._model_tags = (self.ctl.tag("model", self.model_hash), self.ctl.tag("model-bytes", self._model_bytes))
         self._graphs: dict[tuple[int, ...], Any] = {}
         self.plans, self.programs, self.backends = {}, {}, {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
@@ -374,10 +418,11 @@ class Session:
     def _ship_model(self) -> None:
         ch = self._check_usable()
         # followers started with --model PATH are pinned to their local weights: they must match
+        tag, bytes_tag = self._model_tags
         ship = [r for r, f in enumerate(self.followers, start=1)
-                if f.info.get("model_hash") != self.model_hash and not f.info.get("pinned")]
+                if f.info.get("model_tag") != tag and not f.info.get("pinned")]
         data = self._model_bytes
-        seq = self._command({"op": "model", "hash": self.model_hash, "nbytes": len(data), "ship": ship})
+        seq = self._command({"op": "model", "tag": tag, "bytes": bytes_tag, "nbytes": len(data), "ship": ship})
         try:
             for r in ship:
                 ch.send_bytes(data, r, TAG_CONTROL, "the model")
@@ -386,7 +431,7 @@ class Session:
             self._fail(e)
             raise
         for r in ship:
-            self.followers[r - 1].info["model_hash"] = self.model_hash
+            self.followers[r - 1].info["model_tag"] = tag
 
     def load_plan(self, plan: Plan, drop: Sequence[int] = ()) -> int:
         """Send ``plan`` (JSON text) to every follower; they check its model hash and capture the
@@ -411,7 +456,8 @@ class Session:
         self._next_plan += 1
         text = plan.to_json().encode()
         drop = [int(p) for p in drop if p in self.plans]
-        seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text), "drop": drop})
+        seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text), "drop": drop,
+                             "tag": self.ctl.tag("plan", text)})
         try:
             for r in range(1, self.world):
                 ch.send_bytes(text, r, TAG_CONTROL, "the plan")
@@ -478,11 +524,11 @@ class Session:
         try:
             if self.ch is not None and self.broken is None:
                 self._command({"op": "end"})
-            rv.publish_generation(self.store, rv.latest_generation(self.store), {"shutdown": True})
+            rv.publish_generation(self.sstore, rv.latest_generation(self.store), {"shutdown": True})
             # keep the store (ours) up until every follower has read the shutdown
-            keys = [f"{rv.ROOT}bye/{f.ticket}" for f in self.followers if f.ticket >= 0]
+            byes = [(f"{rv.ROOT}bye/{f.ticket}", f"t{f.ticket}") for f in self.followers if f.ticket >= 0]
             deadline = time.monotonic() + 5.0
-            while time.monotonic() < deadline and not all(self.store.check([k]) for k in keys):
+            while time.monotonic() < deadline and not all(self.sstore.read_if_set(k, w) is True for k, w in byes):
                 if self._probe_processes():
                     break
                 time.sleep(0.02)
@@ -512,21 +558,63 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child before exe
         pass
 
 
+KEEP_LOGS_ENV = "EDGEWEAVE_KEEP_WORKER_LOGS"  # set (to 1): a failed LocalCluster keeps its followers' logs
+_LOG_PREFIX = "edgeweave-workers-"
+
+
+def _keep_worker_logs() -> bool:
+    return os.environ.get(KEEP_LOGS_ENV, "") not in ("", "0")
+
+
+def _worker_log_dir() -> Path:
+    """A fresh folder for the followers' logs, named after this process; folders left by leaders
+    that are gone (killed before they could clean up, e.g. out of memory) are removed first,
+    unless kept on request (``KEEP_LOGS_ENV``)."""
+    tmp = Path(tempfile.gettempdir())
+    if not _keep_worker_logs():
+        for d in tmp.glob(f"{_LOG_PREFIX}*-*"):
+            pid = d.name[len(_LOG_PREFIX):].split("-", 1)[0]
+            try:
+                if not pid.isdigit() or d.stat().st_uid != os.getuid() or (d / "KEPT").exists():
+                    continue
+                os.kill(int(pid), 0)  # its leader still runs
+            except ProcessLookupError:
+                shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                continue
+    return Path(tempfile.mkdtemp(prefix=f"{_LOG_PREFIX}{os.getpid()}-"))
+
+
 class LocalCluster(Session):
-    """K follower processes on loopback, one thread each; always torn down (see module doc)."""
+    """K follower processes on loopback, one thread each; always torn down (see module doc).
+
+    ``key``: the cluster key; by default the one ``EDGEWEAVE_KEY_FILE`` names or, when it is not
+    set, a fresh one for this cluster only, handed to the followers it starts through a private
+    file (``key_file``; start another follower for it with ``EDGEWEAVE_KEY_FILE`` set to that).
+    ``None``: no key (nothing is authenticated)."""
 
     def __init__(self, workers: int, *, timeout_s: float = 60.0, start_timeout_s: float = 120.0,
-                 profiles: Cluster | None = None, threads: int = 1, extra_args: dict[str, list[str]] | None = None):
+                 profiles: Cluster | None = None, threads: int = 1, extra_args: dict[str, list[str]] | None = None,
+                 key: bytes | str | None = ENV_KEY, model_bytes: int = 0):
+        from edgeweave.limits import check_followers_fit
+
+        from_env = isinstance(key, str) and bool(os.environ.get(auth.KEY_ENV))
+        if isinstance(key, str):  # ENV_KEY
+            key = auth.key_from_env() or auth.generate_key()
         if workers < 0:
             raise EdgeweaveError(f"--workers must be >= 0, got {workers}")
         if profiles is not None and len(profiles.devices) != workers + 1:
             raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
                                  f"it needs {workers + 1} (the leader first)")
+        check_followers_fit(workers, model_bytes)  # before any process starts (model_bytes: what each will hold)
         devs = profiles.devices if profiles is not None else Cluster.uniform(workers + 1).devices
         store = rv.host_store("127.0.0.1", 0, start_timeout_s)
-        super().__init__(store, devs[0].name, timeout_s=timeout_s, gloo_host="127.0.0.1", leader_profile=devs[0])
+        super().__init__(store, devs[0].name, timeout_s=timeout_s, gloo_host="127.0.0.1", leader_profile=devs[0],
+                         key=key)
         self.port = int(store.port)
-        self.log_dir = Path(tempfile.mkdtemp(prefix="edgeweave-workers-"))  # followers' stdout/stderr
+        self.log_dir = _worker_log_dir()  # followers' stdout/stderr, removed when the cluster closes
+        self._key_dir: Path | None = None
+        self.key_file: str | None = None
         procs: list[Follower] = []
         try:
             import json
@@ -534,6 +622,14 @@ class LocalCluster(Session):
             env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                        TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
             env.pop("GLOO_SOCKET_IFNAME", None)  # everyone binds 127.0.0.1 (the route to the leader)
+            if from_env:
+                self.key_file = os.environ[auth.KEY_ENV]
+            elif key is not None:  # the followers read it from a file only this user can open
+                self._key_dir = Path(tempfile.mkdtemp(prefix="edgeweave-key-"))
+                self.key_file = str(auth.write_key(self._key_dir / "cluster.key", key))
+            env.pop(auth.KEY_ENV, None)
+            if self.key_file is not None:
+                env[auth.KEY_ENV] = self.key_file
             for i, dev in enumerate(devs[1:], start=1):
                 log = self.log_dir / f"{dev.name}.log"
                 cmd = [sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{self.port}",
@@ -556,7 +652,8 @@ class LocalCluster(Session):
 
     def _fail(self, e: PeerError) -> None:
         super()._fail(e)
-        e.args = (f"{e} [follower logs kept in {self.log_dir}]",)
+        e.args = (f"{e} [follower logs kept in {self.log_dir}]" if _keep_worker_logs() else
+                  f"{e} [{KEEP_LOGS_ENV}=1 keeps the followers' logs]",)
 
     @property
     def pids(self) -> list[int]:
@@ -582,23 +679,34 @@ class LocalCluster(Session):
                     p.wait(timeout=3.0)
                 except subprocess.TimeoutExpired:
                     pass
-        if self.broken is None:  # after a failure the logs stay for a post-mortem
+        if self.broken is None or not _keep_worker_logs():  # kept after a failure only when asked
             shutil.rmtree(self.log_dir, ignore_errors=True)
+        else:
+            (self.log_dir / "KEPT").touch()  # not swept by the next LocalCluster
+        if getattr(self, "_key_dir", None) is not None:  # an ephemeral key goes with its cluster
+            shutil.rmtree(self._key_dir, ignore_errors=True)
 
 
 class RemoteCluster(Session):
     """Followers started by hand (``edgeweave worker --leader HOST:PORT --name NAME``).
 
     ``cluster`` lists the devices (the first is the leader); the session listens on ``listen``
-    and waits up to ``start_timeout_s`` for every named follower to register.
+    and waits up to ``start_timeout_s`` for every named follower to register. Only those names
+    are admitted, and with a ``key`` (default: the file ``EDGEWEAVE_KEY_FILE`` names) only
+    followers that prove they hold it; without a key ``listen`` must be a loopback address.
     """
 
     def __init__(self, cluster: Cluster | str | Path, listen: str = "0.0.0.0:29400", *, timeout_s: float = 60.0,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, key: bytes | str | None = ENV_KEY):
         cl = cluster if isinstance(cluster, Cluster) else Cluster.load(cluster)
         host, port = rv.parse_address(listen)
+        key = auth.key_from_env() if isinstance(key, str) else key
+        auth.require_key_or_loopback(host, key, "leader")
+        if key is None:
+            _warn(f"no cluster key: followers are not authenticated, so the leader listens on {host} (loopback) only")
         store = rv.host_store(host, port, start_timeout_s)
-        super().__init__(store, cl.devices[0].name, timeout_s=timeout_s, leader_profile=cl.devices[0])
+        super().__init__(store, cl.devices[0].name, timeout_s=timeout_s, leader_profile=cl.devices[0], key=key,
+                         allowed={d.name for d in cl.devices[1:]})
         self.port = int(store.port)
         try:
             self.followers = self._wait_registrations([d.name for d in cl.devices[1:]], start_timeout_s)
