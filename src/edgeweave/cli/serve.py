@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -10,6 +11,7 @@ from edgeweave.cli.common import (
     ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
     emit_json,
 )
+from edgeweave.cli.keygen import KeyOpt, use_key
 
 
 def serve(
@@ -31,6 +33,12 @@ def serve(
     wait_timeout: float = typer.Option(30.0, "--wait-timeout",
                                        help="Seconds a request may wait for its turn (503 after)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait inside the cluster may take."),
+    key: Optional[Path] = KeyOpt,
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="Require `Authorization: Bearer <token>` "
+                                              "(the file's first line) on every route but /healthz and /docs (401)."),
+    ssl_certfile: Optional[str] = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate "
+                                               "(PEM; with --ssl-keyfile)."),
+    ssl_keyfile: Optional[str] = typer.Option(None, "--ssl-keyfile", help="The certificate's private key (PEM)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Serve inference over HTTP until Ctrl-C: every request is one exact distributed inference.
@@ -42,18 +50,21 @@ def serve(
     ?min_accuracy= and runs at the operating point that serves it best. At the end it prints (or
     writes, with --json) the final statistics."""
     from edgeweave.runtime.run import RunConfig
-    from edgeweave.serving.serve import ServeConfig, serve as do_serve
+    from edgeweave.serving.serve import ServeConfig, load_token, serve as do_serve
     from edgeweave.serving.server import ServerLimits
 
+    use_key(key)  # the cluster's key (serve checks --listen against it)
     cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode),
                       normalize=normalize, max_body_bytes=int(max_body_mb * (1 << 20)),
                       limits=ServerLimits(max_waiting=max_waiting, wait_timeout_s=wait_timeout), listen=listen,
-                      timeout_s=timeout)
+                      timeout_s=timeout, token=load_token(token_file) if token_file is not None else None,
+                      ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     stats = do_serve(model, input_size, workers, cluster, cfg)
     lat = stats["latency_s"]
     more = (f"{stats['unsatisfied']} could not be met; by point {stats['by_point']}" if "by_point" in stats
             else f"{stats['replans']} re-plans, {stats['regroups']} regroups")
-    console.print(f"stopped: {stats['served']} served, {stats['refused']} refused (busy), {stats['failed']} failed; "
+    console.print(f"stopped: {stats['served']} served, {stats['refused']} refused (busy), {stats['failed']} failed"
+                  + (f", {stats['unauthorized']} unauthorized" if stats.get("unauthorized") else "") + "; "
                   f"{more}" + (f"; latency p50 {lat['p50']:.4f} s, p90 {lat['p90']:.4f} s over the last {stats['window']}"
                                if lat else ""))
     emit_json(stats, json_out)

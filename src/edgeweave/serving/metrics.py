@@ -19,7 +19,11 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 COUNTERS = {
     "served": "Requests answered.",
     "failed": "Requests the cluster could not answer (HTTP 503).",
-    "refused": "Requests refused because too many waited or one waited too long (HTTP 503).",
+    "refused": "Requests refused because too many waited or one waited too long, or too many were in flight "
+               "(HTTP 503).",
+    "unauthorized": "Requests refused for a missing or wrong bearer token (HTTP 401).",
+    "members_refused": "Registrations the leader refused: no or a wrong cluster key, or a name not in the cluster.",
+    "control_forged": "Control values the leader ignored because they failed the check (forged or replayed).",
     "replans": "Plans changed because a device turned out slower or faster than believed.",
     "regroups": "Frames before which devices left or joined the group.",
     "learn_errors": "Failures while the stream learnt from a frame (serving went on).",

@@ -31,7 +31,7 @@ class OnDemandServer:
 
     def __init__(self, od: OnDemandModel, spec: Any, model_name: str, limits: ServerLimits = ServerLimits()):
         self.od, self.spec, self.model_name, self.limits = od, spec, model_name, limits
-        self.counters = Counters(limits.window, "unsatisfied", tallies=("by_point", "by_exit"))
+        self.counters = Counters(limits.window, "unsatisfied", "unauthorized", tallies=("by_point", "by_exit"))
         self.turns = Turns(limits, self.counters)
 
     @property

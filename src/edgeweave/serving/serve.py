@@ -13,8 +13,10 @@ target asks for (``serving.ondemand`` says why not on the cluster).
 from __future__ import annotations
 
 import socket
+import stat
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,34 @@ class ServeConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     listen: str = "0.0.0.0:29400"  # where followers started by hand find the leader (with a cluster file)
     timeout_s: float = 60.0  # any network wait inside the cluster
+    token: str | None = None  # every route but /healthz and /docs requires "Authorization: Bearer <token>"
+    ssl_certfile: str | None = None  # HTTPS (both or neither), passed to uvicorn
+    ssl_keyfile: str | None = None
+
+
+def load_token(path: str | Path) -> str:
+    """The bearer token in ``path`` (its first line, stripped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeweaveError(f"cannot read the token file {path}: {getattr(e, 'strerror', None) or e}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise EdgeweaveError(f"{path} holds no usable token: one line of at least 16 printable characters, no spaces "
+                             f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path})")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        console.print(f"[yellow]warning: the token file {path} is open to other users (chmod 600 {path})[/yellow]")
+    return token
+
+
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    if (certfile is None) != (keyfile is None):
+        raise EdgeweaveError("give both --ssl-certfile and --ssl-keyfile (or neither)")
+    for opt, f in (("--ssl-certfile", certfile), ("--ssl-keyfile", keyfile)):
+        if f is not None and not Path(f).is_file():
+            raise EdgeweaveError(f"{opt}: file not found: {f}")
 
 
 def check_port(host: str, port: int) -> None:
@@ -65,6 +95,12 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
     if not on_demand:
         require_cluster(workers, cluster_file)
     norm = parse_normalize(cfg.normalize)
+    check_tls(cfg.ssl_certfile, cfg.ssl_keyfile)
+    if workers is None and cluster_file and not on_demand:  # followers started by hand find us on cfg.listen
+        from edgeweave.runtime import auth
+        from edgeweave.runtime.rendezvous import parse_address
+
+        auth.require_key_or_loopback(parse_address(cfg.listen)[0], auth.key_from_env(), "leader")
     check_port(cfg.host, cfg.port)
     if on_demand:
         return _serve_on_demand(model_name, input_size, norm, cfg)
@@ -79,7 +115,7 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
             stream = AdaptiveStream(session, plan, session.cluster, plan_id=session.load_plan(plan))
             server = InferenceServer(stream, spec, model_name, cfg.limits)
             warm_s = server.warm_up()
-        return _run(server, create_app(server, norm, cfg.max_body_bytes), cfg, warm_s)
+        return _run(server, create_app(server, norm, cfg.max_body_bytes, cfg.token), cfg, warm_s)
 
 
 def has_operating_points(model_name: str) -> bool:
@@ -107,17 +143,21 @@ def _serve_on_demand(model_name: str, input_size: int | None, norm: Any, cfg: Se
                              f"drop --input-size or give {spec.input_size[0]}")
     check_norm(norm, spec.in_channels)
     server = OnDemandServer(od, spec, model_name, cfg.limits)
-    return _run(server, create_app(server, norm, cfg.max_body_bytes), cfg, server.warm_up())
+    return _run(server, create_app(server, norm, cfg.max_body_bytes, cfg.token), cfg, server.warm_up())
 
 
 def _run(server: Any, app: Any, cfg: ServeConfig, warm_s: float) -> dict[str, Any]:
     import uvicorn
 
-    console.print(f"serving {server.model_name} {list(server.input_shape)} on http://{cfg.host}:{cfg.port} "
+    scheme = "https" if cfg.ssl_certfile else "http"
+    console.print(f"serving {server.model_name} {list(server.input_shape)} on {scheme}://{cfg.host}:{cfg.port} "
                   f"{server.describe()}; warm-up {warm_s:.3f} s\n"
                   f"  POST /v1/infer (image/* or application/octet-stream float32"
                   f"{'; ?budget_ms= or ?min_accuracy=' if server.on_demand else ''}), GET /v1/model, /v1/stats, "
-                  f"/metrics, /healthz, /docs; Ctrl-C stops")
+                  f"/metrics, /healthz, /docs; "
+                  f"{'a bearer token is required (but for /healthz, /docs); ' if cfg.token else ''}Ctrl-C stops")
+    # no limit_concurrency: uvicorn's refusals are plain text and uncounted; the app bounds
+    # the requests in flight itself (serving.app._Gatekeeper)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=5,
-                limit_concurrency=2 * cfg.limits.max_waiting + 16)
+                ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile)
     return server.stats()

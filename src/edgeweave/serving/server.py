@@ -118,7 +118,7 @@ class InferenceServer:
 
     def __init__(self, stream: Any, spec: Any, model_name: str, limits: ServerLimits = ServerLimits()):
         self.stream, self.spec, self.model_name, self.limits = stream, spec, model_name, limits
-        self.counters = Counters(limits.window, "learn_errors", "replans", "regroups")
+        self.counters = Counters(limits.window, "learn_errors", "replans", "regroups", "unauthorized")
         self.turns = Turns(limits, self.counters)
         self._events_lock = threading.Lock()
         self.lost: list[str] = []
@@ -221,6 +221,11 @@ class InferenceServer:
         out: dict[str, Any] = {"model": self.model_name, **self.counters.snapshot()}
         with self._events_lock:
             out.update(lost=list(self.lost), joined=list(self.joined))
+        security = getattr(getattr(self.stream, "session", None), "security", None)
+        if security is not None:  # the cluster's door: registrations refused, control values ignored
+            sec = security()
+            out.update(cluster_keyed=sec["keyed"], members_refused=sec["members_refused"],
+                       control_forged=sec["control_forged"])
         return out | self._view
 
 
