@@ -36,7 +36,8 @@ def _children_named_worker() -> list[int]:
 
 
 def test_run_local_with_cluster_profiles_gather_batch_two(tmp_path: Path):
-    cluster = {"devices": [{"name": "leader", "a": 1e-10}, {"name": "fast", "a": 5e-11}, {"name": "slow", "a": 4e-10}]}
+    cluster = {"devices": [{"name": n, "a": a, "bandwidth_bps": 1e9} for n, a in [("leader", 1e-10), ("fast", 5e-11),
+                                                                               ("slow", 4e-10)]]}
     cf = tmp_path / "cluster.json"
     cf.write_text(json.dumps(cluster))
     out = subprocess.run(EW + ["run", "--model", "cifar_resnet18", "--input-size", "32", "--workers", "2", "--cluster",
@@ -68,7 +69,7 @@ def test_run_with_followers_started_by_hand(tmp_path: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cf = tmp_path / "cluster.json"
-    cf.write_text(json.dumps({"devices": [{"name": "gl"}, {"name": "board-a"}, {"name": "board-b"}]}))
+    cf.write_text(json.dumps({"devices": [{"name": n, "a": 1e-10, "bandwidth_bps": 1e9} for n in ("gl", "board-a", "board-b")]}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("GLOO_SOCKET_IFNAME", None)  # followers find the interface that routes to the leader
     workers = [subprocess.Popen(EW + ["worker", "--leader", f"127.0.0.1:{port}", "--name", n], env=env,
@@ -106,7 +107,7 @@ def test_run_user_errors_are_one_line_exit_2(args, needle):
 
 def test_cluster_file_that_does_not_fit_the_worker_count(tmp_path: Path):
     cf = tmp_path / "c.json"
-    cf.write_text(json.dumps({"devices": [{"name": "leader"}, {"name": "w"}]}))
+    cf.write_text(json.dumps({"devices": [{"name": n, "a": 1e-10, "bandwidth_bps": 1e9} for n in ("leader", "w")]}))
     out = subprocess.run(EW + ["run", "--model", "small_cnn", "--input-size", "28", "--workers", "3", "--cluster", str(cf)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "needs 4" in out.stderr
@@ -181,7 +182,8 @@ def test_run_adaptive_replans_when_a_profile_is_wrong(tmp_path: Path):
     leader, re-plans, and gives w1 fewer rows. Outputs stay exact. (Only ratios between devices
     are asserted: how fast this host really is decides the absolute factors; the first CI run of
     this test met a host on which w1's claimed speed was about right and the leader's 2.5x off.)"""
-    cluster = {"devices": [{"name": "leader", "a": 4e-10}, {"name": "w1", "a": 2e-11}, {"name": "w2", "a": 4e-10}]}
+    cluster = {"devices": [{"name": n, "a": a, "bandwidth_bps": 1e9} for n, a in [("leader", 4e-10), ("w1", 2e-11),
+                                                                               ("w2", 4e-10)]]}
     cf = tmp_path / "cluster.json"
     cf.write_text(json.dumps(cluster))
     out = subprocess.run(EW + ["run", "--model", "vgg11", "--input-size", "128", "--workers", "2", "--cluster", str(cf),

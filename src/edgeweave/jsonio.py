@@ -23,8 +23,11 @@ def dumps(obj: Any) -> str:
     return json.dumps(json_safe(obj), indent=2)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+def write_json(path: str | Path, obj: Any, parents: bool = True) -> Path:
+    """Write ``obj`` to ``path``; ``parents``: make missing folders (the benchmarks' result trees;
+    the CLI's ``--json PATH`` does not, see ``cli.common.check_json_target``)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(dumps(obj) + "\n")
     return p

@@ -6,12 +6,32 @@ PATH; tables and progress bars go to stderr so stdout stays machine-readable.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
 from edgeweave.console import console, progress_bar  # noqa: F401  (re-exported for commands)
+from edgeweave.errors import EdgeweaveError
 from edgeweave.jsonio import dumps, write_json
+from edgeweave.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+
+
+def check_json_target(target: Optional[str]) -> Optional[str]:
+    """``--json PATH`` must name a file in a folder that exists: checked when the command line is
+    read, not after the work (and no folder is made on the way)."""
+    if target is None or target == "-":
+        return target
+    p = Path(target)
+    if p.is_dir():
+        raise EdgeweaveError(f"--json {target}: is a folder; give a file name (or --json alone for stdout)")
+    parent = p.parent
+    if not parent.is_dir():
+        raise EdgeweaveError(f"--json {target}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EdgeweaveError(f"--json {target}: cannot write into folder {parent}")
+    return target
 
 
 # `--json` alone means stdout ("-"); `--json PATH` writes to PATH. Typer has no optional-value
@@ -20,15 +40,18 @@ JsonOpt = typer.Option(
     None,
     "--json",
     metavar="[PATH]",
-    help="Print one JSON object on stdout (or write it to PATH).",
+    help="Print one JSON object on stdout (or write it to PATH, in a folder that exists).",
+    callback=check_json_target,
 )
 
 
 # Options of the commands that run or plan a model on a cluster (run, serve, plan)
 ModelOpt = typer.Option(..., "--model", "-m", help="Registry name, torchvision:NAME, or checkpoint path.")
 InputSizeOpt = typer.Option(None, "--input-size", "-n",
-                            help="Input height and width (default: the checkpoint's, else 224).")
-WorkersOpt = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader).")
+                            help=f"Input height and width, {MIN_INPUT_SIZE}-{MAX_INPUT_SIZE} and at least what the "
+                            "model needs (32 for VGG; default: the checkpoint's, else 224).")
+WorkersOpt = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader); refused where "
+                          "this machine's memory cannot hold them (about 0.4 GB each plus twice the model).")
 ClusterOpt = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without --workers, wait "
                           "for followers started by hand with `edgeweave worker --leader HOST:PORT`.")
 ListenOpt = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader listens on for followers "
@@ -55,4 +78,7 @@ def emit_json(result: dict[str, Any], target: Optional[str]) -> None:
     if target == "-":
         typer.echo(dumps(result))
     else:
-        console.print(f"[dim]wrote {write_json(target, result)}[/dim]")
+        try:
+            console.print(f"[dim]wrote {write_json(target, result, parents=False)}[/dim]")
+        except OSError as e:  # the folder went away while the command ran
+            raise EdgeweaveError(f"--json {target}: cannot write: {e.strerror or e}") from None

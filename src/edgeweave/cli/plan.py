@@ -36,9 +36,11 @@ def build_plan(
 ) -> dict[str, Any]:
     """The library call behind the command: returns the JSON result (plan included)."""
     from edgeweave.checkpoint import load_model, model_hash
+    from edgeweave.limits import check_input_size
     from edgeweave.planning.graph import capture
     from edgeweave.planning.planner import make_plan
     from edgeweave.profiling.profile import Cluster
+    from edgeweave.runtime.run import check_input_fits
 
     if (cluster is None) == (workers is None):
         raise EdgeweaveError("give exactly one of --cluster FILE or --workers K")
@@ -46,6 +48,7 @@ def build_plan(
         raise EdgeweaveError(f"--workers must be >= 0, got {workers}")
     if batch < 1:
         raise EdgeweaveError(f"--batch must be >= 1, got {batch}")
+    check_input_size(input_size)
     cl = Cluster.load(cluster) if cluster is not None else Cluster.uniform(int(workers or 0) + 1)
     classes = num_classes if num_classes is not None else (1000 if _is_imagenet(model) else 10)
     size = input_size if input_size is not None else (224 if _is_imagenet(model) else 32)
@@ -53,6 +56,8 @@ def build_plan(
     net.eval()
     if input_size is None:
         size = int(spec.input_size[0])
+        check_input_size(size)
+    check_input_fits(net, int(spec.in_channels), size, model, int(spec.input_size[0]))
     shape = (batch, int(spec.in_channels), size, size)
     gm = capture(net, shape)
     plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
@@ -70,33 +75,21 @@ def build_plan(
         "predicted_speedup": plan.meta.get("predicted_speedup"),
         "stages": len(plan.stages),
         "strip_order": [plan.devices[d] for d in plan.meta["strip_order"]],  # top to bottom
+        "profiles": "default" if cl.is_default else "given",  # default: no device measured or described
         "plan": plan.to_dict(),
     }
 
 
-def _rows(r: Any) -> str:
-    return "-" if r[1] <= r[0] else f"{r[0]}:{r[1]}"
-
-
 def _print(res: dict[str, Any]) -> None:
-    from rich.table import Table
+    from edgeweave.runtime.run import plan_table
 
-    plan = res["plan"]
-    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} batch {res['batch']} on "
-                    f"{len(res['devices'])} devices ({res['partition']}, fusion {res['fusion']}, {res['mode']})")
-    for c in ("stage", "kind", "nodes", "out rows per device", "transfers", "predicted s"):
-        t.add_column(c)
-    for s in plan["stages"]:
-        nodes = s["nodes"]
-        label = nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)})"
-        rows = " ".join(f"{a['device']}:{_rows(a['out_rows'])}" for a in s["assignments"] if a["out_rows"][1] > a["out_rows"][0])
-        t.add_row(str(s["index"]), s["kind"], label, rows, str(len(s["transfers"])), f"{s['predicted_s']:.4f}")
-    console.print(t)
+    console.print(plan_table(res))
     if res["strip_order"] != res["devices"]:
         console.print(f"strips top to bottom: {', '.join(res['strip_order'])} (devices on slow links at the ends)")
     sp = res.get("predicted_speedup")
-    console.print(f"predicted {res['predicted_s']:.4f} s; one device {res['single_device_s']:.4f} s"
-                  + (f"; speedup {sp:.2f}x" if sp else ""))
+    console.print(f"predicted {1e3 * res['predicted_s']:.1f} ms; one device {1e3 * res['single_device_s']:.1f} ms"
+                  + (f"; speedup {sp:.2f}x" if sp else "")
+                  + (" (uncalibrated)" if res.get("profiles") == "default" else ""))
 
 
 def plan(

@@ -32,7 +32,7 @@ def run(
                                   "device's real speed from its step times and re-plan when a device turns out slower "
                                   "or faster than its profile. A follower that dies or hangs is left out and the frame runs "
                                   "again on the others (JSON: per-frame `frames`, `replans`, `lost`)."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take (> 0)."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Write a PNG timeline of the fastest inference: "
                                             "per device, when each stage waited for its inputs and when it computed."),
     json_out: Optional[str] = JsonOpt,
@@ -74,12 +74,17 @@ def worker(
     model: Optional[str] = typer.Option(None, "--model", help="Load the model locally instead of receiving it."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="This device's profile (DeviceProfile JSON)."),
     profile_json: Optional[str] = typer.Option(None, "--profile-json", hidden=True),
-    connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Seconds to wait for the leader."),
+    connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Seconds to wait for the leader (> 0)."),
     key: Optional[Path] = KeyOpt,
 ) -> None:
     """Start a follower: join the leader, receive the model and plans, compute strips."""
+    from edgeweave.limits import check_timeout
+    from edgeweave.profiling.profile import DeviceProfile
     from edgeweave.runtime.follower import serve
+    from edgeweave.runtime.rendezvous import parse_address
 
+    check_timeout(connect_timeout, "--connect-timeout")
+    parse_address(leader)  # an invalid port is told now, not as a failure to reach the leader
     prof = None
     try:
         if profile is not None:
@@ -90,6 +95,9 @@ def worker(
             prof = json.loads(profile_json)
     except ValueError as e:
         raise EdgeweaveError(f"profile is not valid JSON: {e}") from None
+    if prof is not None:  # checked here, not by the leader once we joined
+        DeviceProfile.from_dict({**prof, "name": name or "this device"} if isinstance(prof, dict) else prof,
+                                where=f"profile {profile}" if profile is not None else "--profile-json")
     raise typer.Exit(serve(leader, name, threads=threads, model_path=model, profile=prof,
                            connect_timeout_s=connect_timeout, key=use_key(key)))
 

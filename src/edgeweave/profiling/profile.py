@@ -9,6 +9,8 @@ a cluster by hand before measuring, and so that followers can send theirs to the
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,39 @@ from typing import Any
 from edgeweave.errors import EdgeweaveError
 
 
+# Numeric keys of a profile: (the range a value must be in, how it reads in a message).
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "a": (lambda v: v > 0, "seconds per FLOP, a number > 0"),
+    "b": (lambda v: v >= 0, "fixed seconds per call, a number >= 0"),
+    "bandwidth_bps": (lambda v: v > 0, "bits per second of the device's link, a number > 0"),
+    "latency_s": (lambda v: v >= 0, "one-way seconds per message, a number >= 0"),
+    "byte_s": (lambda v: v >= 0, "CPU seconds per byte sent or relayed, a number >= 0"),
+}
+# Keys a cluster file must give for every device (the defaults are placeholders for code)
+FILE_REQUIRED = ("a", "bandwidth_bps")
+# The placeholder profile: 10 GFLOP/s, 1 Gbit/s (Cluster.uniform; not a measurement)
+DEFAULT_A, DEFAULT_BPS = 1e-10, 1e9
+
+
+def _type_name(v: Any) -> str:
+    return {list: "a list", dict: "an object", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), type(v).__name__)
+
+
+def _check_number(v: Any, ok: Callable[[float], bool], what: str, label: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise EdgeweaveError(f"{label} must be {what}, got {_type_name(v)} {v!r}")
+    if not math.isfinite(v) or not ok(v):
+        raise EdgeweaveError(f"{label} must be {what}, got {v!r}")
+
+
 @dataclass
 class DeviceProfile:
     name: str
-    a: float = 1e-10  # seconds per FLOP (capability = 1/a)
+    a: float = DEFAULT_A  # seconds per FLOP (capability = 1/a)
     b: float = 0.0  # fixed seconds per call
     per_kind: dict[str, list[float]] = field(default_factory=dict)  # kind -> [a, b]
-    bandwidth_bps: float = 1e9  # bits per second of this device's link
+    bandwidth_bps: float = DEFAULT_BPS  # bits per second of this device's link
     latency_s: float = 0.0  # one-way latency of this device's link
     # Seconds of this device's time per byte it sends, or receives for another device (relays):
     # the network stack's CPU work, which a device that computes and relays at once (the leader
@@ -51,14 +79,45 @@ class DeviceProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeviceProfile":
+    def from_dict(cls, d: Any, *, where: str | None = None, required: tuple[str, ...] = ()) -> "DeviceProfile":
+        """A profile from plain data, every key checked for type and range (a wrong one would
+        fail deep inside the planner, or worse, be planned with: a negative bandwidth is "fast").
+        ``where`` starts every message (a file and a device; default: "device profile NAME");
+        keys in ``required`` may not be left to their defaults (a cluster file must give ``a``
+        and ``bandwidth_bps``)."""
+        if not isinstance(d, dict):
+            raise EdgeweaveError(f"{where or 'device profile'}: expected an object with keys such as name, a, "
+                                 f"bandwidth_bps; got {_type_name(d)}")
+        if "name" not in d:
+            raise EdgeweaveError(f"{where or 'device profile'}: every device needs a 'name'")
+        name = d["name"]
+        if not isinstance(name, str) or not name.strip():
+            raise EdgeweaveError(f"{where or 'device profile'}: 'name' must be a non-empty string, got {name!r}")
+        where = where or f"device profile {name!r}"
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise EdgeweaveError(f"device profile: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        if "name" not in d:
-            raise EdgeweaveError("device profile: every device needs a 'name'")
-        return cls(**d)
+            raise EdgeweaveError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise EdgeweaveError(f"{where}: missing key {missing[0]!r} ({_RULES[missing[0]][1]})")
+        for key, (ok, what) in _RULES.items():
+            if key in d:
+                _check_number(d[key], ok, what, f"{where}: {key!r}")
+        per_kind = d.get("per_kind", {})
+        if not isinstance(per_kind, dict):
+            raise EdgeweaveError(f"{where}: 'per_kind' must map an operator kind to [a, b], got {_type_name(per_kind)}")
+        for kind, line in per_kind.items():
+            if not isinstance(line, (list, tuple)) or len(line) != 2:
+                raise EdgeweaveError(f"{where}: 'per_kind' {kind!r} must be [a, b] (seconds = a * FLOPs + b), "
+                                     f"got {line!r}")
+            _check_number(line[0], *_RULES["a"], f"{where}: 'per_kind' {kind!r} a")
+            _check_number(line[1], *_RULES["b"], f"{where}: 'per_kind' {kind!r} b")
+        if d.get("address") is not None and not isinstance(d["address"], str):
+            raise EdgeweaveError(f"{where}: 'address' must be a string such as host:port, got {d['address']!r}")
+        if not isinstance(d.get("meta", {}), dict):
+            raise EdgeweaveError(f"{where}: 'meta' must be an object, got {_type_name(d['meta'])}")
+        return cls(**{**d, "per_kind": {str(k): [float(v[0]), float(v[1])] for k, v in per_kind.items()}})
 
 
 @dataclass
@@ -70,15 +129,34 @@ class Cluster:
     def to_dict(self) -> dict[str, Any]:
         return {"devices": [d.to_dict() for d in self.devices]}
 
+    @property
+    def is_default(self) -> bool:
+        """Every device has the placeholder profile (:meth:`uniform`'s), nothing measured or
+        given: a plan made with it predicts from guesses (the CLI says "uncalibrated")."""
+        return all(d.a == DEFAULT_A and d.b == 0 and not d.per_kind and d.bandwidth_bps == DEFAULT_BPS
+                   and d.latency_s == 0 and d.byte_s == 0 for d in self.devices)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Cluster":
-        devs = d.get("devices")
+    def from_dict(cls, d: Any, *, source: str = "cluster file", required: tuple[str, ...] = ()) -> "Cluster":
+        """Devices from plain data (``source`` names it in messages); duplicate names refused."""
+        devs = d.get("devices") if isinstance(d, dict) else None
         if not isinstance(devs, list) or not devs:
-            raise EdgeweaveError("cluster file: expected a non-empty list under 'devices' (the first is the leader)")
-        return cls([DeviceProfile.from_dict(x) for x in devs])
+            raise EdgeweaveError(f"{source}: expected a non-empty list under 'devices' (the first is the leader)")
+        out: list[DeviceProfile] = []
+        for i, x in enumerate(devs, start=1):
+            named = isinstance(x, dict) and isinstance(x.get("name"), str)
+            label = f"device {x['name']!r} (#{i})" if named else f"device #{i}"
+            out.append(DeviceProfile.from_dict(x, where=f"{source}, {label}", required=required))
+        seen: dict[str, int] = {}
+        for i, dev in enumerate(out, start=1):
+            if dev.name in seen:
+                raise EdgeweaveError(f"{source}: devices #{seen[dev.name]} and #{i} are both named {dev.name!r}; "
+                                     f"every device needs its own name")
+            seen[dev.name] = i
+        return cls(out)
 
     @classmethod
     def load(cls, path: str | Path) -> "Cluster":
@@ -94,8 +172,9 @@ class Cluster:
                 data = json.loads(p.read_text())
         except (ValueError, UnicodeDecodeError) as e:
             raise EdgeweaveError(f"cluster file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
-        return cls.from_dict(data)
+        # a file says what each device is like: the planner's defaults would be a guess taken for a measurement
+        return cls.from_dict(data, source=f"cluster file {p}", required=FILE_REQUIRED)
 
     @classmethod
-    def uniform(cls, n: int, a: float = 1e-10, b: float = 0.0, bandwidth_bps: float = 1e9) -> "Cluster":
+    def uniform(cls, n: int, a: float = DEFAULT_A, b: float = 0.0, bandwidth_bps: float = DEFAULT_BPS) -> "Cluster":
         return cls([DeviceProfile(name="leader" if i == 0 else f"worker{i}", a=a, b=b, bandwidth_bps=bandwidth_bps) for i in range(n)])

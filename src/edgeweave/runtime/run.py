@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.limits import MAX_INPUT_SIZE, check_followers_fit, check_input_size, check_timeout
 from edgeweave.profiling.profile import Cluster
 from edgeweave.runtime.leader import LocalCluster, RemoteCluster, Session, Timings
 from edgeweave.runtime.timeline import breakdown
@@ -132,41 +133,88 @@ def require_cluster(workers: int | None, cluster_file: str | None) -> None:
 
 
 def open_session(workers: int | None, cluster_file: str | None, listen: str = "0.0.0.0:29400",
-                 timeout_s: float = 60.0) -> Session:
+                 timeout_s: float = 60.0, model_bytes: int = 0) -> Session:
     """``--workers K`` starts K local followers; ``--cluster FILE`` alone waits for followers started
-    by hand (both: local followers planned with the file's profiles). Not yet entered."""
+    by hand (both: local followers planned with the file's profiles). Not yet entered.
+    ``model_bytes``: the weights each local follower will hold (for the memory check)."""
     require_cluster(workers, cluster_file)
+    check_timeout(timeout_s)
     profiles = Cluster.load(cluster_file) if cluster_file else None
     if workers is not None and profiles is not None and len(profiles.devices) != workers + 1:
         raise EdgeweaveError(f"the cluster file describes {len(profiles.devices)} devices; with --workers {workers} "
                              f"it needs {workers + 1} (the leader first)")
     if workers is not None:
-        return LocalCluster(workers, profiles=profiles, timeout_s=timeout_s)
+        return LocalCluster(workers, profiles=profiles, timeout_s=timeout_s, model_bytes=model_bytes)
     assert profiles is not None
     return RemoteCluster(profiles, listen, timeout_s=timeout_s)
 
 
 def load_sized(model_name: str, input_size: int | None) -> tuple[torch.nn.Module, Any, int]:
-    """The model and the input size to run it at: ``input_size``, else the checkpoint's, else 224."""
+    """The model and the input size to run it at: ``input_size``, else the checkpoint's, else 224.
+    The size is checked before the model is loaded (its range) and after (the model's minimum)."""
+    check_input_size(input_size)
     model, spec = load_for_run(model_name, input_size or 224)
+    default = int(spec.input_size[0])
     if input_size is None:  # a checkpoint knows the size it was trained for
-        input_size = int(spec.input_size[0])
-    if input_size < 1:
-        raise EdgeweaveError(f"--input-size must be positive, got {input_size}")
+        input_size = default
+        check_input_size(input_size)
+    check_input_fits(model, int(spec.in_channels), input_size, model_name, default)
     return model, spec, input_size
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights and buffers (what a follower receives)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _meta_error(model: torch.nn.Module, in_channels: int, size: int) -> str | None:
+    """Why ``model`` cannot take a 1 x C x size x size input, from shapes alone: the model runs on
+    the meta device (no FLOPs, no memory), its weights swapped for meta tensors. None: it can."""
+    from torch.func import functional_call
+
+    state = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    try:
+        with torch.no_grad():
+            functional_call(model, state, (torch.empty(1, in_channels, size, size, device="meta"),))
+    except Exception as e:  # noqa: BLE001 - any model code; the caller decides what a failure means
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
+
+
+def check_input_fits(model: torch.nn.Module, in_channels: int, size: int, model_name: str,
+                     default: int | None = None) -> None:
+    """Refuse an input size the model cannot take (a feature map would be empty: VGG needs 32),
+    saying the smallest it can, before any process starts. Found by shapes only (:func:`_meta_error`,
+    milliseconds); where the probe cannot run the model at any size (an operator without shape
+    rules) it says nothing and the real run decides."""
+    err = _meta_error(model, in_channels, size)
+    if err is None:
+        return
+    if _meta_error(model, in_channels, MAX_INPUT_SIZE) is None:
+        lo, hi = size, MAX_INPUT_SIZE  # lo fails, hi runs: the smallest size that runs, by bisection
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _meta_error(model, in_channels, mid) is None else (mid, hi)
+        raise EdgeweaveError(f"--input-size {size} is too small for {model_name}: it needs at least {hi} ({err})")
+    if default is not None and default != size and _meta_error(model, in_channels, default) is None:
+        raise EdgeweaveError(f"{model_name} cannot run at --input-size {size} (it runs at {default}): {err}")
 
 
 def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunConfig, cluster_file: str | None = None,
         listen: str = "0.0.0.0:29400", timeout_s: float = 60.0) -> dict[str, Any]:
     """What ``edgeweave run`` does; returns the JSON result (see DESIGN.md's contract)."""
     cfg.validate()
+    require_cluster(workers, cluster_file)
+    check_timeout(timeout_s)
+    check_input_size(input_size)
+    if workers is not None:
+        check_followers_fit(workers)  # the processes alone; with the model's size once it is loaded
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
-    require_cluster(workers, cluster_file)
     model, spec, input_size = load_sized(model_name, input_size)
     x = torch.randn(cfg.batch, spec.in_channels, input_size, input_size)
     t_start = time.perf_counter()
-    with open_session(workers, cluster_file, listen, timeout_s) as session:
+    with open_session(workers, cluster_file, listen, timeout_s, model_bytes=model_bytes(model)) as session:
         startup_s = time.perf_counter() - t_start
         result = run_on_session(session, model_name, model, spec, x, cfg)
     result["startup_s"] = startup_s
@@ -189,6 +237,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
         "devices": session.names, "partition": cfg.partition, "fusion": cfg.fusion, "mode": cfg.mode,
         "latency_s": statistics.median(lats), "latencies_s": lats, "predicted_s": plan.predicted_s,
         "timings": timings.to_dict(), "plan": plan.to_dict(),
+        "profiles": "default" if session.cluster.is_default else "given",
     }
     result["breakdown"] = breakdown(result["timings"])
     if frames is not None:
@@ -203,33 +252,92 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
     return result
 
 
-def describe_plan(plan: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(stage, kind, nodes, per-device rows) lines for a human-readable plan table."""
-    rows = []
-    for s in plan["stages"]:
-        nodes = s["nodes"]
-        span = nodes[0] if len(nodes) == 1 else f"{nodes[0]} .. {nodes[-1]} ({len(nodes)})"
-        parts = []
-        for a in s["assignments"]:
-            o = a["out_rows"]
-            if o[1] > o[0]:
-                parts.append(f"{plan['devices'][a['device']]}: {o[0]}-{o[1]}")
-        rows.append((str(s["index"]), s["kind"], span, ", ".join(parts)))
-    return rows
+KIND_NOTES = {
+    "spatial": "spatial: each device computes a strip of rows (plus the halo rows its kernels need)",
+    "linear": "linear: a fully connected layer split by output features (a-b: features)",
+    "reduce": "reduce: a global pooling, each device summing its own rows and the leader adding the sums",
+    "leader": "leader: on the leader alone",
+}
+
+
+def _ms(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1e3 * seconds:.1f}"
+
+
+def _span(nodes: list[str]) -> str:
+    return nodes[0] if len(nodes) == 1 else f"{nodes[0]} … {nodes[-1]} ({len(nodes)})"
+
+
+def _rows_cell(out_rows: Any, stage: dict[str, Any]) -> str:
+    """``a-b`` (rows [a, b) of the stage's output), ``all``, or ``-`` (the device sits it out)."""
+    a, b = int(out_rows[0]), int(out_rows[1])
+    if b <= a:
+        return "-"
+    shape = stage.get("output_shape") or []
+    full = shape[2] if len(shape) == 4 else shape[1] if len(shape) >= 2 else None
+    return "all" if a == 0 and b == full else f"{a}-{b}"
+
+
+def plan_table(res: dict[str, Any], measured_s: list[float] | None = None, width: int | None = None) -> Any:
+    """The plan as a table readable at 80 columns: one row per stage, one column per device
+    (its output rows), predicted and (``measured_s``, per stage) measured milliseconds; the
+    notes under it say what the notation means and whether the profiles were measured.
+    Too many devices for the width: one column lists ``name a-b`` per device instead."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+
+    from edgeweave.console import console
+
+    plan = res["plan"]
+    names = list(plan["devices"])
+    stages = plan["stages"]
+    width = width or console.width
+    cells = [[_rows_cell(a["out_rows"], s) for a in sorted(s["assignments"], key=lambda a: a["device"])]
+             for s in stages]
+    cells = [c + ["-"] * (len(names) - len(c)) for c in cells]
+    fixed = [max(1, *(len(str(s["index"])) for s in stages)), len("spatial"), 16, len("pred ms")]
+    if measured_s is not None:
+        fixed.append(len("meas ms"))
+    dev_w = [max(len(n), *(len(c[d]) for c in cells)) for d, n in enumerate(names)]
+    per_device = sum(w + 2 for w in fixed + dev_w) <= width
+    size = res["input_size"]
+    t = Table(title=f"plan: {res['model']} {size}x{size}, batch {res.get('batch', 1)}, {len(names)} devices "
+                    f"({res['partition']}, fusion {res['fusion']}, {res['mode']})",
+              box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("kind")
+    t.add_column("layers", min_width=12, max_width=None if per_device else 18, overflow="fold")
+    if per_device:
+        for n in names:
+            t.add_column(n, justify="right", no_wrap=True)
+    else:
+        t.add_column("rows by device", min_width=16)
+    t.add_column("pred ms", justify="right", no_wrap=True)
+    if measured_s is not None:
+        t.add_column("meas ms", justify="right", no_wrap=True)
+    for i, (s, c) in enumerate(zip(stages, cells)):
+        rows = c if per_device else [", ".join(f"{n}:{r}" for n, r in zip(names, c) if r != "-")]
+        more = [_ms(measured_s[i]) if i < len(measured_s) else ""] if measured_s is not None else []
+        t.add_row(str(s["index"]), s["kind"], _span(s["nodes"]), *rows, _ms(s["predicted_s"]), *more)
+    return Group(t, *plan_notes(res))
+
+
+def plan_notes(res: dict[str, Any]) -> list[str]:
+    """What a plan table's notation means, and a warning when the profiles are defaults."""
+    kinds = [k for k in KIND_NOTES if any(s["kind"] == k for s in res["plan"]["stages"])]
+    notes = ["rows a-b: the device computes output rows [a, b) of the stage's feature map (all: every row, "
+             "-: none); " + "; ".join(KIND_NOTES[k] for k in kinds) + "."]
+    if res.get("profiles") == "default":
+        notes.append("[yellow]uncalibrated:[/yellow] default profiles (every device 10 GFLOP/s, 1 Gbit/s links), "
+                     "not measurements: predicted times and speedups follow from these guesses, they are no "
+                     "promise. Measure each device with `edgeweave profile` and give --cluster FILE.")
+    return notes
 
 
 def result_table(res: dict[str, Any]) -> Any:
-    """A rich table: which device computes which rows of which block, and measured times."""
-    from rich.table import Table
-
-    t = Table(title=f"plan: {res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} "
-                    f"({res['partition']}, fusion {res['fusion']}, {res['mode']})")
-    for c in ("stage", "kind", "nodes", "rows per device", "predicted s", "measured s"):
-        t.add_column(c, justify="right" if c.endswith(" s") else "left")
-    stages = res["timings"]["stages"]
-    for (idx, kind, nodes, rows), st, ps in zip(describe_plan(res["plan"]), stages, res["plan"]["stages"]):
-        t.add_row(idx, kind, nodes, rows, f"{ps['predicted_s']:.4f}", f"{st['wall_s']:.4f}")
-    return t
+    """The plan with each stage's predicted and measured time (the fastest inference's)."""
+    return plan_table(res, measured_s=[st["wall_s"] for st in res["timings"]["stages"] if st["index"] != "final"])
 
 
 def frames_line(res: dict[str, Any]) -> str:
@@ -244,12 +352,14 @@ def frames_line(res: dict[str, Any]) -> str:
 
 
 def summary_line(res: dict[str, Any]) -> str:
-    line = (f"latency {res['latency_s']:.4f} s (median of {len(res['latencies_s'])}), "
-            f"predicted {res['predicted_s']:.4f} s")
+    """The measured latency against the prediction (and one device, with --check); below it,
+    where the fastest inference's time went."""
+    line = (f"latency {_ms(res['latency_s'])} ms (median of {len(res['latencies_s'])}), "
+            f"predicted {_ms(res['predicted_s'])} ms" + (" (default profiles)" if res.get("profiles") == "default" else ""))
     if "rel_err" in res:
-        line += f"; single device {res['single_device_s']:.4f} s; rel_err {res['rel_err']:.2e}"
+        line += f"; one device {_ms(res['single_device_s'])} ms; rel_err {res['rel_err']:.1e}"
     b = res.get("breakdown")
     if b:
-        line += (f"\nfastest inference {b['total_s']:.4f} s = compute {b['compute_s']:.4f} + imbalance "
-                 f"{b['imbalance_s']:.4f} + transfers/sync {b['other_s']:.4f} s")
+        line += (f"\nfastest inference {_ms(b['total_s'])} ms = compute {_ms(b['compute_s'])} + imbalance "
+                 f"{_ms(b['imbalance_s'])} + transfers/sync {_ms(b['other_s'])} ms")
     return line
