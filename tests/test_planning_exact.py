@@ -237,7 +237,8 @@ def test_a_device_computing_a_whole_stage_alone_runs_the_models_own_ops(name: st
         (in_node, (out_node,)) = stage_io(gm, stage)
         y = run_stage(gm, stage, 0, values[in_node.name] if in_node.op != "placeholder" else x)
         assert torch.equal(y, values[out_node.name]), (name, stage.index)
-    assert whole and rel_err(simulate(gm, one, x), ref) <= 1e-6
+    # 1e-5, not bit for bit: the graph's BatchNorms are folded into the convolutions (planning/fold.py)
+    assert whole and rel_err(simulate(gm, one, x), ref) <= 1e-5
     four = make_plan(gm, hetero(4), partition="equal", fusion="none", mode="exchange")
     split = [s for s in four.stages if sum(not a.out_rows[1] <= a.out_rows[0] for a in s.assignments) > 1]
     assert split and not any(whole_on(s, a.device) for s in split for a in s.assignments)

@@ -92,8 +92,10 @@ def _to_onnx(seg: Any) -> tuple[bytes, list[str], Any]:
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # PRESERVE: the exporter must not switch modules to eval and back to train (the graph's
+        # modules are the model's own; "back" would be train mode for all of them)
         torch.onnx.export(wrapper, examples, buf, dynamo=False, opset_version=OPSET, input_names=names,
-                          do_constant_folding=True)
+                          do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
     return buf.getvalue(), names, wrapper.spec
 
 

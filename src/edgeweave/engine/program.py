@@ -246,15 +246,16 @@ def prepare(gm: torch.fx.GraphModule, plan: Plan, device: int, backend: str | No
     """
     chosen = backend or backend_of(plan, device)
     allow = bool(plan.meta.get("backend_fallback", False)) if fallback is None else fallback
+    notes: list[str] = []
     if chosen != "torch":
         try:
             backends.check(chosen)
         except EdgeweaveError as e:
             if not allow:
                 raise BackendError(str(e)) from None
+            notes.append(f"{e}; device {device} runs on torch")
             chosen = "torch"
     prepare_reductions(gm, plan, device)
-    notes: list[str] = []
     progs = [compile_stage(gm, st, device, chosen, threads, allow, notes) for st in plan.stages]
     return DeviceProgram(gm, plan, device, chosen, progs, notes)
 

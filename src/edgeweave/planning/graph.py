@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.planning.fold import fold_batchnorm
 
 NODE_KINDS = ("input", "output", "const", "window", "pointwise", "linear", "global")
 
@@ -240,7 +241,8 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
 
     Call ``model.eval()`` first: kinds are decided from the modules' current mode (training-mode
     BatchNorm and dropout are global/random and stay on the leader). The returned GraphModule
-    shares parameters with ``model``.
+    shares parameters with ``model``, except where an eval-mode BatchNorm was folded into the
+    convolution before it (``planning.fold``): that convolution is a folded copy.
     """
     try:
         gm = torch.fx.symbolic_trace(model)
@@ -248,6 +250,7 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
         raise EdgeweaveError(f"cannot trace the model with torch.fx: {type(e).__name__}: {e}") from None
     gm.training = model.training  # only the root flag: submodules are shared with ``model``
     _reshape_views(gm)
+    fold_batchnorm(gm)  # eval-mode BatchNorm into the convolution before it (planning/fold.py)
     x = torch.zeros(*[int(v) for v in input_shape])
     with _eval_temporarily(gm), torch.no_grad():
         ShapeProp(gm).propagate(x)
