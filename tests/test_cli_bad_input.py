@@ -236,7 +236,7 @@ def test_run_refuses_more_followers_than_memory_holds_before_loading_the_model()
     k = 2 * _fit(0) + 10  # not even idle processes fit
     t0 = time.monotonic()
     line = one_line_error(ew("run", "--model", "small_cnn", "--input-size", "28", "--workers", str(k)),
-                          f"--workers {k}", "of memory is available, enough for")
+                          f"--workers {k}", "of memory is available", "enough for")
     assert time.monotonic() - t0 < 60, line
 
 

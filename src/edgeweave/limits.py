@@ -72,5 +72,6 @@ def check_followers_fit(workers: int, model_bytes: int = 0, available: int | Non
         model = f" plus {FOLLOWER_MODEL_COPIES}x the model's {_gb(model_bytes)}" if model_bytes else ""
         raise EdgeweaveError(
             f"--workers {workers}: each local follower needs about {_gb(each)} ({_gb(FOLLOWER_IDLE_BYTES)} for the "
-            f"process{model}) and {_gb(avail)} of memory is available, enough for {fit} "
+            f"process{model}) and {_gb(avail)} of memory is available ({100 - round(100 * MEMORY_SHARE)} % of it "
+            f"kept for the leader and the rest of the machine), enough for {fit} "
             f"follower{'s' if fit != 1 else ''}; give --workers {fit} or less (or --cluster FILE for other machines)")
