@@ -19,8 +19,7 @@ import torch.fx
 
 from edgeweave.kernels import max_pool2d
 from edgeweave.planning.graph import node_kind, node_window, nodes_by_name, tensor_inputs
-from edgeweave.planning.halo import is_empty
-from edgeweave.planning.plan import Stage
+from edgeweave.planning.plan import Stage, whole_on  # noqa: F401  (re-exported: the engine's question)
 
 
 def split_axis(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
@@ -93,26 +92,6 @@ def call_node(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, kwargs
             obj = getattr(obj, part)
         return obj
     raise ValueError(f"cannot run node {node.name} ({node.op})")
-
-
-def whole_on(stage: Stage, device: int) -> bool:
-    """Whether ``device`` computes the whole stage alone: the leader's stages, and spatial stages
-    where its strip is the whole map, nobody else computes, and every row a reduction sums is its
-    own (one device, or a block the planner left on one device).
-
-    ``reduce`` stages keep their partial-sum path even then: with a pool folded into the Linear
-    after it (``graph.reduce_pool``) that reads a smaller weight than the model's own layers.
-    """
-    if stage.kind == "leader":
-        return device == 0
-    a = stage.assignment(device)
-    if stage.kind != "spatial" or a is None or len(stage.input_shape) != 4:
-        return False
-    if a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
-        return False
-    if any(b.device != device and not is_empty(b.out_rows) for b in stage.assignments):
-        return False
-    return all(d == device or is_empty(r) for red in stage.reductions for d, r in red.rows)
 
 
 def stage_module(gm: torch.fx.GraphModule, stage: Stage) -> torch.fx.GraphModule:

@@ -180,3 +180,23 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         return cls.from_json(Path(path).read_text())
+
+
+def whole_on(stage: Stage, device: int) -> bool:
+    """Whether ``device`` computes the whole stage alone: the leader's stages, and spatial stages
+    where its strip is the whole map, nobody else computes, and every row a reduction sums is its
+    own (one device, or a block the planner left on one device).
+
+    ``reduce`` stages keep their partial-sum path even then: with a pool folded into the Linear
+    after it (``graph.reduce_pool``) that reads a smaller weight than the model's own layers.
+    """
+    if stage.kind == "leader":
+        return device == 0
+    a = stage.assignment(device)
+    if stage.kind != "spatial" or a is None or len(stage.input_shape) != 4:
+        return False
+    if a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
+        return False
+    if any(b.device != device and b.out_rows[1] > b.out_rows[0] for b in stage.assignments):
+        return False
+    return all(d == device or r[1] <= r[0] for red in stage.reductions for d, r in red.rows)

@@ -156,7 +156,11 @@ class AdaptiveStream:
         # Speed samples come from the stages that are split (their time scales with the planned
         # FLOPs); the leader's whole-map stages (pooling heads, attention scales, ...) are small
         # and dominated by fixed costs, so they would bias the leader's factor.
-        self.sampled_stages = [s for s, st in enumerate(plan.stages) if st.kind in ("spatial", "linear")]
+        # A plan that leaves everything to the leader is one leader stage (planner._merge_leader_runs):
+        # then that stage is the whole model, and it says how fast the leader is.
+        alone = all(a.out_rows[1] <= a.out_rows[0] for st in plan.stages for a in st.assignments if a.device != 0)
+        self.sampled_stages = [s for s, st in enumerate(plan.stages)
+                               if st.kind in ("spatial", "linear") or (alone and st.kind == "leader")]
         self.pred_base = [sum(self.comp_base[s][d] for s in self.sampled_stages) for d in range(self.k)]
         self.scale_base = A.stage_scaling(plan, self.comp_base, self.base)  # what a speed change moves
 
