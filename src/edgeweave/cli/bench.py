@@ -130,5 +130,43 @@ def serve(
     emit_json(result, json_out)
 
 
+@bench_app.command("kernels")
+def kernels(
+    quick: bool = QuickOpt,
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", help="Models to compare (repeatable; default "
+                                              "torchvision vgg16, resnet18, mobilenet_v2, efficientnet_b0 and "
+                                              "compact_vgg16)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Interleaved rounds (default 15, quick 5)."),
+    size: int = typer.Option(224, "--input-size", "-n", min=32, max=1024, help="Input height and width."),
+    devices: int = typer.Option(5, "--devices", min=2, max=16, help="Devices of the plan whose shares are summed."),
+    backend: Optional[list[str]] = typer.Option(None, "--backend", help="Backends to compare (repeatable; default "
+                                                "every exact one installed here)."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Per-device compute against what a user would run on one board: plain torch, raw ONNX
+    Runtime on the whole model, edgeweave on one device per backend, and a plan's strips summed
+    per backend (no root needed). Writes results/kernels/ (--quick: results/kernels/quick/)."""
+    from edgeweave.bench.kernels import KernelsConfig, run_kernels_bench
+    from edgeweave.engine.backends import check
+
+    cfg = KernelsConfig.quick_config() if quick else KernelsConfig()
+    for b in backend or []:
+        check(b)
+    cfg.size, cfg.devices = size, devices
+    if model:
+        cfg.models = tuple(model)
+    if rounds is not None:
+        cfg.rounds = rounds
+    if backend:
+        cfg.backends = tuple(dict.fromkeys(["torch", *backend]))
+    result = run_kernels_bench(cfg, out_dir=out / "quick" if quick else out)
+    console.rule("bench kernels summary")
+    for k, t in result["targets"].items():
+        console.print(f"{k}: {t['value']:.3f} (target {t['target']}, met: {t['met']})")
+    console.print(f"max_rel_err: {result['summary']['max_rel_err']:.1e}; plot {result['files']['plot']}")
+    emit_json(result, json_out)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

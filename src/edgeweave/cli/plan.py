@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from edgeweave.cli.common import FusionOpt, JsonOpt, ModeOpt, ModelOpt, PartitionOpt, console, emit_json
+from edgeweave.cli.common import BackendOpt, FusionOpt, JsonOpt, ModeOpt, ModelOpt, PartitionOpt, console, emit_json
 from edgeweave.errors import EdgeweaveError
 
 _TORCHVISION_SHORT = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
@@ -33,6 +33,7 @@ def build_plan(
     partition: str = "optimal",
     fusion: str = "auto",
     mode: str = "exchange",
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """The library call behind the command: returns the JSON result (plan included)."""
     from edgeweave.checkpoint import load_model, model_hash
@@ -61,7 +62,7 @@ def build_plan(
     shape = (batch, int(spec.in_channels), size, size)
     gm = capture(net, shape)
     plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
-                     model_hash=model_hash(net))
+                     model_hash=model_hash(net), backend=backend)
     return {
         "model": model,
         "input_size": size,
@@ -70,6 +71,7 @@ def build_plan(
         "partition": partition,
         "fusion": fusion,
         "mode": mode,
+        "backends": dict(zip(plan.devices, plan.backends)),
         "predicted_s": plan.predicted_s,
         "single_device_s": plan.meta.get("single_device_s"),
         "predicted_speedup": plan.meta.get("predicted_speedup"),
@@ -86,6 +88,8 @@ def _print(res: dict[str, Any]) -> None:
     console.print(plan_table(res))
     if res["strip_order"] != res["devices"]:
         console.print(f"strips top to bottom: {', '.join(res['strip_order'])} (devices on slow links at the ends)")
+    used = sorted(set(res["backends"].values()))
+    console.print(f"backend: {', '.join(f'{d} {b}' for d, b in res['backends'].items()) if len(used) > 1 else used[0]}")
     sp = res.get("predicted_speedup")
     console.print(f"predicted {1e3 * res['predicted_s']:.1f} ms; one device {1e3 * res['single_device_s']:.1f} ms"
                   + (f"; speedup {sp:.2f}x" if sp else "")
@@ -103,11 +107,12 @@ def plan(
     partition: str = PartitionOpt,
     fusion: str = FusionOpt,
     mode: str = ModeOpt,
+    backend: str = BackendOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Print the plan (who computes which rows of which block) and its predicted time."""
     res = build_plan(model, cluster=cluster, workers=workers, input_size=input_size, batch=batch,
-                     in_channels=in_channels, partition=partition, fusion=fusion, mode=mode)
+                     in_channels=in_channels, partition=partition, fusion=fusion, mode=mode, backend=backend)
     _print(res)
     emit_json(res, json_out)
 

@@ -6,8 +6,15 @@ on loopback: a lower bound). The link itself (``bandwidth_bps``, ``latency_s``) 
 here: a cluster file gives it, :func:`edgeweave.profiling.link.probe_link` measures it between
 two ranks of a gloo group, and ``bench edgeld`` measures it inside the testbed.
 
-``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (per kind: a, b, n_train, n_test,
+The compute model is measured for torch and, with ``--backend`` (default: every exact backend
+installed here), for ONNX Runtime / OpenVINO too: the same layers compiled as a device's backend
+compiles a stage; the profile keeps each backend's lines under ``backends``, which the planner's
+``--backend auto`` chooses from.
+
+``--json`` keys: ``profile`` (the DeviceProfile), ``fits`` (torch's, per kind: a, b, n_train, n_test,
 heldout_median_rel_err, heldout_mean_rel_err, heldout_max_rel_err, train_median_rel_err),
+``backend_fits`` (the same per other backend), ``speed_vs_torch`` (per backend: torch's predicted
+seconds over its own, per kind),
 ``out`` (the profile path), ``samples_csv`` (every timed setting with the fit's prediction),
 ``plot`` (the fits, PNG), ``seconds``, ``settings``.
 """
@@ -36,6 +43,8 @@ def profile(
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads while timing (the runtime uses 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the setting sample and the held-out split."),
     block_s: Optional[float] = typer.Option(None, "--block-s", min=0.0, help="Timing block length in seconds (default 0.09 quick, 0.15 full); keep it >= 0.05 on a CPU-capped device."),
+    backend: str = typer.Option("all", "--backend", help="Backends to measure besides torch: all (every exact one "
+                                "installed here) | ort | openvino | openvino-bf16 | torch (torch only)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median
@@ -43,14 +52,23 @@ def profile(
     from rich.progress import Progress
     from rich.table import Table
 
-    from edgeweave.profiling.compute import profile_device
+    from edgeweave.engine.backends import available, check, is_exact
+    from edgeweave.profiling.compute import profile_backends
     from edgeweave.profiling.link import measure_byte_s
     from edgeweave.profiling.report import plot_fits, write_samples_csv
 
     name = name or socket.gethostname()
+    if backend == "all":
+        wanted = [b for b in available() if b != "torch" and is_exact(b)]
+    else:
+        check(backend)
+        wanted = [] if backend == "torch" else [backend]
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
-        prof, report = profile_device(name=name, quick=quick, seed=seed, threads=threads, block_s=block_s, progress=lambda i, n: bar.update(task, completed=i, total=n))
+        prof, reports = profile_backends(wanted, name=name, quick=quick, seed=seed, threads=threads, block_s=block_s,
+                                         progress=lambda b, i, n: bar.update(task, description=f"profiling {b}",
+                                                                             completed=i, total=n))
+        report = reports["torch"]
         bar.update(task, description="CPU per byte moved (loopback)")
         prof = replace(prof, byte_s=measure_byte_s())
     path = out or Path("results") / f"profile-{name}.json"
@@ -67,9 +85,17 @@ def profile(
         table.add_row(k, f"{f['a']:.3e}", f"{1e-9 / f['a']:.1f}", f"{f['b'] * 1e3:.3f}", f"{f['n_train']}/{f['n_test']}",
                       f"{100 * f['heldout_median_rel_err']:.1f}%", f"{100 * f['heldout_max_rel_err']:.1f}%")
     console.print(table)
+    speed = {}
+    for b in wanted:
+        line = prof.backends[b]
+        speed[b] = {k: (prof.per_kind[k][0] / v[0]) for k, v in line["per_kind"].items() if k in prof.per_kind}
+        console.print(f"{b}: " + ", ".join(f"{k} {r:.2f}x" for k, r in speed[b].items())
+                      + " torch's FLOPs per second (a over a)")
     console.print(f"CPU per byte sent or relayed: {1e9 * prof.byte_s:.2f} ms per MB (loopback: a lower bound; "
                   "the planner charges it to the leader for every strip it gathers and re-sends)")
     console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s); "
                   f"every setting in {samples_csv}, the fits plotted in {plot}")
-    emit_json({"profile": prof.to_dict(), "fits": report["fits"], "out": str(path), "samples_csv": str(samples_csv),
+    emit_json({"profile": prof.to_dict(), "fits": report["fits"],
+               "backend_fits": {b: reports[b]["fits"] for b in wanted}, "speed_vs_torch": speed,
+               "out": str(path), "samples_csv": str(samples_csv),
                "plot": str(plot), "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)

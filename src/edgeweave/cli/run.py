@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from edgeweave.cli.common import (
-    ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
-    emit_json,
+    BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt,
+    console, emit_json,
 )
 from edgeweave.cli.keygen import KeyOpt, use_key
 from edgeweave.errors import EdgeweaveError
@@ -25,6 +25,7 @@ def run(
     partition: str = PartitionOpt,
     fusion: str = FusionOpt,
     mode: str = ModeOpt,
+    backend: str = BackendOpt,
     batch: int = typer.Option(1, "--batch"),
     repeat: int = typer.Option(3, "--repeat", help="Timed inferences (after one warm-up); latency is the median."),
     check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),
@@ -44,7 +45,7 @@ def run(
     use_key(key, listen if cluster and workers is None else None)
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
-                    adaptive=adaptive)
+                    adaptive=adaptive, backend=backend)
     if timeline is not None and not timeline.parent.is_dir():
         raise EdgeweaveError(f"--timeline: folder {timeline.parent} does not exist")
     res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)
@@ -75,6 +76,8 @@ def worker(
     profile: Optional[Path] = typer.Option(None, "--profile", help="This device's profile (DeviceProfile JSON)."),
     profile_json: Optional[str] = typer.Option(None, "--profile-json", hidden=True),
     connect_timeout: float = typer.Option(60.0, "--connect-timeout", help="Seconds to wait for the leader (> 0)."),
+    backend: str = typer.Option("auto", "--backend", help="What this device computes with when the leader asks for "
+                                "`auto`: torch | ort | openvino | openvino-bf16 | auto (the fastest its profile measured)."),
     key: Optional[Path] = KeyOpt,
 ) -> None:
     """Start a follower: join the leader, receive the model and plans, compute strips."""
@@ -84,6 +87,10 @@ def worker(
     from edgeweave.runtime.rendezvous import parse_address
 
     check_timeout(connect_timeout, "--connect-timeout")
+    if backend != "auto":
+        from edgeweave.engine.backends import check
+
+        check(backend)  # unknown, or not installed on this device: said now
     parse_address(leader)  # an invalid port is told now, not as a failure to reach the leader
     prof = None
     try:
@@ -99,7 +106,7 @@ def worker(
         DeviceProfile.from_dict({**prof, "name": name or "this device"} if isinstance(prof, dict) else prof,
                                 where=f"profile {profile}" if profile is not None else "--profile-json")
     raise typer.Exit(serve(leader, name, threads=threads, model_path=model, profile=prof,
-                           connect_timeout_s=connect_timeout, key=use_key(key)))
+                           connect_timeout_s=connect_timeout, key=use_key(key), backend=backend))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from edgeweave.cli.common import (
-    ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt, console,
-    emit_json,
+    BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt,
+    console, emit_json,
 )
 from edgeweave.cli.keygen import KeyOpt, use_key
 
@@ -25,6 +25,7 @@ def serve(
     partition: str = PartitionOpt,
     fusion: str = FusionOpt,
     mode: str = ModeOpt,
+    backend: str = BackendOpt,
     normalize: str = typer.Option("none", "--normalize", help="How images sent to /v1/infer are normalised after "
                                   "scaling to [0, 1]: the training data's name (imagenet, cifar100, neucls, mnist5k) "
                                   "or MEAN/STD per channel, e.g. 0.5/0.25. Raw tensors are used as sent."),
@@ -54,7 +55,7 @@ def serve(
     from edgeweave.serving.server import ServerLimits
 
     use_key(key)  # the cluster's key (serve checks --listen against it)
-    cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode),
+    cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode, backend=backend),
                       normalize=normalize, max_body_bytes=int(max_body_mb * (1 << 20)),
                       limits=ServerLimits(max_waiting=max_waiting, wait_timeout_s=wait_timeout), listen=listen,
                       timeout_s=timeout, token=load_token(token_file) if token_file is not None else None,

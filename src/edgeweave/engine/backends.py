@@ -13,7 +13,9 @@
 
 Every backend takes and returns maps in the runtime's layout (channels-last torch tensors): the
 exported graph's interface is NHWC, and a transpose at its ends lets the runtime hand a strip
-over without a copy (ONNX Runtime folds it into the reorder it does anyway). Rows, halos and
+over without a copy (ONNX Runtime folds it into the reorder it does anyway). The model's own
+input, on the leader that computes the first stage whole, comes as the user gave it (NCHW):
+``DeviceProgram.feed``. Rows, halos and
 padding at the true borders are in the graph itself, so every backend computes exactly the
 strip the plan says.
 """
@@ -24,6 +26,7 @@ import importlib.util
 import io
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -66,29 +69,40 @@ def is_exact(name: str) -> bool:
     return name == "torch" or _BACKENDS[name].exact
 
 
-class _NHWC(torch.nn.Module):
-    """A graph with a channels-last interface and flat outputs: what an exporter is given."""
+def compile_module(module: torch.nn.Module, shapes: list[tuple[int, ...]], name: str,
+                   threads: int = 1) -> Callable[..., Any]:
+    """A plain module with inputs of fixed ``shapes`` compiled by backend ``name`` (what the
+    profiler times: one layer as a device's backend runs it)."""
+    seg = SimpleNamespace(module=module, inputs=tuple(f"x{i}" for i in range(len(shapes))),
+                          input_shapes=tuple(tuple(int(v) for v in s) for s in shapes),
+                          maps=tuple(len(s) == 4 for s in shapes))
+    return get(name).compile(seg, threads)
 
-    def __init__(self, graph: torch.nn.Module) -> None:
+
+class _NHWC(torch.nn.Module):
+    """A graph with a channels-last interface for its maps (``maps``) and flat outputs: what an
+    exporter is given."""
+
+    def __init__(self, graph: torch.nn.Module, maps: tuple[bool, ...]) -> None:
         super().__init__()
-        self.graph = graph
+        self.graph, self.maps = graph, maps
         self.spec: Any = None
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.graph(*[x.permute(0, 3, 1, 2) if x.dim() == 4 else x for x in xs])
+        out = self.graph(*[x.permute(0, 3, 1, 2) if m else x for x, m in zip(xs, self.maps)])
         flat, self.spec = tree_flatten(out)
         return tuple(o.permute(0, 2, 3, 1) if o.dim() == 4 else o for o in flat)
 
 
-def _nhwc_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else shape
+def _nhwc_shape(shape: tuple[int, ...], is_map: bool) -> tuple[int, ...]:
+    return (shape[0], shape[2], shape[3], shape[1]) if is_map else shape
 
 
 def _to_onnx(seg: Any) -> tuple[bytes, list[str], Any]:
     """The segment exported to ONNX with an NHWC interface: (model bytes, input names, output spec)."""
-    wrapper = _NHWC(seg.module)
+    wrapper = _NHWC(seg.module, seg.maps)
     names = [f"in{i}" for i in range(len(seg.inputs))]
-    examples = tuple(torch.randn(_nhwc_shape(s)) for s in seg.input_shapes)
+    examples = tuple(torch.randn(_nhwc_shape(s, m)) for s, m in zip(seg.input_shapes, seg.maps))
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -99,8 +113,8 @@ def _to_onnx(seg: Any) -> tuple[bytes, list[str], Any]:
     return buf.getvalue(), names, wrapper.spec
 
 
-def _numpy(x: torch.Tensor) -> Any:
-    return (x.permute(0, 2, 3, 1) if x.dim() == 4 else x).contiguous().numpy()
+def _numpy(x: torch.Tensor, is_map: bool) -> Any:
+    return (x.permute(0, 2, 3, 1) if is_map else x).contiguous().numpy()
 
 
 def _tensors(outs: list[Any], spec: Any) -> Any:
@@ -120,11 +134,12 @@ def _compile_ort(seg: Any, threads: int) -> Callable[..., Any]:
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    read = [(i.name, names.index(i.name)) for i in sess.get_inputs()]  # the exporter drops unused inputs
+    # the exporter drops unused inputs
+    read = [(i.name, names.index(i.name), seg.maps[names.index(i.name)]) for i in sess.get_inputs()]
     run = sess.run
 
     def runner(*xs: torch.Tensor) -> Any:
-        return _tensors(run(None, {n: _numpy(xs[i]) for n, i in read}), spec)
+        return _tensors(run(None, {n: _numpy(xs[i], m) for n, i, m in read}), spec)
 
     return runner
 
@@ -141,10 +156,10 @@ def _openvino(precision: str) -> Callable[[Any, int], Callable[..., Any]]:
         compiled = ov.Core().compile_model(ov.convert_model(io.BytesIO(model)), "CPU", config)
         request = compiled.create_infer_request()
         ports = {p.get_any_name(): p for p in compiled.inputs}
-        read = [(ports[n], names.index(n)) for n in names if n in ports]
+        read = [(ports[n], i, seg.maps[i]) for i, n in enumerate(names) if n in ports]
 
         def runner(*xs: torch.Tensor) -> Any:
-            res = request.infer({p: _numpy(xs[i]) for p, i in read})
+            res = request.infer({p: _numpy(xs[i], m) for p, i, m in read})
             return _tensors([res[p] for p in compiled.outputs], spec)
 
         return runner

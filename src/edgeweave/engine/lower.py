@@ -56,7 +56,9 @@ class Segment:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     input_shapes: tuple[tuple[int, ...], ...]
-    maps: tuple[bool, ...]  # per input: a 4-D map held as rows (channels-last), not a small value
+    # per input: a 4-D map in the runtime's layout (channels-last rows); False: a small value, or
+    # the model's input as the user gave it (a backend's interface takes it as it comes)
+    maps: tuple[bool, ...]
     computes: bool  # it runs at least one window op (else there is nothing for a backend to speed up)
 
 

@@ -43,6 +43,7 @@ from edgeweave.engine.reduce import (
 )
 from edgeweave.engine.stage import by_name, stage_io, stage_module, whole_on, writes_input
 from edgeweave.errors import EdgeweaveError
+from edgeweave.layout import dense
 from edgeweave.planning.halo import is_empty
 from edgeweave.planning.plan import Plan, Stage
 
@@ -182,7 +183,9 @@ def _make(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: str, thr
         in_node, _ = stage_io(gm, stage)
         mod = stage_module(gm, stage)
         shape = tuple(int(v) for v in in_node.meta.get("ew_shape") or [])
-        seg = Segment(mod, (in_node.name,), ("__out__",), (shape,), (len(shape) == 4,), _computes(mod))
+        # the model input comes as the user gave it (``DeviceProgram.feed``), other maps channels-last
+        seg = Segment(mod, (in_node.name,), ("__out__",), (shape,), (len(shape) == 4 and in_node.op != "placeholder",),
+                      _computes(mod))
         run, used = _compile(seg, backend, threads, allow_fallback, where, notes)
         return StageProgram("whole", stage, device, used, run_graph=run,
                             copy_input=used == "torch" and writes_input(gm, stage))
@@ -224,6 +227,15 @@ class DeviceProgram:
     backend: str
     stages: list[StageProgram | None]
     fallbacks: list[str] = field(default_factory=list)
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """The model input in the layout this device's first stage takes it: as given (NCHW) where
+        a backend computes that stage whole (its interface takes it so: no copy each way), else
+        the runtime's channels-last layout (strips of it travel as rows)."""
+        first = self.stages[0] if self.stages else None
+        if first is not None and first.kind == "whole" and first.backend != "torch" and x.dim() == 4:
+            return x.contiguous()
+        return dense(x)
 
     def run(self, s: int, x: torch.Tensor | None, reduce_fn: ReduceFn | None = None) -> Any:
         """Stage ``s`` on ``x`` (this device's input rows), answering reductions with ``reduce_fn``."""

@@ -8,6 +8,7 @@ result is bit-identical to the runtime's exchange of partial sums.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -43,10 +44,13 @@ def extract(pieces: Pieces, rows: Range, axis: int, who: str = "device") -> torc
 
 
 @torch.no_grad()
-def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str | None = None) -> Any:
+def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str | None = None,
+             clock: dict[int, float] | None = None) -> Any:
     """Execute ``plan`` in-process and return the model output as the leader assembles it.
 
-    Every device computes on ``backend`` (default: what the plan chose for it, else torch).
+    Every device computes on ``backend`` (default: what the plan chose for it, else torch);
+    ``clock``, when given, gets each device's seconds of computing added (``bench kernels``: the
+    work a plan gives the devices, without the transfers).
 
     Devices are visited in turn; before each stage its transfers run in list order, each
     asserting that the sender holds the rows it sends (its own output strip, or rows it received
@@ -76,7 +80,7 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str
                     continue
                 xin = extract(hold.get(a.device, []), a.in_rows, axis, f"stage {stage.index}: device {a.device}")
                 programs[a.device] = _program(compiled[a.device], s, xin)
-        for d, y in _lockstep(stage, programs).items():
+        for d, y in _lockstep(stage, programs, clock).items():
             if y is None:
                 continue
             a = stage.assignment(d)
@@ -97,7 +101,7 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str
     return extract(holdings.get(0, []), (0, int(last.output_shape[axis])), axis, "final: leader")
 
 
-def _lockstep(stage: Stage, programs: dict[int, Program]) -> dict[int, Any]:
+def _lockstep(stage: Stage, programs: dict[int, Program], clock: dict[int, float] | None = None) -> dict[int, Any]:
     """Run every device's stage program; at each reduction add the partials in plan order.
 
     Every program must reach the same reduction next (they run the same nodes), so this is the
@@ -107,10 +111,13 @@ def _lockstep(stage: Stage, programs: dict[int, Program]) -> dict[int, Any]:
     msgs: dict[int, tuple[int, torch.Tensor | None]] = {}
 
     def step(d: int, value: torch.Tensor | None, first: bool) -> None:
+        t0 = time.perf_counter()
         try:
             msgs[d] = next(programs[d]) if first else programs[d].send(value)
         except StopIteration as stop:
             results[d] = stop.value
+        if clock is not None:
+            clock[d] = clock.get(d, 0.0) + time.perf_counter() - t0
 
     for d in sorted(programs):
         step(d, None, True)

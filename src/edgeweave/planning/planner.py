@@ -587,6 +587,7 @@ def make_plan(
     model_name: str = "",
     model_hash: str = "",
     order: Sequence[int] | None = None,
+    backend: str = "torch",
 ) -> Plan:
     """Plan the execution of captured graph ``gm`` (``planning.graph.capture``) on ``cluster``.
 
@@ -596,8 +597,58 @@ def make_plan(
     capabilities) -> counts`` (tests use this to force uneven splits). ``order`` lays the
     devices' strips top to bottom (a permutation of the device indices; default: device order,
     except that ``optimal`` in exchange mode, where links differ, searches for a faster one: see
-    :func:`_best_orders`).
+    :func:`_best_orders`). ``backend`` is what every device computes with (engine/backends.py),
+    or ``auto``: per device, the fastest its profile measured (``choose_backends``); each device
+    is priced on its backend's lines and the plan records the choice (``plan.backends``).
     """
+    chosen = choose_backends(gm, cluster, backend)
+    cluster = Cluster([d.on(b) for d, b in zip(cluster.devices, chosen)])
+    plan = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order)
+    plan.backends = chosen
+    plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
+    if backend == "auto":
+        plan.meta["backend_fallback"] = True  # a graph a device's backend cannot compile runs on torch
+    return plan
+
+
+# auto: among backends priced equal (a profile without measured lines for them), the field's
+# CPU runtime first; bf16 OpenVINO is not exact and never chosen for the user
+_PREFERENCE = ("ort", "openvino", "torch")
+
+
+def choose_backends(gm: torch.fx.GraphModule, cluster: Cluster, backend: str) -> list[str]:
+    """Each device's backend: ``backend`` for all, or for ``auto`` the one its profile predicts
+    fastest on the whole model, among those it measured (``DeviceProfile.backends``) and those
+    it has installed (``meta["backends_available"]``, default torch and ort)."""
+    from edgeweave.engine.backends import NAMES
+
+    if backend != "auto":
+        if backend not in NAMES:
+            raise EdgeweaveError(f"unknown backend {backend!r}; choose one of {', '.join(NAMES)} or auto")
+        return [backend] * len(cluster.devices)
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    work = [(flop_kind(gm, n), node_flops(gm, n)) for n in nodes]
+    out = []
+    for dev in cluster.devices:
+        if dev.meta.get("backend", "auto") in NAMES:  # the device asked for its backend (worker --backend)
+            out.append(str(dev.meta["backend"]))
+            continue
+        have = dev.meta.get("backends_available") or ["torch", "ort"]
+        cands = [b for b in _PREFERENCE if b in have or b in dev.measured()]
+        out.append(min(cands, key=lambda b: (compute_s(dev.on(b), work), _PREFERENCE.index(b))))
+    return out
+
+
+def _make_plan_on(
+    gm: torch.fx.GraphModule,
+    cluster: Cluster,
+    partition: str | Partitioner,
+    fusion: str,
+    mode: str,
+    model_name: str,
+    model_hash: str,
+    order: Sequence[int] | None,
+) -> Plan:
     if callable(partition):
         part_fn, part_name = partition, getattr(partition, "__name__", "custom")
     elif partition in PARTITIONERS:

@@ -159,10 +159,16 @@ def cold_copies(s: Setting) -> int:
     return max(1, math.ceil(COLD_BYTES / (4 * (s.cin + 1) * s.cout)))
 
 
-def _caller(s: Setting) -> Callable[[int], torch.Tensor]:
-    """call(i) runs the i-th forward pass of ``s`` (linear: on weight copy i mod copies)."""
+def _caller(s: Setting, backend: str = "torch", threads: int = 1) -> Callable[[int], torch.Tensor]:
+    """call(i) runs the i-th forward pass of ``s`` (linear: on weight copy i mod copies), on
+    ``backend`` (engine/backends.py: the layer compiled as a device's backend compiles a graph)."""
     mod, x = s.build()
     mod.eval()
+    if backend != "torch":
+        from edgeweave.engine.backends import compile_module
+
+        run = compile_module(mod, [tuple(x.shape)], backend, threads)
+        return lambda i: run(x)
     n = cold_copies(s)
     if n == 1:
         return lambda i: mod(x)
@@ -172,7 +178,7 @@ def _caller(s: Setting) -> Callable[[int], torch.Tensor]:
     return lambda i: nn.functional.linear(x, w[i % n], b[i % n])
 
 
-def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1) -> float:
+def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1, backend: str = "torch") -> float:
     """Sustained seconds per forward pass (batch 1, current thread count): the median over
     ``blocks`` blocks of (block wall time / calls in it), each block running calls back to back
     for at least ``block_s``, after a warm-up call.
@@ -186,7 +192,7 @@ def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1) -> float:
     weight copies (:func:`cold_copies`)."""
     per_call = []
     with torch.inference_mode():
-        call = _caller(s)
+        call = _caller(s, backend, torch.get_num_threads())
         call(0)  # warm-up: allocations, kernel selection
         i = 1
         for _ in range(blocks):
@@ -256,20 +262,24 @@ def profile_device(
     threads: int = 1,
     progress: Callable[[int, int], None] | None = None,
     block_s: float | None = None,
+    backend: str = "torch",
 ) -> tuple[DeviceProfile, dict]:
     """Time the grid and fit every kind. Returns the profile (``a, b`` = the conv line, which
     dominates CNN time; ``per_kind`` = every kind's [a, b]) and a report with the fits'
     held-out errors and the raw samples. ``block_s`` overrides the timing block length
     (default 0.09 s quick, 0.15 s full); shorter blocks are faster and noisier, and below the
-    10 ms quota period they no longer see CPU caps."""
-    settings = grid(quick=quick, seed=seed)
+    10 ms quota period they no longer see CPU caps. ``backend``: what runs the layers (a
+    profile of another backend leaves linear layers out: split Linear layers always run on
+    torch, see engine/reduce.py)."""
+    settings = [s for s in grid(quick=quick, seed=seed) if backend == "torch" or s.kind != "linear"]
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     samples = []
     t_start = time.perf_counter()
     try:
         for i, s in enumerate(settings):
-            t = time_setting(s, blocks=2 if quick else 3, block_s=block_s if block_s is not None else (0.09 if quick else 0.15))
+            t = time_setting(s, blocks=2 if quick else 3, block_s=block_s if block_s is not None else (0.09 if quick else 0.15),
+                             backend=backend)
             samples.append({**asdict(s), "flops": s.flops(), "seconds": t})
             if progress:
                 progress(i + 1, len(settings))
@@ -289,11 +299,13 @@ def profile_device(
         a=conv.a,
         b=conv.b,
         per_kind={k: [f.a, f.b] for k, f in fits.items()},
+        backend=backend,
         meta={
             "fit": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)},
             "flops_convention": "conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out",
             "threads": threads,
             "quick": quick,
+            "backend": backend,
             "timing": f"median of {2 if quick else 3} blocks of >= {block_s if block_s is not None else (0.09 if quick else 0.15)} s of back-to-back calls",
             "torch": torch.__version__,
             "machine": platform.machine(),
@@ -303,3 +315,26 @@ def profile_device(
     )
     report = {"fits": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)}, "samples": samples, "seconds": time.perf_counter() - t_start}
     return prof, report
+
+
+def profile_backends(backends: list[str], progress: Callable[[str, int, int], None] | None = None,
+                     **kw: object) -> tuple[DeviceProfile, dict[str, dict]]:
+    """The torch profile (:func:`profile_device`, ``kw`` its arguments) with the lines of every
+    backend in ``backends`` measured the same way (``DeviceProfile.backends``); each such line
+    keeps torch's linear line (split Linear layers run on torch). Returns the profile and a
+    report per backend."""
+    def step(b: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda i, n: progress(b, i, n))
+
+    prof, report = profile_device(progress=step("torch"), **kw)  # type: ignore[arg-type]
+    reports = {"torch": report}
+    for b in backends:
+        if b == "torch":
+            continue
+        other, reports[b] = profile_device(progress=step(b), backend=b, **kw)  # type: ignore[arg-type]
+        line = other.lines()
+        if "linear" in prof.per_kind:
+            line["per_kind"]["linear"] = list(prof.per_kind["linear"])
+        prof.backends[b] = line
+    return prof, reports
+

@@ -2,7 +2,10 @@
 
 A device's compute model is seconds = a * FLOPs + b, optionally per operator kind ("conv",
 "linear", "other") where one line does not fit; its link is the bandwidth and round-trip
-latency between it and the rest of the cluster. Profiles are plain JSON so that a user can write
+latency between it and the rest of the cluster. The lines describe the device computing on its
+``backend`` (torch unless it says otherwise); ``backends`` holds the lines `edgeweave profile`
+measured for the other backends the device has (ONNX Runtime, OpenVINO), so the planner can
+price the device on each (``on``) and pick its fastest (``--backend auto``). Profiles are plain JSON so that a user can write
 a cluster by hand before measuring, and so that followers can send theirs to the leader.
 """
 
@@ -59,6 +62,30 @@ class DeviceProfile:
     byte_s: float = 0.0
     address: str | None = None  # host:port or namespace address, when known
     meta: dict[str, Any] = field(default_factory=dict)
+    backend: str = "torch"  # the compute backend a, b and per_kind describe (engine/backends.py)
+    # other backends measured on this device: name -> {"a": .., "b": .., "per_kind": {kind: [a, b]}}
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def lines(self) -> dict[str, Any]:
+        """This profile's compute model as one ``backends`` entry."""
+        return {"a": self.a, "b": self.b, "per_kind": {k: list(v) for k, v in self.per_kind.items()}}
+
+    def measured(self) -> list[str]:
+        """The backends this profile has compute lines for (its own first)."""
+        return [self.backend] + [b for b in self.backends if b != self.backend]
+
+    def on(self, backend: str) -> "DeviceProfile":
+        """This device priced on ``backend``: that backend's measured lines when the profile has
+        them; otherwise the same lines (an estimate: ``meta["uncalibrated_backend"]`` says so)."""
+        if backend == self.backend:
+            return self
+        known = {**self.backends, self.backend: self.lines()}
+        if backend in known:
+            line = known[backend]
+            return replace(self, a=float(line["a"]), b=float(line["b"]),
+                           per_kind={k: [float(v[0]), float(v[1])] for k, v in line.get("per_kind", {}).items()},
+                           backend=backend, backends=known)
+        return replace(self, backend=backend, backends=known, meta={**self.meta, "uncalibrated_backend": backend})
 
     def compute_s(self, flops: float, kind: str = "conv") -> float:
         a, b = self.per_kind.get(kind, (self.a, self.b))
@@ -72,8 +99,13 @@ class DeviceProfile:
         """This device ``f`` times slower (``f`` > 1): every compute line's a and b, the
         per-message latency and the per-byte CPU time times f. The latency scales with the CPU because between busy
         capped devices it is mostly the ends' CPU time and quota waits (``planning.adapt.scale_profile``)."""
+        def scaled(line: dict[str, Any]) -> dict[str, Any]:
+            return {"a": line["a"] * f, "b": line["b"] * f,
+                    "per_kind": {k: [v[0] * f, v[1] * f] for k, v in line.get("per_kind", {}).items()}}
+
         return replace(self, a=self.a * f, b=self.b * f, per_kind={k: [v[0] * f, v[1] * f] for k, v in self.per_kind.items()},
-                       latency_s=self.latency_s * f, byte_s=self.byte_s * f)
+                       latency_s=self.latency_s * f, byte_s=self.byte_s * f,
+                       backends={k: scaled(v) for k, v in self.backends.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +149,16 @@ class DeviceProfile:
             raise EdgeweaveError(f"{where}: 'address' must be a string such as host:port, got {d['address']!r}")
         if not isinstance(d.get("meta", {}), dict):
             raise EdgeweaveError(f"{where}: 'meta' must be an object, got {_type_name(d['meta'])}")
+        backend = d.get("backend", "torch")
+        if not isinstance(backend, str) or not backend:
+            raise EdgeweaveError(f"{where}: 'backend' must be a backend name such as torch or ort, got {backend!r}")
+        lines = d.get("backends", {})
+        if not isinstance(lines, dict):
+            raise EdgeweaveError(f"{where}: 'backends' must map a backend name to its lines, got {_type_name(lines)}")
+        for name_, line in lines.items():
+            if not isinstance(line, dict) or "a" not in line:
+                raise EdgeweaveError(f"{where}: 'backends' {name_!r} must be an object with a, b and per_kind")
+            cls.from_dict({"name": str(name), **line}, where=f"{where}, backend {name_!r}")
         return cls(**{**d, "per_kind": {str(k): [float(v[0]), float(v[1])] for k, v in per_kind.items()}})
 
 

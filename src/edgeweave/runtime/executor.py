@@ -210,7 +210,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
         if x is None or list(x.shape) != shape0:
             got = None if x is None else list(x.shape)
             raise EdgeweaveError(f"the plan was made for input shape {shape0}, got {got}")
-        hold.add(0, shape0[hold.axis], dense(x))
+        hold.add(0, shape0[hold.axis], prog.feed(x))
     for s, stage in enumerate(plan.stages):
         t0 = time.perf_counter()
         if list(stage.input_shape) != hold.shape:

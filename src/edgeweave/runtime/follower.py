@@ -47,7 +47,8 @@ def _log(name: str, msg: str) -> None:
 
 
 def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path: str | None = None,
-          profile: dict[str, Any] | None = None, connect_timeout_s: float = 60.0, key: bytes | None = None) -> int:
+          profile: dict[str, Any] | None = None, connect_timeout_s: float = 60.0, key: bytes | None = None,
+          backend: str = "auto") -> int:
     """Run a follower until the leader shuts the cluster down; returns an exit code. ``key``: the
     cluster key (without one, only a leader on loopback can be joined)."""
     torch.set_num_threads(max(1, threads))
@@ -67,6 +68,10 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     _preload()
     prof = dict(profile or {"name": name})
     prof["name"] = name
+    from edgeweave.engine.backends import available
+
+    # what the planner may choose for this device (``--backend auto``): what it has, and what it asks for
+    prof["meta"] = {**prof.get("meta", {}), "backends_available": available(), "backend": backend}
     ctl = state.ctl
     # what the leader learns once we proved we hold the key: our local weights only as a keyed tag
     registration = {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,

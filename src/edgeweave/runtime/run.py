@@ -36,8 +36,13 @@ class RunConfig:
     check: bool = False
     seed: int = 0
     adaptive: bool = False  # serve the repeats as a stream that re-plans (planning.adapt)
+    backend: str = "auto"  # what each device computes with (engine/backends.py)
 
     def validate(self) -> None:
+        from edgeweave.engine.backends import NAMES
+
+        if self.backend != "auto" and self.backend not in NAMES:
+            raise EdgeweaveError(f"--backend must be one of {', '.join(NAMES)} or auto, got {self.backend!r}")
         if self.partition not in PARTITIONS:
             raise EdgeweaveError(f"--partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if self.fusion not in FUSIONS:
@@ -70,6 +75,7 @@ def plan_for(session: Session, model: torch.nn.Module, shape: tuple[int, ...], c
 
     gm = capture(model, shape)
     return make_plan(gm, cluster or session.cluster, partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode,
+                     backend=cfg.backend,
                      model_name=model_name, model_hash=str(session.model_hash))
 
 
@@ -124,6 +130,20 @@ def compare(y: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     err = float((y - ref).abs().max())
     mref = float(ref.abs().max())
     return {"max_abs_err": err, "max_abs_ref": mref, "rel_err": err / max(mref, 1e-12)}
+
+
+def backend_report(session: Session, plan: Any) -> dict[str, Any]:
+    """What every device computed with under ``plan`` (the plan's choice; torch where a device
+    could not compile a stage, said in ``backend_fallbacks``) and whether all of it is exact."""
+    from edgeweave.engine.backends import is_exact
+
+    pid = next((p for p, (pl, _) in session.plans.items() if pl is plan), max(session.plans, default=-1))
+    got = session.backends.get(pid) or [{"backend": b, "fallbacks": []} for b in plan.backends]
+    names = session.names
+    used = {names[d]: g["backend"] for d, g in enumerate(got) if d < len(names)}
+    notes = [f"{names[d]}: {f}" for d, g in enumerate(got) for f in g["fallbacks"] if d < len(names)]
+    return {"backends": used, "backend_fallbacks": notes,
+            "backend_exact": all(is_exact(b) for b in used.values())}
 
 
 def require_cluster(workers: int | None, cluster_file: str | None) -> None:
@@ -239,6 +259,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
         "timings": timings.to_dict(), "plan": plan.to_dict(),
         "profiles": "default" if session.cluster.is_default else "given",
     }
+    result.update(backend_report(session, plan))
     result["breakdown"] = breakdown(result["timings"])
     if frames is not None:
         result["frames"] = frames
@@ -247,6 +268,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
     if cfg.check:
         ref, single_s = single_device(model, x, repeat=max(1, min(cfg.repeat, 3)))
         result.update(compare(y, ref))
+        result["exact_backends"] = result["backend_exact"]  # False: a bf16 backend; rel_err is not float rounding
         result["single_device_s"] = single_s
         result["speedup"] = single_s / result["latency_s"] if result["latency_s"] > 0 else None
     return result
@@ -358,6 +380,14 @@ def summary_line(res: dict[str, Any]) -> str:
             f"predicted {_ms(res['predicted_s'])} ms" + (" (default profiles)" if res.get("profiles") == "default" else ""))
     if "rel_err" in res:
         line += f"; one device {_ms(res['single_device_s'])} ms; rel_err {res['rel_err']:.1e}"
+        if not res.get("backend_exact", True):
+            line += " (a bf16 backend: not exact by design)"
+    used = sorted(set((res.get("backends") or {}).values()))
+    if used:
+        line += "\nbackend: " + (used[0] if len(used) == 1 else
+                                 ", ".join(f"{d} {b}" for d, b in res["backends"].items()))
+    for note in res.get("backend_fallbacks", []):
+        line += f"\n  {note}"
     b = res.get("breakdown")
     if b:
         line += (f"\nfastest inference {_ms(b['total_s'])} ms = compute {_ms(b['compute_s'])} + imbalance "

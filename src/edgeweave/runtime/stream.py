@@ -45,7 +45,8 @@ def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
     from edgeweave.planning.planner import make_plan
 
     return make_plan(gm, cluster, partition=current.partition, fusion=current.fusion, mode=current.mode,
-                     model_name=current.model, model_hash=current.model_hash)
+                     model_name=current.model, model_hash=current.model_hash,
+                     backend=str(current.meta.get("backend_request", "torch")))
 
 
 @dataclass
@@ -152,7 +153,10 @@ class AdaptiveStream:
         self.known[pid] = self.known.pop(pid, None) or (plan, factors, [])  # now the most recently used
         self.gm = self.session.plans[pid][1]
         self.works = A.stage_works(self.gm, plan)
-        self.comp_base = A.stage_compute(self.works, self.base)
+        # every device priced on the backend it computes with under this plan
+        priced = Cluster([p.on(plan.backends[d] if d < len(plan.backends) else "torch")
+                          for d, p in enumerate(self.base.devices)])
+        self.comp_base = A.stage_compute(self.works, priced)
         # Speed samples come from the stages that are split (their time scales with the planned
         # FLOPs); the leader's whole-map stages (pooling heads, attention scales, ...) are small
         # and dominated by fixed costs, so they would bias the leader's factor.
@@ -162,7 +166,7 @@ class AdaptiveStream:
         self.sampled_stages = [s for s, st in enumerate(plan.stages)
                                if st.kind in ("spatial", "linear") or (alone and st.kind == "leader")]
         self.pred_base = [sum(self.comp_base[s][d] for s in self.sampled_stages) for d in range(self.k)]
-        self.scale_base = A.stage_scaling(plan, self.comp_base, self.base)  # what a speed change moves
+        self.scale_base = A.stage_scaling(plan, self.comp_base, priced)  # what a speed change moves
 
     def step(self, x: torch.Tensor) -> tuple[torch.Tensor, FrameRecord]:
         """Run one frame and learn from it (which may re-plan before the next)."""

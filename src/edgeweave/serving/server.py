@@ -214,7 +214,7 @@ class InferenceServer:
         """What ``/v1/model`` adds about how the model runs: the current plan."""
         plan = self.stream.plan  # one reference: its fields belong together
         return {"devices": list(plan.devices), "partition": plan.partition, "fusion": plan.fusion, "mode": plan.mode,
-                "predicted_s": plan.predicted_s}
+                "backends": dict(zip(plan.devices, plan.backends)), "predicted_s": plan.predicted_s}
 
     def stats(self) -> dict[str, Any]:
         """Counters since start, latency percentiles over the recent window, the cluster as it is now."""
