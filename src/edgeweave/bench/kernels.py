@@ -19,6 +19,11 @@ one device over raw ONNX Runtime; lower is better), ``speedup_over_torch_<m>`` (
 edgeweave's best), ``strip_speedup_over_torch_<m>`` (the plan's summed compute on torch over the
 best backend), ``best_backend_<m>``, ``prepare_s_<m>`` (compiling the 5-device plan for every
 device on the best backend, cold), and ``max_rel_err`` over every output against plain torch.
+
+``runtime_cpu_per_stage_ms``: what the runtime itself costs a device per stage (posting and
+waiting for transfers, assembling inputs, coding rows: its process's CPU over an inference minus
+its compute's), on loopback with the first model's plan over ``devices`` real processes, the
+median over frames of the busiest device (``runtime`` per device and backend in the JSON).
 Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` under ``<out>/kernels/``.
 """
 
@@ -39,7 +44,7 @@ import torch
 
 from edgeweave.console import console
 
-TARGETS = {"ratio_to_ort_vgg16": ("<=", 1.05), "ratio_to_ort_resnet18": ("<=", 1.05),
+TARGETS = {"runtime_cpu_per_stage_ms": ("<=", 0.3), "ratio_to_ort_vgg16": ("<=", 1.05), "ratio_to_ort_resnet18": ("<=", 1.05),
            "ratio_to_ort_mobilenet_v2": ("<=", 1.05), "strip_speedup_over_torch_vgg16": (">=", 1.05),
            "strip_speedup_over_torch_resnet18": (">=", 1.25), "strip_speedup_over_torch_mobilenet_v2": (">=", 1.5)}
 
@@ -53,10 +58,11 @@ class KernelsConfig:
     devices: int = 5
     backends: tuple[str, ...] = ()  # default: every exact backend installed here
     seed: int = 0
+    runtime_frames: int = 10  # frames of the loopback cluster (0: not measured)
 
     @classmethod
     def quick_config(cls) -> "KernelsConfig":
-        return cls(rounds=5)
+        return cls(rounds=5, runtime_frames=5)
 
 
 @dataclass
@@ -74,17 +80,18 @@ def short(name: str) -> str:
     return name.split(":", 1)[-1]
 
 
-def build(name: str, size: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The model in eval mode with calibrated BatchNorm statistics, and a seeded input."""
-    from edgeweave.models import build_model
+def build(name: str, size: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor, Any]:
+    """The model in eval mode with calibrated BatchNorm statistics, a seeded input, its spec."""
+    from edgeweave.checkpoint import load_model
 
     torch.manual_seed(seed)
     if name.startswith("compact_"):  # bench edgedi's: grayscale NEU-CLS images, 6 classes
-        model, ch = build_model(name, num_classes=6, in_channels=1, ratio=8), 1
+        model, spec = load_model(name, num_classes=6, in_channels=1, input_size=size, ratio=8)
     else:
-        model, ch = build_model(name, num_classes=1000), 3
+        model, spec = load_model(name, num_classes=1000, in_channels=3, input_size=size)
+    ch = int(spec.in_channels)
     calibrate_batchnorm(model, (4, ch, size, size))
-    return model.eval(), torch.randn(1, ch, size, size)
+    return model.eval(), torch.randn(1, ch, size, size), spec
 
 
 @torch.no_grad()
@@ -128,7 +135,7 @@ def _setup(name: str, cfg: KernelsConfig, backends: list[str]) -> _Model:
     from edgeweave.profiling.profile import Cluster
     from edgeweave.runtime.executor import execute_plan
 
-    model, x = build(name, cfg.size, cfg.seed)
+    model, x, _spec = build(name, cfg.size, cfg.seed)
     with torch.no_grad():
         ref = model(x)
     m = _Model(short(name), model, x, ref)
@@ -227,6 +234,13 @@ def run_kernels_bench(cfg: KernelsConfig | None = None, out_dir: Path = Path("re
                       f"{summary[f'speedup_over_torch_{s}']:.2f}x plain torch; strips "
                       f"{summary[f'strip_speedup_over_torch_{s}']:.2f}x on {best_strips}")
     summary["max_rel_err"] = max_err
+    runtime: dict[str, Any] = {}
+    if cfg.runtime_frames:
+        for b in backends:
+            runtime[b] = runtime_overhead(cfg.models[0], cfg, b)
+            console.print(f"runtime on {b}: {runtime[b]['per_stage_ms']} ms of CPU per stage per device "
+                          f"({runtime[b]['stages']} stages)")
+        summary["runtime_cpu_per_stage_ms"] = max(r["busiest_ms"] for r in runtime.values())
     targets = {k: {"value": summary.get(k), "target": f"{op} {v}",
                    "met": summary.get(k) is not None and (summary[k] <= v if op == "<=" else summary[k] >= v)}
                for k, (op, v) in TARGETS.items() if k in summary}
@@ -237,9 +251,31 @@ def run_kernels_bench(cfg: KernelsConfig | None = None, out_dir: Path = Path("re
         w.writerows(rows)
     _plot(per_model, files["plot"], cfg)
     result = {"config": asdict(cfg) | {"backends": backends}, "machine": {"before": machine_before, "after": _machine()},
-              "summary": summary, "targets": targets, "models": per_model, "files": files}
+              "summary": summary, "targets": targets, "models": per_model, "runtime": runtime, "files": files}
     write_json(files["json"], result)
     return result
+
+
+def runtime_overhead(name: str, cfg: KernelsConfig, backend: str) -> dict[str, Any]:
+    """The runtime's own CPU per stage per device: ``name``'s plan over ``cfg.devices`` local
+    processes on loopback, ``cfg.runtime_frames`` frames after a warm-up."""
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+    from edgeweave.runtime.leader import LocalCluster
+
+    model, x, spec = build(name, cfg.size, cfg.seed)
+    per_frame: list[list[float]] = []
+    with LocalCluster(cfg.devices - 1, timeout_s=120) as cl:
+        cl.load_model(model, spec)
+        plan = make_plan(capture(model, tuple(x.shape)), cl.cluster, model_hash=str(cl.model_hash), backend=backend)
+        pid = cl.load_plan(plan)
+        for i in range(cfg.runtime_frames + 1):
+            _y, tm = cl.infer(x, pid)
+            if i:  # the first frame warms every device up
+                per_frame.append(tm.runtime_cpu_per_stage())
+    per_device = [statistics.median(f[d] for f in per_frame) for d in range(len(per_frame[0]))]
+    return {"per_stage_ms": [round(1e3 * v, 3) for v in per_device], "busiest_ms": 1e3 * max(per_device),
+            "stages": len(plan.stages), "devices": cl.names, "frames": cfg.runtime_frames}
 
 
 def _plot(per_model: dict[str, Any], path: str, cfg: KernelsConfig) -> None:

@@ -114,10 +114,29 @@ class StageTiming:
     # (runtime/timeline.py). Clocks are comparable only between processes of one host.
     begin: float = 0.0
     ready: float = 0.0
+    # CPU seconds of this device's process (all its threads: gloo's sockets too) over the stage,
+    # and over its compute: the difference is what the runtime itself costs the device
+    cpu_s: float = 0.0
+    compute_cpu_s: float = 0.0
 
     @property
     def comm_s(self) -> float:
         return max(0.0, self.wall_s - self.compute_s)
+
+    @property
+    def runtime_cpu_s(self) -> float:
+        return max(0.0, self.cpu_s - self.compute_cpu_s)
+
+
+FIELDS = len(StageTiming.__dataclass_fields__)  # numbers per stage a follower reports
+
+
+def _run(prog: DeviceProgram, s: int, xin: torch.Tensor | None, rfn: Any, waited: list[float]
+         ) -> tuple[Any, float, float, float]:
+    """Stage ``s``'s compute: (its result, when it began, its seconds without waits, its CPU seconds)."""
+    c0, p0 = time.perf_counter(), time.process_time()
+    y = prog.run(s, xin, rfn)
+    return y, c0, time.perf_counter() - c0 - waited[0], time.process_time() - p0
 
 
 def _transfers(hold: Holdings, transfers: list[Transfer], stage_idx: int, device: int, ch: Channel | None,
@@ -212,15 +231,14 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
             raise EdgeweaveError(f"the plan was made for input shape {shape0}, got {got}")
         hold.add(0, shape0[hold.axis], prog.feed(x))
     for s, stage in enumerate(plan.stages):
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), time.process_time()
         if list(stage.input_shape) != hold.shape:
             raise EdgeweaveError(f"invalid plan: stage {s} input shape {stage.input_shape} != previous output {hold.shape}")
         label = f"stage {s} input"
         _transfers(hold, stage.transfers, s, device, ch, label)
         out_shape = list(stage.output_shape)
         nxt = Holdings(split_axis(out_shape), out_shape)
-        compute = 0.0
-        c_start = 0.0
+        compute = compute_cpu = c_start = 0.0
         a = stage.assignment(device)
         if stage.reductions:
             # Exact global sums (plan.py): this device sends its partial sums and, where it
@@ -230,9 +248,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
             holds = a is not None and not _empty(a.in_rows[1] - a.in_rows[0])
             if stage.kind == "reduce" and (holds or device == 0):
                 xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}") if holds and a else None
-                c0 = c_start = time.perf_counter()
-                y = prog.run(s, xin, rfn)
-                compute = time.perf_counter() - c0 - waited[0]
+                y, c_start, compute, compute_cpu = _run(prog, s, xin, rfn, waited)
                 if device == 0:
                     assert a is not None
                     nxt.add(a.out_rows[0], a.out_rows[1], dense(y))
@@ -241,9 +257,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
             rfn, waited = None, [0.0]
         if a is not None and not _empty(a.out_rows[1] - a.out_rows[0]):
             xin = hold.take(a.in_rows, ch, f"device {device} in stage {s}")
-            c0 = c_start = time.perf_counter()
-            y = prog.run(s, xin, rfn)
-            compute = time.perf_counter() - c0 - waited[0]
+            y, c_start, compute, compute_cpu = _run(prog, s, xin, rfn, waited)
             if not isinstance(y, torch.Tensor):
                 # a model returning a tuple (multi-exit): only the leader's last stage may
                 if device != 0 or s != len(plan.stages) - 1 or plan.final_transfers:
@@ -252,7 +266,8 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
                 hold.drain(ch)
                 if ch is not None:
                     ch.flush_sends()
-                timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start))
+                timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start,
+                                           time.process_time() - p0, compute_cpu))
                 timings.append(StageTiming(0.0, 0.0))
                 return y, timings
             want = list(out_shape)
@@ -261,9 +276,10 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
                 raise EdgeweaveError(f"stage {s} on device {device} produced shape {list(y.shape)}, plan says {want}")
             nxt.add(a.out_rows[0], a.out_rows[1], dense(y))
         hold.drain(ch)
-        timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start))
+        timings.append(StageTiming(time.perf_counter() - t0, compute, t0, c_start, time.process_time() - p0,
+                                   compute_cpu))
         hold = nxt
-    t0 = time.perf_counter()
+    t0, p0 = time.perf_counter(), time.process_time()
     n = len(plan.stages)
     _transfers(hold, plan.final_transfers, n, device, ch, "the model output")
     out = None
@@ -272,7 +288,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
     hold.drain(ch)
     if ch is not None:
         ch.flush_sends()
-    timings.append(StageTiming(time.perf_counter() - t0, 0.0, t0))
+    timings.append(StageTiming(time.perf_counter() - t0, 0.0, t0, 0.0, time.process_time() - p0))
     return out, timings
 
 

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
@@ -231,5 +231,5 @@ def _cmd_infer(ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
     if pid not in state.plans:
         raise EdgeweaveError(f"device {state.name!r} has no plan {pid}")
     _out, timings = execute_plan(state.plans[pid], None, ch)
-    t = torch.tensor([[s.wall_s, s.compute_s, s.begin, s.ready] for s in timings], dtype=torch.float64)
+    t = torch.tensor([list(astuple(s)) for s in timings], dtype=torch.float64)
     ch.send(t, 0, TAG_TIMING, "timings")

@@ -47,7 +47,7 @@ from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
-from edgeweave.runtime.executor import StageTiming, check_plan, execute_plan
+from edgeweave.runtime.executor import FIELDS as TIMING_FIELDS, StageTiming, check_plan, execute_plan
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError, wait_store_keys
 
 
@@ -88,12 +88,20 @@ class Timings:
         for s in range(n + 1):
             rows = [{"device": d, "name": self.names[d], "wall_s": t[s].wall_s, "compute_s": t[s].compute_s,
                      "comm_s": t[s].comm_s, "start_s": t[s].begin - origin[d] if t[s].begin else None,
-                     "ready_s": t[s].ready - origin[d] if t[s].ready else None}
+                     "ready_s": t[s].ready - origin[d] if t[s].ready else None,
+                     "cpu_s": t[s].cpu_s, "runtime_cpu_s": t[s].runtime_cpu_s}
                     for d, t in enumerate(self.per_device) if s < len(t)]
             stages.append({"index": s if s < n else "final", "kind": self.stage_kinds[s] if s < n else "final_transfers",
                            "wall_s": max((r["wall_s"] for r in rows), default=0.0),
                            "compute_s": max((r["compute_s"] for r in rows), default=0.0), "devices": rows})
-        return {"total_s": self.total_s, "stages": stages}
+        return {"total_s": self.total_s, "stages": stages, "runtime_cpu_per_stage_s": self.runtime_cpu_per_stage()}
+
+    def runtime_cpu_per_stage(self) -> list[float]:
+        """Per device, the CPU seconds the runtime itself cost it per stage of the plan
+        (posting and waiting for transfers, assembling inputs, coding rows: its process's CPU
+        over the inference minus its compute's), the final transfers counted with the stages."""
+        n = max(len(self.stage_kinds), 1)
+        return [sum(st.runtime_cpu_s for st in t) / n for t in self.per_device]
 
 
 LEADER_GRACE_S = 2.0  # see Channel.grace_s
@@ -497,7 +505,7 @@ class Session:
         try:
             # timings are posted first so that they are in by the time the leader's part ends
             n = len(plan.stages) + 1
-            bufs = {r: torch.zeros(n, 4, dtype=torch.float64) for r in range(1, self.world)}
+            bufs = {r: torch.zeros(n, TIMING_FIELDS, dtype=torch.float64) for r in range(1, self.world)}
             posted = {r: ch.irecv(t, r, TAG_TIMING) for r, t in bufs.items()}
             y, mine = execute_plan(self.programs[plan_id], x.detach().to(torch.float32), ch)
             per_device = [mine]
