@@ -44,6 +44,9 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
+    # one thread throughout: training gives the same weights on every run, and every latency is
+    # measured at batch 1 on one thread, as a device serves single requests
+    torch.set_num_threads(1)
     try:
         bundle = load_dataset("mnist5k")
         out = Path(out)
@@ -53,8 +56,9 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
             console.print(f"teacher: {tspec.name} {tspec.kwargs} from {tpath}")
         else:
             tspec = ModelSpec("small_resnet8", 10, 1, (28, 28), {"width": 16}, bundle.classes)
-            teacher = tspec.build()
             console.print(f"teacher: training {tspec.name} (width 16) for {teacher_epochs} epochs")
+            torch.manual_seed(0)
+            teacher = tspec.build()
             fit(teacher, bundle, epochs=teacher_epochs, lr=0.05, batch_size=64, seed=0)
         teacher.eval()
 
@@ -67,8 +71,6 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
                              temperature=4.0, beta=0.5, lr=0.05, batch_size=64, seed=0)
         console.print(f"student exit test accuracies: {' '.join(f'{a:.4f}' for a in r.exit_accuracies)}")
 
-        # every latency below at batch 1 on one thread, as a device serves single requests
-        torch.set_num_threads(1)
         points = calibrate(student, bundle.val, bundle.val, limit=calibration_samples, progress=True)
         console.print(points_table(points, "operating points (validation split, batch 1, 1 thread)"))
         ckpt = save_checkpoint(out / "exits" / "student.safetensors", student, spec,
