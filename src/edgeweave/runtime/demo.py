@@ -70,13 +70,14 @@ def distributed_demo_step(workers: int = 2, model_name: str = "torchvision:resne
         cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, repeat=repeat, check=True)
         cfg.validate()
         console.print(f"[bold]distributed inference[/bold]: {model_name} on a {size}x{size} photo, "
-                      f"{workers} local workers + the leader (gloo over loopback, 1 thread each)")
+                      f"{workers} local worker{'s' if workers != 1 else ''} + the leader (gloo over loopback, 1 thread each)")
         with LocalCluster(workers, timeout_s=timeout_s) as cl:
             res = run_on_session(cl, model_name, model, spec, x, cfg)
         with torch.no_grad():
             res["top1_class"] = int(model(x).argmax(1)[0])  # random weights: a label, not a claim
         console.print(result_table(res))
-        console.print(summary_line(res) + f"; speedup {res['speedup']:.2f}x")
+        # local processes share this machine's cores: their times are no cluster's, so no speedup is printed
+        console.print(summary_line(res))
         res["seconds"] = time.perf_counter() - t0
         return res
     finally:
@@ -363,13 +364,14 @@ def plot_latencies(res: dict[str, Any], path: Path) -> str:
     for i, (label, med, times, colour) in enumerate(rows):
         ax.barh(i, 1e3 * med, color=colour, height=0.6)
         ax.plot([1e3 * t for t in times], [i] * len(times), "k.", ms=4)
-        ax.text(1e3 * med, i, f"  {1e3 * med:.0f} ms", va="center", fontsize=9)
+        ax.text(1e3 * max(times), i, f"  {1e3 * med:.0f} ms", va="center", fontsize=9)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("latency per image, ms (bar: median; dots: each round)")
     ax.set_xlim(0, 1e3 * max(max(r[2]) for r in rows) * 1.25)
-    ax.set_title(f"{res['model']} {res['input_size']}x{res['input_size']} (untrained), {res['bandwidth']} links: "
-                 f"{res['speedup']:.2f}x over torch, {res['speedup_over_ort']:.2f}x over ONNX Runtime", fontsize=9)
+    ax.set_title(f"{res['model']} {res['input_size']}x{res['input_size']} (untrained), {res['bandwidth']} links\n"
+                 f"the cluster is {res['speedup']:.2f}x faster than plain torch, {res['speedup_over_ort']:.2f}x than "
+                 "ONNX Runtime on one device", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
