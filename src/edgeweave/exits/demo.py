@@ -22,6 +22,31 @@ CALIBRATION_SAMPLES = 300
 BUDGETS, REQUESTS_PER_BUDGET = 12, 25
 
 
+def front(points: list[Any]) -> list[Any]:
+    """The points no other point beats on both accuracy and mean latency, fastest first."""
+    out: list[Any] = []
+    for p in sorted(points, key=lambda q: (q.mean_ms, -q.accuracy)):
+        if not out or p.accuracy > out[-1].accuracy:
+            out.append(p)
+    return out
+
+
+def front_table(points: list[Any]) -> Any:
+    """The operating points on the accuracy/latency front, in 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    shown = front(points)
+    t = Table(title=f"operating points on the accuracy/latency front ({len(shown)} of {len(points)}; validation "
+                    "split, batch 1, 1 thread)", box=box.SIMPLE_HEAD, title_justify="left")
+    for c in ("point", "accuracy", "mean ms", "p95 ms", "leave at exit 0/1/2"):
+        t.add_column(c, justify="left" if c == "point" else "right")
+    for p in shown:
+        t.add_row(p.name, f"{p.accuracy:.4f}", f"{p.mean_ms:.3f}", f"{p.p95_ms:.3f}",
+                  " / ".join(f"{100 * v:.0f} %" for v in p.exit_proportions))
+    return t
+
+
 def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = STUDENT_EPOCHS,
                     calibration_samples: int | None = CALIBRATION_SAMPLES, test_samples: int | None = None,
                     budgets: int = BUDGETS, requests_per_budget: int = REQUESTS_PER_BUDGET,
@@ -37,7 +62,7 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
     from edgeweave.compress.distill import CachedTeacher
     from edgeweave.data import load_dataset
     from edgeweave.exits.calibrate import calibrate, dataset_tensors
-    from edgeweave.exits.evaluate import best_speedup, budget_grid, measure_plain_model, points_table, remeasure, serve_budgets
+    from edgeweave.exits.evaluate import best_speedup, budget_grid, measure_plain_model, remeasure, serve_budgets
     from edgeweave.exits.ondemand import OnDemandModel, exits_extra
     from edgeweave.exits.train import train_multi_exit
     from edgeweave.training import fit
@@ -72,7 +97,7 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
         console.print(f"student exit test accuracies: {' '.join(f'{a:.4f}' for a in r.exit_accuracies)}")
 
         points = calibrate(student, bundle.val, bundle.val, limit=calibration_samples, progress=True)
-        console.print(points_table(points, "operating points (validation split, batch 1, 1 thread)"))
+        console.print(front_table(points))
         ckpt = save_checkpoint(out / "exits" / "student.safetensors", student, spec,
                                {"exits": exits_extra(points, dataset="mnist5k", split="val",
                                                      samples=min(calibration_samples or len(bundle.val), len(bundle.val)))})
@@ -101,7 +126,7 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
         serving = serve_budgets(od, xs, ys, budget_grid(points, budgets), requests_per_budget)
         png = out / "exits.png"
         _plot(png, test_points, t_info, {"mean_ms": full.mean_ms, "accuracy": full.accuracy},
-              "demo: multi-exit student vs its teacher (mnist5k test, batch 1, 1 thread)")
+              "multi-exit student vs its teacher (mnist5k test)")
         console.print(f"teacher {t_info['mean_ms']:.3f} ms per digit at accuracy {t_info['accuracy']:.4f}; student at full "
                       f"depth {full.mean_ms:.3f} ms at {full.accuracy:.4f}; fastest point within 1 point of the teacher: "
                       f"{speedup:.2f}x faster ({at})")
@@ -111,7 +136,7 @@ def exits_demo_step(out: Path, teacher_path: Path | None = None, epochs: int = S
         return {"teacher_accuracy": t_info["accuracy"], "teacher_mean_ms": t_info["mean_ms"],
                 "student_accuracy": full.accuracy, "student_full_mean_ms": full.mean_ms,
                 "exit_accuracies": r.exit_accuracies, "epochs": epochs, "operating_points": len(points),
-                "test_samples": int(len(ys)), "speedup_at_1pct_loss": speedup, "speedup_point": at,
+                "test_samples": len(ys), "speedup_at_1pct_loss": speedup, "speedup_point": at,
                 "budget_violations": serving["budget_violations"], "budget_requests": serving["requests"],
                 "budget_served": serving["served"], "budget_unsatisfied": serving["unsatisfied"],
                 "requests": answers, "checkpoint": str(ckpt), "plot": str(png), "seconds": time.perf_counter() - t0}
