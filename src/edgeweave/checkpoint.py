@@ -6,12 +6,18 @@ without loading tensors, and the same bytes can be shipped to followers over the
 Structural changes (pruned channel counts) need no bookkeeping: after building the registered
 architecture, every Conv2d / Linear / BatchNorm whose stored tensors have another shape is
 replaced by one of the stored shape, so the file alone rebuilds the exact model.
+
+A state dict also carries per-module versions (``state_dict._metadata``) that some loaders read:
+MNASNet refuses a state dict without them (it would otherwise rebuild its first layers the
+pre-v2 way). Tensors alone lose them, so the header keeps them (``versions``) and loading puts
+them back.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +85,44 @@ def model_hash(model: nn.Module) -> str:
     return tensors_hash(model.state_dict())
 
 
+def _versions(model: nn.Module) -> dict[str, int]:
+    """Per-module state-dict versions (``state_dict()._metadata``), module path -> version."""
+    meta = getattr(model.state_dict(), "_metadata", None) or {}
+    return {str(k): int(v["version"]) for k, v in meta.items()
+            if isinstance(v, dict) and isinstance(v.get("version"), int)}
+
+
 def model_to_bytes(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> bytes:
-    meta = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model)}
+    meta = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model),
+            "versions": _versions(model)}
     return st_save(_tensors(model), metadata={_META_KEY: json.dumps(meta)})
+
+
+def _with_versions(tensors: dict[str, torch.Tensor], versions: Any) -> dict[str, torch.Tensor]:
+    """``tensors`` as a state dict carrying the stored module versions (what ``load_state_dict``
+    hands each module's ``_load_from_state_dict`` as its local metadata)."""
+    sd: Any = OrderedDict(tensors)
+    if isinstance(versions, dict) and versions:
+        sd._metadata = OrderedDict((str(k), {"version": int(v)}) for k, v in versions.items()
+                                   if isinstance(v, int) and not isinstance(v, bool))
+    return sd
+
+
+def _build(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The architecture, built on the meta device where the constructor allows (no random
+    initialisation of weights about to be overwritten: VGG16 loads in a fraction of the time),
+    for real where it does not (RegNet's constructor computes its widths with ``.tolist()``)."""
+    try:
+        with torch.device("meta"):
+            model = spec.build()
+            _resize_to(model, tensors)
+        return model
+    except EdgeweaveError:
+        raise
+    except Exception:  # noqa: BLE001 - any constructor that needs real tensors
+        model = spec.build()
+        _resize_to(model, tensors)
+        return model
 
 
 def _read_header(data: bytes, where: str) -> dict[str, Any]:
@@ -132,21 +173,19 @@ def model_from_bytes(data: bytes, where: str = "checkpoint") -> tuple[nn.Module,
     if tensors_hash(tensors) != meta.get("hash"):
         raise EdgeweaveError(f"{where}: weights do not match the hash recorded in the checkpoint (corrupt file?)")
     spec = ModelSpec.from_dict(meta["spec"])
-    # Build on the meta device (no random initialisation of weights about to be overwritten:
-    # VGG16 loads in a fraction of the time), then take the stored tensors as they are.
-    with torch.device("meta"):
-        model = spec.build()
-        _resize_to(model, tensors)
+    state = _with_versions(tensors, meta.get("versions"))
+    # Build (on the meta device where possible), then take the stored tensors as they are.
+    model = _build(spec, tensors)
     try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as e:
+        model.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()
         raise EdgeweaveError(f"{where}: weights do not fit architecture {spec.name!r}: {' '.join(first[:3])[:300]}") from None
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # a non-persistent buffer is not in the file: build for real and copy the weights in
         model = spec.build()
         _resize_to(model, tensors)
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(state, strict=True)
     model.eval()
     return model, spec, dict(meta.get("extra", {}))
 

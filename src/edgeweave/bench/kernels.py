@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 
 from edgeweave.console import console
+from edgeweave.models.calibrate import calibrate_batchnorm
 
 TARGETS = {"runtime_cpu_per_stage_ms": ("<=", 0.3), "ratio_to_ort_vgg16": ("<=", 1.05), "ratio_to_ort_resnet18": ("<=", 1.05),
            "ratio_to_ort_mobilenet_v2": ("<=", 1.05), "strip_speedup_over_torch_vgg16": (">=", 1.05),
@@ -92,23 +93,6 @@ def build(name: str, size: int, seed: int) -> tuple[torch.nn.Module, torch.Tenso
     ch = int(spec.in_channels)
     calibrate_batchnorm(model, (4, ch, size, size))
     return model.eval(), torch.randn(1, ch, size, size), spec
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: torch.nn.Module, shape: tuple[int, ...], batches: int = 2) -> None:
-    """Running statistics measured on random inputs (cumulative averages), as training would set
-    them: with the initial ones (mean 0, variance 1) deep random networks shrink their maps to
-    ~1e-14 (EfficientNet-B0), and an error relative to such an output proves nothing."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for _ in range(batches):
-        model(torch.randn(shape))
-    model.eval()
 
 
 def _raw_ort(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
