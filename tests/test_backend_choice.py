@@ -69,11 +69,10 @@ def test_a_plan_records_the_backends_and_is_priced_on_them() -> None:
 def test_profiling_a_backend_times_the_layers_it_compiles(monkeypatch) -> None:
     from edgeweave.profiling import compute
 
-    few = [compute.Setting("conv", 14, 14, 16, 16, 3, 1), compute.Setting("conv", 28, 28, 16, 32, 3, 1),
-           compute.Setting("conv", 14, 14, 32, 32, 1, 1), compute.Setting("conv", 28, 28, 16, 16, 1, 1),
-           compute.Setting("linear", 1, 1, 256, 100), compute.Setting("linear", 1, 1, 512, 100),
-           compute.Setting("pool", 28, 28, 16, 2, 2, 2), compute.Setting("pool", 14, 14, 32, 2, 2, 2),
-           compute.Setting("other", 14, 14, 16, 16), compute.Setting("other", 28, 28, 32, 32)]
+    few = [compute.Setting("linear", 1, 1, 256, 100), compute.Setting("linear", 1, 1, 512, 100)]
+    for h in (14, 28, 20, 10):  # four of each kind: another backend's profile times every other one
+        few += [compute.Setting("conv", h, h, 16, 32, 3, 1), compute.Setting("conv", h, h, 32, 16, 1, 1),
+                compute.Setting("pool", h, h, 16, 2, 2, 2), compute.Setting("other", h, h, 16, 16)]
     monkeypatch.setattr(compute, "grid", lambda quick=False, seed=0: few)
     prof, reports = compute.profile_backends(["ort"], name="t", quick=True, block_s=0.01)
     assert prof.backend == "torch" and set(prof.backends) == {"ort"}

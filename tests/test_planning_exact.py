@@ -115,7 +115,7 @@ def test_plan_survives_json_round_trip_and_transfers_follow_the_mode() -> None:
     _, gm, x, ref = _setup("vgg13", (1, 3, 32, 32))
     moved: dict[str, int] = {}
     for mode, cluster in itertools.product(MODES, (hetero(3), Cluster.uniform(3, a=1e-9, bandwidth_bps=1e9))):
-        plan = make_plan(gm, cluster, partition="optimal", fusion="none", mode=mode)
+        plan = make_plan(gm, cluster, partition="optimal", fusion="none", mode=mode, split="rows")  # row strips: halos
         again = Plan.from_json(plan.to_json())
         assert again == plan
         assert rel_err(simulate(gm, again, x), ref) <= 1e-5
@@ -134,8 +134,8 @@ def test_plan_survives_json_round_trip_and_transfers_follow_the_mode() -> None:
             if cluster.devices[0].name == "leader":
                 moved[mode] = moved.get(mode, 0) + sum(t.rows[1] - t.rows[0] for t in s.transfers)
     assert moved["exchange"] < moved["gather"] / 4  # on equal devices only halos travel
-    g = make_plan(gm, Cluster.uniform(3), partition="optimal", fusion="none", mode="gather")
-    e = make_plan(gm, Cluster.uniform(3), partition="optimal", fusion="none", mode="exchange")
+    g = make_plan(gm, Cluster.uniform(3), partition="optimal", fusion="none", mode="gather", split="rows")
+    e = make_plan(gm, Cluster.uniform(3), partition="optimal", fusion="none", mode="exchange", split="rows")
     assert e.predicted_s < g.predicted_s
 
 

@@ -59,6 +59,9 @@ ListenOpt = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader
 PartitionOpt = typer.Option("optimal", "--partition", help="equal | bodp | ocbp | optimal")
 FusionOpt = typer.Option("auto", "--fusion", help="none | pools | auto")
 ModeOpt = typer.Option("exchange", "--mode", help="gather (EdgeLD) | exchange (halo exchange)")
+SplitOpt = typer.Option("auto", "--split", help="How blocks are cut: rows | channels (every block where the maps "
+                        "are small that can be, for experiments) | auto: with --partition optimal, output "
+                        "channels where the maps are small and that is predicted faster, rows elsewhere.")
 BackendOpt = typer.Option("auto", "--backend", help="What each device computes with: torch | ort (ONNX Runtime) | "
                           "openvino (f32) | openvino-bf16 (not exact) | auto: per device the fastest its profile "
                           "measured (ONNX Runtime where not measured), torch where a backend cannot compile a stage.")

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from edgeweave.cli.common import BackendOpt, FusionOpt, JsonOpt, ModeOpt, ModelOpt, PartitionOpt, console, emit_json
+from edgeweave.cli.common import BackendOpt, FusionOpt, JsonOpt, ModeOpt, ModelOpt, PartitionOpt, SplitOpt, console, emit_json
 from edgeweave.errors import EdgeweaveError
 
 _TORCHVISION_SHORT = ("vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50")
@@ -34,6 +34,7 @@ def build_plan(
     fusion: str = "auto",
     mode: str = "exchange",
     backend: str = "auto",
+    split: str = "auto",
 ) -> dict[str, Any]:
     """The library call behind the command: returns the JSON result (plan included)."""
     from edgeweave.checkpoint import load_model, model_hash
@@ -62,7 +63,7 @@ def build_plan(
     shape = (batch, int(spec.in_channels), size, size)
     gm = capture(net, shape)
     plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
-                     model_hash=model_hash(net), backend=backend)
+                     model_hash=model_hash(net), backend=backend, split=split)
     return {
         "model": model,
         "input_size": size,
@@ -108,11 +109,13 @@ def plan(
     fusion: str = FusionOpt,
     mode: str = ModeOpt,
     backend: str = BackendOpt,
+    split: str = SplitOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Print the plan (who computes which rows of which block) and its predicted time."""
     res = build_plan(model, cluster=cluster, workers=workers, input_size=input_size, batch=batch,
-                     in_channels=in_channels, partition=partition, fusion=fusion, mode=mode, backend=backend)
+                     in_channels=in_channels, partition=partition, fusion=fusion, mode=mode, backend=backend,
+                     split=split)
     _print(res)
     emit_json(res, json_out)
 

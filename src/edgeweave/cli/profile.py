@@ -43,8 +43,9 @@ def profile(
     threads: int = typer.Option(1, "--threads", min=1, help="Torch threads while timing (the runtime uses 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the setting sample and the held-out split."),
     block_s: Optional[float] = typer.Option(None, "--block-s", min=0.0, help="Timing block length in seconds (default 0.09 quick, 0.15 full); keep it >= 0.05 on a CPU-capped device."),
-    backend: str = typer.Option("all", "--backend", help="Backends to measure besides torch: all (every exact one "
-                                "installed here) | ort | openvino | openvino-bf16 | torch (torch only)."),
+    backend: str = typer.Option("auto", "--backend", help="Backends to measure besides torch: auto (ONNX Runtime "
+                                "when installed) | all (every exact one installed: OpenVINO compiles each layer "
+                                "for about a second) | ort | openvino | openvino-bf16 | torch (torch only)."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median
@@ -58,8 +59,8 @@ def profile(
     from edgeweave.profiling.report import plot_fits, write_samples_csv
 
     name = name or socket.gethostname()
-    if backend == "all":
-        wanted = [b for b in available() if b != "torch" and is_exact(b)]
+    if backend in ("all", "auto"):
+        wanted = [b for b in available() if b != "torch" and is_exact(b) and (backend == "all" or b == "ort")]
     else:
         check(backend)
         wanted = [] if backend == "torch" else [backend]

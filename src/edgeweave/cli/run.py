@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from edgeweave.cli.common import (
-    BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt,
-    console, emit_json,
+    BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, SplitOpt,
+    WorkersOpt, console, emit_json,
 )
 from edgeweave.cli.keygen import KeyOpt, use_key
 from edgeweave.errors import EdgeweaveError
@@ -26,6 +26,7 @@ def run(
     fusion: str = FusionOpt,
     mode: str = ModeOpt,
     backend: str = BackendOpt,
+    split: str = SplitOpt,
     batch: int = typer.Option(1, "--batch"),
     repeat: int = typer.Option(3, "--repeat", help="Timed inferences (after one warm-up); latency is the median."),
     check: bool = typer.Option(False, "--check", help="Also run on one device and report the error."),
@@ -45,7 +46,7 @@ def run(
     use_key(key, listen if cluster and workers is None else None)
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
-                    adaptive=adaptive, backend=backend)
+                    adaptive=adaptive, backend=backend, split=split)
     if timeline is not None and not timeline.parent.is_dir():
         raise EdgeweaveError(f"--timeline: folder {timeline.parent} does not exist")
     res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)

@@ -7,6 +7,7 @@ what it computes there (``StageProgram``); ``DeviceProgram.run(s, x, reduce_fn)`
 * ``whole``: the device computes the stage alone (the leader's stages, or a spatial stage whose
   strip is the whole map): the stage's own nodes as one graph (``stage.stage_module``);
 * ``strip``: its strip of a spatial stage, lowered to static graphs (engine/lower.py);
+* ``channels``: its slice of a stage split by output channels (engine/channels.py);
 * ``reduce`` / ``linear``: partial sums and Linear slices, on torch (engine/reduce.py).
 
 Graphs go through the backend (engine/backends.py): torch runs them as generated code; ONNX
@@ -29,6 +30,7 @@ import torch
 import torch.fx
 
 from edgeweave.engine import backends
+from edgeweave.engine.channels import lower_channels
 from edgeweave.engine.lower import Lowered, ReduceStep, Segment, lower_strip
 from edgeweave.engine.reduce import (
     Program,
@@ -58,7 +60,7 @@ class BackendError(EdgeweaveError):
 class StageProgram:
     """One device's compiled share of one stage."""
 
-    kind: str  # whole | strip | reduce | linear
+    kind: str  # whole | strip | channels | reduce | linear
     stage: Stage
     device: int
     backend: str  # what runs its graphs (torch where it fell back)
@@ -66,6 +68,7 @@ class StageProgram:
     steps: list[Any] = field(default_factory=list)  # strip: compiled segments and reduction steps
     lowered: Lowered | None = None
     copy_input: bool = False  # the graph may write into its input (torch only): copy it first
+    in_axis: int = 2  # the axis the stage input is split along (a reduce stage's held rows or channels)
 
     def program(self, gm: torch.fx.GraphModule, x: torch.Tensor | None) -> Program:
         if x is not None and self.copy_input:
@@ -73,8 +76,11 @@ class StageProgram:
         if self.kind == "whole":
             assert self.run_graph is not None
             return _whole(self.run_graph, x)
+        if self.kind == "channels":
+            assert self.run_graph is not None and x is not None
+            return _plain(self.run_graph(x)[0])
         if self.kind == "reduce":
-            return reduce_program(gm, self.stage, self.device, x)
+            return reduce_program(gm, self.stage, self.device, x, self.in_axis)
         if self.kind == "linear":
             a = self.stage.assignment(self.device)
             assert a is not None and x is not None
@@ -142,13 +148,14 @@ def _nodes_label(stage: Stage) -> str:
 
 def compile_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: str = "torch",
                   threads: int | None = None, allow_fallback: bool = False,
-                  fallbacks: list[str] | None = None) -> StageProgram | None:
-    """``device``'s share of ``stage`` compiled for ``backend`` (None: it computes nothing)."""
+                  fallbacks: list[str] | None = None, in_axis: int = 2) -> StageProgram | None:
+    """``device``'s share of ``stage`` compiled for ``backend`` (None: it computes nothing);
+    ``in_axis``: the axis the stage input is split along (``Plan.in_axis``)."""
     threads = threads or torch.get_num_threads()
     a = stage.assignment(device)
     owned = tuple((r.node, r.owned(device)) for r in stage.reductions)
-    key = (backend, threads, tuple(stage.nodes), stage.kind, None if a is None else (a.in_rows, a.out_rows), owned,
-           device == 0)
+    key = (backend, threads, tuple(stage.nodes), stage.kind, stage.split, in_axis,
+           None if a is None else (a.in_rows, a.out_rows), owned, device == 0)
     cache: OrderedDict = gm.meta.setdefault("ew_engine_programs", OrderedDict())
     hit = cache.get(key)
     if hit is not None:
@@ -158,7 +165,7 @@ def compile_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: 
             fallbacks.extend(notes)
         return prog if prog is None else _rebind(prog, stage, device)
     notes: list[str] = []
-    prog = _make(gm, stage, device, backend, threads, allow_fallback, notes)
+    prog = _make(gm, stage, device, backend, threads, allow_fallback, notes, in_axis)
     cache[key] = (prog, notes)
     while len(cache) > _KEPT:
         cache.popitem(last=False)
@@ -172,11 +179,11 @@ def _rebind(prog: StageProgram, stage: Stage, device: int) -> StageProgram:
     if prog.stage is stage:
         return prog
     return StageProgram(prog.kind, stage, device, prog.backend, prog.run_graph, prog.steps, prog.lowered,
-                        prog.copy_input)
+                        prog.copy_input, prog.in_axis)
 
 
 def _make(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: str, threads: int, allow_fallback: bool,
-          notes: list[str]) -> StageProgram | None:
+          notes: list[str], in_axis: int) -> StageProgram | None:
     a = stage.assignment(device)
     where = _nodes_label(stage)
     if whole_on(stage, device):
@@ -192,13 +199,17 @@ def _make(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: str, thr
     if stage.kind == "reduce":
         if device != 0 and (a is None or is_empty(a.in_rows)):
             return None
-        return StageProgram("reduce", stage, device, "torch")
+        return StageProgram("reduce", stage, device, "torch", in_axis=in_axis)
     if a is None or is_empty(a.out_rows):
         return None
     if stage.kind == "linear":
         return StageProgram("linear", stage, device, "torch")
     if stage.kind != "spatial":
         raise ValueError(f"device {device} cannot compute {stage.kind} stage {stage.index}")
+    if stage.split == "channels":
+        run, used = _compile(lower_channels(gm, stage, *a.out_rows), backend, threads, allow_fallback, where, notes)
+        return StageProgram("channels", stage, device, used, run_graph=run,
+                            copy_input=used == "torch" and writes_input(gm, stage))
     lowered = lower_strip(gm, stage, device, a.in_rows, a.out_rows)
     steps: list[tuple[Any, Any]] = []
     used = "torch"
@@ -268,7 +279,8 @@ def prepare(gm: torch.fx.GraphModule, plan: Plan, device: int, backend: str | No
             notes.append(f"{e}; device {device} runs on torch")
             chosen = "torch"
     prepare_reductions(gm, plan, device)
-    progs = [compile_stage(gm, st, device, chosen, threads, allow, notes) for st in plan.stages]
+    progs = [compile_stage(gm, st, device, chosen, threads, allow, notes, plan.in_axis(s))
+             for s, st in enumerate(plan.stages)]
     return DeviceProgram(gm, plan, device, chosen, progs, notes)
 
 

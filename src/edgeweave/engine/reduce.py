@@ -21,6 +21,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from edgeweave.engine.channels import channel_columns
 from edgeweave.engine.stage import by_name, call_node, module, stage_io
 from edgeweave.planning.graph import Reduce, is_folded, node_reduce, node_shape, pool_matrix, reduce_partial_shape, \
     reduce_pool, reduce_source
@@ -53,19 +54,36 @@ def _bad(n: torch.fx.Node) -> Any:
     raise ValueError(f"linear stage reads {n.name}, which is not the previous node")
 
 
-def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, rows: Range) -> torch.Tensor:
-    """A strip's share of reducing node ``node``: ``t`` holds rows ``rows`` of the reduced map.
+def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, rows: Range,
+                axis: int = 2) -> torch.Tensor:
+    """A strip's share of reducing node ``node``: ``t`` holds rows ``rows`` of the reduced map
+    (``axis`` 1: channels ``rows`` of it, every row: engine/channels.py).
 
     Sums and means: ``[N, C, 1, 1]``; a linear reduction: the strip's rows times the matching
     weight columns, ``[N, out]`` without the bias (``graph.reduce_partial_shape``).
     """
     red = node_reduce(node) or _no_reduce(node)
+    if axis == 1:
+        return _channel_partial(gm, node, red, t, rows)
     if red.op != "linear":
         return t.sum(dim=(2, 3), keepdim=True)
     by_row, per_row = _row_weight(gm, node, rows)
     if by_row is None:  # the whole map: the layer itself
         return F.linear(t.reshape(t.shape[0], -1), module(gm, node).weight)
     return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), by_row[:, rows[0] * per_row:rows[1] * per_row])
+
+
+def _channel_partial(gm: torch.fx.GraphModule, node: torch.fx.Node, red: Reduce, t: torch.Tensor,
+                     own: Range) -> torch.Tensor:
+    """Channels ``own`` of the reduced map: their sums in place (zeros elsewhere), or their
+    columns of the Linear layer times them."""
+    _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
+    if red.op != "linear":
+        part = t.new_zeros(t.shape[0], c, 1, 1)
+        part[:, own[0]:own[1]] = t.sum(dim=(2, 3), keepdim=True)
+        return part
+    cols = channel_columns(_rows_first(module(gm, node).weight, c, h, w, reduce_pool(node)), c, h, w, own)
+    return F.linear(t.reshape(t.shape[0], -1), cols)  # (c, h, w) order: a copy of the slice at most
 
 
 def _row_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, rows: Range) -> tuple[torch.Tensor | None, int]:
@@ -131,11 +149,16 @@ def prepare_reductions(gm: torch.fx.GraphModule, plan: Plan, device: int) -> Non
     when the plan is accepted, that time falls in loading the plan, which a stream does between
     frames, and never in a frame, so a device that joins late starts at its real speed."""
     by = by_name(gm)
-    for stage in plan.stages:
+    for s, stage in enumerate(plan.stages):
+        axis = plan.in_axis(s) if stage.kind == "reduce" else 2
         for red in stage.reductions:
             own, node = red.owned(device), by[red.node]
             if not is_empty(own) and (node_reduce(node) or _no_reduce(node)).op == "linear":
-                _row_weight(gm, node, own)  # what partial_sum will read
+                if axis == 1:
+                    _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
+                    channel_columns(_rows_first(module(gm, node).weight, c, h, w, reduce_pool(node)), c, h, w, own)
+                else:
+                    _row_weight(gm, node, own)  # what partial_sum will read
 
 
 def finish_reduce(gm: torch.fx.GraphModule, node: torch.fx.Node, total: torch.Tensor) -> torch.Tensor:
@@ -169,8 +192,10 @@ def _no_reduce(node: torch.fx.Node) -> Reduce:
     raise ValueError(f"node {node.name} is listed as a reduction but is not a sum/mean over H and W")
 
 
-def reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None) -> Program:
-    """A ``reduce`` stage: partial sums of the held rows; the leader finishes the small nodes."""
+def reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch.Tensor | None,
+                   axis: int = 2) -> Program:
+    """A ``reduce`` stage: partial sums of the held rows (``axis`` 1: held channels); the leader
+    finishes the small nodes."""
     in_node, outs = stage_io(gm, stage)
     by = by_name(gm)
     reds = {r.node: (i, r) for i, r in enumerate(stage.reductions)}
@@ -182,9 +207,9 @@ def reduce_program(gm: torch.fx.GraphModule, stage: Stage, device: int, x: torch
             if red.source != in_node.name:
                 raise ValueError(f"stage {stage.index}: reduction {name} must read the stage input")
             own = red.owned(device)
-            if not is_empty(own) and (x is None or x.shape[2] != own[1] - own[0]):
+            if not is_empty(own) and (x is None or x.shape[axis] != own[1] - own[0]):
                 raise ValueError(f"stage {stage.index}: device {device} holds no rows {own} to reduce")
-            total = yield (i, None if is_empty(own) or x is None else partial_sum(gm, node, x, own))
+            total = yield (i, None if is_empty(own) or x is None else partial_sum(gm, node, x, own, axis))
             if total is None:  # a follower: its part is done
                 return None
             small[name] = finish_reduce(gm, node, total)

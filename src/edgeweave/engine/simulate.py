@@ -16,7 +16,6 @@ import torch.fx
 
 from edgeweave.engine.program import prepare
 from edgeweave.engine.reduce import Program, sum_partials
-from edgeweave.engine.stage import split_axis
 from edgeweave.planning.halo import Range, is_empty
 from edgeweave.planning.plan import Plan, Stage
 
@@ -57,11 +56,11 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str
     earlier in the list), exactly as the plan.py docstring defines execution. A value a device
     holds is dropped after the stage that consumes it, so nothing is silently reused.
     """
-    holdings: dict[int, Pieces] = {0: [(0, int(x.shape[split_axis(x.shape)]), x)]}
+    holdings: dict[int, Pieces] = {0: [(0, int(x.shape[plan.in_axis(0)]), x)]}
     devices = {a.device for st in plan.stages for a in st.assignments} | {0}
     compiled = {d: prepare(gm, plan, d, backend) for d in sorted(devices)}
     for s, stage in enumerate(plan.stages):
-        axis = split_axis(stage.input_shape)
+        axis = plan.in_axis(s)
         hold: dict[int, Pieces] = {d: list(p) for d, p in holdings.items()}
         for t in stage.transfers:
             piece = extract(hold.get(t.src, []), t.rows, axis, f"stage {stage.index}: device {t.src}")
@@ -86,7 +85,7 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str
             a = stage.assignment(d)
             assert a is not None
             if isinstance(y, torch.Tensor):
-                out_axis = split_axis(stage.output_shape)
+                out_axis = stage.out_axis
                 if y.shape[out_axis] != a.out_rows[1] - a.out_rows[0]:
                     raise AssertionError(f"stage {stage.index}: device {a.device} returned {y.shape[out_axis]} rows for {a.out_rows}")
             new[a.device] = [(a.out_rows[0], a.out_rows[1], y)]
@@ -94,7 +93,7 @@ def simulate(gm: torch.fx.GraphModule, plan: Plan, x: torch.Tensor, backend: str
     last = plan.stages[-1]
     if len(holdings.get(0, [])) == 1 and not isinstance(holdings[0][0][2], torch.Tensor):
         return holdings[0][0][2]
-    axis = split_axis(last.output_shape)
+    axis = plan.out_axis
     for t in plan.final_transfers:
         piece = extract(holdings.get(t.src, []), t.rows, axis, f"final: device {t.src}")
         holdings.setdefault(t.dst, []).append((t.rows[0], t.rows[1], piece.clone()))

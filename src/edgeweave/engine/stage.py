@@ -22,14 +22,6 @@ from edgeweave.planning.graph import node_kind, node_window, nodes_by_name, tens
 from edgeweave.planning.plan import Stage, whole_on  # noqa: F401  (re-exported: the engine's question)
 
 
-def split_axis(shape: list[int] | tuple[int, ...] | torch.Size) -> int:
-    """The axis a value is split along: rows (dim 2) of 4-D maps, features (dim 1) of 2-D."""
-    n = len(shape)
-    if n == 4:
-        return 2
-    return 1 if n >= 2 else 0
-
-
 _MEMO_KEPT = 4096  # entries per table and graph
 
 

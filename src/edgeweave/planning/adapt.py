@@ -91,8 +91,9 @@ from dataclasses import dataclass, field, replace
 
 import torch.fx
 
-from edgeweave.planning.cost import (Work, add_work, aggregate, compute_s, flop_kind, node_flops, partial_work, relay_bytes,
-                                     row_bytes, rows_of)
+from edgeweave.planning.cost import (WEIGHTS, Work, add_work, aggregate, compute_s, flop_kind, node_flops, node_weights,
+                                     partial_work, relay_bytes, row_bytes, rows_of)
+from edgeweave.planning.hybrid import slice_work
 from edgeweave.planning.graph import is_folded, node_shape, nodes_by_name
 from edgeweave.planning.halo import EMPTY, is_empty, required_rows, size
 from edgeweave.planning.plan import Plan
@@ -170,26 +171,34 @@ def stage_works(gm: torch.fx.GraphModule, plan: Plan) -> list[list[Work]]:
     """Planned work (per kind: FLOPs, calls) of every device in every stage: ``[stage][device]``.
 
     The same arithmetic the planner prices: a spatial strip computes, node by node, the rows
-    its output strip needs (halo included); a linear stage a share of the output features; a
-    leader stage everything on device 0.
+    its output strip needs (halo included) and reads all of each layer's weights; a channel
+    slice a share of every node; a linear stage a share of the output features; a leader stage
+    everything on device 0.
     """
     by = nodes_by_name(gm)
     k = len(plan.devices)
     out: list[list[Work]] = []
-    for st in plan.stages:
+    for s, st in enumerate(plan.stages):
         nodes = [by[n] for n in st.nodes]
         row: list[Work] = [{} for _ in range(k)]
         if st.kind == "leader":
-            row[0] = aggregate((flop_kind(gm, n), node_flops(gm, n)) for n in nodes)
+            row[0] = aggregate(_with_weights(gm, [(n, node_flops(gm, n)) for n in nodes]))
+        elif st.kind == "spatial" and st.split == "channels":
+            channels = max(int(st.output_shape[1]), 1)
+            for a in st.assignments:
+                if not is_empty(a.out_rows):
+                    row[a.device] = slice_work(gm, nodes, size(a.out_rows) / channels)
         elif st.kind == "reduce":
-            # every holder computes its rows' partial sums; the leader then the small nodes
-            h = max(rows_of(st.input_shape), 1)
+            # every holder computes its rows' (or channels') partial sums; the leader then the small nodes
+            axis = plan.in_axis(s)
+            h = max(int(st.input_shape[axis]) if axis == 1 else rows_of(st.input_shape), 1)
             reducing = {r.node for r in st.reductions}
             for red in st.reductions:
                 node = by[red.node]
                 for d, rows in red.rows:
                     if not is_empty(rows):
-                        row[d] = add_work(row[d], aggregate([partial_work(gm, node, size(rows), h)]))
+                        row[d] = add_work(row[d], aggregate([partial_work(gm, node, size(rows), h),
+                                                             (WEIGHTS, node_weights(gm, node) * size(rows) / h)]))
             row[0] = add_work(row[0], aggregate((flop_kind(gm, n), node_flops(gm, n)) for n in nodes
                                                 if n.name not in reducing and not is_folded(n)))
         elif st.kind == "linear":
@@ -204,13 +213,23 @@ def stage_works(gm: torch.fx.GraphModule, plan: Plan) -> list[list[Work]]:
                     continue
                 try:
                     need = required_rows(gm, nodes, outs[-1], a.out_rows)
-                    items = [(flop_kind(gm, n), node_flops(gm, n) * size(need.get(n.name, EMPTY))
+                    items = [(n, node_flops(gm, n) * size(need.get(n.name, EMPTY))
                               / max(rows_of(node_shape(n) or [1]), 1)) for n in nodes]
                 except (ValueError, KeyError, IndexError):  # a node without row arithmetic: share by rows
                     frac = size(a.out_rows) / max(rows_of(st.output_shape), 1)
-                    items = [(flop_kind(gm, n), node_flops(gm, n) * frac) for n in nodes]
-                row[a.device] = aggregate(items)
+                    items = [(n, node_flops(gm, n) * frac) for n in nodes]
+                row[a.device] = aggregate(_with_weights(gm, items))
         out.append(row)
+    return out
+
+
+def _with_weights(gm: torch.fx.GraphModule, items: Sequence[tuple[torch.fx.Node, float]]) -> list[tuple[str, float]]:
+    """(kind, FLOPs) per node call, and the weights each call that computes anything reads."""
+    out: list[tuple[str, float]] = []
+    for n, f in items:
+        out.append((flop_kind(gm, n), f))
+        if f > 0 and (w := node_weights(gm, n)):
+            out.append((WEIGHTS, w))
     return out
 
 
@@ -225,14 +244,16 @@ def stage_scaling(plan: Plan, compute: Sequence[Sequence[float]], cluster: Clust
     relays (``cost.relay_bytes``; ``scale_profile`` says why both slow with the device too).
     :func:`reprice` moves each device's finish by these."""
     out = []
-    for st, comp in zip(plan.stages, compute):
+    for s, (st, comp) in enumerate(zip(plan.stages, compute)):
         talks = {d for t in st.transfers if t.src != t.dst and not is_empty(t.rows) for d in (t.src, t.dst)}
         for red in st.reductions:
             owners = {d for d, rows in red.rows if not is_empty(rows)}
             talks |= owners | ({0} if owners - {0} else set())
+        shape = st.input_shape
+        unit = (row_bytes(shape) * int(shape[2]) // max(int(shape[1]), 1) if plan.in_axis(s) == 1 and len(shape) == 4
+                else row_bytes(shape))  # bytes of a channel where the stage reads a map split by channels
         relay = relay_bytes([(t.src, t.dst, t.rows) for t in st.transfers],
-                            {a.device: a.in_rows for a in st.assignments if not is_empty(a.out_rows)},
-                            row_bytes(st.input_shape))
+                            {a.device: a.in_rows for a in st.assignments if not is_empty(a.out_rows)}, unit)
         out.append([c + (cluster.devices[d].latency_s if d in talks else 0.0) + cluster.devices[d].byte_s * relay.get(d, 0.0)
                     for d, c in enumerate(comp)])
     return out

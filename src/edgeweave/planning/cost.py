@@ -129,6 +129,20 @@ def wire_row_bytes(node: torch.fx.Node | None) -> float:
 
 Work = dict[str, tuple[float, int]]  # kind -> (FLOPs, calls)
 
+WEIGHTS = "weights"  # a pseudo-kind: weight elements a call reads (``node_weights``), priced per element
+
+
+def node_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
+    """Weight elements one call of ``node`` reads, whatever share of its output it computes:
+    a convolution or Linear layer reads all its weights for a strip of two rows as for the whole
+    map. Priced as work of kind ``weights`` (``DeviceProfile.per_kind["weights"]``, fitted by
+    the profiler), it is what makes thin strips of wide layers cost more than their FLOPs say,
+    and a channel slice (1/k of the weights) less."""
+    if "ew_weights" not in node.meta:
+        w = getattr(gm.get_submodule(str(node.target)), "weight", None) if node.op == "call_module" else None
+        node.meta["ew_weights"] = float(w.numel()) if isinstance(w, torch.Tensor) and w.dim() >= 2 else 0.0
+    return float(node.meta["ew_weights"])
+
 
 def aggregate(items: Iterable[tuple[str, float]]) -> Work:
     """Sum ``(kind, flops)`` items per kind, counting the calls that do any work."""
@@ -161,8 +175,8 @@ def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]] | Work) 
     agg = work if isinstance(work, dict) else aggregate(work)
     total = 0.0
     for kind, (flops, calls) in agg.items():
-        if flops <= 0:
-            continue
+        if flops <= 0 or (kind == WEIGHTS and WEIGHTS not in profile.per_kind):
+            continue  # weights read are priced only where the profile measured them (node_weights)
         if kind in profile.per_kind:
             a, b = profile.per_kind[kind]
         elif kind.startswith("conv") and "conv" in profile.per_kind:  # a profile without this conv kind

@@ -2,8 +2,19 @@
 
 The runtime only executes a Plan; it never decides (DESIGN.md). A plan is built for one input
 shape. Every tensor that crosses a stage boundary is split along one axis, the *split axis*:
-dim 2 (rows) for 4-D feature maps, dim 1 (features) for 2-D activations. All ranges below are
-half-open ``[start, stop)`` in global coordinates of that axis; ``(0, 0)`` means "nothing".
+dim 2 (rows) for 4-D feature maps, dim 1 (features) for 2-D activations, and dim 1 (channels)
+for the output of a stage split by output channels (``split == "channels"``, see below). All
+ranges below are half-open ``[start, stop)`` in global coordinates of the value's split axis
+(called "rows" whatever the axis); ``(0, 0)`` means "nothing".
+
+How a spatial stage is divided (``split``):
+
+* ``rows``: each device computes a strip of the output's rows from the input rows the strip
+  needs (its halo included);
+* ``channels``: each device computes every row of a slice of the output's channels
+  (``out_rows`` is that slice, along dim 1), from the whole input (``in_rows`` is the whole of
+  the input along its split axis). Its output is split along the channels: the next stage's
+  transfers, assignments and reductions speak of channel ranges of it.
 
 Execution of stage ``s`` on device ``d``:
 1. run ``stage.transfers`` in list order: each moves rows ``rows`` of the previous stage's output
@@ -45,6 +56,16 @@ from typing import Any
 Range = tuple[int, int]
 
 STAGE_KINDS = ("spatial", "linear", "leader", "reduce")
+SPLITS = ("rows", "channels")
+
+
+def split_axis(shape: list[int] | tuple[int, ...]) -> int:
+    """The axis a value is cut along by default: rows (dim 2) of 4-D maps, features (dim 1) of
+    2-D values, dim 0 of a vector."""
+    n = len(shape)
+    if n == 4:
+        return 2
+    return 1 if n >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -90,12 +111,18 @@ class Stage:
     transfers: list[Transfer] = field(default_factory=list)
     predicted_s: float = 0.0  # predicted wall time of the stage, transfers included
     reductions: list[Reduction] = field(default_factory=list)  # exact global sums (see above)
+    split: str = "rows"  # how a spatial stage is divided: rows | channels (see above)
 
     def assignment(self, device: int) -> Assignment | None:
         for a in self.assignments:
             if a.device == device:
                 return a
         return None
+
+    @property
+    def out_axis(self) -> int:
+        """The axis the stage's output is split along (what the next stage's ranges speak of)."""
+        return 1 if self.split == "channels" else split_axis(self.output_shape)
 
 
 @dataclass
@@ -152,6 +179,7 @@ class Plan:
                     )
                     for r in s.get("reductions", [])
                 ],
+                split=str(s.get("split", "rows")),
             )
             for s in d["stages"]
         ]
@@ -169,6 +197,15 @@ class Plan:
             meta=dict(d.get("meta", {})),
             backends=[str(b) for b in d.get("backends", [])],
         )
+
+    def in_axis(self, s: int) -> int:
+        """The axis stage ``s``'s input is split along (the model input: ``split_axis``)."""
+        return self.stages[s - 1].out_axis if s > 0 else split_axis(self.input_shape)
+
+    @property
+    def out_axis(self) -> int:
+        """The axis the model output is split along before the final transfers."""
+        return self.stages[-1].out_axis if self.stages else split_axis(self.input_shape)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -195,7 +232,10 @@ def whole_on(stage: Stage, device: int) -> bool:
     a = stage.assignment(device)
     if stage.kind != "spatial" or a is None or len(stage.input_shape) != 4:
         return False
-    if a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
+    if stage.split == "channels":  # its input is whole by definition
+        if a.out_rows != (0, int(stage.output_shape[1])):
+            return False
+    elif a.in_rows != (0, int(stage.input_shape[2])) or a.out_rows != (0, int(stage.output_shape[2])):
         return False
     if any(b.device != device and b.out_rows[1] > b.out_rows[0] for b in stage.assignments):
         return False

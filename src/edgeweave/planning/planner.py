@@ -45,6 +45,7 @@ the leader of a cluster with slow links (bench edgeld, run O).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -57,10 +58,12 @@ from edgeweave.planning.cost import (
     Work,
     add_work,
     DTYPE_BYTES,
+    WEIGHTS,
     aggregate,
     compute_s,
     flop_kind,
     node_flops,
+    node_weights,
     partial_work,
     relay_bytes,
     row_bytes,
@@ -88,6 +91,7 @@ from edgeweave.planning.graph import (
     reduce_source,
 )
 from edgeweave.planning.halo import EMPTY, Range, intersect, is_empty, required_rows, size
+from edgeweave.planning.hybrid import UNIT, channel_blocks, channel_ranges, slice_work, tail_starts, unit_bytes, units
 from edgeweave.planning.partition import PARTITIONERS
 from edgeweave.planning.plan import Assignment, Plan, Reduction, Stage, Transfer, whole_on
 from edgeweave.profiling.profile import Cluster, DeviceProfile
@@ -107,6 +111,7 @@ class Block:
     # run derives its strips from, so that strips stay in place and only halos travel.
     ref: tuple[list[int], int] | None = None
     segs: tuple[Segment, ...] = ()  # the atomic segments it was merged from (spatial blocks)
+    split: str = "rows"  # a spatial block's cut: rows | channels (planning/hybrid.py)
 
     @property
     def in_shape(self) -> list[int]:
@@ -123,9 +128,9 @@ Merged = list[tuple[Block, bool, bool]]  # (block, first_in_run, last_in_run), i
 Candidate = tuple[Merged, dict[str, Block], Partitioner]  # a plan's blocks, feeds and split rule
 
 
-def _merge(segs: Sequence[Segment], kind: str, ref: tuple[list[int], int] | None = None) -> Block:
+def _merge(segs: Sequence[Segment], kind: str, ref: tuple[list[int], int] | None = None, split: str = "rows") -> Block:
     nodes = [n for s in segs for n in s.nodes]
-    return Block(kind, nodes, segs[0].input, segs[-1].output, ref, tuple(segs))
+    return Block(kind, nodes, segs[0].input, segs[-1].output, ref, tuple(segs), split)
 
 
 def scale_counts(counts: Sequence[int], ref_total: int, total: int, order: Sequence[int] | None = None) -> list[int]:
@@ -191,8 +196,10 @@ def _strips(counts: Sequence[int], order: Sequence[int]) -> list[Range]:
 
 class _Planner:
     def __init__(self, gm: torch.fx.GraphModule, devices: Sequence[DeviceProfile], partition: Partitioner, mode: str,
-                 tables: dict | None = None, order: Sequence[int] | None = None) -> None:
+                 tables: dict | None = None, order: Sequence[int] | None = None, split: str = "rows") -> None:
         self.gm = gm
+        self.split_mode = split  # rows | channels | auto (make_plan)
+        self.runs: dict[tuple, list] = {}  # a run's rows-only blocks (_run_blocks)
         self.devices = list(devices)
         self.k = len(self.devices)
         # the devices' strips top to bottom; partitioners and cost tables do not depend on it
@@ -219,6 +226,8 @@ class _Planner:
                 shape = node_shape(n) or [1]
                 f = f * size(need.get(n.name, EMPTY)) / max(rows_of(shape), 1)
             work.append((flop_kind(self.gm, n), f))
+            if f > 0 and (wts := node_weights(self.gm, n)):
+                work.append((WEIGHTS, wts))  # a strip of any height reads all the weights
         return work
 
     def chain(self, block: Block, out: Range) -> tuple[Range, Work]:
@@ -338,13 +347,20 @@ class _Planner:
         return schedule_transfers([(t.src, t.dst, size(t.rows) * rb, f) for t, f in transfers], self.devices)
 
     # ---- stages -------------------------------------------------------------------------
-    def build(self, block: Block, counts: Sequence[int] | None, holders: Holders, index: int) -> tuple[Stage, Holders]:
-        """One Stage for ``block`` given its split and who holds its input; plus its output holders."""
+    def build(self, block: Block, counts: Sequence[int] | None, holders: Holders, index: int,
+              axis: int = 2) -> tuple[Stage, Holders]:
+        """One Stage for ``block`` given its split and who holds its input (along ``axis``: 1 where
+        the block before was split by channels); plus its output holders."""
         in_shape, out_shape = block.in_shape, block.out_shape
-        in_rows_total = rows_of(in_shape)
+        in_rows_total = in_shape[axis] if axis == 1 else rows_of(in_shape)
         compute: dict[int, float] = {}
         if block.kind == "reduce":
-            return self._build_reduce(block, holders, index)
+            return self._build_reduce(block, holders, index, axis)
+        if block.split == "channels":
+            assert counts is not None
+            return self._build_channels(block, counts, holders, index, axis)
+        if axis == 1 and len(in_shape) == 4 and block.kind != "leader":
+            raise AssertionError(f"a {block.kind} block cannot read a map split by channels")
         if block.kind == "leader":
             out_total = rows_of(out_shape) if out_shape else 0
             needs = [(0, (0, in_rows_total))]
@@ -371,7 +387,7 @@ class _Planner:
                 needs.append((d, in_r))
             new_holders = [(d, o[0], o[1]) for d, (_, o) in assignments.items()]
         transfers = self._transfers(holders, needs)
-        ready, end_all = self._schedule(transfers, wire_row_bytes(block.input))
+        ready, end_all = self._schedule(transfers, unit_bytes(block.input, axis))
         reductions: list[Reduction] = []
         red_s = 0.0
         if block.kind == "spatial":
@@ -385,7 +401,7 @@ class _Planner:
                 sizes.append(int(shape[0]) * int(shape[1]) * DTYPE_BYTES)
             red_s = self.reduction_s(reductions, sorted(assignments), sizes)
         relay = relay_bytes([(t.src, t.dst, t.rows) for t, _ in transfers], {d: a[0] for d, a in assignments.items()},
-                            row_bytes(in_shape))
+                            row_bytes(in_shape) if axis != 1 else unit_bytes(block.input, axis))
         assigns = []
         finish_max = end_all
         for d in range(self.k):
@@ -410,17 +426,20 @@ class _Planner:
         )
         return stage, new_holders
 
-    def _build_reduce(self, block: Block, holders: Holders, index: int) -> tuple[Stage, Holders]:
-        """A ``reduce`` stage: every holder sums its own rows; only partial sums travel."""
+    def _build_reduce(self, block: Block, holders: Holders, index: int, axis: int = 2) -> tuple[Stage, Holders]:
+        """A ``reduce`` stage: every holder sums its own rows (or channels: ``axis`` 1); only
+        partial sums travel."""
         in_shape, out_shape = block.in_shape, block.out_shape
         out_total = rows_of(out_shape)
         held = {d: (lo, hi) for d, lo, hi in holders if hi > lo}
         reds = _reducers(block.nodes)
         reductions = [Reduction(n.name, src.name, tuple(sorted(held.items()))) for n, src in reds]
-        h = max(rows_of(in_shape), 1)
+        h = max(in_shape[axis] if axis == 1 else rows_of(in_shape), 1)
         finish = 0.0
         for d, r in held.items():
             work = [partial_work(self.gm, n, size(r), h) for n, _ in reds]
+            # a device's rows (or channels) meet their share of a Linear layer's weights only
+            work += [(WEIGHTS, node_weights(self.gm, n) * size(r) / h) for n, _ in reds]
             finish = max(finish, compute_s(self.devices[d], work))
         nbytes = [math.prod(reduce_partial_shape(n)) * DTYPE_BYTES for n, _ in reds]
         t = finish + self.reduction_s(reductions, [0], nbytes)
@@ -433,6 +452,59 @@ class _Planner:
         stage = Stage(index, "reduce", [n.name for n in block.nodes], in_shape, out_shape, assigns, [], t,
                       reductions)
         return stage, [(0, 0, out_total)]
+
+    def _build_channels(self, block: Block, counts: Sequence[int], holders: Holders, index: int,
+                        axis: int) -> tuple[Stage, Holders]:
+        """A stage split by output channels (planning/hybrid.py): device d computes every row of
+        its ``counts[d]`` units of channels from the whole input, which it must first hold."""
+        in_shape, out_shape = block.in_shape, block.out_shape
+        in_total, channels = int(in_shape[axis]), int(out_shape[1])
+        ranges = channel_ranges(counts, channels)
+        work = {d: slice_work(self.gm, block.nodes, size(r) / channels) for d, r in enumerate(ranges) if not is_empty(r)}
+        needs = [(d, (0, in_total)) for d in work]
+        transfers = self._transfers(holders, needs)
+        ready, end_all = self._schedule(transfers, unit_bytes(block.input, axis))
+        relay = relay_bytes([(t.src, t.dst, t.rows) for t, _ in transfers], dict(needs), unit_bytes(block.input, axis))
+        assigns, finish_max = [], end_all
+        for d in range(self.k):
+            cpu_net = self.devices[d].byte_s * relay.get(d, 0.0)
+            finish_max = max(finish_max, cpu_net)
+            if d in work:
+                fin = ready.get(d, 0.0) + compute_s(self.devices[d], work[d]) + cpu_net
+                finish_max = max(finish_max, fin)
+                assigns.append(Assignment(d, (0, in_total), ranges[d], fin))
+            else:
+                assigns.append(Assignment(d, EMPTY, EMPTY, 0.0))
+        stage = Stage(index, "spatial", [n.name for n in block.nodes], in_shape, out_shape, assigns,
+                      [t for t, _ in transfers], finish_max, split="channels")
+        return stage, [(d, r[0], r[1]) for d, r in enumerate(ranges) if not is_empty(r)]
+
+    def channel_counts(self, block: Block, holders: Holders, axis: int) -> list[int]:
+        """Units of output channels per device for a channel block: the partitioner's split of
+        per-device costs (the slice's compute, plus receiving the input it does not hold: a
+        device pays that once it takes any share, so slow links keep devices out)."""
+        channels = int(block.out_shape[1])
+        total = units(channels)
+        in_total = int(block.in_shape[axis])
+        own = [0] * self.k
+        for h, lo, hi in holders:
+            own[h] += hi - lo
+        key = ("channels", self.partition, tuple(n.name for n in block.nodes), axis, tuple(own))
+        if key in self._tables:
+            return list(self._tables[key])
+        rb = unit_bytes(block.input, axis)
+        lead = self.devices[0]
+        whole = slice_work(self.gm, block.nodes, 1.0)
+        tables = []
+        for d, dev in enumerate(self.devices):
+            recv = max(0, in_total - own[d]) * rb
+            comm = recv * 8.0 / min(dev.bandwidth_bps, lead.bandwidth_bps) + dev.latency_s + lead.latency_s if recv else 0.0
+            tables.append([0.0] + [comm + compute_s(dev, {k: (f * min(channels, n * UNIT) / channels, c)
+                                                         for k, (f, c) in whole.items()}) for n in range(1, total + 1)])
+        counts = self.partition([t.__getitem__ for t in tables], total, self.capabilities)
+        assert sum(counts) == total and all(c >= 0 for c in counts), counts
+        self._tables[key] = list(counts)
+        return list(counts)
 
     def aligned_counts(self, block: Block, holders: Holders) -> list[int] | None:
         """Counts that keep every device on the rows it already holds (exchange mode).
@@ -588,6 +660,7 @@ def make_plan(
     model_hash: str = "",
     order: Sequence[int] | None = None,
     backend: str = "torch",
+    split: str = "auto",
 ) -> Plan:
     """Plan the execution of captured graph ``gm`` (``planning.graph.capture``) on ``cluster``.
 
@@ -600,12 +673,19 @@ def make_plan(
     :func:`_best_orders`). ``backend`` is what every device computes with (engine/backends.py),
     or ``auto``: per device, the fastest its profile measured (``choose_backends``); each device
     is priced on its backend's lines and the plan records the choice (``plan.backends``).
+    ``split``: how spatial blocks may be cut: ``rows`` only, ``channels`` (every run's longest
+    tail that can be, for tests and experiments) or ``auto``: with ``optimal``, a run's tail of
+    small maps is cut by output channels where that is predicted faster (planning/hybrid.py);
+    the other partitioners (the published systems') cut rows only.
     """
+    if split not in ("rows", "channels", "auto"):
+        raise EdgeweaveError(f"unknown split {split!r}; expected rows, channels or auto")
     chosen = choose_backends(gm, cluster, backend)
     cluster = Cluster([d.on(b) for d, b in zip(cluster.devices, chosen)])
-    plan = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order)
+    plan = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, split)
     plan.backends = chosen
     plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
+    plan.meta["split_request"] = split
     if backend == "auto":
         plan.meta["backend_fallback"] = True  # a graph a device's backend cannot compile runs on torch
     return plan
@@ -648,6 +728,7 @@ def _make_plan_on(
     model_name: str,
     model_hash: str,
     order: Sequence[int] | None,
+    split: str,
 ) -> Plan:
     if callable(partition):
         part_fn, part_name = partition, getattr(partition, "__name__", "custom")
@@ -669,6 +750,8 @@ def _make_plan_on(
     if order is not None and sorted(order) != list(range(k)):
         raise EdgeweaveError(f"strip order {list(order)} is not a permutation of the {k} devices' indices")
     tables: dict = {}
+    if split == "auto":
+        split = "auto" if part_name == "optimal" else "rows"
     args = (fusion, mode, model_name, model_hash, tables)
 
     def best(order_: Sequence[int] | None) -> tuple[Plan, list[Candidate]]:
@@ -680,7 +763,7 @@ def _make_plan_on(
             # than any other partitioner under that full model either, their plans are built
             # too and the fastest kept (meta["split_from"] says whose split won).
             fns += [PARTITIONERS[o] for o in ("bodp", "ocbp", "equal")]
-        made = [(_make_plan(gm, cluster, fn, part_name, *args, order_), fn) for fn in fns]
+        made = [(_make_plan(gm, cluster, fn, part_name, *args, order_, split), fn) for fn in fns]
         plan = min((m[0][0] for m in made), key=lambda p: p.predicted_s)  # first of equals: optimal's
         return plan, [(merged, feeds, fn) for (_, merged, feeds), fn in made]
 
@@ -778,14 +861,24 @@ def _make_plan(
     model_hash: str,
     tables: dict | None = None,
     order: Sequence[int] | None = None,
+    split: str = "rows",
 ) -> tuple[Plan, Merged, dict[str, Block]]:
     """The plan for one split rule and strip order; also its blocks and ``feeds`` (what
     :func:`_order_cost` needs to re-price the same blocks under another order)."""
-    pl = _Planner(gm, cluster.devices, part_fn, mode, tables, order)
+    pl = _Planner(gm, cluster.devices, part_fn, mode, tables, order, split)
     segs, merged = _blocks(pl, gm, fusion, mode)
     in_shape = list(gm.meta["ew_input_shape"])
     optimal = part_name == "optimal"
     stages, final, final_s, predicted = _assemble(pl, merged, in_shape, False, optimal)
+    if split == "auto" and any(b.split == "channels" for b, _, _ in merged):
+        # channel tails were chosen run by run from estimates: the plan keeps them only where
+        # the whole plan is predicted faster than with rows everywhere
+        pl.split_mode = "rows"
+        rows = _blocks(pl, gm, fusion, mode)[1]
+        pl.split_mode = split
+        alt = _assemble(pl, rows, in_shape, False, optimal)
+        if alt[3] < predicted:
+            merged, (stages, final, final_s, predicted) = rows, alt
     fallback = False
     if part_name == "optimal" and pl.k > 1:
         # "optimal" promises the fastest predicted plan we can find; when spreading the work is
@@ -844,17 +937,8 @@ def _blocks(pl: _Planner, gm: torch.fx.GraphModule, fusion: str, mode: str) -> t
             run = segs[i:j]
             if j < len(segs) and is_reduce_segment(segs[j]) and run[-1].output is not None:
                 pl.feeds[run[-1].output.name] = _merge([segs[j]], "reduce")
-            ref = pl.run_split(run) if mode == "exchange" and pl.k > 1 else None
-            cache: dict[tuple[int, int], float] = {}
-
-            def cost(a: int, b: int, run: list[Segment] = run, ref=ref) -> float:
-                if (a, b) not in cache:
-                    cache[(a, b)] = pl.block_estimate(_merge(run[a:b], "spatial", ref), a == 0, b == len(run))
-                return cache[(a, b)]
-
-            groups = choose_blocks(len(run), fusion, [ends_with_pool(gm, s) for s in run], cost)
-            for a, b in groups:
-                blocks.append((_merge(run[a:b], "spatial", ref), a == 0, b == len(run)))
+            feed = pl.feeds.get(run[-1].output.name) if run[-1].output is not None else None
+            blocks += _run_blocks(pl, gm, run, fusion, mode, feed)
             i = j
             continue
         if is_reduce_segment(seg) and not (blocks and blocks[-1][0].kind == "spatial"):
@@ -888,9 +972,65 @@ def _blocks(pl: _Planner, gm: torch.fx.GraphModule, fusion: str, mode: str) -> t
     return segs, merged
 
 
+def _row_blocks(pl: _Planner, gm: torch.fx.GraphModule, run: Sequence[Segment], fusion: str,
+                mode: str) -> list[tuple[Block, bool, bool]]:
+    """``run`` cut into row-split blocks by the fusion mode (its last block's output leaves the
+    strips: to the leader, a reduce stage, or the channel blocks after it)."""
+    ref = pl.run_split(run) if mode == "exchange" and pl.k > 1 else None
+    cache: dict[tuple[int, int], float] = {}
+    n = len(run)
+
+    def cost(a: int, b: int) -> float:
+        if (a, b) not in cache:
+            cache[(a, b)] = pl.block_estimate(_merge(run[a:b], "spatial", ref), a == 0, b == n)
+        return cache[(a, b)]
+
+    groups = choose_blocks(n, fusion, [ends_with_pool(gm, s) for s in run], cost)
+    return [(_merge(run[a:b], "spatial", ref), a == 0, b == n) for a, b in groups]
+
+
+def _run_blocks(pl: _Planner, gm: torch.fx.GraphModule, run: Sequence[Segment], fusion: str, mode: str,
+                feed: Block | None) -> list[tuple[Block, bool, bool]]:
+    """A run of spatial segments as blocks: rows everywhere, or rows and then, from some
+    segment on where the maps are small, blocks split by output channels (planning/hybrid.py):
+    whichever the run's predicted time (with the reduce stage it ``feed`` s) says is fastest;
+    with ``split="channels"`` the longest tail that can be."""
+    key = ("rows", fusion, mode, tuple(s.names[0] for s in run), run[-1].names[-1])
+    if key not in pl.runs:  # the rows-only cut, shared by the auto cut and its check (_make_plan)
+        pl.runs[key] = _row_blocks(pl, gm, run, fusion, mode)
+    rows_only = pl.runs[key]
+    if pl.split_mode == "rows" or pl.k == 1:
+        return rows_only
+    # the tail may start where a row block of the rows-only cut starts: the head keeps those
+    # blocks and their run-wide split (re-cutting the head for every tail cost 2-3x the planning)
+    starts, cur = {}, 0
+    for i, blk in enumerate(rows_only):
+        starts[cur] = i
+        cur += len(blk[0].segs)
+    options = [rows_only]
+    for p in tail_starts(gm, run):
+        if p not in starts:
+            continue
+        tail = channel_blocks(gm, run[p:])
+        assert tail is not None
+        options.append(rows_only[:starts[p]] + [(_merge(g, "spatial", split="channels"), False, False) for g in tail])
+    if pl.split_mode == "channels":
+        return options[1] if len(options) > 1 else rows_only
+    return min(options, key=lambda blocks: _run_time(pl, blocks, feed))
+
+
+def _run_time(pl: _Planner, blocks: Sequence[tuple[Block, bool, bool]], feed: Block | None) -> float:
+    """Predicted seconds of a run's blocks, from the input on the leader to the reduce stage
+    they feed (or to the output gathered on the leader)."""
+    merged = list(blocks) + ([(feed, True, True)] if feed is not None else [])
+    in_shape = merged[0][0].in_shape
+    return _assemble(pl, merged, list(in_shape), False, pl.partition is PARTITIONERS.get("optimal"))[3]
+
+
 def _alone_on_leader(gm: torch.fx.GraphModule, stage: Stage) -> bool:
-    """Whether the leader computes ``stage`` whole while every other device sits it out."""
-    if any(a.device != 0 and not is_empty(a.out_rows) for a in stage.assignments):
+    """Whether the leader computes ``stage`` whole while every other device sits it out (a stage
+    split by channels is not merged: the stages after it read its output by channels)."""
+    if stage.split != "rows" or any(a.device != 0 and not is_empty(a.out_rows) for a in stage.assignments):
         return False
     if stage.kind == "reduce":  # unless its partial-sum path reads a smaller weight (a folded pool)
         by = {n.name: n for n in gm.graph.nodes}
@@ -918,8 +1058,7 @@ def _merge_leader_runs(gm: torch.fx.GraphModule, stages: list[Stage]) -> list[St
             out[-1] = Stage(prev.index, "leader", prev.nodes + st.nodes, prev.input_shape, st.output_shape, assigns,
                             prev.transfers, prev.predicted_s + st.predicted_s)
         else:
-            out.append(Stage(len(out), st.kind, st.nodes, st.input_shape, st.output_shape, st.assignments,
-                             st.transfers, st.predicted_s, st.reductions))
+            out.append(dataclasses.replace(st, index=len(out)))
     return out
 
 
@@ -928,16 +1067,20 @@ def _assemble(pl: _Planner, merged: Merged, in_shape: list[int], leader_only: bo
     """Build every stage in order (step 4); returns stages, final transfers, their time and the
     predicted total."""
     holders: Holders = [(0, 0, rows_of(in_shape))]
+    axis = 2 if len(in_shape) == 4 else 1
     stages: list[Stage] = []
     for idx, (blk, first, last) in enumerate(merged):
         if blk.kind in ("leader", "reduce"):
             counts = None
+        elif blk.split == "channels":
+            counts = [units(blk.out_shape[1])] + [0] * (pl.k - 1) if leader_only else pl.channel_counts(blk, holders, axis)
         elif leader_only:
             counts = [rows_of(blk.out_shape)] + [0] * (pl.k - 1)
         else:
             counts = pl.split(blk, first, last)
-        stage, new_holders = pl.build(blk, counts, holders, idx)
-        if not leader_only and blk.kind == "spatial" and pl.mode == "exchange" and optimal:
+        stage, new_holders = pl.build(blk, counts, holders, idx, axis)
+        axis = stage.out_axis
+        if not leader_only and blk.split == "rows" and blk.kind == "spatial" and pl.mode == "exchange" and optimal:
             # The partitioner prices a strip as if the previous split were aligned with it;
             # the split that really keeps strips in place is also a candidate.
             aligned = pl.aligned_counts(blk, holders)
@@ -948,5 +1091,6 @@ def _assemble(pl: _Planner, merged: Merged, in_shape: list[int], leader_only: bo
         holders = new_holders
         stages.append(stage)
     final = [Transfer(d, 0, (lo, hi)) for d, lo, hi in holders if d != 0 and hi > lo]
-    final_s = pl._schedule([(t, False) for t in final], wire_row_bytes(merged[-1][0].output) if merged else row_bytes(in_shape))[1]
+    final_s = pl._schedule([(t, False) for t in final],
+                           unit_bytes(merged[-1][0].output, axis) if merged else row_bytes(in_shape))[1]
     return stages, final, final_s, sum(s.predicted_s for s in stages) + final_s

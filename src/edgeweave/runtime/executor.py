@@ -24,10 +24,6 @@ from edgeweave.planning.plan import Plan, Stage, Transfer
 from edgeweave.runtime import codec
 from edgeweave.runtime.wire import TAG_STRIDE, Channel, transfer_tag
 
-def split_axis(shape: list[int] | tuple[int, ...]) -> int:
-    """The axis a plan cuts along: rows (dim 2) of 4-D maps, features (dim 1) otherwise."""
-    return 2 if len(shape) == 4 else 1
-
 
 def _empty(n: int) -> bool:
     return n <= 0
@@ -224,7 +220,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
     plan, device, gm = prog.plan, prog.device, prog.gm
     timings: list[StageTiming] = []
     shape0 = list(plan.input_shape)
-    hold = Holdings(split_axis(shape0), shape0)
+    hold = Holdings(plan.in_axis(0), shape0)
     if device == 0:
         if x is None or list(x.shape) != shape0:
             got = None if x is None else list(x.shape)
@@ -237,7 +233,7 @@ def execute_plan(prog: DeviceProgram, x: torch.Tensor | None, ch: Channel | None
         label = f"stage {s} input"
         _transfers(hold, stage.transfers, s, device, ch, label)
         out_shape = list(stage.output_shape)
-        nxt = Holdings(split_axis(out_shape), out_shape)
+        nxt = Holdings(stage.out_axis, out_shape)
         compute = compute_cpu = c_start = 0.0
         a = stage.assignment(device)
         if stage.reductions:
@@ -310,7 +306,7 @@ def check_plan(plan: Plan) -> None:
     if not plan.stages:
         raise EdgeweaveError("invalid plan: no stages")
     n_dev = len(plan.devices)
-    held: dict[int, list[tuple[int, int]]] = {0: [(0, plan.input_shape[split_axis(plan.input_shape)])]}
+    held: dict[int, list[tuple[int, int]]] = {0: [(0, plan.input_shape[plan.in_axis(0)])]}
 
     def run(transfers: list[Transfer], where: str) -> None:
         for i, tr in enumerate(transfers):
@@ -350,6 +346,6 @@ def check_plan(plan: Plan) -> None:
         held = nxt
     run(plan.final_transfers, "final")
     last = plan.stages[-1].output_shape
-    if not _covered(held.get(0, []), (0, last[split_axis(last)])):
+    if not _covered(held.get(0, []), (0, last[plan.out_axis])):
         raise EdgeweaveError(f"invalid plan: the leader ends with rows {sorted(held.get(0, []))} of the output, "
-                             f"not all {last[split_axis(last)]}")
+                             f"not all {last[plan.out_axis]}")

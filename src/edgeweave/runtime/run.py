@@ -37,10 +37,13 @@ class RunConfig:
     seed: int = 0
     adaptive: bool = False  # serve the repeats as a stream that re-plans (planning.adapt)
     backend: str = "auto"  # what each device computes with (engine/backends.py)
+    split: str = "auto"  # how spatial blocks may be cut: rows | channels | auto (planning/hybrid.py)
 
     def validate(self) -> None:
         from edgeweave.engine.backends import NAMES
 
+        if self.split not in ("rows", "channels", "auto"):
+            raise EdgeweaveError(f"--split must be rows, channels or auto, got {self.split!r}")
         if self.backend != "auto" and self.backend not in NAMES:
             raise EdgeweaveError(f"--backend must be one of {', '.join(NAMES)} or auto, got {self.backend!r}")
         if self.partition not in PARTITIONS:
@@ -75,7 +78,7 @@ def plan_for(session: Session, model: torch.nn.Module, shape: tuple[int, ...], c
 
     gm = capture(model, shape)
     return make_plan(gm, cluster or session.cluster, partition=cfg.partition, fusion=cfg.fusion, mode=cfg.mode,
-                     backend=cfg.backend,
+                     backend=cfg.backend, split=cfg.split,
                      model_name=model_name, model_hash=str(session.model_hash))
 
 
@@ -276,6 +279,8 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
 
 KIND_NOTES = {
     "spatial": "spatial: each device computes a strip of rows (plus the halo rows its kernels need)",
+    "channels": "channels: each device computes every row of a slice of the output channels (ca-b) from the "
+                "whole input map",
     "linear": "linear: a fully connected layer split by output features (a-b: features)",
     "reduce": "reduce: a global pooling, each device summing its own rows and the leader adding the sums",
     "leader": "leader: on the leader alone",
@@ -291,13 +296,15 @@ def _span(nodes: list[str]) -> str:
 
 
 def _rows_cell(out_rows: Any, stage: dict[str, Any]) -> str:
-    """``a-b`` (rows [a, b) of the stage's output), ``all``, or ``-`` (the device sits it out)."""
+    """``a-b`` (rows [a, b) of the stage's output; ``ca-b``: channels [a, b) of it, every row),
+    ``all``, or ``-`` (the device sits it out)."""
     a, b = int(out_rows[0]), int(out_rows[1])
     if b <= a:
         return "-"
     shape = stage.get("output_shape") or []
-    full = shape[2] if len(shape) == 4 else shape[1] if len(shape) >= 2 else None
-    return "all" if a == 0 and b == full else f"{a}-{b}"
+    channels = stage.get("split") == "channels"
+    full = shape[1] if channels else shape[2] if len(shape) == 4 else shape[1] if len(shape) >= 2 else None
+    return "all" if a == 0 and b == full else f"{'c' if channels else ''}{a}-{b}"
 
 
 def plan_table(res: dict[str, Any], measured_s: list[float] | None = None, width: int | None = None) -> Any:
@@ -341,13 +348,15 @@ def plan_table(res: dict[str, Any], measured_s: list[float] | None = None, width
     for i, (s, c) in enumerate(zip(stages, cells)):
         rows = c if per_device else [", ".join(f"{n}:{r}" for n, r in zip(names, c) if r != "-")]
         more = [_ms(measured_s[i]) if i < len(measured_s) else ""] if measured_s is not None else []
-        t.add_row(str(s["index"]), s["kind"], _span(s["nodes"]), *rows, _ms(s["predicted_s"]), *more)
+        kind = "channels" if s.get("split") == "channels" else s["kind"]
+        t.add_row(str(s["index"]), kind, _span(s["nodes"]), *rows, _ms(s["predicted_s"]), *more)
     return Group(t, *plan_notes(res))
 
 
 def plan_notes(res: dict[str, Any]) -> list[str]:
     """What a plan table's notation means, and a warning when the profiles are defaults."""
-    kinds = [k for k in KIND_NOTES if any(s["kind"] == k for s in res["plan"]["stages"])]
+    kinds = [k for k in KIND_NOTES if any((s["kind"] if s.get("split") != "channels" else "channels") == k
+                                          for s in res["plan"]["stages"])]
     notes = ["rows a-b: the device computes output rows [a, b) of the stage's feature map (all: every row, "
              "-: none); " + "; ".join(KIND_NOTES[k] for k in kinds) + "."]
     if res.get("profiles") == "default":

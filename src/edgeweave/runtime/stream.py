@@ -46,7 +46,8 @@ def default_planner(gm: Any, cluster: Cluster, current: Plan) -> Plan:
 
     return make_plan(gm, cluster, partition=current.partition, fusion=current.fusion, mode=current.mode,
                      model_name=current.model, model_hash=current.model_hash,
-                     backend=str(current.meta.get("backend_request", "torch")))
+                     backend=str(current.meta.get("backend_request", "torch")),
+                     split=str(current.meta.get("split_request", "auto")))
 
 
 @dataclass
