@@ -149,7 +149,8 @@ def test_quick_profile_end_to_end():
 
 def test_cli_profile_writes_a_profile(tmp_path):
     out = tmp_path / "p.json"
-    r = subprocess.run([sys.executable, "-m", "edgeweave", "profile", "--quick", "--block-s", "0.005", "--name", "box", "--out", str(out), "--json"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run([sys.executable, "-m", "edgeweave", "profile", "--quick", "--block-s", "0.005", "--name", "box", "--out", str(out), "--json",
+                        "--backend", "torch"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["out"] == str(out) and set(res["fits"]) >= set(KINDS)

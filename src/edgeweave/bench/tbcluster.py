@@ -99,7 +99,10 @@ def profile_caps(tb: Testbed, caps: Sequence[float], quick: bool = True, workdir
             tb.set_cpu(dev, cap)
             out = workdir / f"profile-{cap:g}.json"
             rep = workdir / f"report-{cap:g}.json"
-            argv = [sys.executable, "-m", "edgeweave", "profile", "--name", f"cap{cap:g}", "--out", str(out), "--json", str(rep)]
+            # torch only: the bench clusters compute with torch, and every other backend's lines
+            # multiply the profiling time (at 0.05 core each compiled layer costs seconds)
+            argv = [sys.executable, "-m", "edgeweave", "profile", "--name", f"cap{cap:g}", "--out", str(out),
+                    "--json", str(rep), "--backend", "torch"]
             if quick:
                 argv.append("--quick")
             procs.append((cap, rep, tb.exec(dev, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
