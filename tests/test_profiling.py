@@ -77,7 +77,7 @@ def test_fit_kind_holds_out_a_quarter():
 def test_grid_is_seeded_and_bounded():
     g = grid(quick=True, seed=0)
     assert g == grid(quick=True, seed=0) and g != grid(quick=True, seed=1)
-    assert {s.kind for s in g} == {"conv", "linear", "pool", "other"}
+    assert {s.kind for s in g} == {"conv", "dwconv", "gconv", "linear", "matmul", "pool", "norm", "other"}
     assert {s.fit_kind for s in g} == set(KINDS)
     assert max(s.flops() for s in g) <= 2e9
     assert len(grid(quick=False)) > len(g)
@@ -99,7 +99,9 @@ def test_linear_settings_cycle_through_more_weights_than_a_cache_holds():
 def test_op_kind():
     assert op_kind(nn.Conv2d(3, 8, 3)) == "conv"
     assert op_kind(nn.Conv2d(3, 8, 1)) == "conv1x1"
-    assert op_kind(nn.Conv2d(8, 8, 1, groups=8)) == "conv"
+    assert op_kind(nn.Conv2d(8, 8, 1, groups=8)) == "conv_dw"  # depthwise: its own line
+    assert op_kind(nn.Conv2d(64, 64, 3, groups=64)) == "conv_dw"
+    assert op_kind(nn.Conv2d(64, 64, 3, groups=4)) == "conv_grouped"  # ResNeXt, RegNet: a line of its own
     assert op_kind(nn.Linear(3, 4)) == "linear"
     assert op_kind(nn.MaxPool2d(2)) == "pool"
     assert op_kind(nn.ReLU()) == "other"

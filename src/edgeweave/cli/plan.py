@@ -64,6 +64,8 @@ def build_plan(
     gm = capture(net, shape)
     plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
                      model_hash=model_hash(net), backend=backend, split=split)
+    from edgeweave.planning.coverage import split_report
+
     return {
         "model": model,
         "input_size": size,
@@ -79,6 +81,7 @@ def build_plan(
         "stages": len(plan.stages),
         "strip_order": [plan.devices[d] for d in plan.meta["strip_order"]],  # top to bottom
         "profiles": "default" if cl.is_default else "given",  # default: no device measured or described
+        **split_report(gm, plan),  # split_flops_fraction, unsplit_nodes, transformer
         "plan": plan.to_dict(),
     }
 

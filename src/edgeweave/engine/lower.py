@@ -211,7 +211,8 @@ def _lower_node(b: _Builder, node: torch.fx.Node, r: Range, smalls: set[str]) ->
         lo, hi, pt, pb = window_in_rows(w, r[0], r[1], (node_shape(inp) or [0, 0, 0])[2])
         if inp.name in b.env:
             lo, hi, pt, pb = fewer_copies(w, lo, hi, pt, pb, b.env[inp.name].hi, r[1] - r[0])
-        target = b.attr(node.name, StripWindow(module(gm, node), w, pt, pb))
+        op = module(gm, node) if node.op == "call_module" else None  # functional pooling: ``w`` says it all
+        target = b.attr(node.name, StripWindow(op, w, pt, pb))
         b.computes = b.computes or w.op != "identity"
         return b.graph.call_module(target, (b.take(inp, lo, hi),))
     if kind == "pointwise" or side:

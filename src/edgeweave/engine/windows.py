@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgeweave.kernels import max_pool2d, pair
+from edgeweave.kernels import max_pool2d
 from edgeweave.planning.graph import Window
 
 
@@ -42,37 +42,39 @@ def fewer_copies(w: Window, lo: int, hi: int, pad_top: int, pad_bottom: int, hel
     return lo, hi, pad_top, pad_bottom
 
 
-def apply_window(mod: torch.nn.Module, w: Window, t: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
-    """Run window op ``mod`` on real rows ``t`` with explicit H padding and H-padding 0.
+def apply_window(mod: torch.nn.Module | None, w: Window, t: torch.Tensor, pad_top: int, pad_bottom: int) -> torch.Tensor:
+    """Run window op ``w`` on real rows ``t`` with explicit H padding and H-padding 0.
 
     Padding is zeros for conv / avg pool and -inf for max pool (max pooling's own padding);
-    W keeps the module's padding, and every other argument is the module's own.
+    W keeps the op's padding. A convolution takes its weights (and groups) from ``mod``; a
+    pooling op is described by ``w`` alone (``mod`` may be None: ``F.max_pool2d``/
+    ``F.avg_pool2d`` calls have no module).
     """
     if pad_top == pad_bottom and t.shape[2] and (w.op == "conv" or (w.op == "max" and not w.ceil_mode)):
         # the whole map (or no border): the op's own padding is the same, without a padded copy
         pad = (pad_top, w.pad_w)
         if w.op == "conv":
+            assert mod is not None
             return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), pad, (w.d, mod.dilation[1]), mod.groups)
-        return max_pool2d(t, pair(mod.kernel_size), pair(mod.stride or mod.kernel_size), pad, pair(mod.dilation))
+        return max_pool2d(t, w.kernel, w.stride, pad, w.dilation)
     if pad_top or pad_bottom:
         t = F.pad(t, (0, 0, pad_top, pad_bottom), value=float("-inf") if w.op == "max" else 0.0)
     if w.op == "identity":
         return t
     if w.op == "conv":
+        assert mod is not None
         return F.conv2d(t, mod.weight, mod.bias, (w.s, mod.stride[1]), (0, w.pad_w), (w.d, mod.dilation[1]), mod.groups)
     if w.op == "max":
-        k, s, d = pair(mod.kernel_size), pair(mod.stride or mod.kernel_size), pair(mod.dilation)
-        return max_pool2d(t, k, s, (0, w.pad_w), d, ceil_mode=w.ceil_mode)
-    k, s = pair(mod.kernel_size), pair(mod.stride or mod.kernel_size)
-    return F.avg_pool2d(t, k, s, (0, w.pad_w), w.ceil_mode, mod.count_include_pad, mod.divisor_override)
-
+        return max_pool2d(t, w.kernel, w.stride, (0, w.pad_w), w.dilation, ceil_mode=w.ceil_mode)
+    return F.avg_pool2d(t, w.kernel, w.stride, (0, w.pad_w), w.ceil_mode, w.count_include_pad, w.divisor_override)
 
 
 class StripWindow(torch.nn.Module):
-    """Window op ``op`` on a strip with fixed explicit padding (``apply_window``); it shares the
-    op's weights. What the lowered graph of a strip calls, and what an exporter traces."""
+    """Window op ``w`` on a strip with fixed explicit padding (``apply_window``); it shares the
+    convolution's weights (``op``: its module; None for a pooling call without one). What the
+    lowered graph of a strip calls, and what an exporter traces."""
 
-    def __init__(self, op: torch.nn.Module, w: Window, pad_top: int, pad_bottom: int) -> None:
+    def __init__(self, op: torch.nn.Module | None, w: Window, pad_top: int, pad_bottom: int) -> None:
         super().__init__()
         self.op, self.w, self.pad_top, self.pad_bottom = op, w, pad_top, pad_bottom
 

@@ -1,10 +1,14 @@
 """Cost model: FLOPs per node, compute seconds per device, transfer seconds per link.
 
 Compute: EdgeLD's linear model, ``seconds = a * FLOPs + b`` per device and node call
-(optionally per op kind, as in ``DeviceProfile.per_kind``; see ``compute_s``). FLOPs use the
-conv formula the report uses, ``2 * H * W * (Cin/groups * K^2 + 1) * Cout`` (the +1 only when
-the conv has a bias), the analogous ``2 * in * out`` for Linear, one operation per window
-element for pooling and one per output element for everything else.
+(optionally per op kind, as in ``DeviceProfile.per_kind``; see ``compute_s``). A node's FLOPs
+are what ``torch.utils.flop_counter`` counts while the node runs at capture
+(``graph.capture``: convolutions, matrix products, attention, and the norms
+``graph._flop_mapping`` adds), with EdgeLD's bias term on convolutions and 2-D linear layers
+(``2 * H * W * (Cin/groups * K^2 + 1) * Cout``, the convention the profiles are fitted in);
+pooling counts one operation per window element, and an elementwise op its elements times
+the operations one element takes (``profiling.flops.ELEMENTWISE_OPS``: a GELU costs about ten
+times a ReLU). ``flop_kind`` says which of the profile's lines prices a node.
 
 Transfers: every device has one full-duplex link (``bandwidth_bps``, one-way ``latency_s``) to a
 switch. A transfer src -> dst takes ``bytes * 8 / min(bw_src, bw_dst) + lat_src + lat_dst`` and
@@ -20,27 +24,53 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch.fx
+import torch.nn as nn
 
 from edgeweave.planning.graph import node_kind, node_reduce, node_shape, node_window, reduce_source, tensor_inputs
 from edgeweave.planning.halo import EMPTY, Range, intersect, size
-from edgeweave.profiling.compute import op_kind
+from edgeweave.planning.rewrite import PerPixel
+from edgeweave.profiling.compute import KIND_FALLBACK, op_kind
+from edgeweave.profiling.flops import ELEMENTWISE_OPS
 from edgeweave.profiling.profile import DeviceProfile
 from edgeweave.runtime.codec import wire_ratio
 
 DTYPE_BYTES = 4  # float32 activations
 
 
+_MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "_native_multi_head_attention",
+               "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention"}
+_CONV_OPS = {"convolution", "conv2d", "_convolution"}
+_NORM_OPS = {"native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit_no_training"}
+
+
 def flop_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
-    """Which of the profile's kinds a node's FLOPs are charged to (``profiling.compute.KINDS``)."""
+    """Which of the profile's kinds a node's FLOPs are charged to (``profiling.compute.KINDS``):
+    convolutions by their module (``op_kind``), a Linear layer on a 2-D value ``linear``,
+    other matrix products and attention ``matmul`` (a GEMM over many rows, not a batch-1
+    product), norms ``norm``, pooling ``pool``, everything else ``other``."""
     fk = node.meta.get("ew_flop_kind")
     if fk is None:
         k = node_kind(node)
-        if k in ("window", "linear") and node.op == "call_module":
-            fk = op_kind(gm.get_submodule(str(node.target)))  # the profiler's kinds
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        ops = node.meta.get("ew_flop_ops") or {}
+        top = max(ops, key=ops.get) if ops else None
+        if k == "linear":
+            fk = "linear"
+        elif isinstance(mod, PerPixel):
+            fk = {"linear": "matmul", "norm": "norm"}.get(mod.kind, "other")
+        elif mod is not None and (k == "window" or isinstance(mod, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))):
+            fk = op_kind(mod)  # the profiler's kinds
         elif k == "window":
             fk = "conv" if node_window(gm, node).op == "conv" else "pool"
+        elif top in _CONV_OPS:
+            fk = "conv"
+        elif top in _MATMUL_OPS:
+            fk = "matmul"
+        elif top in _NORM_OPS:
+            fk = "norm"
         else:
-            fk = "linear" if k == "linear" else "other"
+            fk = "other"
         node.meta["ew_flop_kind"] = fk
     return str(fk)
 
@@ -61,45 +91,63 @@ def partial_work(gm: torch.fx.GraphModule, node: torch.fx.Node, n_rows: int, h: 
     return flop_kind(gm, node), node_flops(gm, node) * scale * n_rows / max(h, 1)
 
 
+def _numel(shape: Sequence[int] | None) -> int:
+    n = 1
+    for v in shape or []:
+        n *= int(v)
+    return n
+
+
 def node_flops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
-    """FLOPs to compute the node's whole output (cached in ``node.meta``)."""
+    """FLOPs to compute the node's whole output (module docstring; cached in ``node.meta``)."""
     if "ew_flops" in node.meta:
         return float(node.meta["ew_flops"])
     shape = node_shape(node)
     kind = node_kind(node)
     flops = 0.0
+    counted = node.meta.get("ew_flop_count")  # torch.utils.flop_counter, at capture
     if shape is not None and node.op not in ("placeholder", "output", "get_attr"):
-        numel = 1
-        for v in shape:
-            numel *= int(v)
+        numel = _numel(shape)
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if kind == "window":
             w = node_window(gm, node)
-            mod = gm.get_submodule(str(node.target))
             if w.op == "identity":
                 flops = float(numel)
             elif w.op == "conv":
-                kh, kw = mod.kernel_size
-                cin_g = mod.in_channels // mod.groups
+                assert mod is not None
+                if counted is None:
+                    counted = 2.0 * numel * (mod.in_channels // mod.groups) * w.kernel[0] * w.kernel[1]
                 # EdgeLD's F = 2*H*W*(Cin*K^2 + 1)*Cout: the +1 (the bias add) only with a bias
-                flops = 2.0 * numel * (cin_g * kh * kw + (1 if mod.bias is not None else 0))
+                flops = float(counted) + (2.0 * numel if mod.bias is not None else 0.0)
             else:
-                ks = mod.kernel_size
-                kh, kw = (ks, ks) if isinstance(ks, int) else ks
-                flops = float(numel * kh * kw)
-        elif kind == "linear":
-            mod = gm.get_submodule(str(node.target))
-            flops = 2.0 * numel * mod.in_features + (numel if mod.bias is not None else 0)
+                flops = float(numel * w.kernel[0] * w.kernel[1])
+        elif kind == "linear" and mod is not None:
+            flops = (float(counted) if counted else 2.0 * numel * mod.in_features) + (
+                numel if mod.bias is not None else 0)
+        elif counted:
+            flops = float(counted)
         else:
             ins = [i for i in tensor_inputs(node) if node_shape(i) is not None]
-            in_numel = 0
-            for i in ins:
-                n = 1
-                for v in node_shape(i) or []:
-                    n *= int(v)
-                in_numel += n
-            flops = float(max(numel, in_numel))
+            in_numel = sum(_numel(node_shape(i)) for i in ins)
+            flops = float(max(numel, in_numel)) * elementwise_ops(gm, node)
+    elif counted and node.op not in ("placeholder", "output", "get_attr"):
+        flops = float(counted)  # a tuple-valued op (nn.MultiheadAttention returns output and weights)
     node.meta["ew_flops"] = flops
     return flops
+
+
+def elementwise_ops(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
+    """Operations per element of an op ``torch.utils.flop_counter`` does not count
+    (``profiling.flops.ELEMENTWISE_OPS``; 1 for anything not listed: copies, adds, ReLU)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, PerPixel):
+            inner = [n for n in mod.body.graph.nodes if n.op in ("call_module", "call_function", "call_method")
+                     and not (n.op == "call_method" and n.target == "permute")]
+            return max((elementwise_ops(mod.body, n) for n in inner), default=1.0)
+        return float(ELEMENTWISE_OPS.get(type(mod).__name__.lower(), 1.0))
+    name = str(node.target) if node.op == "call_method" else str(getattr(node.target, "__name__", ""))
+    return float(ELEMENTWISE_OPS.get(name.lower().rstrip("_"), 1.0))
 
 
 def rows_of(shape: Sequence[int]) -> int:
@@ -177,14 +225,23 @@ def compute_s(profile: DeviceProfile, work: Iterable[tuple[str, float]] | Work) 
     for kind, (flops, calls) in agg.items():
         if flops <= 0 or (kind == WEIGHTS and WEIGHTS not in profile.per_kind):
             continue  # weights read are priced only where the profile measured them (node_weights)
-        if kind in profile.per_kind:
-            a, b = profile.per_kind[kind]
-        elif kind.startswith("conv") and "conv" in profile.per_kind:  # a profile without this conv kind
-            a, b = profile.per_kind["conv"]
-        else:
-            a, b = profile.a, (profile.b if kind.startswith("conv") or kind == "linear" else 0.0)
+        a, b = line_for(profile, kind)
         total += a * flops + b * calls
     return total
+
+
+def line_for(profile: DeviceProfile, kind: str) -> tuple[float, float]:
+    """The ``(a, b)`` line that prices ``kind`` on ``profile``: its own, else the nearest kind
+    the profile has (``profiling.compute.KIND_FALLBACK``: a profile measured before a kind
+    existed), else the top-level line (with its per-call ``b`` only for convolutions and linear
+    layers)."""
+    k: str | None = kind
+    while k is not None:
+        if k in profile.per_kind:
+            a, b = profile.per_kind[k]
+            return float(a), float(b)
+        k = KIND_FALLBACK.get(k)
+    return profile.a, (profile.b if kind.startswith("conv") or kind in ("linear", "matmul") else 0.0)
 
 
 def transfer_s(nbytes: float, src: DeviceProfile, dst: DeviceProfile) -> float:

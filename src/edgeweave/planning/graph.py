@@ -37,6 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.planning.fold import fold_batchnorm
+from edgeweave.planning.rewrite import PerPixel, channel_take, drop_identities, fold_channel_layouts, wrap_per_pixel
 
 NODE_KINDS = ("input", "output", "const", "window", "pointwise", "linear", "global")
 
@@ -63,10 +64,14 @@ _POINTWISE_METHODS = {
 
 @dataclass(frozen=True)
 class Window:
-    """Row (H) parameters of a sliding-window op plus what is needed to run it on a strip.
+    """A sliding-window op: its row (H) parameters plus what is needed to run it on a strip.
 
-    ``op`` is ``conv``, ``max``, ``avg`` or ``identity``. H parameters drive the halo arithmetic; W parameters
-    are passed to the op unchanged (we never cut along W).
+    ``op`` is ``conv``, ``max``, ``avg`` or ``identity``. H parameters (``k``, ``s``, ``p``,
+    ``d``) drive the halo arithmetic; W parameters are passed to the op unchanged (we never cut
+    along W): ``pad_w`` and ``k_w``, ``s_w``, ``d_w`` (None: as along H). With the pooling
+    options (``ceil_mode``, ``count_include_pad``, ``divisor_override``) a pooling op is fully
+    described here, so a functional ``F.max_pool2d``/``F.avg_pool2d`` call needs no module
+    (``engine.windows.apply_window``); a convolution takes its weights from its module.
     """
 
     op: str
@@ -76,6 +81,23 @@ class Window:
     d: int
     ceil_mode: bool = False
     pad_w: int = 0
+    k_w: int | None = None
+    s_w: int | None = None
+    d_w: int | None = None
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return (self.k, self.k if self.k_w is None else self.k_w)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return (self.s, self.s if self.s_w is None else self.s_w)
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return (self.d, self.d if self.d_w is None else self.d_w)
 
 
 IDENTITY_WINDOW = Window("identity", 1, 1, 0, 1)  # adaptive pooling to the input's own size
@@ -103,23 +125,81 @@ def window_of(module: nn.Module) -> Window | None:
                 p = (tot[0] // 2, tot[1] // 2)
         else:
             p = _pair(module.padding)
-        return Window("conv", k[0], s[0], p[0], d[0], False, p[1])
+        return Window("conv", k[0], s[0], p[0], d[0], False, p[1], k[1], s[1], d[1])
     if type(module) is nn.MaxPool2d:
         if module.return_indices:
             return None
-        k = _pair(module.kernel_size)
-        s = _pair(module.stride if module.stride is not None else module.kernel_size)
-        p, d = _pair(module.padding), _pair(module.dilation)
-        return Window("max", k[0], s[0], p[0], d[0], bool(module.ceil_mode), p[1])
+        return pool_window("max", module.kernel_size, module.stride, module.padding, module.dilation,
+                           module.ceil_mode)
     if type(module) is nn.AvgPool2d:
-        k = _pair(module.kernel_size)
-        s = _pair(module.stride if module.stride is not None else module.kernel_size)
-        p = _pair(module.padding)
-        if not module.count_include_pad and p[0] > 0:
+        return pool_window("avg", module.kernel_size, module.stride, module.padding, 1, module.ceil_mode,
+                           module.count_include_pad, module.divisor_override)
+    return None
+
+
+def pool_window(op: str, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
+                ceil_mode: Any = False, count_include_pad: Any = True,
+                divisor_override: Any = None) -> Window | None:
+    """The Window of a max (``op="max"``) or average pooling with these arguments (as the module
+    or ``F.max_pool2d``/``F.avg_pool2d`` takes them), else None when it cannot run on strips."""
+    try:
+        k = _pair(kernel_size)
+        s = _pair(stride if stride not in (None, [], ()) else kernel_size)
+        p, d = _pair(padding), _pair(dilation)
+    except (TypeError, ValueError, IndexError):
+        return None  # sizes computed at run time (graph nodes): not a fixed window
+    if not isinstance(ceil_mode, bool) or not isinstance(count_include_pad, bool):
+        return None
+    if divisor_override is not None and not isinstance(divisor_override, int):
+        return None
+    if op == "avg":
+        if d != (1, 1):
+            return None
+        if not count_include_pad and p[0] > 0:
             # The divisor would count only real rows, which a strip cannot see at its true
             # borders with H-padding 0; rather than emulate it we run it on the leader.
             return None
-        return Window("avg", k[0], s[0], p[0], 1, bool(module.ceil_mode), p[1])
+    return Window(op, k[0], s[0], p[0], d[0], bool(ceil_mode), p[1], k[1], s[1], d[1],
+                  bool(count_include_pad), divisor_override)
+
+
+def _bind(node: torch.fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """The call's arguments by name (positional then keyword), defaults filled; None when it
+    passes an argument ``names`` does not know."""
+    if len(node.args) > len(names):
+        return None
+    out = dict(defaults)
+    out.update(zip(names, node.args))
+    for k, v in node.kwargs.items():
+        if k not in names:
+            return None
+        out[k] = v
+    return out if all(n in out for n in names) else None
+
+
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_MAX_POOL_FUNCTIONS: set[Any] = {F.max_pool2d, torch.max_pool2d}
+_AVG_POOL_FUNCTIONS: set[Any] = {F.avg_pool2d, torch._C._nn.avg_pool2d}
+
+
+def function_window(node: torch.fx.Node) -> Window | None:
+    """The Window of a functional pooling call (``F.max_pool2d``, ``F.avg_pool2d``), else None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _MAX_POOL_FUNCTIONS:
+        a = _bind(node, _MAX_POOL_ARGS, {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                                         "return_indices": False})
+        if a is None or a["return_indices"] is not False:
+            return None
+        return pool_window("max", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+    if node.target in _AVG_POOL_FUNCTIONS:
+        a = _bind(node, _AVG_POOL_ARGS, {"stride": None, "padding": 0, "ceil_mode": False,
+                                         "count_include_pad": True, "divisor_override": None})
+        if a is None:
+            return None
+        return pool_window("avg", a["kernel_size"], a["stride"], a["padding"], 1, a["ceil_mode"],
+                           a["count_include_pad"], a["divisor_override"])
     return None
 
 
@@ -140,6 +220,20 @@ def _same_shape_inputs(node: torch.fx.Node) -> bool:
     return bool(_tensor_args(node))
 
 
+def _same_pixels(node: torch.fx.Node, args: list[torch.fx.Node]) -> bool:
+    """True when ``node`` and every tensor it reads are 4-D maps (not constants) of the same
+    batch, height and width: a pixel-by-pixel op whose channels may differ (``PerPixel``,
+    ``channel_take``)."""
+    shape = node.meta.get("ew_shape")
+    if shape is None or len(shape) != 4 or not args:
+        return False
+    for a in args:
+        s = a.meta.get("ew_shape")
+        if s is None or len(s) != 4 or a.meta.get("ew_kind") == "const" or [s[0], s[2], s[3]] != [shape[0], shape[2], shape[3]]:
+            return False
+    return True
+
+
 def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "placeholder":
         return "input"
@@ -153,6 +247,8 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         args = _tensor_args(node)
+        if isinstance(mod, PerPixel):  # one pixel from the same pixel of its maps (rewrite.py)
+            return "pointwise" if _same_pixels(node, args) else "global"
         if len(args) != 1 or len(node.args) != 1 or node.kwargs:
             return "global"
         in_shape = args[0].meta.get("ew_shape")
@@ -179,6 +275,16 @@ def _classify(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:
             return "pointwise" if in_shape is not None and len(in_shape) == 4 and _same_shape_inputs(node) else "global"
         return "global"
     if node.op == "call_function":
+        if node.target is channel_take:  # channels of one map (rewrite.py)
+            return "pointwise" if _same_pixels(node, _tensor_args(node)) else "global"
+        w = function_window(node)
+        if w is not None:
+            args = _tensor_args(node)
+            in_shape = args[0].meta.get("ew_shape") if len(args) == 1 and node.args and node.args[0] is args[0] else None
+            if in_shape is not None and len(in_shape) == 4 and len(shape) == 4 and args[0].meta.get("ew_kind") != "const":
+                node.meta["ew_window"] = w
+                return "window"
+            return "global"
         if node.target is torch.cat:
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             parts = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -236,6 +342,86 @@ def _reshape_views(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _norm_flop(input_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """A normalisation: 5 operations per element (mean, centring, variance, scaling, affine)."""
+    n = 1
+    for v in input_shape:
+        n *= int(v)
+    return 5 * n
+
+
+def _bn_eval_flop(input_shape: Sequence[int], *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Eval-mode batch norm: a per-channel scale and shift, 2 operations per element."""
+    n = 1
+    for v in input_shape:
+        n *= int(v)
+    return 2 * n
+
+
+def _sdpa_cpu_flop(query: Sequence[int], key: Sequence[int], value: Sequence[int], *args: Any,
+                   out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query, key, value))
+
+
+def _mha_flop(query: Sequence[int], key: Sequence[int], value: Sequence[int], embed_dim: int, num_heads: int,
+              *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``aten._native_multi_head_attention`` (nn.MultiheadAttention's fast path in eval mode):
+    the q, k, v and output projections plus the attention itself (batch-first shapes)."""
+    b, lq, e = (int(v) for v in query)
+    s = int(key[1])
+    heads = int(num_heads)
+    proj = 2 * b * lq * e * e + 2 * 2 * b * s * e * e + 2 * b * lq * e * e
+    attn = 2 * 2 * b * heads * lq * s * (e // heads)
+    return proj + attn
+
+
+def _flop_mapping() -> dict[Any, Any]:
+    """``torch.utils.flop_counter`` formulas for what it does not count by itself: norms, and
+    the CPU kernels of attention."""
+    aten = torch.ops.aten
+    out: dict[Any, Any] = {
+        aten.native_layer_norm: _norm_flop,
+        aten.native_group_norm: _norm_flop,
+        aten.native_batch_norm: _bn_eval_flop,
+        aten._native_batch_norm_legit_no_training: _bn_eval_flop,
+        aten._native_multi_head_attention: _mha_flop,
+    }
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
+    return out
+
+
+class _ShapeFlops(ShapeProp):
+    """Shape propagation that also counts each node's FLOPs with ``torch.utils.flop_counter``
+    (``node.meta["ew_flop_count"]`` and, per aten op, ``meta["ew_flop_ops"]``): one counter
+    over the whole run, each node charged what the counter added while it ran."""
+
+    counter: Any = None
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if self.counter is None or n.op not in ("call_module", "call_function", "call_method"):
+            return super().run_node(n)
+        totals = self.counter.flop_counts["Global"]
+        before = dict(totals)
+        out = super().run_node(n)
+        ops = {str(k).rsplit(".", 1)[-1]: int(v - before.get(k, 0)) for k, v in totals.items() if v != before.get(k, 0)}
+        n.meta["ew_flop_ops"] = ops
+        n.meta["ew_flop_count"] = sum(ops.values())
+        return out
+
+
+def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor) -> None:
+    """Shapes and FLOP counts of every node, from one run on ``x`` (BatchNorm statistics kept)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    prop = _ShapeFlops(gm)
+    with _eval_temporarily(gm), torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as fc:
+        prop.counter = fc
+        prop.propagate(x)
+
+
 def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModule:
     """Trace ``model`` with torch.fx and annotate every node with its shape and kind.
 
@@ -251,9 +437,15 @@ def capture(model: nn.Module, input_shape: Sequence[int]) -> torch.fx.GraphModul
     gm.training = model.training  # only the root flag: submodules are shared with ``model``
     _reshape_views(gm)
     fold_batchnorm(gm)  # eval-mode BatchNorm into the convolution before it (planning/fold.py)
+    if drop_identities(gm):  # eval-mode stochastic depth and dropout calls (planning/rewrite.py)
+        gm.graph.lint()
+        gm.recompile()
     x = torch.zeros(*[int(v) for v in input_shape])
-    with _eval_temporarily(gm), torch.no_grad():
-        ShapeProp(gm).propagate(x)
+    _propagate(gm, x)
+    if fold_channel_layouts(gm) + wrap_per_pixel(gm):  # the same values, row-local ops (rewrite.py)
+        gm.graph.lint()
+        gm.recompile()
+        _propagate(gm, x)
     for node in gm.graph.nodes:
         tm = node.meta.get("tensor_meta")
         shape = list(tm.shape) if tm is not None and hasattr(tm, "shape") else None
@@ -315,7 +507,7 @@ def node_window(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Window:
     """The node's Window (cached in ``node.meta``: the planner asks for it many times)."""
     w = node.meta.get("ew_window")
     if w is None:
-        w = window_of(gm.get_submodule(str(node.target)))
+        w = window_of(gm.get_submodule(str(node.target))) if node.op == "call_module" else function_window(node)
         assert w is not None, node.name
         node.meta["ew_window"] = w
     return w

@@ -1,7 +1,8 @@
 """Measure this device's compute model: seconds = a * FLOPs + b, per operator kind.
 
-What is timed: single layers (Conv2d, Linear, MaxPool2d, and BatchNorm+ReLU as the
-elementwise "other" kind) over a grid of settings (H, W, Cin, Cout, kernel, stride), batch 1,
+What is timed: single layers (Conv2d, depthwise Conv2d, Linear on one row and on many rows,
+LayerNorm, MaxPool2d, and elementwise ops: BatchNorm+ReLU, SiLU, GELU, adds) over a grid of
+settings (H, W, Cin, Cout, kernel, stride), batch 1,
 one thread (the runtime runs one thread per process, see ENVIRONMENT.md), median over blocks
 of back-to-back calls after a warm-up (see :func:`time_setting` for why blocks: CPU caps;
 linear layers read their weights from memory as in a model, see :func:`cold_copies`).
@@ -39,20 +40,41 @@ from torch import nn
 
 from edgeweave.kernels import MaxPool2d
 from edgeweave.layout import dense, to_device_layout
-from edgeweave.profiling.flops import conv_flops, conv_out, eltwise_flops, linear_flops, pool_flops
+from edgeweave.profiling.flops import (
+    ELEMENTWISE_OPS,
+    conv_flops,
+    conv_out,
+    eltwise_flops,
+    linear_flops,
+    matmul_flops,
+    norm_flops,
+    pool_flops,
+)
 from edgeweave.profiling.profile import DeviceProfile
 
-KINDS = ("conv", "conv_strided", "conv1x1", "linear", "pool", "other")
+KINDS = ("conv", "conv_strided", "conv1x1", "conv_dw", "conv_grouped", "linear", "matmul", "pool", "norm", "other")
 """Fitted kinds: spatial convolutions (K > 1) with stride 1 and with a larger stride (strided
 ones reuse less of each input row: measured ~25 % more seconds per FLOP, and one line over
 both over-predicted VGG's stride-1 layers by ~10 %), pointwise convolutions (no im2col reuse,
-memory-bound at small channel counts), linear layers, pooling (``kernels.MaxPool2d``, the pool
-the devices run, which costs more per element than an activation), and elementwise ops (batch
-norm, activations, residual adds). The profile's top-level ``a, b`` is one line over all convolutions, the fallback for a
-kind the profile does not list."""
+memory-bound at small channel counts), depthwise convolutions (one input channel per group:
+3-13 GFLOP/s where a dense convolution runs 35-65 on one core of this project's host), grouped
+convolutions (ResNeXt's and RegNet's 4 to 100+ channels per group: 25-60 GFLOP/s, another line
+again), linear layers on one row (batch 1: a matrix-vector product that reads every weight),
+matrix products over many rows (``matmul``: a Linear layer on tokens or on every pixel,
+attention; ~40 GFLOP/s, against ~4 for a batch-1 layer of the same weights), pooling
+(``kernels.MaxPool2d``, the pool the devices run, which costs more per element than an
+activation), norms (LayerNorm over channels), and elementwise ops (batch norm, activations,
+residual adds, counted in ReLU-equivalents: ``flops.ELEMENTWISE_OPS``). The profile's top-level
+``a, b`` is one line over all convolutions, the fallback for a kind the profile does not list
+(after ``KIND_FALLBACK``)."""
 
+KIND_FALLBACK = {"conv_strided": "conv", "conv1x1": "conv", "conv_dw": "conv", "conv_grouped": "conv",
+                 "matmul": "conv1x1", "norm": "other"}
+"""The kind whose line prices a kind a profile does not have (profiles measured before it)."""
 
-def conv_kind(kernel: tuple[int, ...], stride: tuple[int, ...], groups: int = 1) -> str:
+def conv_kind(kernel: tuple[int, ...], stride: tuple[int, ...], groups: int = 1, in_channels: int | None = None) -> str:
+    if groups > 1:
+        return "conv_dw" if in_channels is None or in_channels // groups == 1 else "conv_grouped"
     if tuple(kernel) == (1, 1) and groups == 1:
         return "conv1x1"
     return "conv_strided" if max(stride) > 1 else "conv"
@@ -61,7 +83,7 @@ def conv_kind(kernel: tuple[int, ...], stride: tuple[int, ...], groups: int = 1)
 def op_kind(module: nn.Module) -> str:
     """The fitted kind whose line predicts ``module``'s time (planner and profiler agree here)."""
     if isinstance(module, nn.Conv2d):
-        return conv_kind(tuple(module.kernel_size), tuple(module.stride), module.groups)
+        return conv_kind(tuple(module.kernel_size), tuple(module.stride), module.groups, module.in_channels)
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -69,38 +91,75 @@ def op_kind(module: nn.Module) -> str:
     return "other"
 
 
+OTHER_OPS = ("bnrelu", "silu", "gelu", "add")
+"""The elementwise ops the ``other`` line is fitted on: batch norm + ReLU (what follows most
+convolutions), the transcendental activations of mobile nets and ConvNeXt, a residual add."""
+
+
+class _Add(nn.Module):
+    """A residual add of the map to a second map of the same shape (as a ResNet block ends)."""
+
+    def __init__(self, other: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("other", other)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.other
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One timed layer. For linear layers h=w=k=stride=1 and cin/cout are in/out features."""
+    """One timed layer. For linear layers h=w=k=stride=1 and cin/cout are in/out features; for
+    ``matmul`` and ``norm`` layers h is the number of rows (tokens) and w is 1."""
 
-    kind: str
+    kind: str  # conv | dwconv | gconv | linear | matmul | pool | norm | other
     h: int  # input height
     w: int  # input width
     cin: int
     cout: int
     k: int = 1
     stride: int = 1
+    op: str = ""  # for ``other``: one of OTHER_OPS
+    groups: int = 1  # for ``gconv``
 
     @property
     def fit_kind(self) -> str:
-        return conv_kind((self.k, self.k), (self.stride, self.stride)) if self.kind == "conv" else self.kind
+        if self.kind == "conv":
+            return conv_kind((self.k, self.k), (self.stride, self.stride))
+        return {"dwconv": "conv_dw", "gconv": "conv_grouped"}.get(self.kind, self.kind)
 
     def out_hw(self) -> tuple[int, int]:
         if self.kind == "linear":
             return 1, 1
+        if self.kind in ("matmul", "norm", "other"):
+            return self.h, self.w
         if self.kind == "pool":
             return conv_out(self.h, self.k, self.stride, padding=0), conv_out(self.w, self.k, self.stride, padding=0)
         return conv_out(self.h, self.k, self.stride), conv_out(self.w, self.k, self.stride)
 
     def flops(self) -> float:
+        """The FLOPs the planner counts for this layer (planning/cost.py, profiling/flops.py)."""
         ho, wo = self.out_hw()
         if self.kind == "conv":
             return conv_flops(ho, wo, self.cin, self.cout, self.k)
+        if self.kind == "dwconv":
+            return conv_flops(ho, wo, self.cin, self.cin, self.k, groups=self.cin)
+        if self.kind == "gconv":
+            return conv_flops(ho, wo, self.cin, self.cout, self.k, groups=self.groups)
         if self.kind == "linear":
             return linear_flops(self.cin, self.cout)
+        if self.kind == "matmul":
+            return matmul_flops(self.h, self.cin, self.cout)
+        if self.kind == "norm":
+            return norm_flops(self.h * self.cin)
         if self.kind == "pool":
             return pool_flops(ho, wo, self.cin, self.k)
-        return eltwise_flops(self.h * self.w * self.cin, 3)  # batch norm (2) + ReLU (1)
+        numel = self.h * self.w * self.cin
+        if self.op == "add":
+            return eltwise_flops(2 * numel)  # two inputs read (planning.cost counts the inputs)
+        if self.op in ("silu", "gelu"):
+            return eltwise_flops(numel) * ELEMENTWISE_OPS[self.op]
+        return eltwise_flops(numel, 3)  # batch norm (2) + ReLU (1)
 
     def build(self) -> tuple[nn.Module, torch.Tensor]:
         """The layer and its input, 4-D ones in the layout the devices compute in (layout.py)."""
@@ -108,13 +167,28 @@ class Setting:
         return to_device_layout(mod), dense(x)
 
     def _build(self) -> tuple[nn.Module, torch.Tensor]:
+        x4 = torch.randn(1, self.cin, self.h, self.w)
         if self.kind == "conv":
-            return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2), torch.randn(1, self.cin, self.h, self.w)
+            return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2), x4
+        if self.kind == "dwconv":
+            return nn.Conv2d(self.cin, self.cin, self.k, self.stride, padding=self.k // 2, groups=self.cin), x4
+        if self.kind == "gconv":
+            return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2, groups=self.groups), x4
         if self.kind == "linear":
             return nn.Linear(self.cin, self.cout), torch.randn(1, self.cin)
+        if self.kind == "matmul":
+            return nn.Linear(self.cin, self.cout), torch.randn(1, self.h, self.cin)
+        if self.kind == "norm":
+            return nn.LayerNorm(self.cin), torch.randn(1, self.h, self.cin)
         if self.kind == "pool":
-            return MaxPool2d(self.k, self.stride), torch.randn(1, self.cin, self.h, self.w)  # the devices' pool
-        return nn.Sequential(nn.BatchNorm2d(self.cin).eval(), nn.ReLU()), torch.randn(1, self.cin, self.h, self.w)
+            return MaxPool2d(self.k, self.stride), x4  # the devices' pool
+        if self.op == "silu":
+            return nn.SiLU(), x4
+        if self.op == "gelu":
+            return nn.GELU(), x4
+        if self.op == "add":
+            return _Add(dense(torch.randn(1, self.cin, self.h, self.w))), x4
+        return nn.Sequential(nn.BatchNorm2d(self.cin).eval(), nn.ReLU()), x4
 
 
 def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> list[Setting]:
@@ -132,10 +206,24 @@ def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> 
     # in-features up to VGG's classifier (512*7*7 = 25088): the layers that dominate linear time
     lin_all = [Setting("linear", 1, 1, i, o) for i, o in itertools.product([64, 256, 512, 1024, 2048, 4096, 9216, 25088], [10, 100, 256, 1000, 4096])]
     pool_all = [Setting("pool", s, s, c, k, k, k) for s, c, k in itertools.product(sizes, chans, [2, 3])]
-    other_all = [Setting("other", s, s, c, c) for s, c in itertools.product(sizes, chans)]
-    counts = {"conv": 56, "linear": 12, "pool": 12, "other": 12} if quick else {"conv": 200, "linear": 30, "pool": 30, "other": 30}
+    other_all = [Setting("other", s, s, c, c, op=op) for s, c, op in itertools.product(sizes, chans, OTHER_OPS)]
+    # depthwise: the mobile nets' 3x3 and 5x5, ConvNeXt's 7x7, channels up to EfficientNet's widest
+    dw_all = [Setting("dwconv", s, s, c, c, k, st)
+              for s, c, k, st in itertools.product(sizes, [16, 32, 64, 128, 256, 512, 1152], [3, 5, 7], [1, 2])]
+    # grouped 3x3: ResNeXt's 4 and 8 channels per group, RegNet's 8 to 112
+    g_all = [Setting("gconv", s, s, c, c, 3, st, groups=c // gw)
+             for s, c, gw, st in itertools.product(sizes, [64, 128, 256, 512, 1024], [4, 8, 16, 32, 64], [1, 2])]
+    # rows: ViT's 50 and 197 tokens, pixels of 7x7 to 56x56 maps (ConvNeXt's per-pixel layers)
+    tokens = [49, 197, 784, 3136]
+    widths = [64, 128, 256, 512, 768, 1024, 3072]
+    mm_all = [Setting("matmul", t, 1, i, o) for t, i, o in itertools.product(tokens, widths, widths)]
+    norm_all = [Setting("norm", t, 1, c, c) for t, c in itertools.product(tokens, widths)]
+    counts = ({"conv": 56, "linear": 12, "pool": 12, "other": 16, "dwconv": 16, "gconv": 12, "matmul": 12, "norm": 8}
+              if quick else {"conv": 200, "linear": 30, "pool": 30, "other": 40, "dwconv": 40, "gconv": 30, "matmul": 30,
+                             "norm": 20})
     out: list[Setting] = []
-    for kind, pool in (("conv", conv_all), ("linear", lin_all), ("pool", pool_all), ("other", other_all)):
+    for kind, pool in (("conv", conv_all), ("linear", lin_all), ("pool", pool_all), ("other", other_all),
+                       ("dwconv", dw_all), ("gconv", g_all), ("matmul", mm_all), ("norm", norm_all)):
         ok = [s for s in pool if s.flops() <= max_flops]
         out += rng.sample(ok, min(counts[kind], len(ok)))
     return out
@@ -178,7 +266,8 @@ def _caller(s: Setting, backend: str = "torch", threads: int = 1) -> Callable[[i
     return lambda i: nn.functional.linear(x, w[i % n], b[i % n])
 
 
-def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1, backend: str = "torch") -> float:
+def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1, backend: str = "torch",
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     """Sustained seconds per forward pass (batch 1, current thread count): the median over
     ``blocks`` blocks of (block wall time / calls in it), each block running calls back to back
     for at least ``block_s``, after a warm-up call.
@@ -189,7 +278,8 @@ def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1, backend: str
     profiled as fast as a full core). Blocks spanning many periods measure the rate a device
     really sustains over a model's many layers. A block of 0.1 s is 10 periods, so the phase of
     the quota adds at most ~10% per block (less in the median). Linear layers cycle through
-    weight copies (:func:`cold_copies`)."""
+    weight copies (:func:`cold_copies`). ``clock``: wall time (what a capped device sustains);
+    ``time.thread_time`` measures the CPU the calls took, whatever else runs on the machine."""
     per_call = []
     with torch.inference_mode():
         call = _caller(s, backend, torch.get_num_threads())
@@ -197,12 +287,12 @@ def time_setting(s: Setting, blocks: int = 3, block_s: float = 0.1, backend: str
         i = 1
         for _ in range(blocks):
             n = 0
-            t0 = time.perf_counter()
+            t0 = clock()
             while True:
                 call(i)
                 i += 1
                 n += 1
-                elapsed = time.perf_counter() - t0
+                elapsed = clock() - t0
                 if elapsed >= block_s:
                     break
             per_call.append(elapsed / n)
@@ -264,6 +354,7 @@ def profile_device(
     block_s: float | None = None,
     backend: str = "torch",
     every: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[DeviceProfile, dict]:
     """Time the grid and fit every kind. Returns the profile (``a, b`` = the conv line, which
     dominates CNN time; ``per_kind`` = every kind's [a, b]) and a report with the fits'
@@ -271,7 +362,8 @@ def profile_device(
     (default 0.09 s quick, 0.15 s full); shorter blocks are faster and noisier, and below the
     10 ms quota period they no longer see CPU caps. ``backend``: what runs the layers (a
     profile of another backend leaves linear layers out: split Linear layers always run on
-    torch, see engine/reduce.py)."""
+    torch, see engine/reduce.py). ``clock``: what :func:`time_setting` times with (wall time;
+    ``time.thread_time`` on a machine shared with other work)."""
     settings = [s for s in grid(quick=quick, seed=seed) if backend == "torch" or s.kind != "linear"]
     if every > 1:  # every ``every``-th setting of each kind
         index: dict[str, int] = {}
@@ -288,7 +380,7 @@ def profile_device(
     try:
         for i, s in enumerate(settings):
             t = time_setting(s, blocks=2 if quick else 3, block_s=block_s if block_s is not None else (0.09 if quick else 0.15),
-                             backend=backend)
+                             backend=backend, clock=clock)
             samples.append({**asdict(s), "flops": s.flops(), "seconds": t})
             if progress:
                 progress(i + 1, len(settings))
@@ -311,7 +403,8 @@ def profile_device(
         backend=backend,
         meta={
             "fit": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)},
-            "flops_convention": "conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out",
+            "flops_convention": ("conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out; "
+                                 "matmul: 2*rows*in*out; norm: 5 per element; other: ReLU-equivalents per element"),
             "threads": threads,
             "quick": quick,
             "backend": backend,

@@ -263,6 +263,7 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
         "profiles": "default" if session.cluster.is_default else "given",
     }
     result.update(backend_report(session, plan))
+    result.update(split_summary(session, plan))
     result["breakdown"] = breakdown(result["timings"])
     if frames is not None:
         result["frames"] = frames
@@ -274,7 +275,45 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
         result["exact_backends"] = result["backend_exact"]  # False: a bf16 backend; rel_err is not float rounding
         result["single_device_s"] = single_s
         result["speedup"] = single_s / result["latency_s"] if result["latency_s"] > 0 else None
+        result.update(reference_check(session, model_name, model, spec, x, ref, cfg))
     return result
+
+
+def split_summary(session: Session, plan: Any) -> dict[str, Any]:
+    """The plan's ``split_flops_fraction``, ``unsplit_nodes`` and ``transformer``
+    (planning/coverage.py), from the graph the leader captured for it."""
+    from edgeweave.planning.coverage import split_report
+
+    gm = next((g for pl, g in session.plans.values() if pl is plan), None)
+    return split_report(gm, plan) if gm is not None else {}
+
+
+def reference_check(session: Session, model_name: str, model: torch.nn.Module, spec: Any, x: torch.Tensor,
+                    ref: Any, cfg: RunConfig) -> dict[str, Any]:
+    """Whether the single-device output ``ref`` proves anything (``reference_degenerate``,
+    ``reference_note``: models/calibrate.py) and, when it does not, the same check on a
+    calibrated copy of the model (zero weights drawn again, BatchNorm statistics measured)
+    shipped and planned like the original: ``recheck`` holds its errors, or ``could_not``.
+    The session then holds the copy; every run ships its model first."""
+    from edgeweave.models.calibrate import calibrated_copy, degenerate_reason
+
+    why = degenerate_reason(model, x, ref)
+    out: dict[str, Any] = {"reference_degenerate": why is not None}
+    if why is None:
+        return out
+    out["reference_note"] = why
+    twin, done = calibrated_copy(model, tuple(x.shape))
+    with torch.no_grad():
+        ref2 = twin(x)
+    still = degenerate_reason(twin, x, ref2)
+    if still is not None:
+        out["recheck"] = {"done": done, "could_not": f"a calibrated copy does not help either: {still}"}
+        return out
+    session.load_model(twin, spec)
+    plan = plan_for(session, twin, tuple(x.shape), cfg, model_name)
+    y2, _ = session.infer(x, session.load_plan(plan))
+    out["recheck"] = {"done": done, **compare(y2, ref2)}
+    return out
 
 
 KIND_NOTES = {
@@ -363,6 +402,10 @@ def plan_notes(res: dict[str, Any]) -> list[str]:
         notes.append("[yellow]uncalibrated:[/yellow] default profiles (every device 10 GFLOP/s, 1 Gbit/s links), "
                      "not measurements: predicted times and speedups follow from these guesses, they are no "
                      "promise. Measure each device with `edgeweave profile` and give --cluster FILE.")
+    if "split_flops_fraction" in res:  # planning/coverage.py
+        from edgeweave.planning.coverage import report_lines
+
+        notes += report_lines(res)
     return notes
 
 
@@ -391,6 +434,14 @@ def summary_line(res: dict[str, Any]) -> str:
         line += f"; one device {_ms(res['single_device_s'])} ms; rel_err {res['rel_err']:.1e}"
         if not res.get("backend_exact", True):
             line += " (a bf16 backend: not exact by design)"
+        if res.get("reference_degenerate"):
+            line += (f"\n[yellow]warning:[/yellow] the single-device output proves nothing ({res['reference_note']}); "
+                     "rel_err above means nothing")
+            re = res.get("recheck") or {}
+            if "rel_err" in re:
+                line += f"\nre-checked with a calibrated copy ({'; '.join(re['done']) or 'as is'}): rel_err {re['rel_err']:.1e}"
+            elif re:
+                line += f"\n[yellow]could not re-check:[/yellow] {re['could_not']}"
     used = sorted(set((res.get("backends") or {}).values()))
     if used:
         line += "\nbackend: " + (used[0] if len(used) == 1 else
