@@ -46,6 +46,8 @@ def profile(
     backend: str = typer.Option("auto", "--backend", help="Backends to measure besides torch: auto (ONNX Runtime "
                                 "when installed) | all (every exact one installed: OpenVINO compiles each layer "
                                 "for about a second) | ort | openvino | openvino-bf16 | torch (torch only)."),
+    plot: bool = typer.Option(True, "--plot/--no-plot", help="Draw the fits (PNG beside the profile); drawing takes "
+                              "about 10 s of CPU, minutes on a device capped at a few percent of a core."),
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Time Conv2d/Linear/pooling/elementwise layers over a grid (batch 1, one thread, median
@@ -75,9 +77,10 @@ def profile(
     path = out or Path("results") / f"profile-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
-    samples_csv, plot = path.with_suffix(".samples.csv"), path.with_suffix(".png")
+    samples_csv, png = path.with_suffix(".samples.csv"), (path.with_suffix(".png") if plot else None)
     write_samples_csv(report["samples"], report["fits"], samples_csv)
-    plot_fits(report["samples"], report["fits"], plot, f"{name}: seconds = a*FLOPs + b ({threads} thread)")
+    if png is not None:
+        plot_fits(report["samples"], report["fits"], png, f"{name}: seconds = a*FLOPs + b ({threads} thread)")
 
     table = Table(title=f"compute model of {name} (seconds = a*FLOPs + b, {threads} thread)")
     for c in ("kind", "a (s/FLOP)", "GFLOP/s", "b (ms)", "train/test", "held-out median err", "held-out max err"):
@@ -95,8 +98,8 @@ def profile(
     console.print(f"CPU per byte sent or relayed: {1e9 * prof.byte_s:.2f} ms per MB (loopback: a lower bound; "
                   "the planner charges it to the leader for every strip it gathers and re-sends)")
     console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s); "
-                  f"every setting in {samples_csv}, the fits plotted in {plot}")
+                  f"every setting in {samples_csv}" + (f", the fits plotted in {png}" if png else ""))
     emit_json({"profile": prof.to_dict(), "fits": report["fits"],
                "backend_fits": {b: reports[b]["fits"] for b in wanted}, "speed_vs_torch": speed,
                "out": str(path), "samples_csv": str(samples_csv),
-               "plot": str(plot), "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)
+               "plot": str(png) if png else None, "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)
