@@ -111,6 +111,12 @@ def test_warm_single_device_and_per_cap_latencies(tb):
     assert all(t > 0 for t in times)
     # at 0.25 core the timed inferences used about a quarter of their wall time in the cgroup
     assert 0.1 * sum(times) < used < 0.6 * sum(times), (times, used)
+    # the ONNX Runtime baseline (the whole model exported once, one session) runs the same way
+    with SingleDevice(tb, "w1", "mobilenet_v3_small", 160, timeout_s=180, runtime="ort") as solo_ort:
+        u0 = tb.cpu_usage_s("w1")
+        ort_times = [solo_ort.time_once() for _ in range(3)]
+        ort_used = tb.cpu_usage_s("w1") - u0
+    assert all(t > 0 for t in ort_times) and 0.1 * sum(ort_times) < ort_used < 0.6 * sum(ort_times), (ort_times, ort_used)
     lat, probes = message_latencies(tb, ["leader", "w1"], [0.5, 0.25])
     assert set(lat) == {0.25, 0.5} and set(probes) == {"0.25", "0.5"}
     assert all(0.0 <= v < 0.1 for v in lat.values()), lat

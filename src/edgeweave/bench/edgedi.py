@@ -35,6 +35,8 @@ measured goodput (same harness as ``bench edgeld``).
 Summary keys: ``compact_flops_ratio`` (compact VGG16 FLOPs over the original's),
 ``speedup_vs_bound`` (measured speedup over the bound, original main model, 4 devices),
 ``compact_speedup_4dev`` (original on the leader alone over compact on 4 devices),
+``speedup_4dev_over_ort`` (the 4-device latency against raw ONNX Runtime on the whole model on
+the leader alone, ``kernels.raw_ort``, timed in the same rounds as plain torch),
 ``adapt_frames_to_recover`` (worst of the two cap changes), ``adapt_replans_steady``;
 ``work_ratio_4dev`` / ``speedup_ceiling_4dev`` (the CPU the four devices used per frame, from
 their cgroups, over one frame on the leader alone, and the bound over it: the most any plan doing
@@ -92,6 +94,7 @@ class EdgediConfig:
     failover_join_timeout_s: float = 300.0  # for the restarted follower to boot and register
     profile_quick: bool = True
     model_latency: bool = True
+    ort_baseline: bool = True  # raw ONNX Runtime on the leader alone beside plain torch (``*_over_ort``)
     quick: bool = False
     timeout_s: float = 600.0
     prefix: str = PREFIX  # testbed names (tests use their own so they never touch a running bench)
@@ -277,6 +280,9 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
         with contextlib.ExitStack() as stack:
             solos = {d: stack.enter_context(T.SingleDevice(tb, d, str(ckpt), cfg.size, timeout_s=cfg.timeout_s))
                      for d in single}
+            # what a user would compare with: raw ONNX Runtime on the whole model on the leader
+            ort_solo = (stack.enter_context(T.SingleDevice(tb, NAMES[0], str(ckpt), cfg.size, timeout_s=cfg.timeout_s,
+                                                           runtime="ort")) if cfg.ort_baseline else None)
             for e in live:  # one untimed round: a plan's first frame after the others' warm-ups is slow
                 bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
             for rnd in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike
@@ -287,6 +293,8 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
                     single[d].append(lat)
                     if used is not None and d == NAMES[0]:
                         single_cpu.append(used[0])
+                if ort_solo is not None:
+                    single.setdefault("ort", []).append(ort_solo.time_once())
         console.print("  single device: " + ", ".join(f"{d} {statistics.median(v):.3f} s" for d, v in single.items()))
         for e in live:
             med = statistics.median(e["lats"])
@@ -480,6 +488,9 @@ def _speedups(rows: list[dict[str, Any]], models: dict[str, dict[str, Any]], cfg
         r["speedup"] = lead / r["latency_s"]
         r["bound"] = sum(speed[c] for c in cfg.caps[: r["devices"]]) / speed[cfg.caps[0]]
         r["speedup_vs_bound"] = r["speedup"] / r["bound"]
+        ort = m["single_s"].get("ort")  # raw ONNX Runtime on the leader alone, same rounds
+        r["single_device_ort_s"] = ort
+        r["speedup_over_ort"] = ort / r["latency_s"] if ort else None
         # the CPU the devices spent per frame against the leader alone: the speedup that work
         # allows at best is the bound over that ratio (tbcluster.cpu_ceiling)
         r.update(cpu_ceiling(r.get("cpu_frames_s") or [], r.get("single_device_cpu_frames_s") or [], r["bound"]))
@@ -501,6 +512,7 @@ def summarize(result: dict[str, Any], cfg: EdgediConfig) -> dict[str, Any]:
     r = _row(rows, f"{main}/original", kmax)
     s["speedup_vs_bound"] = r["speedup_vs_bound"] if r else None
     s["speedup_4dev"], s["bound_4dev"] = (r["speedup"], r["bound"]) if r else (None, None)
+    s["speedup_4dev_over_ort"] = r.get("speedup_over_ort") if r else None
     # where that configuration's fastest frame spent its time (runtime/timeline.py)
     s["breakdown_4dev"] = (r.get("timings") or {}).get("breakdown") if r else None
     s["work_ratio_4dev"], s["speedup_ceiling_4dev"] = (r.get("work_ratio"), r.get("speedup_ceiling")) if r else (None, None)
@@ -702,6 +714,9 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
               f"(runtime/timeline.py, `timeline.png`): {b['total_s']:.3f} s = compute {b['compute_s']:.3f} s (the mean "
               f"device's) + imbalance {b['imbalance_s']:.3f} s (per stage, the slowest device over the mean one) + "
               f"transfers/sync {b['other_s']:.3f} s, {b['stages']} stages."]
+    if s.get("speedup_4dev_over_ort"):
+        L += ["", f"Against raw ONNX Runtime on the whole model on the leader alone (one thread, same rounds): "
+              f"{s['speedup_4dev_over_ort']:.2f}x on {s['devices_max']} devices."]
     if s.get("work_ratio_4dev") and s.get("speedup_ceiling_4dev"):
         L += ["", f"The {s['devices_max']} devices used {s['work_ratio_4dev']:.2f}x the CPU of one frame on the leader alone, "
               f"all together (their cgroups): even perfectly balanced and never waiting, that work allows at most "

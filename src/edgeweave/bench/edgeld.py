@@ -34,7 +34,9 @@ optimal + auto), ``optimal_gain_over_bodp`` and ``ocbp_gain_over_bodp`` (heterog
 gather mode, pools fusion: bodp latency / other latency - 1, i.e. how much faster; every mode and
 fusion in ``partition_gains``), ``optimal_never_slower_than_ocbp`` (every mode and fusion), ``fusion_gain_vgg16`` (layer-wise gather latency over the best latency among the
 fusion experiment's configurations), ``prediction_error_median`` (|predicted - measured| /
-measured over every distributed run).
+measured over every distributed run). ``speedup_vgg16_4f_<rate>_over_ort``: the same latency
+against raw ONNX Runtime on the whole model on the same capped device (``kernels.raw_ort``,
+one thread), timed in the same round-robin as the plain-torch baseline.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class EdgeldConfig:
     hetero_repeat: int = 9
     baseline_repeat: int = 3
     profile_quick: bool = False
+    ort_baseline: bool = True  # raw ONNX Runtime on one capped device beside plain torch (``*_over_ort``)
     nice: int = -10  # scheduling priority of every benchmark process (root): the boards are dedicated, the host is shared
     model_latency: bool = True  # give the planner the measured per-message latency and per-byte CPU of busy capped devices
     quick: bool = False
@@ -317,8 +320,13 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
             adjacent = model == cfg.models[-1] and not hetero and any(r.size == cfg.size for r in prs)
             base_lats: list[float] = []
             base_cpu: list[float] = []
-            with (T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s) if adjacent
-                  else contextlib.nullcontext()) as solo:
+            ort_lats: list[float] = []
+            with contextlib.ExitStack() as stack:
+                solo = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s))
+                        if adjacent else None)
+                # the runtime a user would compare with: raw ONNX Runtime on the same capped device
+                solo_ort = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s,
+                                                               runtime="ort")) if adjacent and cfg.ort_baseline else None)
                 # One untimed round first: the first frame of a plan after the others' warm-ups
                 # (and after the baseline process started) ran up to 1.8x slower (run L).
                 for e in live:
@@ -331,9 +339,13 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                         base_lats.append(lat)
                         if used is not None:
                             base_cpu.append(used[0])  # the leader's cgroup, where it runs
+                    if solo_ort is not None:
+                        ort_lats.append(solo_ort.time_once())
             if base_lats:
                 console.print(f"  single device, interleaved: {statistics.median(base_lats):.3f} s "
                               f"({', '.join(f'{t:.2f}' for t in base_lats)})")
+            if ort_lats:
+                console.print(f"  single device, ONNX Runtime, interleaved: {statistics.median(ort_lats):.3f} s")
             for e in live:
                 r, plan, plan_s, rep, lats = e["run"], e["plan"], e["plan_s"], e["rep"], e["lats"]
                 med = statistics.median(lats)
@@ -352,6 +364,10 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                 if base_lats and r.size == cfg.size:
                     row["single_device_adjacent_s"] = statistics.median(base_lats)
                     row["single_device_adjacent_times_s"] = list(base_lats)
+                    if ort_lats:
+                        row["single_device_ort_s"] = statistics.median(ort_lats)
+                        row["single_device_ort_times_s"] = list(ort_lats)
+                        row["speedup_over_ort"] = row["single_device_ort_s"] / med
                     frames_cpu = [f[: r.k + 1] for f in e.get("cpu", [])]
                     row.update(T.cpu_ceiling(frames_cpu, base_cpu, sum(caps[: r.k + 1]) / caps[0]))
                 rows.append(row)
@@ -384,6 +400,8 @@ def summarize(rows: list[dict[str, Any]], cfg: EdgeldConfig) -> dict[str, Any]:
         base = (b.get("single_device_adjacent_times_s") or b.get("single_device_times_s")) if b else None
         s[f"{key}_interval"] = ([1 + v for v in ratio_interval(base, b["latencies_s"])]
                                 if b and base and b.get("latencies_s") else None)
+        # over raw ONNX Runtime on the same capped device, interleaved the same way
+        s[f"{key}_over_ort"] = b.get("speedup_over_ort") if b else None
         s[f"{key}_mode"] = b["mode"] if b else None
         s[f"{key}_latency_s"] = b["latency_s"] if b else None
         # where the time of that configuration's fastest frame went (runtime/timeline.py)
@@ -631,6 +649,9 @@ def to_markdown(result: dict[str, Any], files: dict[str, str]) -> str:
         if iv:
             L.append(f"Speedup at {rate}: {s[f'speedup_vgg16_4f_{rate}']:.2f}x, 90 % bootstrap interval over the repeats "
                      f"{iv[0]:.2f}-{iv[1]:.2f}x; over the start/end baseline {s[f'speedup_vgg16_4f_{rate}_startend']:.2f}x.")
+        if s.get(f"speedup_vgg16_4f_{rate}_over_ort"):
+            L.append(f"Against raw ONNX Runtime on one such device (one thread, same rounds): "
+                     f"{s[f'speedup_vgg16_4f_{rate}_over_ort']:.2f}x.")
         wr, ceil = s.get(f"speedup_vgg16_4f_{rate}_work_ratio"), s.get(f"speedup_vgg16_4f_{rate}_ceiling")
         if wr and ceil:
             L.append(f"At {rate} the devices used {wr:.2f}x the single device's CPU per frame, all together: even perfectly "

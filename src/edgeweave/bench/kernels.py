@@ -95,7 +95,9 @@ def build(name: str, size: int, seed: int) -> tuple[torch.nn.Module, torch.Tenso
     return model.eval(), torch.randn(1, ch, size, size), spec
 
 
-def _raw_ort(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+def raw_ort(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    """What a user runs on one board: the whole model exported once to ONNX and one ONNX Runtime
+    session (all graph optimisations, one thread); returns a call that runs it on ``x``."""
     import onnxruntime as ort
 
     buf = io.BytesIO()
@@ -127,7 +129,7 @@ def _setup(name: str, cfg: KernelsConfig, backends: list[str]) -> _Model:
     one = make_plan(gm, Cluster.uniform(1))
     many = make_plan(gm, Cluster.uniform(cfg.devices), partition="optimal", fusion="auto", mode="exchange")
     m.variants["torch"] = lambda: model(x)
-    m.variants["raw_ort"] = _raw_ort(model, x)
+    m.variants["raw_ort"] = raw_ort(model, x)
     for b in backends:
         prog = prepare(gm, one, 0, b)
         m.variants[f"ew_{b}"] = (lambda p: lambda: execute_plan(p, x, None)[0])(prog)

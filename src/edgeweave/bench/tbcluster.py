@@ -100,9 +100,10 @@ def profile_caps(tb: Testbed, caps: Sequence[float], quick: bool = True, workdir
             out = workdir / f"profile-{cap:g}.json"
             rep = workdir / f"report-{cap:g}.json"
             # torch only: the bench clusters compute with torch, and every other backend's lines
-            # multiply the profiling time (at 0.05 core each compiled layer costs seconds)
+            # multiply the profiling time (at 0.05 core each compiled layer costs seconds); no
+            # plot: drawing it took 3 of a quick profile's 7.5 minutes at 0.05 core
             argv = [sys.executable, "-m", "edgeweave", "profile", "--name", f"cap{cap:g}", "--out", str(out),
-                    "--json", str(rep), "--backend", "torch"]
+                    "--json", str(rep), "--backend", "torch", "--no-plot"]
             if quick:
                 argv.append("--quick")
             procs.append((cap, rep, tb.exec(dev, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
@@ -280,12 +281,14 @@ def byte_costs(probes: Mapping[str, Mapping[str, Any]]) -> dict[float, float]:
 # ------------------------------------------------------------------------------------ baseline
 BASELINE = textwrap.dedent(
     """
-    # the whole model on one device: plain torch, no network, no partitioning (a torchvision
-    # name, or a checkpoint file read with edgeweave's loader: its weights, then plain torch)
+    # the whole model on one device: plain torch, or (argv[5] "ort") a raw ONNX Runtime session
+    # on the whole exported model, one thread; no network, no partitioning (a torchvision name,
+    # or a checkpoint file read with edgeweave's loader: its weights)
     import json, os, statistics, sys, time, torch, torchvision
     torch.set_num_threads(1)
     name, sizes, repeat = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
     warmup = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    runtime = sys.argv[5] if len(sys.argv) > 5 else "torch"
     if os.path.isfile(name):
         from edgeweave.checkpoint import load_checkpoint
         m, spec, _ = load_checkpoint(name)
@@ -297,17 +300,22 @@ BASELINE = textwrap.dedent(
     with torch.inference_mode():
         for s in sizes:
             x = torch.randn(1, ch, s, s)
+            if runtime == "ort":
+                from edgeweave.bench.kernels import raw_ort
+                f = raw_ort(m, x)
+            else:
+                f = lambda: m(x)
             for _ in range(warmup):
-                m(x)
+                f()
             if repeat == 0:  # serve: one timed inference per line on stdin
                 print(json.dumps({"ready": True}), flush=True)
                 for _line in sys.stdin:
-                    t0 = time.perf_counter(); m(x)
+                    t0 = time.perf_counter(); f()
                     print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
                 sys.exit(0)
             t = []
             for _ in range(repeat):
-                t0 = time.perf_counter(); m(x); t.append(time.perf_counter() - t0)
+                t0 = time.perf_counter(); f(); t.append(time.perf_counter() - t0)
             out[str(s)] = {"median_s": statistics.median(t), "times_s": t}
     print(json.dumps(out))
     """
@@ -352,14 +360,16 @@ class SingleDevice:
     (median 12 %) slower than a warm one on this host (bench edgeld run J: interleaved fresh
     samples 1.80-2.74 s against 1.60-1.66 s in one process), which inflated the speedups."""
 
-    def __init__(self, tb: Testbed, device: str, model: str, size: int, warmup: int = 2, timeout_s: float = 600.0):
-        # model: a torchvision name or a checkpoint path
+    def __init__(self, tb: Testbed, device: str, model: str, size: int, warmup: int = 2, timeout_s: float = 600.0,
+                 runtime: str = "torch"):
+        # model: a torchvision name or a checkpoint path; runtime: torch, or ort (raw ONNX Runtime)
         self.timeout_s = timeout_s
-        self.p = tb.exec(device, [sys.executable, "-c", BASELINE, model, str(size), "0", str(warmup)],
+        self.p = tb.exec(device, [sys.executable, "-c", BASELINE, model, str(size), "0", str(warmup), runtime],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         if _read_line(self.p, timeout_s) is None:
             self.close()
-            raise EdgeweaveError(f"single-device baseline on {device} did not start (exit {self.p.poll()})")
+            raise EdgeweaveError(f"single-device {runtime} baseline on {device} did not start within {timeout_s:g} s "
+                                 f"(exit {self.p.poll()})")
 
     def time_once(self) -> float:
         assert self.p.stdin is not None
