@@ -40,8 +40,9 @@ def test_a_leader_that_pays_for_relaying_computes_less_in_gather_mode(fusion: st
         return Cluster([DeviceProfile(f"d{i}", a=2e-10, b=1e-4, bandwidth_bps=1e9, latency_s=1e-4, byte_s=byte_s)
                         for i in range(4)])
 
-    free = make_plan(gm, cluster(0.0), partition="optimal", fusion=fusion, mode="gather")
-    paid = make_plan(gm, cluster(2e-8), partition="optimal", fusion=fusion, mode="gather")
+    # rows only: a channel stage's assignments hold channels, not rows (the relay is priced alike)
+    free = make_plan(gm, cluster(0.0), partition="optimal", fusion=fusion, mode="gather", split="rows")
+    paid = make_plan(gm, cluster(2e-8), partition="optimal", fusion=fusion, mode="gather", split="rows")
 
     def leader_rows(plan) -> int:
         return sum(a.out_rows[1] - a.out_rows[0] for s in plan.stages if s.kind == "spatial"
