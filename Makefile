@@ -2,6 +2,9 @@
 # Each creates or reuses .venv and installs what is needed (scripts/setup.sh).
 VENV ?= .venv
 PYTEST_ARGS ?=
+# two pytest workers, each test file on one of them (module fixtures such as a local cluster are
+# shared by a file's tests; the testbed files use distinct prefixes and subnets)
+JOBS ?= 2
 
 .PHONY: setup demo test test-fast clean
 
@@ -12,10 +15,10 @@ demo: setup
 	$(VENV)/bin/edgeweave demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -m "not slow and not testbed" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile -m "not slow and not testbed" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache results runs
