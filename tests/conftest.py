@@ -31,6 +31,28 @@ def _free_module_caches(request):
         if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "cache_info"):
             obj.cache_clear()
     gc.collect()
+    try:  # hand the freed heap back to the system (glibc keeps it otherwise): the other worker needs it
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# The files whose tests run whole models on several local processes at once (VGG16 at 224 on a
+# leader and three followers holds several GB) or on the emulated testbed: under `make test`'s two
+# workers they run one after another on one worker (xdist_group), the other files beside them,
+# each file on one worker. Two such files at once left 0.8 GB of the machine's 24 GB available.
+HEAVY = {"test_runtime_cli.py", "test_runtime_models.py", "test_runtime_models_cli.py", "test_runtime_zoo.py",
+         "test_models_zoo.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py", "test_bench_edgeld_testbed.py",
+         "test_demo.py", "test_testbed.py", "test_security.py", "test_backend_choice.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("heavy" if name in HEAVY else name))
 
 
 def _free_port() -> int:
