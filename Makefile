@@ -2,9 +2,9 @@
 # Each creates or reuses .venv and installs what is needed (scripts/setup.sh).
 VENV ?= .venv
 PYTEST_ARGS ?=
-# two pytest workers, each test file on one of them (module fixtures such as a local cluster are
-# shared by a file's tests; the testbed files use distinct prefixes and subnets), the files that
-# run whole models on many processes one after another (tests/conftest.py, HEAVY)
+# the light test files on two pytest workers (a file per worker), then the heavy ones (many
+# processes or large models at once: tests/conftest.py) one after another; for a subset, run
+# pytest directly (.venv/bin/python -m pytest tests/test_x.py)
 JOBS ?= 2
 
 .PHONY: setup demo test test-fast clean
@@ -16,10 +16,11 @@ demo: setup
 	$(VENV)/bin/edgeweave demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadgroup $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile -m "not heavy" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -m heavy $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow and not testbed" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(JOBS) --dist loadfile -m "not slow and not testbed and not heavy" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache results runs

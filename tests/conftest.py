@@ -39,20 +39,21 @@ def _free_module_caches(request):
         pass
 
 
-# The files whose tests run whole models on several local processes at once (VGG16 at 224 on a
-# leader and three followers holds several GB) or on the emulated testbed: under `make test`'s two
-# workers they run one after another on one worker (xdist_group), the other files beside them,
-# each file on one worker. Two such files at once left 0.8 GB of the machine's 24 GB available.
+# The files whose tests run whole models on several local processes, the emulated testbed or a
+# server: marked ``heavy``. `make test` runs the other files on two workers, then these one after
+# another: two of them at once (VGG at 64 px on five processes holds 13-18 GB) ran the 24 GB CI
+# machine out of memory.
 HEAVY = {"test_runtime_cli.py", "test_runtime_models.py", "test_runtime_models_cli.py", "test_runtime_zoo.py",
-         "test_models_zoo.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py", "test_bench_edgeld_testbed.py",
-         "test_demo.py", "test_testbed.py", "test_security.py", "test_backend_choice.py"}
+         "test_models_zoo.py", "test_runtime_channels.py", "test_runtime_plans.py", "test_runtime_reduce.py",
+         "test_runtime_session.py", "test_stream_regroup.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py",
+         "test_bench_edgeld_testbed.py", "test_bench_serve.py", "test_demo.py", "test_testbed.py", "test_security.py",
+         "test_backend_choice.py", "test_serving.py", "test_serving_http.py", "test_serving_ondemand.py"}
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("heavy" if name in HEAVY else name))
+        if item.path.name in HEAVY:
+            item.add_marker(pytest.mark.heavy)
 
 
 def _free_port() -> int:

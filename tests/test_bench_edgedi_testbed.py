@@ -33,13 +33,14 @@ def test_edgedi_bench_tiny(tmp_path):
     # load close the 1.5x cap gap (0.0625 vs 0.0591 s in one CI run); 96 px, since at 64 px the
     # model runs only ~4 quota periods and where each run starts in its period closed the gap
     # even for the median (0.0441 vs 0.0412 s in one testbed run)
-    cfg = E.EdgediConfig(models=("resnet18",), variants=("original", "compact"), size=96, devices=(1, 4), repeat=7,
+    cfg = E.EdgediConfig(models=("resnet18",), variants=("original",), size=96, devices=(1, 4), repeat=7,
                          adapt_model="resnet18", adapt_frames=(3, 3, 5, 4), adapt_caps=(0.25, 0.1), failover_frames=(2, 2),
                          prefix="ewf-", subnet="10.77.34.0/24", quick=True,
                          ort_baseline=False)  # tests/test_bench_edgeld_testbed.py covers the ONNX Runtime baseline
     res = E.run_edgedi_bench(cfg, out_dir=tmp_path)
     assert not res["testbed_down"]["remaining"]
-    assert {(r["model"], r["devices"]) for r in res["rows"]} == {(m, k) for m in ("resnet18/original", "resnet18/compact") for k in (1, 4)}
+    # the original only: the compact and pruned variants are built and measured in tests/test_bench_edgedi.py
+    assert {(r["model"], r["devices"]) for r in res["rows"]} == {("resnet18/original", k) for k in (1, 4)}
     assert all(r["rel_err"] < 1e-4 for r in res["rows"])
     # every device's cgroup was metered: the devices' CPU per frame against the leader alone, and
     # the speedup that work allows, which no measured speedup passes (a margin for noise)
@@ -61,7 +62,7 @@ def test_edgedi_bench_tiny(tmp_path):
     assert fo["lost"] == ["w1"] and fo["joined"] == ["w1"] and fo["final_rel_err"] < 1e-4, fo
     assert fo["devices_without"] == 3 and fo["devices_back"] == 4 and fo["regroup_s"] > 0
     s = res["summary"]
-    assert s["compact_flops_ratio"] < 0.2 and "adapt_frames_to_recover" in s
+    assert "adapt_frames_to_recover" in s
     out = json.loads((tmp_path / "edgedi" / "edgedi.json").read_text())
     assert out["loadavg"]["before"] and (tmp_path / "edgedi" / "adapt.png").stat().st_size > 0
     assert (tmp_path / "edgedi" / "failover.png").stat().st_size > 0 and s["failover_rejoin_s"] > 0

@@ -49,7 +49,12 @@ from edgeweave.layout import dense
 from edgeweave.planning.halo import is_empty
 from edgeweave.planning.plan import Plan, Stage
 
-_KEPT = 256  # compiled stage programs kept per graph (each a few graphs; ONNX sessions hold weights)
+_KEPT = 256  # compiled stage programs kept per graph at most
+_KEPT_WEIGHTS = 2.0
+"""Weight bytes the kept programs may hold of their own, in multiples of the model's: an ONNX
+Runtime or OpenVINO session (and a channel slice) keeps its own copy of its layers' weights,
+so a stream that re-plans often kept every plan's copies (VGG16's followers grew past 2 GB each
+and a test host ran out of memory); about two plans' worth stay, the most recent first."""
 
 
 class BackendError(EdgeweaveError):
@@ -167,11 +172,29 @@ def compile_stage(gm: torch.fx.GraphModule, stage: Stage, device: int, backend: 
     notes: list[str] = []
     prog = _make(gm, stage, device, backend, threads, allow_fallback, notes, in_axis)
     cache[key] = (prog, notes)
-    while len(cache) > _KEPT:
-        cache.popitem(last=False)
+    held = gm.meta.setdefault("ew_engine_held", {})
+    held[key] = _own_weight_bytes(gm, stage, prog)
+    budget = _KEPT_WEIGHTS * sum(p.numel() * p.element_size() for p in gm.parameters())
+    while len(cache) > 1 and (len(cache) > _KEPT or sum(held.get(k, 0) for k in cache) > budget):
+        old_key, _ = cache.popitem(last=False)
+        held.pop(old_key, None)
     if fallbacks is not None:
         fallbacks.extend(notes)
     return prog
+
+
+def _own_weight_bytes(gm: torch.fx.GraphModule, stage: Stage, prog: StageProgram | None) -> int:
+    """Bytes of weights ``prog`` holds apart from the model's own (module docstring of
+    ``_KEPT_WEIGHTS``): the stage's layers' weights for another backend or a channel slice (an
+    upper bound), none for torch graphs that call the model's modules."""
+    if prog is None or (prog.backend == "torch" and prog.kind != "channels"):
+        return 0
+    total = 0
+    for name in stage.nodes:
+        node = next((n for n in gm.graph.nodes if n.name == name), None)
+        if node is not None and node.op == "call_module":
+            total += sum(p.numel() * p.element_size() for p in gm.get_submodule(str(node.target)).parameters())
+    return total
 
 
 def _rebind(prog: StageProgram, stage: Stage, device: int) -> StageProgram:
