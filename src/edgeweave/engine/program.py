@@ -83,13 +83,15 @@ class StageProgram:
             return _whole(self.run_graph, x)
         if self.kind == "channels":
             assert self.run_graph is not None and x is not None
-            return _plain(self.run_graph(x)[0])
+            run = self.run_graph
+            return _whole(lambda v: run(v)[0], x)  # computed when stepped (timed there), not here
         if self.kind == "reduce":
             return reduce_program(gm, self.stage, self.device, x, self.in_axis)
         if self.kind == "linear":
             a = self.stage.assignment(self.device)
             assert a is not None and x is not None
-            return _plain(linear_program(gm, self.stage, a.out_rows, x))
+            stage, rows = self.stage, a.out_rows
+            return _whole(lambda v: linear_program(gm, stage, rows, v), x)
         assert x is not None and self.lowered is not None
         return _strip(gm, self, x)
 
@@ -97,11 +99,6 @@ class StageProgram:
 def _whole(fn: Callable[..., Any], x: torch.Tensor | None) -> Program:
     return fn(x)
     yield  # a generator that never yields: the device owns every reduction's rows
-
-
-def _plain(y: Any) -> Program:
-    return y
-    yield
 
 
 def _strip(gm: torch.fx.GraphModule, prog: StageProgram, x: torch.Tensor) -> Program:
