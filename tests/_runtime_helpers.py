@@ -105,3 +105,14 @@ def small_cluster(workers: int, timeout_s: float, grace_s: float = 0.0) -> Itera
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def edges(costs, total, capabilities=None):
+    """An uneven partition: one unit (or row) to the first and the last device, nothing to the
+    second, the rest to the third (channel-split tests: uneven slices, a device holding none)."""
+    k = len(costs)
+    counts = [0] * k
+    counts[0] = min(1, total)
+    counts[-1] = min(1, total - counts[0])
+    counts[2 if k > 3 else -1] += total - counts[0] - counts[-1]
+    return counts

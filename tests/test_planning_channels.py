@@ -13,6 +13,7 @@ import functools
 
 import pytest
 import torch
+from _runtime_helpers import edges
 from torch import nn
 
 from edgeweave.engine import available_backends, prepare, simulate
@@ -61,16 +62,6 @@ def _setup(name: str, shape: tuple[int, ...]):
         ref = model(x)
     assert ref.abs().max() > 1e-3 and ref.std() > 1e-4, "degenerate reference"
     return model, capture(model, shape), x, ref
-
-
-def edges(costs, total, capabilities=None):
-    """One unit (or row) to the first and last device, nothing to the second, the rest to the third."""
-    k = len(costs)
-    counts = [0] * k
-    counts[0] = min(1, total)
-    counts[-1] = min(1, total - counts[0])
-    counts[2 if k > 3 else -1] += total - counts[0] - counts[-1]
-    return counts
 
 
 def _channel_stages(plan: Plan) -> list:

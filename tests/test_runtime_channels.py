@@ -9,7 +9,7 @@ and concatenations stay in rows (tests/test_planning_channels.py checks where ta
 from __future__ import annotations
 
 import pytest
-from _runtime_helpers import check
+from _runtime_helpers import check, edges
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,16 +22,6 @@ def cl():
         yield session
 
 
-def _edges(costs, total, capabilities=None):
-    """One unit to the first and the last device, none to the second, the rest to the third."""
-    k = len(costs)
-    counts = [0] * k
-    counts[0] = min(1, total)
-    counts[-1] = min(1, total - counts[0])
-    counts[2 if k > 3 else -1] += total - counts[0] - counts[-1]
-    return counts
-
-
 def _channel_sizes(plan) -> list[int]:
     return [a.out_rows[1] - a.out_rows[0] for s in plan.stages if s.split == "channels" for a in s.assignments]
 
@@ -39,13 +29,13 @@ def _channel_sizes(plan) -> list[int]:
 @pytest.mark.parametrize("name,size,workers,partition,mode", [
     ("vgg11", 64, 3, "equal", "exchange"),
     ("vgg11", 64, 2, "optimal", "gather"),
-    ("vgg11", 64, 3, _edges, "gather"),
+    ("vgg11", 64, 3, edges, "gather"),
     ("vgg16", 32, 3, "equal", "gather"),
-    ("vgg16", 32, 3, _edges, "exchange"),
+    ("vgg16", 32, 3, edges, "exchange"),
 ])
 def test_forced_channel_plans_are_exact_on_real_processes(cl, name, size, workers, partition, mode):
     plan = check(cl, name, size, workers, partition=partition, mode=mode, split="channels")
     sizes = _channel_sizes(plan)
     assert sizes, "the plan has no channel stage: nothing was tested"
-    if partition is _edges:
+    if partition is edges:
         assert 0 in sizes and len(set(s for s in sizes if s)) > 1  # uneven, and a device holding none
