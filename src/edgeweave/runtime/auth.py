@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ class Control:
         self.log = log or (lambda _m: None)
         self.forged = 0
         self._seq = 0
+        self._seq_lock = threading.Lock()  # groups of devices serve frames from threads of the leader
         self._floor: dict[str, int] = {}  # writer -> the last sequence number read in order
         self._bad: set[bytes] = set()  # digests of (name, value) already logged (a reader polls them again)
 
@@ -194,8 +196,10 @@ class Control:
         return _mac(self.key, "tag:" + label, data)
 
     def seal(self, name: str, payload: Any) -> str:
-        self._seq += 1
-        body = json.dumps([self.writer, self._seq, payload], separators=(",", ":"))
+        with self._seq_lock:
+            self._seq += 1
+            seq = self._seq
+        body = json.dumps([self.writer, seq, payload], separators=(",", ":"))
         mac = _mac(self.key, "control", self.session, name, body) if self.key is not None else "-"
         return f"{mac}\n{body}"
 

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
-from edgeweave.layout import to_device_layout
+from edgeweave.layout import ordinary, to_device_layout
 from edgeweave.planning.plan import Plan
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
-from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError
+from edgeweave.runtime.wire import TAG_CONTROL, TAG_FRAME, TAG_TIMING, Channel, PeerError
 
 
 @dataclass
@@ -37,6 +37,7 @@ class FollowerState:
     model: torch.nn.Module | None = None
     model_hash: str | None = None
     plans: dict[int, Any] = field(default_factory=dict)  # plan id -> engine.DeviceProgram
+    ranks: dict[int, list[int]] = field(default_factory=dict)  # plan id -> the ranks of its devices, in plan order
     graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
     gloo_host: str = ""
     ctl: auth.Control = field(default_factory=lambda: auth.Control(None))  # seals and checks control values
@@ -108,6 +109,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
                 _log(name, f"generation {gen}: {e}")
             rv.mark_left(store, gen, ticket)
             state.plans.clear()
+            state.ranks.clear()
             gen, was_member = gen + 1, True
     except (RuntimeError, OSError) as e:  # store connection lost: the leader is gone
         _log(name, f"lost the leader ({str(e).splitlines()[0][:120]}); exiting")
@@ -150,6 +152,8 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
                 _cmd_plan(gstore, ch, seq, cmd, state)
             elif op == "infer":
                 _cmd_infer(ch, cmd, state)
+            elif op == "groups":
+                _cmd_groups(gstore, ch, cmd, state)
             elif op == "ping":
                 rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
             else:
@@ -161,7 +165,7 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
             _log(state.name, f"{op} failed: {msg}")
             if op in ("model", "plan", "ping"):
                 rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": False, "error": msg})
-            if isinstance(e, PeerError) or op == "infer":
+            if isinstance(e, PeerError) or op in ("infer", "groups"):
                 # the message pattern of this generation is broken: report and leave it
                 if isinstance(e, PeerError) and e.name:  # whom it blames: the leader's roll call stops waiting for it
                     rv.set_json(gstore, f"blames/{rank}", e.name)
@@ -184,6 +188,7 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
         model, _spec, _extra = model_from_bytes(data, where=f"model shipped to {state.name}")
         state.model, state.model_hash = to_device_layout(model.eval()), model_hash(model)
         state.plans.clear()
+        state.ranks.clear()
         state.graphs.clear()
     have = ctl.tag("model", state.model_hash) if state.model_hash else "none"
     if not auth.equal(have, want):
@@ -197,10 +202,16 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     from edgeweave.engine import prepare
     from edgeweave.planning.graph import capture
 
+    rank = ch.rank
+    ranks = [int(r) for r in cmd.get("ranks") or range(len(ch.names))]
+    for p in cmd.get("drop", []):
+        state.plans.pop(int(p), None)
+    if rank not in ranks:  # a plan for a group of devices this one is not in
+        rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "member": False})
+        return
     text = ch.recv_bytes(0, TAG_CONTROL, "a plan").decode()
     _check_tag(state, "plan", text, cmd)
     plan = Plan.from_json(text)
-    rank = ch.rank
     if state.model is None:
         raise EdgeweaveError(f"device {state.name!r} (rank {rank}) has no model to run the plan with")
     if plan.model_hash != state.model_hash:
@@ -210,10 +221,9 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     if shape not in state.graphs:  # tracing costs seconds; plans for one shape share a graph
         state.graphs[shape] = capture(state.model, shape)
     gm = state.graphs[shape]
-    prog = prepare(gm, plan, rank)  # compiled now: the first frame runs at this device's real speed
+    prog = prepare(gm, plan, ranks.index(rank))  # compiled now: the first frame runs at this device's real speed
     state.plans[int(cmd["plan_id"])] = prog
-    for p in cmd.get("drop", []):
-        state.plans.pop(int(p), None)
+    state.ranks[int(cmd["plan_id"])] = ranks
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "backend": prog.backend, "fallbacks": prog.fallbacks})
 
 
@@ -231,5 +241,43 @@ def _cmd_infer(ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
     if pid not in state.plans:
         raise EdgeweaveError(f"device {state.name!r} has no plan {pid}")
     _out, timings = execute_plan(state.plans[pid], None, ch)
+    _send_timings(ch, timings)
+
+
+def _send_timings(ch: Channel, timings: list[Any]) -> None:
     t = torch.tensor([list(astuple(s)) for s in timings], dtype=torch.float64)
     ch.send(t, 0, TAG_TIMING, "timings")
+
+
+def _cmd_groups(gstore: Any, ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
+    """Serve frames in this device's group until the leader ends the group's sequence.
+
+    The groups' frames run at once; each group reads its own command sequence (``g<i>/<k>``), so a
+    device waits only for its group's frames. A group whose head is not the leader receives each
+    frame's input from the leader and returns the output to it (runtime/leader.py ``infer``)."""
+    from edgeweave.runtime.executor import execute_plan
+
+    groups = [[int(r) for r in g] for g in cmd["groups"]]
+    mine = next((g for g, ranks in enumerate(groups) if ch.rank in ranks), None)
+    if mine is None:
+        return
+    ranks = groups[mine]
+    view = ch.view(ranks)
+    k = 0
+    while True:
+        c = gstore.wait_read(f"g{mine}/{k}", writer="leader", ordered=True)
+        k += 1
+        if not isinstance(c, dict) or c.get("op") != "infer":
+            return
+        pid = int(c["plan_id"])
+        if pid not in state.plans or state.ranks.get(pid) != ranks:
+            raise EdgeweaveError(f"device {state.name!r} has no plan {pid} for its group {ranks}")
+        prog = state.plans[pid]
+        x = None
+        if view.rank == 0 and ranks[0] != 0:  # the head: the frame comes from the leader
+            x = ch.recv(torch.empty(prog.plan.input_shape), 0, TAG_FRAME, "a frame")
+        y, timings = execute_plan(prog, x, view)
+        if view.rank == 0 and ranks[0] != 0:
+            assert y is not None
+            ch.send(ordinary(y).contiguous(), 0, TAG_FRAME, "a frame's output")
+        _send_timings(ch, timings)

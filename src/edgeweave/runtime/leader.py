@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ from edgeweave.profiling.profile import Cluster, DeviceProfile
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.executor import FIELDS as TIMING_FIELDS, StageTiming, check_plan, execute_plan
-from edgeweave.runtime.wire import TAG_CONTROL, TAG_TIMING, Channel, PeerError, wait_store_keys
+from edgeweave.runtime.wire import TAG_CONTROL, TAG_FRAME, TAG_TIMING, Channel, PeerError, wait_store_keys
 
 
 @dataclass
@@ -151,6 +152,11 @@ class Session:
         # plan id -> the leader's compiled share (engine.prepare) and what every device runs it on
         self.programs: dict[int, Any] = {}
         self.backends: dict[int, list[dict[str, Any]]] = {}
+        self.ranks: dict[int, list[int] | None] = {}  # plan id -> the ranks of its devices (None: device i is rank i)
+        self._groups: list[list[int]] | None = None  # open_groups(): the groups serving frames now
+        self._gseq: list[int] = []
+        self._gviews: list[Channel] = []
+        self._glock = threading.Lock()
         self._next_plan = 0
         self._closed = False
         _LIVE.add(self)
@@ -258,7 +264,8 @@ class Session:
             raise
         self.ch = Channel(pg, 0, self.names, self.timeout_s, probe=self._probe, grace_s=LEADER_GRACE_S)
         self.broken = None
-        self.plans, self.programs, self.backends = {}, {}, {}
+        self.plans, self.programs, self.backends, self.ranks = {}, {}, {}, {}
+        self._groups = None
 
     def regroup(self, alive: list[str] | None = None, join: list[str] = (), join_timeout_s: float = 60.0) -> None:
         """Start a new generation: the followers named in ``alive`` (default: every follower
@@ -313,6 +320,7 @@ class Session:
         self.broken = str(e)
         try:
             rv.set_json(self.gstore, "abort", str(e)[:1000])
+            self.close_groups()
             self._command({"op": "end"})
         except Exception:  # noqa: BLE001 - the store is ours; this should not fail
             pass
@@ -361,6 +369,12 @@ class Session:
         self.seq += 1
         rv.set_json(self.gstore, f"cmd/{seq}", cmd)  # sealed: followers ignore a command we did not write
         return seq
+
+    def _forget_key(self, key: str) -> None:
+        try:
+            self.gstore.delete_key(key)
+        except Exception:  # noqa: BLE001 - best effort, as in _forget
+            pass
 
     def _forget(self, seq: int, keys: Sequence[str] = ()) -> None:
         """Delete command ``seq`` (and ``keys``) from the store once every follower has read it.
@@ -419,7 +433,7 @@ class Session:
         # what followers are told: keyed tags (the hash itself never goes to the store)
         self._model_tags = (self.ctl.tag("model", self.model_hash), self.ctl.tag("model-bytes", self._model_bytes))
         self._graphs: dict[tuple[int, ...], Any] = {}
-        self.plans, self.programs, self.backends = {}, {}, {}  # plans name the old weights' hash; followers dropped theirs too
+        self.plans, self.programs, self.backends, self.ranks = {}, {}, {}, {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
         return self.model_hash
 
@@ -441,52 +455,133 @@ class Session:
         for r in ship:
             self.followers[r - 1].info["model_tag"] = tag
 
-    def load_plan(self, plan: Plan, drop: Sequence[int] = ()) -> int:
-        """Send ``plan`` (JSON text) to every follower; they check its model hash and capture the
-        graph. Returns the plan id for :meth:`infer`. Plans ``drop`` are forgotten on every
-        device with the same command (a long stream re-plans; each plan kept costs memory on
-        every board)."""
+    def load_plan(self, plan: Plan, drop: Sequence[int] = (), ranks: Sequence[int] | None = None) -> int:
+        """Send ``plan`` (JSON text) to the followers that run it; they check its model hash and
+        capture the graph. Returns the plan id for :meth:`infer`. Plans ``drop`` are forgotten on
+        every device with the same command (a long stream re-plans; each plan kept costs memory on
+        every board).
+
+        ``ranks``: the plan runs on these devices (device i of the plan is rank ``ranks[i]``), a
+        group of :meth:`open_groups`; the leader, when among them, is the plan's device 0. By
+        default device i is rank i and the plan uses the first k devices (the others sit it out)."""
         from edgeweave.engine import prepare
         from edgeweave.planning.graph import capture
 
         ch = self._check_usable()
         if self.model is None:
             raise EdgeweaveError("load_model() before load_plan()")
+        if self._groups is not None:
+            raise EdgeweaveError("close_groups() before loading a plan: the devices are serving frames")
         if plan.model_hash != self.model_hash:
             raise EdgeweaveError(f"the plan was made for weights {plan.model_hash[:12]}..., the session holds "
                                  f"{str(self.model_hash)[:12]}...")
-        # a plan may use the first k devices only (the others sit it out): device i is rank i
-        if list(plan.devices) != self.names[: len(plan.devices)] or not plan.devices:
-            raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} "
-                                 "(or a prefix of them), in rank order")
+        if ranks is None:
+            if list(plan.devices) != self.names[: len(plan.devices)] or not plan.devices:
+                raise EdgeweaveError(f"the plan's devices {plan.devices} are not the cluster's {self.names} "
+                                     "(or a prefix of them), in rank order")
+            members = list(range(self.world))
+        else:
+            members = [int(r) for r in ranks]
+            if (len(members) != len(plan.devices) or len(set(members)) != len(members)
+                    or not all(0 <= r < self.world for r in members)
+                    or [self.names[r] for r in members] != list(plan.devices)
+                    or (0 in members and members[0] != 0)):
+                raise EdgeweaveError(f"the plan's devices {plan.devices} are not ranks {members} of the cluster "
+                                     f"{self.names} (the leader, when in a plan, is its device 0)")
         check_plan(plan)
         pid = self._next_plan
         self._next_plan += 1
         text = plan.to_json().encode()
         drop = [int(p) for p in drop if p in self.plans]
         seq = self._command({"op": "plan", "plan_id": pid, "nbytes": len(text), "drop": drop,
-                             "tag": self.ctl.tag("plan", text)})
+                             "ranks": None if ranks is None else members, "tag": self.ctl.tag("plan", text)})
         try:
-            for r in range(1, self.world):
-                ch.send_bytes(text, r, TAG_CONTROL, "the plan")
+            for r in members:
+                if r != 0:
+                    ch.send_bytes(text, r, TAG_CONTROL, "the plan")
             # the leader's share of the preparation, while the followers prepare theirs
             shape = tuple(plan.input_shape)
             if shape not in self._graphs:
                 self._graphs[shape] = capture(self.model, shape)
-            prog = prepare(self._graphs[shape], plan, 0)
+            prog = prepare(self._graphs[shape], plan, 0) if members[0] == 0 else None
             acks = self._await_acks(seq, "accept the plan")
         except PeerError as e:
             self._fail(e)
             raise
         self.plans[pid] = (plan, self._graphs[shape])
         self.programs[pid] = prog
-        self.backends[pid] = [{"backend": prog.backend, "fallbacks": prog.fallbacks}] + [
-            {"backend": a.get("backend", "torch"), "fallbacks": list(a.get("fallbacks", []))} for a in acks]
+        self.ranks[pid] = None if ranks is None else members
+        mine = [{"backend": prog.backend, "fallbacks": prog.fallbacks}] if prog is not None else []
+        self.backends[pid] = mine + [{"backend": a.get("backend", "torch"), "fallbacks": list(a.get("fallbacks", []))}
+                                     for a in acks if a.get("member", True)]
         for p in drop:
             del self.plans[p]
             self.programs.pop(p, None)
             self.backends.pop(p, None)
+            self.ranks.pop(p, None)
         return pid
+
+    # -- groups: frames in flight ------------------------------------------------------------
+    def open_groups(self, groups: Sequence[Sequence[int]]) -> None:
+        """Divide the devices into ``groups`` (lists of ranks, disjoint; the leader, when in one,
+        first) that serve frames at the same time: from now on :meth:`infer` of a plan loaded
+        with ``ranks`` equal to a group runs on that group only, and calls for different groups
+        may run at once (one thread each). Plans cannot be loaded until :meth:`close_groups`."""
+        self._check_usable()
+        gs = [[int(r) for r in g] for g in groups]
+        flat = [r for g in gs for r in g]
+        if (not gs or any(not g for g in gs) or len(set(flat)) != len(flat)
+                or not all(0 <= r < self.world for r in flat) or any(0 in g and g[0] != 0 for g in gs)):
+            raise EdgeweaveError(f"groups {gs} must be disjoint, non-empty lists of ranks 0..{self.world - 1}, "
+                                 "the leader first in its group")
+        if self._groups is not None:
+            self.close_groups()
+        self._command({"op": "groups", "groups": gs})
+        self._groups, self._gseq = gs, [0] * len(gs)
+        self._gviews = [self.ch.view(g if 0 in g else [0] + g) for g in gs]  # type: ignore[union-attr]
+
+    def close_groups(self) -> None:
+        """End every group's sequence: the followers go back to the generation's commands."""
+        if self._groups is None:
+            return
+        with self._glock:
+            for g in range(len(self._groups)):
+                rv.set_json(self.gstore, f"g{g}/{self._gseq[g]}", {"op": "end"})
+                self._gseq[g] += 1
+            self._groups = None
+
+    def _group_of(self, ranks: list[int]) -> int:
+        if self._groups is None or ranks not in self._groups:
+            raise EdgeweaveError(f"the plan runs on ranks {ranks}: open_groups() with that group first")
+        return self._groups.index(ranks)
+
+    def _infer_group(self, x: torch.Tensor, plan_id: int, plan: Plan, ranks: list[int]) -> tuple[Any, list[Any]]:
+        """One frame on a group: the leader computes as the group's head, or sends the frame to
+        the head and receives the output; every member sends its timings to the leader."""
+        g = self._group_of(ranks)
+        with self._glock:
+            k = self._gseq[g]
+            self._gseq[g] += 1
+        rv.set_json(self.gstore, f"g{g}/{k}", {"op": "infer", "plan_id": plan_id})
+        view = self._gviews[g]
+        n = len(plan.stages) + 1
+        others = [i for i in range(1, len(view.names))]
+        bufs = {i: torch.zeros(n, TIMING_FIELDS, dtype=torch.float64) for i in others}
+        posted = {i: view.irecv(t, i, TAG_TIMING) for i, t in bufs.items()}
+        if ranks[0] == 0:
+            y, mine = execute_plan(self.programs[plan_id], x, view)
+            per_device = [mine]
+        else:
+            out = torch.empty(plan.stages[-1].output_shape)
+            got = view.irecv(out, 1, TAG_FRAME)
+            view.send(x.contiguous(), 1, TAG_FRAME, "a frame")
+            view.wait(got, 1, "receiving a frame's output")
+            y, per_device = out, []
+        for i, t in bufs.items():
+            view.wait(posted[i], i, "receiving timings")
+            per_device.append([StageTiming(*[float(v) for v in row]) for row in t.tolist()])
+        self._forget_key(f"g{g}/{k}")
+        return y, per_device
 
     def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:
         """Run one input through the cluster with a loaded plan (default: the last one)."""
@@ -501,6 +596,20 @@ class Session:
         if list(x.shape) != list(plan.input_shape):  # before followers start waiting for rows
             raise EdgeweaveError(f"plan {plan_id} was made for input shape {plan.input_shape}, got {list(x.shape)}")
         t0 = time.perf_counter()
+        ranks = self.ranks.get(plan_id)
+        if ranks is not None:
+            self._group_of(ranks)  # refused before anything is sent
+            try:
+                y, per_device = self._infer_group(x.detach().to(torch.float32), plan_id, plan, ranks)
+            except PeerError as e:
+                self._fail(e)
+                raise
+            except BaseException as e:
+                self._fail(PeerError(f"the leader failed during inference: {type(e).__name__}: {e}"))
+                raise
+            assert y is not None
+            return ordinary(y), Timings(time.perf_counter() - t0, list(plan.devices), per_device,
+                                        [s.kind for s in plan.stages])
         seq = self._command({"op": "infer", "plan_id": plan_id})
         try:
             # timings are posted first so that they are in by the time the leader's part ends

@@ -30,6 +30,7 @@ from edgeweave.errors import EdgeweaveError
 TAG_STRIDE = 4096
 TAG_CONTROL = 1 << 28
 TAG_TIMING = TAG_CONTROL + 1
+TAG_FRAME = TAG_CONTROL + 2  # a group's frame: its input to the group's head, its output back
 
 # A probe returns None when all is well, or a message explaining why waiting is pointless.
 Probe = Callable[[], "str | None"]
@@ -67,10 +68,23 @@ class Channel:
     # silent peer, its report (naming the real culprit) reaches the leader before it gives up.
     grace_s: float = 0.0
     _pending_sends: list[tuple[Any, int, str, Any]] = field(default_factory=list)
+    ranks: list[int] | None = None  # a view's peers' ranks in the whole group (:meth:`view`)
 
     def who(self, rank: int) -> str:
         name = self.names[rank] if 0 <= rank < len(self.names) else "?"
+        if self.ranks is not None and 0 <= rank < len(self.ranks):
+            rank = self.ranks[rank]
         return f"device {name!r} (rank {rank})"
+
+    def view(self, ranks: list[int]) -> "Channel":
+        """This channel as seen by a plan over some of the devices: peer ``i`` of the view is
+        rank ``ranks[i]`` (a group of devices serving frames of its own; planning/throughput.py).
+        The view keeps its own pending sends, so groups running at once do not wait for each
+        other's."""
+        if self.rank not in ranks:
+            raise EdgeweaveError(f"rank {self.rank} is not one of the view's ranks {ranks}")
+        return Channel(_Mapped(self.pg, list(ranks)), ranks.index(self.rank), [self.names[r] for r in ranks],
+                       self.timeout_s, probe=self.probe, poll_s=self.poll_s, grace_s=self.grace_s, ranks=list(ranks))
 
     # -- raw tensors -------------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dst: int, tag: int, what: str = "data") -> None:
@@ -104,7 +118,8 @@ class Channel:
                     peer=lambda i: self._peer(srcs[i]))
 
     def _peer(self, rank: int) -> tuple[int, str | None]:
-        return rank, self.names[rank] if 0 <= rank < len(self.names) else None
+        name = self.names[rank] if 0 <= rank < len(self.names) else None
+        return (self.ranks[rank] if self.ranks is not None and name is not None else rank), name
 
     def wait(self, work: Any, peer: int, what: str) -> None:
         """Wait for one operation with ``peer``; raise PeerError naming it on any failure."""
@@ -154,6 +169,20 @@ class Channel:
             return json.loads(data.decode())
         except (UnicodeDecodeError, ValueError):
             raise PeerError(f"{self.who(src)} sent {what} that is not valid JSON", src) from None
+
+
+@dataclass
+class _Mapped:
+    """A process group's point-to-point operations addressed by position in ``ranks``."""
+
+    pg: Any
+    ranks: list[int]
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> Any:
+        return self.pg.send(tensors, self.ranks[dst], tag)
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
+        return self.pg.recv(tensors, self.ranks[src], tag)
 
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
