@@ -139,3 +139,28 @@ def test_a_follower_killed_mid_stream_loses_no_frame(model_and_graph):
         assert sum(r.retries for r in res) >= 1  # the frame in flight on the dead group ran again
         later = [r for r in res if r.start_s > srv.events[1].at_s]
         assert later and all("worker3" not in r.devices for r in later)
+
+
+def test_run_cli_serves_a_stream_under_an_slo(tmp_path):
+    """`edgeweave run --rate --slo-ms` as a user runs it: a real process, JSON out, every frame
+    answered and exact, the groups the planner chose for the SLO."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "stream.json"
+    p = subprocess.run([sys.executable, "-m", "edgeweave", "run", "--model", "small_cnn", "--input-size", "32",
+                        "--workers", "3", "--repeat", "10", "--rate", "40", "--slo-ms", "500", "--check",
+                        "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["count"] == 10 and len(res["frames"]) == 10 and res["lost_frames"] == 0
+    assert res["rel_err"] <= 1e-5
+    names = sorted(n for g in res["groups"] for n in g)
+    assert names == sorted(res["devices"])  # every device in exactly one group
+    assert all(lat <= 0.5 for lat in res["predicted"]["group_latency_s"])
+    assert res["slo_s"] == 0.5 and isinstance(res["slo_met"], bool)
+    assert "frames/s" in p.stderr and "groups" in p.stderr
+    bad = subprocess.run([sys.executable, "-m", "edgeweave", "run", "--model", "small_cnn", "--input-size", "32",
+                          "--workers", "1", "--rate", "-3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rate must be > 0" in bad.stderr and "Traceback" not in bad.stderr

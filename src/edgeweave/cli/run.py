@@ -34,6 +34,13 @@ def run(
                                   "device's real speed from its step times and re-plan when a device turns out slower "
                                   "or faster than its profile. A follower that dies or hangs is left out and the frame runs "
                                   "again on the others (JSON: per-frame `frames`, `replans`, `lost`)."),
+    rate: Optional[float] = typer.Option(None, "--rate", help="Serve the --repeat frames as a stream arriving at this "
+                                         "many frames per second; latency counts from each frame's arrival (JSON: "
+                                         "fps, p50_s, p95_s, per-frame `frames`, `lost_frames`)."),
+    slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="Per-frame latency bound (p95) for a stream: the "
+                                           "cluster is divided into groups that serve frames at once, the grouping "
+                                           "with the most frames per second whose groups keep the bound. Without "
+                                           "it a stream runs one frame at a time on the whole cluster."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait may take (> 0)."),
     timeline: Optional[Path] = typer.Option(None, "--timeline", help="Write a PNG timeline of the fastest inference: "
                                             "per device, when each stage waited for its inputs and when it computed."),
@@ -46,12 +53,12 @@ def run(
     use_key(key, listen if cluster and workers is None else None)
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
-                    adaptive=adaptive, backend=backend, split=split)
+                    adaptive=adaptive, backend=backend, split=split, rate=rate, slo_ms=slo_ms)
     if timeline is not None and not timeline.parent.is_dir():
         raise EdgeweaveError(f"--timeline: folder {timeline.parent} does not exist")
     res = do_run(model, input_size, workers, cfg, cluster_file=cluster, listen=listen, timeout_s=timeout)
     _print_result(res)
-    if timeline is not None:
+    if timeline is not None and "timings" in res:  # a stream has no single inference to draw
         from edgeweave.runtime.timeline import plot_timeline
 
         title = f"{res['model']} {res['input_size']}x{res['input_size']} on {', '.join(res['devices'])} ({res['mode']})"
@@ -62,6 +69,12 @@ def run(
 
 def _print_result(res: dict) -> None:
     from edgeweave.runtime.run import frames_line, result_table, summary_line
+
+    if "groups" in res:  # a stream on groups (--rate / --slo-ms)
+        from edgeweave.runtime.slo import stream_line
+
+        console.print(stream_line(res))
+        return
 
     console.print(result_table(res))
     if "frames" in res:

@@ -38,6 +38,8 @@ class RunConfig:
     adaptive: bool = False  # serve the repeats as a stream that re-plans (planning.adapt)
     backend: str = "auto"  # what each device computes with (engine/backends.py)
     split: str = "auto"  # how spatial blocks may be cut: rows | channels | auto (planning/hybrid.py)
+    rate: float | None = None  # serve the repeats as a stream arriving at this many frames per second (runtime/slo.py)
+    slo_ms: float | None = None  # per-frame latency bound (p95): groups of devices serve frames at once
 
     def validate(self) -> None:
         from edgeweave.engine.backends import NAMES
@@ -54,6 +56,10 @@ class RunConfig:
             raise EdgeweaveError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch < 1 or self.repeat < 1 or self.warmup < 0:
             raise EdgeweaveError("--batch and --repeat must be >= 1")
+        if self.rate is not None and not self.rate > 0:
+            raise EdgeweaveError(f"--rate must be > 0 frames per second, got {self.rate:g}")
+        if self.slo_ms is not None and not self.slo_ms > 0:
+            raise EdgeweaveError(f"--slo-ms must be > 0, got {self.slo_ms:g}")
 
 
 def load_for_run(model_name: str, input_size: int) -> tuple[torch.nn.Module, Any]:
@@ -246,7 +252,15 @@ def run(model_name: str, input_size: int | None, workers: int | None, cfg: RunCo
 
 def run_on_session(session: Session, model_name: str, model: torch.nn.Module, spec: Any, x: torch.Tensor,
                    cfg: RunConfig) -> dict[str, Any]:
-    """Ship the model, plan, time ``cfg.repeat`` inferences of ``x``; the contract's JSON keys."""
+    """Ship the model, plan, time ``cfg.repeat`` inferences of ``x``; the contract's JSON keys.
+    With a rate or an SLO, serve them as a stream on groups of devices (runtime/slo.py)."""
+    if cfg.rate is not None or cfg.slo_ms is not None:
+        from edgeweave.runtime.slo import run_stream
+
+        if cfg.adaptive:
+            raise EdgeweaveError("--adaptive and --rate/--slo-ms cannot be combined yet: a stream on groups "
+                                 "re-plans only when a device fails or joins")
+        return run_stream(session, model_name, model, spec, x, cfg)
     session.load_model(model, spec)
     plan = plan_for(session, model, tuple(x.shape), cfg, model_name)
     pid = session.load_plan(plan)
