@@ -33,6 +33,11 @@ def serve(
     max_waiting: int = typer.Option(8, "--max-waiting", help="Requests that may wait for the cluster (503 beyond)."),
     wait_timeout: float = typer.Option(30.0, "--wait-timeout",
                                        help="Seconds a request may wait for its turn (503 after)."),
+    slo_ms: Optional[float] = typer.Option(None, "--slo-ms", help="Per-request latency bound: requests run at once "
+                                           "on groups of devices chosen for the most requests per second that keep "
+                                           "it, and a request predicted to miss it is refused at once (503, counted "
+                                           "as refused_slo). Without it requests run one at a time on the whole "
+                                           "cluster."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds any network wait inside the cluster may take."),
     key: Optional[Path] = KeyOpt,
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="Require `Authorization: Bearer <token>` "
@@ -55,7 +60,8 @@ def serve(
     from edgeweave.serving.server import ServerLimits
 
     use_key(key)  # the cluster's key (serve checks --listen against it)
-    cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode, backend=backend),
+    cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode, backend=backend,
+                                                           slo_ms=slo_ms),
                       normalize=normalize, max_body_bytes=int(max_body_mb * (1 << 20)),
                       limits=ServerLimits(max_waiting=max_waiting, wait_timeout_s=wait_timeout), listen=listen,
                       timeout_s=timeout, token=load_token(token_file) if token_file is not None else None,
@@ -63,6 +69,7 @@ def serve(
     stats = do_serve(model, input_size, workers, cluster, cfg)
     lat = stats["latency_s"]
     more = (f"{stats['unsatisfied']} could not be met; by point {stats['by_point']}" if "by_point" in stats
+            else f"{stats['refused_slo']} refused for the SLO, {stats['regroups']} regroups" if "refused_slo" in stats
             else f"{stats['replans']} re-plans, {stats['regroups']} regroups")
     console.print(f"stopped: {stats['served']} served, {stats['refused']} refused (busy), {stats['failed']} failed"
                   + (f", {stats['unauthorized']} unauthorized" if stats.get("unauthorized") else "") + "; "

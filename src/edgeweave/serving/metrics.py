@@ -27,6 +27,8 @@ COUNTERS = {
     "replans": "Plans changed because a device turned out slower or faster than believed.",
     "regroups": "Frames before which devices left or joined the group.",
     "learn_errors": "Failures while the stream learnt from a frame (serving went on).",
+    "refused_slo": "Requests refused at once because their predicted answer was past the latency SLO (HTTP 503; "
+                   "also counted in refused).",
     "unsatisfied": "Requests whose latency budget or accuracy target no operating point met.",
 }
 QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"), ("1", "max"))
@@ -62,6 +64,18 @@ class StatsCollector:
             for d, f in zip(s["devices"], s["speed_factors"]):
                 g.add_metric([d], f)
             yield g
+        if s.get("groups"):  # serve --slo-ms: groups of devices serving requests at once
+            served = CounterMetricFamily("edgeweave_group_served", "Requests answered, by group.", labels=["group"])
+            busy = GaugeMetricFamily("edgeweave_group_busy", "1 while the group computes a request.", labels=["group"])
+            svc = GaugeMetricFamily("edgeweave_group_service_seconds", "The group's recent seconds per request.",
+                                    labels=["group"])
+            for g in s["groups"]:
+                name = "+".join(g["devices"])
+                served.add_metric([name], g["served"])
+                busy.add_metric([name], float(g["busy"]))
+                svc.add_metric([name], g["service_s"])
+            yield from (served, busy, svc)
+            yield GaugeMetricFamily("edgeweave_waiting", "Requests waiting for a free group.", value=s["waiting"])
         if s.get("predicted_s") is not None:
             yield GaugeMetricFamily("edgeweave_predicted_seconds", "The plan's predicted latency, calibrated on "
                                     "measured frames.", value=s["predicted_s"])

@@ -111,11 +111,32 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
         with console.status("starting the cluster, planning, warming up ..."):
             session = stack.enter_context(open_session(workers, cluster_file, cfg.listen, cfg.timeout_s))
             session.load_model(model, spec)
-            plan = plan_for(session, model, (1, spec.in_channels, size, size), cfg.run, model_name)
-            stream = AdaptiveStream(session, plan, session.cluster, plan_id=session.load_plan(plan))
-            server = InferenceServer(stream, spec, model_name, cfg.limits)
+            if cfg.run.slo_ms is not None:
+                server = _group_server(session, model, spec, size, model_name, cfg)
+                stack.callback(server.close)
+            else:
+                plan = plan_for(session, model, (1, spec.in_channels, size, size), cfg.run, model_name)
+                stream = AdaptiveStream(session, plan, session.cluster, plan_id=session.load_plan(plan))
+                server = InferenceServer(stream, spec, model_name, cfg.limits)
             warm_s = server.warm_up()
         return _run(server, create_app(server, norm, cfg.max_body_bytes, cfg.token), cfg, warm_s)
+
+
+def _group_server(session: Any, model: Any, spec: Any, size: int, model_name: str, cfg: ServeConfig) -> Any:
+    """``--slo-ms``: requests served at once on groups of devices chosen for the SLO."""
+    from edgeweave.planning.graph import capture
+    from edgeweave.runtime.slo import group_planner
+    from edgeweave.serving.groups import GroupInferenceServer
+
+    gm = capture(model, (1, spec.in_channels, size, size))
+    replan = group_planner(session, gm, cfg.run, model_name)
+    gplan = replan(session.cluster)
+    if not gplan.feasible:
+        console.print(f"[yellow]warning: no grouping is predicted to keep {cfg.run.slo_ms:g} ms; serving on the "
+                      f"fastest ({1e3 * gplan.latency_s:.0f} ms per request predicted): most requests will be "
+                      "refused[/yellow]")
+    assert cfg.run.slo_ms is not None
+    return GroupInferenceServer(session, gplan, replan, spec, model_name, cfg.run.slo_ms / 1e3, cfg.limits)
 
 
 def has_operating_points(model_name: str) -> bool:
