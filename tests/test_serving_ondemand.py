@@ -111,10 +111,27 @@ def test_bad_service_levels_and_a_busy_model_get_clear_errors(served):
     assert s["refused"] == 1 and s["served"] == 1
 
 
-def test_a_multi_exit_checkpoint_is_not_spread_over_workers(ckpt):
-    out = subprocess.run([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--workers", "2"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "drop --workers" in out.stderr, out.stderr[-2000:]
+@pytest.mark.timeout(240)
+def test_a_multi_exit_checkpoint_served_with_its_trunk_over_workers(ckpt, tmp_path):
+    """With --workers the trunk's segments run over the cluster; each request still gets a
+    calibrated point, priced for this cluster, and the stats say how much later work was skipped."""
+    out = subprocess.run([sys.executable, "-m", "edgeweave", "serve", "--model", str(ckpt), "--workers", "2",
+                          "--slo-ms", "100"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "budget_ms" in out.stderr, out.stderr[-2000:]
+    names = [p.name for p in OnDemandModel.load(ckpt).points]
+    stats_file = tmp_path / "stats.json"
+    with serve_command(["--model", str(ckpt), "--workers", "2", "--json", str(stats_file)], up_within_s=180) as (url, end):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            m = client.get("/v1/model").json()
+            assert m["devices"] == ["leader", "worker1", "worker2"]
+            x = encode_raw(torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)))
+            for q in ("", "?budget_ms=100000", "?min_accuracy=1", "?budget_ms=0.001"):
+                r = client.post(f"/v1/infer{q}", content=x, headers=RAW)
+                assert r.status_code == 200 and 0 <= r.json()["exit"] < 3 and r.json()["point"] in names, r.text
+            s = client.get("/v1/stats").json()
+            assert s["served"] == 4 and 0.0 <= s["followers_skipped_fraction"] <= 1.0
+    assert end["returncode"] == 0, end["stderr"][-3000:]
+    assert "on leader, worker1, worker2, early exits on demand" in end["stderr"]
 
 
 @pytest.mark.slow

@@ -139,4 +139,21 @@ def is_multi_exit(model: nn.Module) -> bool:
     return isinstance(model, MultiExitNet)
 
 
-__all__ = ["ExitHead", "MultiExitNet", "is_multi_exit", "out_channels"]
+def exit_part(model: nn.Module, part: dict | None) -> nn.Module:
+    """The piece of a multi-exit model a distributed plan runs (``plan.meta["part"]``): segment
+    ``k`` alone (``{"segment": k}``; its head runs where the output lands), or with its head
+    (``{"segment": k, "head": true}``, the last exit's). None: the whole model. Leader and
+    followers build the same piece from the same weights, so a plan names it, not its bytes."""
+    if part is None:
+        return model
+    if not isinstance(model, MultiExitNet):
+        raise EdgeweaveError(f"a plan for a piece of a multi-exit model ({part}) cannot run on {type(model).__name__}")
+    k = int(part["segment"])
+    if not 0 <= k < model.num_exits:
+        raise EdgeweaveError(f"segment {k} out of range 0..{model.num_exits - 1}")
+    if part.get("head"):
+        return nn.Sequential(model.segments[k], model.heads[k]).eval()
+    return model.segments[k]
+
+
+__all__ = ["ExitHead", "MultiExitNet", "exit_part", "is_multi_exit", "out_channels"]

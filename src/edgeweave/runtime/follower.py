@@ -38,7 +38,7 @@ class FollowerState:
     model_hash: str | None = None
     plans: dict[int, Any] = field(default_factory=dict)  # plan id -> engine.DeviceProgram
     ranks: dict[int, list[int]] = field(default_factory=dict)  # plan id -> the ranks of its devices, in plan order
-    graphs: dict[tuple[int, ...], Any] = field(default_factory=dict)  # input shape -> graph module
+    graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (input shape, piece) -> graph module
     gloo_host: str = ""
     ctl: auth.Control = field(default_factory=lambda: auth.Control(None))  # seals and checks control values
 
@@ -217,10 +217,13 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     if plan.model_hash != state.model_hash:
         raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the plan: it was made for weights "
                              f"{plan.model_hash[:12]}... but this device holds {str(state.model_hash)[:12]}...")
-    shape = tuple(plan.input_shape)
-    if shape not in state.graphs:  # tracing costs seconds; plans for one shape share a graph
-        state.graphs[shape] = capture(state.model, shape)
-    gm = state.graphs[shape]
+    from edgeweave.models.multi_exit import exit_part
+
+    part = plan.meta.get("part")  # a piece of a multi-exit model (runtime/exits.py), or the whole
+    gkey = (tuple(plan.input_shape), repr(part))
+    if gkey not in state.graphs:  # tracing costs seconds; plans for one shape (and piece) share a graph
+        state.graphs[gkey] = capture(exit_part(state.model, part), tuple(plan.input_shape))
+    gm = state.graphs[gkey]
     prog = prepare(gm, plan, ranks.index(rank))  # compiled now: the first frame runs at this device's real speed
     state.plans[int(cmd["plan_id"])] = prog
     state.ranks[int(cmd["plan_id"])] = ranks

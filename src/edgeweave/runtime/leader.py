@@ -465,6 +465,7 @@ class Session:
         group of :meth:`open_groups`; the leader, when among them, is the plan's device 0. By
         default device i is rank i and the plan uses the first k devices (the others sit it out)."""
         from edgeweave.engine import prepare
+        from edgeweave.models.multi_exit import exit_part
         from edgeweave.planning.graph import capture
 
         ch = self._check_usable()
@@ -500,9 +501,10 @@ class Session:
                 if r != 0:
                     ch.send_bytes(text, r, TAG_CONTROL, "the plan")
             # the leader's share of the preparation, while the followers prepare theirs
-            shape = tuple(plan.input_shape)
+            part = plan.meta.get("part")  # a piece of a multi-exit model (runtime/exits.py), or the whole
+            shape = (tuple(plan.input_shape), repr(part))
             if shape not in self._graphs:
-                self._graphs[shape] = capture(self.model, shape)
+                self._graphs[shape] = capture(exit_part(self.model, part), tuple(plan.input_shape))
             prog = prepare(self._graphs[shape], plan, 0) if members[0] == 0 else None
             acks = self._await_acks(seq, "accept the plan")
         except PeerError as e:

@@ -1,14 +1,16 @@
-"""A multi-exit model served on the leader alone, each request at the operating point it asks for.
+"""A multi-exit model served each request at the operating point it asks for, on the leader
+alone or with its trunk over the cluster (``runtime.exits.ClusterOnDemand``).
 
 A request may state a latency budget (``budget_ms``) or an accuracy target (``min_accuracy``);
 the policy (``exits.policy``) picks the calibrated operating point that serves it best, and the
 answer says which point ran, where the sample left the trunk, and whether the request could be
 met. Requests that state neither get the default point (the most accurate one).
 
-Why on one device: an early exit decides after each segment, per sample, whether to go on, so
-the work of a request is not known before it runs, while a plan spreads a known graph; and the
-trunk of a multi-exit model is small (that is its point), so spreading it would cost more in
-synchronisation than it saves.
+On a cluster every trunk segment (exit to exit) has its own plan: after each, the leader runs
+the exit's head and decides whether the request goes on, so the followers never start the
+segments a request does not need. Whether spreading pays depends on the trunk: a small one costs
+more in synchronisation than it saves, and then serving it on the leader alone is the faster
+choice.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class OnDemandServer:
         """The whole trunk once on zeros, outside the load tracker (a first run is slow for reasons
         that say nothing about the device's load). Returns its seconds."""
         t0 = time.perf_counter()
-        early_exit(self.od.model, torch.zeros(1, *self.input_shape), [NEVER] * self.od.model.num_exits)
+        if hasattr(self.od, "warm_up"):  # the trunk over the cluster: every segment's plan once
+            self.od.warm_up()
+        else:
+            early_exit(self.od.model, torch.zeros(1, *self.input_shape), [NEVER] * self.od.model.num_exits)
         return time.perf_counter() - t0
 
     def infer(self, x: torch.Tensor, budget_ms: float | None = None,
@@ -76,12 +81,13 @@ class OnDemandServer:
         return self.turns.idle(timeout_s)
 
     def describe(self) -> str:
-        return (f"on this device, early exits on demand ({len(self.od.points)} operating points, default "
+        where = f"on {', '.join(self._devices())}" if len(self._devices()) > 1 else "on this device"
+        return (f"{where}, early exits on demand ({len(self.od.points)} operating points, default "
                 f"{self.od.choose(None, None).point.name}; /v1/model lists them)")
 
     def model_info(self) -> dict[str, Any]:
         """What ``/v1/model`` adds: the operating points a request can be served at."""
-        return {"devices": ["leader"], "exits": self.od.model.num_exits,
+        return {"devices": self._devices(), "exits": self.od.model.num_exits,
                 "default_point": self.od.choose(None, None).point.name,
                 "operating_points": [{"name": p.name, "accuracy": p.accuracy, "mean_ms": p.mean_ms,
                                       "p95_ms": p.p95_ms, "exit_proportions": p.exit_proportions}
@@ -89,5 +95,11 @@ class OnDemandServer:
 
     def stats(self) -> dict[str, Any]:
         tracker = self.od.load_tracker
-        return {"model": self.model_name, **self.counters.snapshot(), "devices": ["leader"],
-                "load_factor": tracker.factor() if tracker is not None else 1.0}
+        out = {"model": self.model_name, **self.counters.snapshot(), "devices": self._devices(),
+               "load_factor": tracker.factor() if tracker is not None else 1.0}
+        if hasattr(self.od, "skipped_fraction"):
+            out["followers_skipped_fraction"] = self.od.skipped_fraction()
+        return out
+
+    def _devices(self) -> list[str]:
+        return list(getattr(self.od, "devices", ["leader"]))

@@ -6,8 +6,9 @@ told to leave). Every frame goes through the adaptive stream, so the cluster re-
 device turns out slower or faster than its profile, and goes on without a device that dies.
 
 A multi-exit checkpoint with calibrated operating points (``edgeweave exits calibrate``) is
-served on this device alone instead, each request at the point its latency budget or accuracy
-target asks for (``serving.ondemand`` says why not on the cluster).
+served each request at the point its latency budget or accuracy target asks for: on this device
+alone, or with ``--workers``/``--cluster`` its trunk segment by segment over the cluster
+(``runtime.exits``), the points priced for the cluster.
 """
 
 from __future__ import annotations
@@ -89,20 +90,21 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
     if cfg.limits.max_waiting < 0 or cfg.limits.wait_timeout_s <= 0 or cfg.max_body_bytes < 1:
         raise EdgeweaveError("--max-waiting must be >= 0, --wait-timeout and --max-body-mb positive")
     on_demand = has_operating_points(model_name)
-    if on_demand and (workers is not None or cluster_file):
-        raise EdgeweaveError(f"{model_name} is a multi-exit model with operating points: it is served on this device "
-                             f"alone, each request at the point it asks for; drop --workers/--cluster")
+    on_cluster = workers is not None or bool(cluster_file)
+    if on_demand and cfg.run.slo_ms is not None:
+        raise EdgeweaveError(f"{model_name} has operating points: requests choose theirs with ?budget_ms= or "
+                             "?min_accuracy=; --slo-ms (groups of devices) serves single-exit models")
     if not on_demand:
         require_cluster(workers, cluster_file)
     norm = parse_normalize(cfg.normalize)
     check_tls(cfg.ssl_certfile, cfg.ssl_keyfile)
-    if workers is None and cluster_file and not on_demand:  # followers started by hand find us on cfg.listen
+    if workers is None and cluster_file:  # followers started by hand find us on cfg.listen
         from edgeweave.runtime import auth
         from edgeweave.runtime.rendezvous import parse_address
 
         auth.require_key_or_loopback(parse_address(cfg.listen)[0], auth.key_from_env(), "leader")
     check_port(cfg.host, cfg.port)
-    if on_demand:
+    if on_demand and not on_cluster:
         return _serve_on_demand(model_name, input_size, norm, cfg)
     torch.set_num_threads(1)
     model, spec, size = load_sized(model_name, input_size)
@@ -111,7 +113,9 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
         with console.status("starting the cluster, planning, warming up ..."):
             session = stack.enter_context(open_session(workers, cluster_file, cfg.listen, cfg.timeout_s))
             session.load_model(model, spec)
-            if cfg.run.slo_ms is not None:
+            if on_demand:
+                server = _cluster_on_demand(session, model_name, model, spec, size, cfg)
+            elif cfg.run.slo_ms is not None:
                 server = _group_server(session, model, spec, size, model_name, cfg)
                 stack.callback(server.close)
             else:
@@ -137,6 +141,20 @@ def _group_server(session: Any, model: Any, spec: Any, size: int, model_name: st
                       "refused[/yellow]")
     assert cfg.run.slo_ms is not None
     return GroupInferenceServer(session, gplan, replan, spec, model_name, cfg.run.slo_ms / 1e3, cfg.limits)
+
+
+def _cluster_on_demand(session: Any, model_name: str, model: Any, spec: Any, size: int, cfg: ServeConfig) -> Any:
+    """A calibrated multi-exit model with its trunk over the cluster, each request at its point."""
+    from edgeweave.checkpoint import read_metadata
+    from edgeweave.exits.ondemand import points_from_extra
+    from edgeweave.runtime.exits import ClusterExits, ClusterOnDemand
+    from edgeweave.serving.ondemand import OnDemandServer
+
+    points = points_from_extra(read_metadata(model_name).get("extra", {}))
+    r = cfg.run
+    ce = ClusterExits(session, model, (1, spec.in_channels, size, size), model_name=model_name,
+                      partition=r.partition, fusion=r.fusion, mode=r.mode, backend=r.backend, split=r.split)
+    return OnDemandServer(ClusterOnDemand(ce, points, model_spec=spec), spec, model_name, cfg.limits)
 
 
 def has_operating_points(model_name: str) -> bool:
