@@ -170,3 +170,26 @@ def kernels(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("stream")
+def stream(
+    quick: bool = QuickOpt,
+    frames: Optional[int] = typer.Option(None, "--frames", min=2, help="Frames per burst and per offered stream "
+                                         "(default 40, quick 25)."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Frames in flight on the emulated cluster (root): one frame at a time, every device a group
+    of its own, and the planner's groups under a relaxed and a tight SLO; frames/s over one
+    device (torch and ONNX Runtime) and p95 latency. Writes results/stream/."""
+    from edgeweave.bench.stream import StreamBenchConfig, run_stream_bench
+
+    cfg = StreamBenchConfig.quick_config() if quick else StreamBenchConfig()
+    if frames:
+        cfg.frames = frames
+    result = run_stream_bench(cfg, out_dir=out)
+    console.rule("bench stream summary")
+    for k, v in result["summary"].items():
+        console.print(f"{k}: {v if not isinstance(v, float) else f'{v:.4g}'}")
+    emit_json(result, json_out)

@@ -1,0 +1,212 @@
+"""``edgeweave bench stream``: frames per second of a stream on the emulated cluster, one frame at
+a time against groups of devices serving frames at once, under per-frame latency SLOs.
+
+On the testbed (leader + 4 followers at 0.25 core each, 1000 Mbit/s links), for each model:
+- the single-device frame rate (plain torch, and raw ONNX Runtime, on one capped device, warm,
+  interleaved) as the baseline;
+- ``one``: today's plan, every device on every frame, one frame at a time;
+- ``singles``: every device a group of its own (five frames in flight);
+- ``relaxed`` and ``tight``: the planner's grouping (planning/throughput.py) for an SLO of 1.25x
+  one device's latency and of 1.5x the one-frame-at-a-time five-device latency measured here.
+Each configuration serves a burst (all frames at once: its capacity, as answers per second
+between the first and the last answer) and then streams offered at several shares of that
+capacity, whose latency percentiles count from each frame's arrival. The configuration's result
+is the stream with the highest offered rate whose p95 keeps its SLO (without an SLO: the highest
+rate served). Every output is compared with the whole model's.
+
+Summary keys: ``throughput_ratio_<model>_relaxed`` / ``_tight`` (frames/s served at that rate
+over one device's frame rate; None where no offered rate kept the SLO), ``p95_over_slo_max``,
+``lost_frames``, ``max_rel_err``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeweave.cli.common import console
+from edgeweave.errors import EdgeweaveError
+
+NAMES = ["leader", "w1", "w2", "w3", "w4"]
+
+
+@dataclass
+class StreamBenchConfig:
+    models: list[str] = field(default_factory=lambda: ["vgg16", "resnet18"])
+    size: int = 224
+    cpu: float = 0.25
+    rate: str = "1000mbit"
+    frames: int = 40
+    single_rounds: int = 5
+    load_factors: tuple[float, ...] = (0.7, 0.85, 1.0)  # offered rates, as shares of the burst's capacity
+    prefix: str = "ewv-"
+    subnet: str = "10.77.36.0/24"
+    timeout_s: float = 900.0
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls) -> StreamBenchConfig:
+        return cls(models=["vgg16"], frames=25, single_rounds=3, quick=True)
+
+
+def run_stream_bench(cfg: StreamBenchConfig | None = None, out_dir: Path = Path("results")) -> dict[str, Any]:
+    """Bring the testbed up, profile, serve every configuration; JSON (and a plot) under
+    ``out_dir/stream``. Needs root and Linux."""
+    import torch
+
+    from edgeweave.bench import tbcluster as T
+    from edgeweave.testbed import Testbed, emulation_support
+
+    torch.set_num_threads(1)
+    cfg = cfg or StreamBenchConfig()
+    ok, why = emulation_support()
+    if not ok:
+        raise EdgeweaveError(f"bench stream needs the emulated testbed (root, Linux, iproute2, cgroups): {why}")
+    out = Path(out_dir) / "stream"
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    before = T.machine_state()
+    console.print(f"[bold]bench stream[/bold] ({'quick' if cfg.quick else 'full'}): load average {before['loadavg']}")
+    spec = {"prefix": cfg.prefix, "subnet": cfg.subnet,
+            "devices": [{"name": n, "cpu": cfg.cpu, "bandwidth": cfg.rate} for n in NAMES]}
+    models: dict[str, Any] = {}
+    tb = Testbed.up(spec)
+    try:
+        console.print(f"profiling {cfg.cpu:g} core inside the testbed...")
+        profiles = T.profile_caps(tb, [cfg.cpu], quick=True, workdir=work / "profiles", timeout_s=cfg.timeout_s)
+        goodput = T.measure_rates(tb, [cfg.rate])
+        cluster = T.planner_cluster(NAMES, [cfg.cpu] * len(NAMES), [cfg.rate] * len(NAMES), profiles, goodput)
+        for name in cfg.models:
+            models[name] = _run_model(tb, cfg, name, cluster, work, T)
+    finally:
+        tb.down()
+    after = T.machine_state()
+    result = {"config": asdict(cfg), "models": models, "machine_before": before, "machine_after": after,
+              "seconds": time.perf_counter() - t_start}
+    result["summary"] = summarize(result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stream.json").write_text(json.dumps(result, indent=2))
+    result["files"] = {"json": str(out / "stream.json"), "plot": _plot(result, out / "stream.png")}
+    (out / "stream.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _run_model(tb: Any, cfg: StreamBenchConfig, name: str, cluster: Any, work: Path, T: Any) -> dict[str, Any]:
+    from edgeweave.checkpoint import load_checkpoint
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.throughput import one_group, plan_groups
+
+    ckpt, mhash = T.write_checkpoint(name, work / f"{name}-{cfg.size}.safetensors", cfg.size)
+    model, _spec, _ = load_checkpoint(ckpt)
+    gm = capture(model.eval(), (1, 3, cfg.size, cfg.size))
+    console.print(f"{name}: single-device baselines on {NAMES[0]} ({cfg.single_rounds} rounds, interleaved)...")
+    single: dict[str, list[float]] = {"torch": [], "ort": []}
+    with T.SingleDevice(tb, NAMES[0], str(ckpt), cfg.size, timeout_s=cfg.timeout_s) as st, \
+            T.SingleDevice(tb, NAMES[0], str(ckpt), cfg.size, timeout_s=cfg.timeout_s, runtime="ort") as so:
+        for _ in range(cfg.single_rounds):
+            single["torch"].append(st.time_once())
+            single["ort"].append(so.time_once())
+    single_s = {k: statistics.median(v) for k, v in single.items()}
+    console.print(f"  one device: torch {single_s['torch']:.3f} s, ONNX Runtime {single_s['ort']:.3f} s per frame")
+    opts = dict(model_name=name, model_hash=mhash, backend="torch")
+    rows: dict[str, Any] = {}
+    with T.BenchCluster(tb, ckpt, cluster, work / f"cluster-{name}", timeout_s=cfg.timeout_s,
+                        driver="edgeweave.bench.stream_driver") as bc:
+        def serve(label: str, gplan: Any, slo_s: float | None) -> dict[str, Any]:
+            path = work / f"{name}-{label}.json"
+            path.write_text(gplan.to_json())
+            burst = bc.call({"op": "stream", "path": str(path), "frames": cfg.frames}, timeout_s=cfg.timeout_s)
+            capacity = burst["fps_steady"] or burst["fps"]
+            groups = [g.devices for g in gplan.groups]
+            console.print(f"  {label:8s} groups {' | '.join('+'.join(g) for g in groups)}: burst {capacity:.2f}/s"
+                          + (f"; SLO {slo_s:.2f} s" if slo_s else ""))
+            streams = []
+            for f in cfg.load_factors:
+                r = _brief(bc.call({"op": "stream", "path": str(path), "frames": cfg.frames, "rate": f * capacity},
+                                   timeout_s=cfg.timeout_s))
+                r["offered_fps"] = f * capacity
+                streams.append(r)
+                console.print(f"    offered {f * capacity:.2f}/s -> {r['served_fps']:.2f}/s, p50 {r['p50_s']:.2f} s, "
+                              f"p95 {r['p95_s']:.2f} s")
+            kept = [r for r in streams if slo_s is None or r["p95_s"] <= slo_s]
+            best = max(kept, key=lambda r: r["offered_fps"]) if kept else None
+            row = {"groups": groups, "slo_s": slo_s, "predicted_fps": gplan.fps,
+                   "predicted_latency_s": gplan.latency_s, "feasible": gplan.feasible, "burst": _brief(burst),
+                   "capacity_fps": capacity, "streams": streams, "best": best,
+                   "p95_over_slo": (min(r["p95_s"] for r in streams) / slo_s if best is None else best["p95_s"] / slo_s)
+                   if slo_s else None,
+                   "lost_frames": (1 + len(streams)) * cfg.frames - burst["count"] - sum(r["count"] for r in streams),
+                   "rel_err": max([burst["rel_err"]] + [r["rel_err"] for r in streams])}
+            return row
+
+        rows["one"] = serve("one", one_group(gm, cluster, **opts), None)
+        one_latency = rows["one"]["burst"]["service_p50_s"]  # one frame at a time: its service time
+        rows["singles"] = serve("singles", plan_groups(gm, cluster, groupings=[[[i] for i in range(len(NAMES))]],
+                                                       **opts), None)
+        for label, slo in (("relaxed", 1.25 * single_s["torch"]), ("tight", 1.5 * one_latency)):
+            rows[label] = serve(label, plan_groups(gm, cluster, slo_s=slo, **opts), slo)
+    return {"checkpoint": str(ckpt), "hash": mhash, "single_s": single_s, "single_times_s": single,
+            "one_frame_latency_s": one_latency, "rows": rows}
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    service = sorted(f["service_s"] for f in r["frames"])
+    return {k: r[k] for k in ("count", "fps", "fps_steady", "p50_s", "p95_s", "max_s", "rel_err", "groups")} | {
+        "served_fps": r["fps_steady"] or r["fps"], "service_p50_s": service[len(service) // 2], "frames": r["frames"]}
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    over, lost, errs = [], 0, []
+    for name, m in result["models"].items():
+        base_fps = 1.0 / m["single_s"]["torch"]
+        ort_fps = 1.0 / m["single_s"]["ort"]
+        for label, row in m["rows"].items():
+            best = row["best"]
+            fps = best["served_fps"] if best else None
+            s[f"fps_{name}_{label}"] = fps
+            s[f"p95_{name}_{label}"] = best["p95_s"] if best else None
+            s[f"ratio_{name}_{label}"] = fps / base_fps if fps else None
+            s[f"ratio_{name}_{label}_over_ort"] = fps / ort_fps if fps else None
+            lost += row["lost_frames"]
+            errs.append(row["rel_err"])
+            if row["p95_over_slo"] is not None:
+                over.append(row["p95_over_slo"])
+                s[f"throughput_ratio_{name}_{label}"] = fps / base_fps if fps else None
+    s["p95_over_slo_max"] = max(over) if over else None
+    s["lost_frames"] = lost
+    s["max_rel_err"] = max(errs) if errs else None
+    return s
+
+
+def _plot(result: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, m in result["models"].items():
+        base = 1.0 / m["single_s"]["torch"]
+        for label, row in m["rows"].items():
+            xs = [r["p95_s"] for r in row["streams"]]
+            ys = [r["served_fps"] / base for r in row["streams"]]
+            ax.plot(xs, ys, marker="o", label=f"{name} {label}")
+            if row["slo_s"]:
+                ax.axvline(row["slo_s"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("p95 latency of the offered stream (s)")
+    ax.set_ylabel("frames/s over one device (torch)")
+    ax.set_title("bench stream: throughput vs p95 latency (dotted: SLOs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,46 @@
+"""The stream benchmark's leader (``edgeweave bench stream``): the leader driver plus ``stream``,
+which serves frames on the groups of a group plan (planning/throughput.py) and reports them."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from edgeweave.bench.leader_driver import LeaderDriver, main as driver_main
+
+
+class StreamDriver(LeaderDriver):
+    description = "edgeweave stream benchmark leader (JSON lines on stdin/stdout)"
+
+    def op_stream(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Serve ``frames`` copies of the seeded input on the groups of the plan at ``path``, at
+        ``rate`` frames per second (all at once without one), after one warm-up frame per group.
+        Every output is compared with the whole model's."""
+        from pathlib import Path
+
+        from edgeweave.planning.throughput import GroupPlan
+        from edgeweave.runtime.frames import GroupServer, latency_stats
+
+        gplan = GroupPlan.from_json(Path(cmd["path"]).read_text())
+        x, ref = self.ref_for(gplan.groups[0].plan)
+        server = GroupServer(self.cl, gplan)
+        try:
+            server.serve([x] * len(gplan.groups))
+            res = server.serve([x] * int(cmd["frames"]), rate=cmd.get("rate"))
+        finally:
+            server.close()
+        scale = float(ref.abs().max())
+        err = max(float((r.output - ref).abs().max()) for r in res) / max(scale, 1e-30)
+        return {**latency_stats(res), "rel_err": err, "groups": server.groups,
+                "frames": [r.to_dict() for r in res]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(1)
+    return driver_main(argv, StreamDriver)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
