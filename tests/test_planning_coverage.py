@@ -197,6 +197,41 @@ def test_convnext_per_pixel_layers_and_layer_scale_are_pointwise():
     assert kinds == ["matmul", "matmul", "norm", "norm", "other", "other"]
 
 
+def test_efficientnet_blocks_are_exact_in_float64():
+    """EfficientNet-V2's blocks as torchvision builds them (Fused-MBConv, MBConv with
+    squeeze-excitation and eval-mode stochastic depth, 3x3 and 5x5 stride-2 depthwise kernels),
+    on an odd input (padding at every cut), cut into rows and by channels: in float64 every plan
+    gives the single-device output to 1e-12, i.e. the strips compute the same sums, not sums
+    within rounding. A float32 check cannot tell this for a deep calibrated random EfficientNet
+    at 64 px: EfficientNet-V2-M's output moves by 0.32 of its size when its input moves by 1e-7
+    (``degenerate_reason``: too sensitive), so float32 rounding alone decided its "rel_err 0.34"
+    on strips; in float64 its strips match one device to 5e-8, growing block by block like a
+    1e-15 nudge of the input does (B5-B7 with the zoo test's weights likewise)."""
+    from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
+
+    torch.manual_seed(0)
+    blocks = [FusedMBConvConfig(1, 3, 1, 8, 8, 1), FusedMBConvConfig(4, 3, 2, 8, 16, 2),
+              MBConvConfig(4, 3, 2, 16, 24, 2), MBConvConfig(6, 5, 2, 24, 32, 2)]
+    shape = (1, 3, 33, 29)
+    model, _ = calibrated_copy(EfficientNet(blocks, 0.2, 0.2, num_classes=10, last_channel=64).eval(), shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert degenerate_reason(model, x, model(x)) is None
+    gm = capture(model, shape)
+    assert not any("stochastic_depth" in str(getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes)
+    plans = {(k, fus, mode, split): make_plan(gm, Cluster.uniform(k), partition="equal", fusion=fus, mode=mode,
+                                              split=split)
+             for k, (fus, mode, split) in zip(itertools.cycle((2, 3, 4)), itertools.product(
+                 ("none", "auto"), ("gather", "exchange"), ("rows", "channels")))}
+    assert any(st.split == "channels" for p in plans.values() for st in p.stages)
+    gm.double()  # after planning: the plans name nodes, the values are what change
+    x64 = x.double()
+    with torch.no_grad():
+        ref = gm(x64)
+    for key, plan in plans.items():
+        assert rel_err(simulate(gm, plan, x64), ref) <= 1e-12, key
+
+
 def test_flops_are_counted_by_torch_flop_counter():
     """Convolutions keep EdgeLD's convention (the counter plus the bias); linear layers on tokens,
     attention, norms and activations are counted (the counter misses none of them)."""
