@@ -203,3 +203,37 @@ def test_many_devices_try_runs_of_the_speed_order() -> None:
         pos = sorted(order.index(i) for i in g)
         assert pos == list(range(pos[0], pos[0] + len(pos)))
     assert gp.fps >= one_group(gm, cl).fps
+
+
+def test_busy_times_are_the_work_inside_the_predicted_latency() -> None:
+    gm, cl = graph(), cluster(3)
+    plan = make_plan(gm, cl)
+    busy = plan.busy_s()
+    assert len(busy) == 3 and all(b > 0 for b in busy)
+    # a device works at most as long as the frame takes; alone, it works the whole frame
+    assert max(busy) <= plan.predicted_s * (1 + 1e-9)
+    alone = make_plan(gm, cluster(1))
+    assert alone.busy_s()[0] == pytest.approx(alone.predicted_s, rel=0.05)
+    # JSON keeps them
+    from edgeweave.planning.plan import Plan
+
+    assert Plan.from_json(plan.to_json()).busy_s() == busy
+
+
+def test_frames_in_flight_raise_a_split_groups_rate_within_its_busiest_device() -> None:
+    gm, cl = graph(), cluster(4)
+    one = plan_groups(gm, cl, groupings=[[[0, 1, 2, 3]]], slots=1)
+    two = plan_groups(gm, cl, groupings=[[[0, 1, 2, 3]]], slots=2)
+    assert two.slots == 2 and one.slots == 1
+    busy = max(two.groups[0].plan.busy_s())
+    assert two.fps == pytest.approx(min(2 * one.fps, 1 / busy))
+    assert two.fps >= one.fps and two.latency_s >= one.latency_s
+    assert two.latency_s == pytest.approx(max(one.latency_s, 2 * busy))
+    # a second frame gains nothing where a device works the whole frame: the leader alone
+    lead = plan_groups(gm, cl, groupings=[[[0], [1, 2, 3]]], slots=1).groups[0]
+    assert throughput.in_flight(lead.plan, lead.latency_s, 2)[0] == pytest.approx(1 / lead.latency_s, rel=0.05)
+    chosen = plan_groups(gm, cl, slots=None)
+    assert chosen.fps >= plan_groups(gm, cl, slots=1).fps - 1e-9
+    assert GroupPlan.from_json(two.to_json()).slots == 2
+    with pytest.raises(EdgeweaveError, match="slots"):
+        plan_groups(gm, cl, slots=0)

@@ -82,7 +82,8 @@ class Assignment:
     device: int
     in_rows: Range
     out_rows: Range
-    predicted_s: float = 0.0
+    predicted_s: float = 0.0  # when the device is predicted to finish the stage (waits included)
+    busy_s: float = 0.0  # of which computing (and the network stack's CPU): what frames in flight share
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,16 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def busy_s(self) -> list[float]:
+        """Each device's predicted seconds of work per frame (its stages' ``busy_s``): a device
+        serving several frames at once cannot take more than one per this many seconds."""
+        out = [0.0] * len(self.devices)
+        for st in self.stages:
+            for a in st.assignments:
+                if 0 <= a.device < len(out):
+                    out[a.device] += a.busy_s
+        return out
+
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
@@ -166,6 +177,7 @@ class Plan:
                         (int(a["in_rows"][0]), int(a["in_rows"][1])),
                         (int(a["out_rows"][0]), int(a["out_rows"][1])),
                         float(a.get("predicted_s", 0.0)),
+                        float(a.get("busy_s", 0.0)),
                     )
                     for a in s["assignments"]
                 ],

@@ -410,7 +410,7 @@ class _Planner:
             if d in assignments:
                 fin = ready.get(d, 0.0) + compute[d] + cpu_net
                 finish_max = max(finish_max, fin)
-                assigns.append(Assignment(d, assignments[d][0], assignments[d][1], fin))
+                assigns.append(Assignment(d, assignments[d][0], assignments[d][1], fin, compute[d] + cpu_net))
             else:
                 assigns.append(Assignment(d, EMPTY, EMPTY, 0.0))
         stage = Stage(
@@ -436,17 +436,22 @@ class _Planner:
         reductions = [Reduction(n.name, src.name, tuple(sorted(held.items()))) for n, src in reds]
         h = max(in_shape[axis] if axis == 1 else rows_of(in_shape), 1)
         finish = 0.0
+        busy: dict[int, float] = {}
         for d, r in held.items():
             work = [partial_work(self.gm, n, size(r), h) for n, _ in reds]
             # a device's rows (or channels) meet their share of a Linear layer's weights only
             work += [(WEIGHTS, node_weights(self.gm, n) * size(r) / h) for n, _ in reds]
-            finish = max(finish, compute_s(self.devices[d], work))
+            busy[d] = compute_s(self.devices[d], work)
+            finish = max(finish, busy[d])
         nbytes = [math.prod(reduce_partial_shape(n)) * DTYPE_BYTES for n, _ in reds]
         t = finish + self.reduction_s(reductions, [0], nbytes)
-        t += compute_s(self.devices[0], [(flop_kind(self.gm, n), node_flops(self.gm, n))
-                                         for n in block.nodes if node_reduce(n) is None and not is_folded(n)])
+        rest = compute_s(self.devices[0], [(flop_kind(self.gm, n), node_flops(self.gm, n))
+                                           for n in block.nodes if node_reduce(n) is None and not is_folded(n)])
+        t += rest
+        busy[0] = busy.get(0, 0.0) + rest
         assigns = [
-            Assignment(d, held.get(d, EMPTY), (0, out_total) if d == 0 else EMPTY, t if d == 0 else 0.0)
+            Assignment(d, held.get(d, EMPTY), (0, out_total) if d == 0 else EMPTY, t if d == 0 else 0.0,
+                       busy.get(d, 0.0))
             for d in range(self.k)
         ]
         stage = Stage(index, "reduce", [n.name for n in block.nodes], in_shape, out_shape, assigns, [], t,
@@ -470,9 +475,10 @@ class _Planner:
             cpu_net = self.devices[d].byte_s * relay.get(d, 0.0)
             finish_max = max(finish_max, cpu_net)
             if d in work:
-                fin = ready.get(d, 0.0) + compute_s(self.devices[d], work[d]) + cpu_net
+                busy = compute_s(self.devices[d], work[d]) + cpu_net
+                fin = ready.get(d, 0.0) + busy
                 finish_max = max(finish_max, fin)
-                assigns.append(Assignment(d, (0, in_total), ranges[d], fin))
+                assigns.append(Assignment(d, (0, in_total), ranges[d], fin, busy))
             else:
                 assigns.append(Assignment(d, EMPTY, EMPTY, 0.0))
         stage = Stage(index, "spatial", [n.name for n in block.nodes], in_shape, out_shape, assigns,
@@ -1053,7 +1059,8 @@ def _merge_leader_runs(gm: torch.fx.GraphModule, stages: list[Stage]) -> list[St
         if prev is not None and not st.transfers and _alone_on_leader(gm, prev) and _alone_on_leader(gm, st):
             first, last = prev.assignment(0), st.assignment(0)
             assert first is not None and last is not None
-            assigns = [Assignment(0, first.in_rows, last.out_rows, prev.predicted_s + st.predicted_s)] + [
+            assigns = [Assignment(0, first.in_rows, last.out_rows, prev.predicted_s + st.predicted_s,
+                                  first.busy_s + last.busy_s)] + [
                 Assignment(a.device, EMPTY, EMPTY, 0.0) for a in st.assignments if a.device != 0]
             out[-1] = Stage(prev.index, "leader", prev.nodes + st.nodes, prev.input_shape, st.output_shape, assigns,
                             prev.transfers, prev.predicted_s + st.predicted_s)

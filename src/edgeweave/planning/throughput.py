@@ -51,15 +51,20 @@ class Group:
 
     devices: list[str]  # device names, head first (the plan's device order)
     plan: Plan  # make_plan on Cluster([profiles of devices in this order])
-    latency_s: float  # predicted seconds per frame, leader <-> head transfers included
+    latency_s: float  # predicted seconds per frame, leader <-> head transfers included (frames in flight too)
+    fps: float = 0.0  # predicted frames per second of this group (0: 1 / latency_s)
+
+    def rate(self) -> float:
+        return self.fps or (1.0 / self.latency_s if self.latency_s > 0 else math.inf)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"devices": list(self.devices), "plan": self.plan.to_dict(), "latency_s": self.latency_s}
+        return {"devices": list(self.devices), "plan": self.plan.to_dict(), "latency_s": self.latency_s,
+                "fps": self.fps}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Group:
         return cls(devices=[str(x) for x in d["devices"]], plan=Plan.from_dict(d["plan"]),
-                   latency_s=float(d["latency_s"]))
+                   latency_s=float(d["latency_s"]), fps=float(d.get("fps", 0.0)))
 
 
 @dataclass
@@ -71,11 +76,12 @@ class GroupPlan:
     slo_s: float | None = None
     feasible: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    slots: int = 1  # frames each group serves at once (runtime: Session.open_groups)
 
     @property
     def fps(self) -> float:
         """Predicted frames per second with every group busy."""
-        return sum(1.0 / g.latency_s if g.latency_s > 0 else math.inf for g in self.groups)
+        return sum(g.rate() for g in self.groups)
 
     @property
     def latency_s(self) -> float:
@@ -91,13 +97,13 @@ class GroupPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"groups": [g.to_dict() for g in self.groups], "slo_s": self.slo_s, "feasible": self.feasible,
-                "fps": self.fps, "latency_s": self.latency_s, "meta": dict(self.meta)}
+                "slots": self.slots, "fps": self.fps, "latency_s": self.latency_s, "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GroupPlan:
         slo = d.get("slo_s")
         return cls(groups=[Group.from_dict(g) for g in d["groups"]], slo_s=None if slo is None else float(slo),
-                   feasible=bool(d.get("feasible", True)), meta=dict(d.get("meta", {})))
+                   feasible=bool(d.get("feasible", True)), meta=dict(d.get("meta", {})), slots=int(d.get("slots", 1)))
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -230,6 +236,7 @@ def plan_groups(
     model_name: str = "",
     model_hash: str = "",
     groupings: Sequence[Sequence[Sequence[int]]] | None = None,
+    slots: int | None = 1,
 ) -> GroupPlan:
     """The grouping of ``cluster``'s devices with the highest predicted frames per second whose
     every group's per-frame latency is at most ``slo_s`` (None: no bound).
@@ -241,6 +248,12 @@ def plan_groups(
     latency. When no candidate keeps the SLO the result is the one with the lowest latency and
     ``feasible`` is False. The other arguments are ``make_plan``'s, for every group; a group's
     plan is made once per distinct list of device profiles (uniform devices: once per size).
+
+    ``slots``: frames each group serves at once; None lets the planner choose 1 or 2. With s
+    frames in flight a group's devices share their time between them: it serves
+    ``min(s / latency, 1 / busiest device's work per frame)`` frames per second (the plan's
+    ``busy_s``: one frame's computing fills another's waits for rows) and each frame takes
+    ``max(latency, s * that work)``.
     """
     n = len(cluster.devices)
     if n == 0:
@@ -258,51 +271,78 @@ def plan_groups(
         cands = _candidates(planner, n)
     made: dict[tuple[int, ...], tuple[list[int], Plan, float]] = {}  # per group, across candidates
 
-    best: tuple[list[list[int]], float, float] | None = None  # grouping, fps, latency
-    lowest: tuple[list[list[int]], float, float] | None = None
+    if slots is not None and not 1 <= slots <= 8:
+        raise EdgeweaveError(f"slots must be 1..8 frames in flight per group, got {slots}")
+    slot_options = [slots] if slots is not None else [1, 2]
+    best: tuple[list[list[int]], float, float, int] | None = None  # grouping, fps, latency, slots
+    lowest: tuple[list[list[int]], float, float, int] | None = None
     count = 0
     for grouping in cands:
         count += 1
-        lats = []
         for g in grouping:
-            key = tuple(g)
-            if key not in made:
-                made[key] = planner.group(g)
-            lats.append(made[key][2])
-        fps = sum(1.0 / x if x > 0 else math.inf for x in lats)
-        lat = max(lats)
-        cand = (grouping, fps, lat)
-        keeps_slo = slo_s is None or lat <= slo_s * (1 + _REL_TOL)
-        if keeps_slo and (best is None or _better_fps(cand, best)):
-            best = cand
-        if lowest is None or _better_latency(cand, lowest):
-            lowest = cand
+            if tuple(g) not in made:
+                made[tuple(g)] = planner.group(g)
+        for s in slot_options:
+            rates = [in_flight(made[tuple(g)][1], made[tuple(g)][2], s) for g in grouping]
+            fps = sum(r[0] for r in rates)
+            lat = max(r[1] for r in rates)
+            cand = (grouping, fps, lat, s)
+            keeps_slo = slo_s is None or lat <= slo_s * (1 + _REL_TOL)
+            if keeps_slo and (best is None or _better_fps(cand, best)):
+                best = cand
+            if lowest is None or _better_latency(cand, lowest):
+                lowest = cand
     assert lowest is not None
     chosen = best or lowest
-    groups = [Group(devices=[cluster.devices[i].name for i in made[tuple(g)][0]], plan=made[tuple(g)][1],
-                    latency_s=made[tuple(g)][2]) for g in chosen[0]]
+    s = chosen[3]
+    groups = []
+    for g in chosen[0]:
+        order, plan, latency = made[tuple(g)]
+        fps_g, lat_g = in_flight(plan, latency, s)
+        groups.append(Group(devices=[cluster.devices[i].name for i in order], plan=plan, latency_s=lat_g, fps=fps_g))
     meta = {"candidates": count, "make_plan_calls": planner.calls,
             "grouping": [list(g) for g in chosen[0]]}  # the chosen grouping's device indices, as given
     if best is None:
         meta["slo_unmet"] = f"no grouping keeps {slo_s} s per frame; the lowest predicted is {lowest[2]:.6g} s"
-    return GroupPlan(groups=groups, slo_s=slo_s, feasible=best is not None, meta=meta)
+    return GroupPlan(groups=groups, slo_s=slo_s, feasible=best is not None, meta=meta, slots=s)
 
 
-def _better_fps(a: tuple[list[list[int]], float, float], b: tuple[list[list[int]], float, float]) -> bool:
-    """Whether candidate ``a`` beats ``b`` on fps; equal fps: fewer groups, then lower latency."""
+def in_flight(plan: Plan, latency_s: float, slots: int) -> tuple[float, float]:
+    """A group's (frames per second, seconds per frame) serving ``slots`` frames at once: the
+    frames share the devices' time, so the busiest device's work per frame bounds the rate and,
+    once it is the bottleneck, stretches every frame (see :func:`plan_groups`)."""
+    one = 1.0 / latency_s if latency_s > 0 else math.inf
+    if slots <= 1:
+        return one, latency_s
+    busy = max(plan.busy_s(), default=0.0) or latency_s  # a plan without busy times: no overlap assumed
+    busy = min(busy, latency_s)
+    return min(slots * one, 1.0 / busy if busy > 0 else math.inf), max(latency_s, slots * busy)
+
+
+Candidate = tuple[list[list[int]], float, float, int]  # grouping, fps, latency, slots
+
+
+def _better_fps(a: Candidate, b: Candidate) -> bool:
+    """Whether candidate ``a`` beats ``b`` on fps; equal fps: fewer groups, fewer slots, then
+    lower latency."""
     if not _close(a[1], b[1]):
         return a[1] > b[1]
     if len(a[0]) != len(b[0]):
         return len(a[0]) < len(b[0])
+    if a[3] != b[3]:
+        return a[3] < b[3]
     return a[2] < b[2] and not _close(a[2], b[2])
 
 
-def _better_latency(a: tuple[list[list[int]], float, float], b: tuple[list[list[int]], float, float]) -> bool:
-    """Whether ``a`` beats ``b`` on latency; equal latency: fewer groups, then higher fps."""
+def _better_latency(a: Candidate, b: Candidate) -> bool:
+    """Whether ``a`` beats ``b`` on latency; equal latency: fewer groups, fewer slots, then
+    higher fps."""
     if not _close(a[2], b[2]):
         return a[2] < b[2]
     if len(a[0]) != len(b[0]):
         return len(a[0]) < len(b[0])
+    if a[3] != b[3]:
+        return a[3] < b[3]
     return a[1] > b[1] and not _close(a[1], b[1])
 
 
