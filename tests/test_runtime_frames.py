@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +86,11 @@ def test_groups_serve_frames_at_once_exactly(cl, model_and_graph):
     assert any(b.start_s < a.end_s for a, b in zip(res, res[1:]))
     stats = latency_stats(res)
     assert stats["count"] == 15 and stats["p95_s"] >= stats["p50_s"] > 0
+    # the same groups opened again serve a longer stream: the first opening's ends are not theirs
+    srv = GroupServer(cl, gp)
+    more = frames(24)
+    assert_exact(model, more, srv.serve(more))
+    srv.close()
     # closed: the cluster runs a whole-cluster plan again, exactly
     x = xs[0]
     y, _ = cl.infer(x, cl.load_plan(make_plan(gm, cl.cluster, model_name=NAME, model_hash=cl.model_hash)))
@@ -140,13 +148,33 @@ def test_a_follower_killed_mid_stream_loses_no_frame(model_and_graph):
         later = [r for r in res if r.start_s > srv.events[1].at_s]
         assert later and all("worker3" not in r.devices for r in later)
 
+        # the board comes back: a new worker3 registers; the next stream takes it into a group
+        back = subprocess.Popen([sys.executable, "-m", "edgeweave", "worker", "--leader", f"127.0.0.1:{session.port}",
+                                 "--name", "worker3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", EDGEWEAVE_KEY_FILE=session.key_file))
+        try:
+            deadline = time.monotonic() + 120
+            while not session.newcomers():
+                assert time.monotonic() < deadline and back.poll() is None, "worker3 did not register again"
+                time.sleep(0.5)
+            srv = GroupServer(session, srv.gplan, replan=srv.replan, admit=True, admit_every_s=0.0)
+            xs = frames(40)
+            res = srv.serve(xs, rate=40.0)
+            srv.close()
+            assert_exact(model, xs, res)
+            assert [e.kind for e in srv.events] == ["admitted", "regrouped"], srv.events
+            assert ["worker3"] in srv.groups and any(r.devices == ["worker3"] for r in res)
+        finally:
+            session.close()
+            if back.poll() is None:
+                back.kill()
+            back.wait(timeout=30)
+
 
 def test_run_cli_serves_a_stream_under_an_slo(tmp_path):
     """`edgeweave run --rate --slo-ms` as a user runs it: a real process, JSON out, every frame
     answered and exact, the groups the planner chose for the SLO."""
     import json
-    import subprocess
-    import sys
 
     out = tmp_path / "stream.json"
     p = subprocess.run([sys.executable, "-m", "edgeweave", "run", "--model", "small_cnn", "--input-size", "32",
@@ -164,3 +192,22 @@ def test_run_cli_serves_a_stream_under_an_slo(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edgeweave", "run", "--model", "small_cnn", "--input-size", "32",
                           "--workers", "1", "--rate", "-3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--rate must be > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_frames_in_flight_on_one_group_overlap_and_stay_exact(cl, model_and_graph):
+    """Two slots: every device of a group serves two frames at once on two threads; their
+    messages are kept apart by tag offsets, so answers stay exact and frames overlap in time."""
+    model, _spec, gm = model_and_graph
+    gp = group_plan(gm, cl.cluster, [3, 2], cl.model_hash)
+    gp.slots = 2
+    srv = GroupServer(cl, gp)
+    assert cl.slots == 2
+    xs = frames(16)
+    res = srv.serve(xs)
+    srv.close()
+    assert_exact(model, xs, res)
+    for g in (0, 1):
+        mine = sorted((r for r in res if r.group == g), key=lambda r: r.start_s)
+        assert any(b.start_s < a.end_s for a, b in zip(mine, mine[1:])), f"group {g} never had two frames at once"
+    with pytest.raises(EdgeweaveError, match="slots must be"):
+        cl.open_groups([[0, 1]], slots=0)

@@ -40,6 +40,7 @@ class FollowerState:
     ranks: dict[int, list[int]] = field(default_factory=dict)  # plan id -> the ranks of its devices, in plan order
     graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (input shape, piece) -> graph module
     gloo_host: str = ""
+    leader_addr: tuple[str, int] | None = None  # the leader's store (a slot of frames in flight opens its own client)
     ctl: auth.Control = field(default_factory=lambda: auth.Control(None))  # seals and checks control values
 
 
@@ -64,6 +65,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
         state.model = to_device_layout(state.model.eval())
         state.model_hash = model_hash(state.model)
     raw_store = rv.connect_store(host, port, connect_timeout_s)
+    state.leader_addr = (host, port)
     store = rv.SealedStore(raw_store, "", state.ctl)
     state.gloo_host = rv.gloo_host_for(host, port)  # the interface that reaches the leader
     _preload()
@@ -153,7 +155,7 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
             elif op == "infer":
                 _cmd_infer(ch, cmd, state)
             elif op == "groups":
-                _cmd_groups(gstore, ch, cmd, state)
+                _cmd_groups(gstore, ch, cmd, state, gen)
             elif op == "ping":
                 rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True})
             else:
@@ -252,23 +254,59 @@ def _send_timings(ch: Channel, timings: list[Any]) -> None:
     ch.send(t, 0, TAG_TIMING, "timings")
 
 
-def _cmd_groups(gstore: Any, ch: Channel, cmd: dict[str, Any], state: FollowerState) -> None:
-    """Serve frames in this device's group until the leader ends the group's sequence.
+def _cmd_groups(gstore: Any, ch: Channel, cmd: dict[str, Any], state: FollowerState, gen: int) -> None:
+    """Serve frames in this device's group until the leader ends the group's sequences.
 
-    The groups' frames run at once; each group reads its own command sequence (``g<i>/<k>``), so a
-    device waits only for its group's frames. A group whose head is not the leader receives each
-    frame's input from the leader and returns the output to it (runtime/leader.py ``infer``)."""
-    from edgeweave.runtime.executor import execute_plan
+    The groups' frames run at once; each group reads its own command sequences (``o<opening>/g<i>.<slot>/<k>``),
+    so a device waits only for its group's frames. With several slots the device serves that many
+    frames at once, one thread each (their messages kept apart by tag offsets): one frame computes
+    while another waits for rows. A group whose head is not the leader receives each frame's
+    input from the leader and returns the output to it (runtime/leader.py ``infer``)."""
+    import threading
 
     groups = [[int(r) for r in g] for g in cmd["groups"]]
     mine = next((g for g, ranks in enumerate(groups) if ch.rank in ranks), None)
     if mine is None:
         return
-    ranks = groups[mine]
-    view = ch.view(ranks)
+    slots = int(cmd.get("slots", 1))
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def serve_slot(slot: int) -> None:
+        try:
+            # its own store client: a client serves one wait at a time, and a slot waits for its next
+            # command while another slot's frame probes the store for an abort
+            store = gstore
+            if slots > 1 and state.leader_addr is not None:
+                raw = rv.connect_store(*state.leader_addr, timeout_s=ch.timeout_s)
+                store = rv.SealedStore(rv.gen_store(raw, gen), rv.gen_scope(gen), state.ctl)
+            _serve_slot(store, ch, groups[mine], f"o{int(cmd.get('opening', 0))}/g{mine}.{slot}", slot, state)
+        except BaseException as e:  # noqa: BLE001 - reported by the command loop
+            errors.append(e)
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=serve_slot, args=(s,), daemon=True, name=f"edgeweave-slot{s}")
+               for s in range(slots)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        done.wait(0.5)
+        done.clear()
+        if errors:  # report now: the others end once the leader aborts the generation
+            raise errors[0]
+    if errors:
+        raise errors[0]
+
+
+def _serve_slot(gstore: Any, ch: Channel, ranks: list[int], prefix: str, slot: int, state: FollowerState) -> None:
+    from edgeweave.runtime.executor import execute_plan
+
+    view = ch.view(ranks, slot)
+    to_leader = ch.view(list(range(len(ch.names))), slot)
     k = 0
     while True:
-        c = gstore.wait_read(f"g{mine}/{k}", writer="leader", ordered=True)
+        c = gstore.wait_read(f"{prefix}/{k}", writer="leader")
         k += 1
         if not isinstance(c, dict) or c.get("op") != "infer":
             return
@@ -278,9 +316,9 @@ def _cmd_groups(gstore: Any, ch: Channel, cmd: dict[str, Any], state: FollowerSt
         prog = state.plans[pid]
         x = None
         if view.rank == 0 and ranks[0] != 0:  # the head: the frame comes from the leader
-            x = ch.recv(torch.empty(prog.plan.input_shape), 0, TAG_FRAME, "a frame")
+            x = to_leader.recv(torch.empty(prog.plan.input_shape), 0, TAG_FRAME, "a frame")
         y, timings = execute_plan(prog, x, view)
         if view.rank == 0 and ranks[0] != 0:
             assert y is not None
-            ch.send(ordinary(y).contiguous(), 0, TAG_FRAME, "a frame's output")
-        _send_timings(ch, timings)
+            to_leader.send(ordinary(y).contiguous(), 0, TAG_FRAME, "a frame's output")
+        _send_timings(to_leader, timings)

@@ -49,7 +49,15 @@ from edgeweave.profiling.profile import Cluster, DeviceProfile
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.executor import FIELDS as TIMING_FIELDS, StageTiming, check_plan, execute_plan
-from edgeweave.runtime.wire import TAG_CONTROL, TAG_FRAME, TAG_TIMING, Channel, PeerError, wait_store_keys
+from edgeweave.runtime.wire import (
+    MAX_SLOTS,
+    TAG_CONTROL,
+    TAG_FRAME,
+    TAG_TIMING,
+    Channel,
+    PeerError,
+    wait_store_keys,
+)
 
 
 @dataclass
@@ -154,9 +162,10 @@ class Session:
         self.backends: dict[int, list[dict[str, Any]]] = {}
         self.ranks: dict[int, list[int] | None] = {}  # plan id -> the ranks of its devices (None: device i is rank i)
         self._groups: list[list[int]] | None = None  # open_groups(): the groups serving frames now
-        self._gseq: list[int] = []
-        self._gviews: list[Channel] = []
+        self._gseq: list[list[int]] = []  # group -> slot -> the next command's number
+        self._gviews: list[list[Channel]] = []  # group -> slot -> the leader's view of the group
         self._glock = threading.Lock()
+        self._opening = 0  # open_groups calls so far (their command keys never meet)
         self._next_plan = 0
         self._closed = False
         _LIVE.add(self)
@@ -524,11 +533,14 @@ class Session:
         return pid
 
     # -- groups: frames in flight ------------------------------------------------------------
-    def open_groups(self, groups: Sequence[Sequence[int]]) -> None:
+    def open_groups(self, groups: Sequence[Sequence[int]], slots: int = 1) -> None:
         """Divide the devices into ``groups`` (lists of ranks, disjoint; the leader, when in one,
         first) that serve frames at the same time: from now on :meth:`infer` of a plan loaded
         with ``ranks`` equal to a group runs on that group only, and calls for different groups
-        may run at once (one thread each). Plans cannot be loaded until :meth:`close_groups`."""
+        may run at once (one thread each). With ``slots`` > 1 every group takes that many frames
+        at once (``infer(..., slot=s)``): each device computes them on as many threads, so one
+        frame's computing fills another's waits for its neighbours' rows. Plans cannot be loaded
+        until :meth:`close_groups`."""
         self._check_usable()
         gs = [[int(r) for r in g] for g in groups]
         flat = [r for g in gs for r in g]
@@ -536,36 +548,52 @@ class Session:
                 or not all(0 <= r < self.world for r in flat) or any(0 in g and g[0] != 0 for g in gs)):
             raise EdgeweaveError(f"groups {gs} must be disjoint, non-empty lists of ranks 0..{self.world - 1}, "
                                  "the leader first in its group")
+        if not 1 <= slots <= MAX_SLOTS:
+            raise EdgeweaveError(f"slots must be 1..{MAX_SLOTS}, got {slots}")
         if self._groups is not None:
             self.close_groups()
-        self._command({"op": "groups", "groups": gs})
-        self._groups, self._gseq = gs, [0] * len(gs)
-        self._gviews = [self.ch.view(g if 0 in g else [0] + g) for g in gs]  # type: ignore[union-attr]
+        # every opening has its own keys: an old opening's "end" must not end a new sequence early
+        self._opening += 1
+        self._command({"op": "groups", "groups": gs, "slots": slots, "opening": self._opening})
+        self._groups, self._gseq = gs, [[0] * slots for _ in gs]
+        self._gviews = [[self.ch.view(g if 0 in g else [0] + g, s) for s in range(slots)]  # type: ignore[union-attr]
+                        for g in gs]
+
+    @property
+    def slots(self) -> int:
+        """Frames each open group takes at once (0: no groups open)."""
+        return len(self._gseq[0]) if self._groups is not None and self._gseq else 0
 
     def close_groups(self) -> None:
         """End every group's sequence: the followers go back to the generation's commands."""
         if self._groups is None:
             return
         with self._glock:
-            for g in range(len(self._groups)):
-                rv.set_json(self.gstore, f"g{g}/{self._gseq[g]}", {"op": "end"})
-                self._gseq[g] += 1
+            for g, seqs in enumerate(self._gseq):
+                for slot, k in enumerate(seqs):
+                    rv.set_json(self.gstore, self._group_key(g, slot, k), {"op": "end"})
+                    seqs[slot] += 1
             self._groups = None
+
+    def _group_key(self, g: int, slot: int, k: int) -> str:
+        return f"o{self._opening}/g{g}.{slot}/{k}"
 
     def _group_of(self, ranks: list[int]) -> int:
         if self._groups is None or ranks not in self._groups:
             raise EdgeweaveError(f"the plan runs on ranks {ranks}: open_groups() with that group first")
         return self._groups.index(ranks)
 
-    def _infer_group(self, x: torch.Tensor, plan_id: int, plan: Plan, ranks: list[int]) -> tuple[Any, list[Any]]:
+    def _infer_group(self, x: torch.Tensor, plan_id: int, plan: Plan, ranks: list[int], slot: int
+                     ) -> tuple[Any, list[Any]]:
         """One frame on a group: the leader computes as the group's head, or sends the frame to
         the head and receives the output; every member sends its timings to the leader."""
         g = self._group_of(ranks)
         with self._glock:
-            k = self._gseq[g]
-            self._gseq[g] += 1
-        rv.set_json(self.gstore, f"g{g}/{k}", {"op": "infer", "plan_id": plan_id})
-        view = self._gviews[g]
+            k = self._gseq[g][slot]
+            self._gseq[g][slot] += 1
+        key = self._group_key(g, slot, k)
+        rv.set_json(self.gstore, key, {"op": "infer", "plan_id": plan_id})
+        view = self._gviews[g][slot]
         n = len(plan.stages) + 1
         others = [i for i in range(1, len(view.names))]
         bufs = {i: torch.zeros(n, TIMING_FIELDS, dtype=torch.float64) for i in others}
@@ -582,11 +610,12 @@ class Session:
         for i, t in bufs.items():
             view.wait(posted[i], i, "receiving timings")
             per_device.append([StageTiming(*[float(v) for v in row]) for row in t.tolist()])
-        self._forget_key(f"g{g}/{k}")
+        self._forget_key(key)
         return y, per_device
 
-    def infer(self, x: torch.Tensor, plan_id: int | None = None) -> tuple[torch.Tensor, Timings]:
-        """Run one input through the cluster with a loaded plan (default: the last one)."""
+    def infer(self, x: torch.Tensor, plan_id: int | None = None, slot: int = 0) -> tuple[torch.Tensor, Timings]:
+        """Run one input through the cluster with a loaded plan (default: the last one); a
+        group's plan on the group's ``slot`` (:meth:`open_groups`)."""
         ch = self._check_usable()
         if plan_id is None:
             if not self.plans:
@@ -601,8 +630,10 @@ class Session:
         ranks = self.ranks.get(plan_id)
         if ranks is not None:
             self._group_of(ranks)  # refused before anything is sent
+            if not 0 <= slot < self.slots:
+                raise EdgeweaveError(f"slot {slot}: the groups take {self.slots} frames at once")
             try:
-                y, per_device = self._infer_group(x.detach().to(torch.float32), plan_id, plan, ranks)
+                y, per_device = self._infer_group(x.detach().to(torch.float32), plan_id, plan, ranks, slot)
             except PeerError as e:
                 self._fail(e)
                 raise

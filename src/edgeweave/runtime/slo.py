@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from edgeweave.errors import EdgeweaveError
 from edgeweave.profiling.profile import Cluster
 from edgeweave.runtime.frames import GroupServer, latency_stats
 
 
-def group_planner(session: Any, gm: Any, cfg: Any, model_name: str) -> Any:
-    """``cluster -> GroupPlan`` with ``cfg``'s planning options and SLO."""
+def group_planner(session: Any, gm: Any, cfg: Any, model_name: str, slots: int | None = None) -> Any:
+    """``cluster -> GroupPlan`` with ``cfg``'s planning options and SLO; ``slots``: frames each
+    group serves at once (None: the planner chooses)."""
     from edgeweave.planning.throughput import one_group, plan_groups
 
     slo_s = cfg.slo_ms / 1e3 if cfg.slo_ms else None
@@ -30,9 +32,34 @@ def group_planner(session: Any, gm: Any, cfg: Any, model_name: str) -> Any:
     def replan(cluster: Cluster) -> Any:
         if slo_s is None:
             return one_group(gm, cluster, model_hash=str(session.model_hash), **opts)
-        return plan_groups(gm, cluster, slo_s=slo_s, model_hash=str(session.model_hash), **opts)
+        return plan_groups(gm, cluster, slo_s=slo_s, model_hash=str(session.model_hash), slots=slots, **opts)
 
     return replan
+
+
+def check_feasible(gplan: Any, cfg: Any, calibrated: bool = True) -> None:
+    """A rate or SLO no grouping is predicted to meet is a one-line error naming what the
+    cluster can offer, not a silent backlog. With uncalibrated (default) profiles the
+    predictions are guesses: a warning instead."""
+    try:
+        _check_feasible(gplan, cfg)
+    except EdgeweaveError as e:
+        if calibrated:
+            raise
+        from edgeweave.console import console
+
+        console.print(f"[yellow]warning (uncalibrated: default profiles): {e}[/yellow]")
+
+
+def _check_feasible(gplan: Any, cfg: Any) -> None:
+    best = f"{gplan.fps:.3g} frames/s at {1e3 * gplan.latency_s:.0f} ms per frame ({len(gplan.groups)} group(s))"
+    if cfg.slo_ms is not None and not gplan.feasible:
+        raise EdgeweaveError(f"no grouping of the cluster is predicted to answer within --slo-ms {cfg.slo_ms:g}: the "
+                             f"fastest answers in {1e3 * gplan.latency_s:.0f} ms; raise the SLO or add devices")
+    if cfg.rate is not None and cfg.rate > gplan.fps * 1.05:
+        raise EdgeweaveError(f"--rate {cfg.rate:g} frames/s is beyond what the cluster is predicted to serve"
+                             f"{' within the SLO' if cfg.slo_ms else ''}: at most {best}; lower the rate"
+                             f"{' or raise the SLO' if cfg.slo_ms else ' or give --slo-ms to serve frames at once'}")
 
 
 def stream_frames(n: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
@@ -53,6 +80,7 @@ def run_stream(session: Any, model_name: str, model: torch.nn.Module, spec: Any,
     t_plan = time.perf_counter()
     gplan = replan(session.cluster)
     plan_s = time.perf_counter() - t_plan
+    check_feasible(gplan, cfg, calibrated=not session.cluster.is_default)
     server = GroupServer(session, gplan, replan=replan)
     frames = [x] + stream_frames(cfg.repeat - 1, tuple(x.shape), cfg.seed + 1)
     try:
@@ -67,7 +95,7 @@ def run_stream(session: Any, model_name: str, model: torch.nn.Module, spec: Any,
         results = server.serve(frames, rate=cfg.rate, on_frame=on_frame)
     finally:
         server.close()
-    stats = latency_stats(results)
+    stats = latency_stats(results, parallel=len(server.gplan.groups) * int(getattr(server.gplan, "slots", 1)))
     slo_s = cfg.slo_ms / 1e3 if cfg.slo_ms else None
     out: dict[str, Any] = {
         "model": model_name, "input_size": int(x.shape[-1]), "batch": int(x.shape[0]),

@@ -31,6 +31,9 @@ TAG_STRIDE = 4096
 TAG_CONTROL = 1 << 28
 TAG_TIMING = TAG_CONTROL + 1
 TAG_FRAME = TAG_CONTROL + 2  # a group's frame: its input to the group's head, its output back
+# Frames in flight on one group at once (slots) keep their messages apart by a tag offset per slot.
+SLOT_TAGS = 1 << 24
+MAX_SLOTS = 8
 
 # A probe returns None when all is well, or a message explaining why waiting is pointless.
 Probe = Callable[[], "str | None"]
@@ -76,15 +79,18 @@ class Channel:
             rank = self.ranks[rank]
         return f"device {name!r} (rank {rank})"
 
-    def view(self, ranks: list[int]) -> "Channel":
+    def view(self, ranks: list[int], slot: int = 0) -> "Channel":
         """This channel as seen by a plan over some of the devices: peer ``i`` of the view is
         rank ``ranks[i]`` (a group of devices serving frames of its own; planning/throughput.py).
         The view keeps its own pending sends, so groups running at once do not wait for each
-        other's."""
+        other's; ``slot`` offsets every tag, so frames in flight on one group at once do too."""
         if self.rank not in ranks:
             raise EdgeweaveError(f"rank {self.rank} is not one of the view's ranks {ranks}")
-        return Channel(_Mapped(self.pg, list(ranks)), ranks.index(self.rank), [self.names[r] for r in ranks],
-                       self.timeout_s, probe=self.probe, poll_s=self.poll_s, grace_s=self.grace_s, ranks=list(ranks))
+        if not 0 <= slot < MAX_SLOTS:
+            raise EdgeweaveError(f"slot {slot} out of range 0..{MAX_SLOTS - 1}")
+        return Channel(_Mapped(self.pg, list(ranks), slot * SLOT_TAGS), ranks.index(self.rank),
+                       [self.names[r] for r in ranks], self.timeout_s, probe=self.probe, poll_s=self.poll_s,
+                       grace_s=self.grace_s, ranks=list(ranks))
 
     # -- raw tensors -------------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dst: int, tag: int, what: str = "data") -> None:
@@ -177,12 +183,13 @@ class _Mapped:
 
     pg: Any
     ranks: list[int]
+    offset: int = 0  # added to every tag (a slot's)
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> Any:
-        return self.pg.send(tensors, self.ranks[dst], tag)
+        return self.pg.send(tensors, self.ranks[dst], tag + self.offset)
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> Any:
-        return self.pg.recv(tensors, self.ranks[src], tag)
+        return self.pg.recv(tensors, self.ranks[src], tag + self.offset)
 
 
 def bytes_to_tensor(data: bytes) -> torch.Tensor:
