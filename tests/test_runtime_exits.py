@@ -71,3 +71,33 @@ def test_operating_points_are_priced_on_the_cluster(setup):
     assert pe.mean_ms == pytest.approx(1e3 * secs[0]) and pl.mean_ms == pytest.approx(1e3 * sum(secs))
     assert pe.accuracy == 0.5 and pe.p95_ms < pl.p95_ms
     assert ce.skipped_fraction([0]) == pytest.approx(1.0) and ce.skipped_fraction([k - 1]) == 0.0
+
+
+def test_on_demand_over_the_cluster_survives_a_follower_dying(setup):
+    """(Last in this module: it kills a follower.) The policy picks a cluster-priced point; a
+    request during which a follower is dead runs again on the devices left, exactly."""
+    import os
+    import signal
+
+    from edgeweave.runtime.exits import ClusterOnDemand
+
+    cl, model, ce = setup
+    k = ce.num_exits
+    points = [OperatingPoint("fast", [0.0] * k, 0.5, 1.0, 1.0, [1.0] + [0.0] * (k - 1), 0.0, 0),
+              OperatingPoint("full", [2.0] * (k - 1) + [0.0], 0.9, 1.0, 1.0, [0.0] * (k - 1) + [1.0], 0.0, 0)]
+    od = ClusterOnDemand(ce, points)
+    od.warm_up()
+    assert od.devices == cl.names
+    fast, full = (p for p in od.points)
+    assert fast.p95_ms < full.p95_ms  # priced on this cluster's measured segment times
+    x = _x(3)
+    pred = od.predict(x, latency_budget_ms=fast.p95_ms * 1.01)
+    assert pred.choice.point.name == "fast" and int(pred.exits[0]) == 0
+    os.kill(cl.followers[0].process.pid, signal.SIGKILL)
+    pred = od.predict(x)  # the default (most accurate) point: every segment
+    assert int(pred.exits[0]) == k - 1 and od.lost == ["worker1"]
+    assert all(p.devices == ["leader", "worker2", "worker3"] for p in ce.plans)
+    with torch.no_grad():
+        ref = torch.softmax(model(x), -1)
+    assert torch.allclose(pred.probs, ref, atol=1e-5)
+    assert 0.0 < od.skipped_fraction() < 1.0

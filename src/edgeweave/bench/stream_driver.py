@@ -33,7 +33,8 @@ class StreamDriver(LeaderDriver):
             server.close()
         scale = float(ref.abs().max())
         err = max(float((r.output - ref).abs().max()) for r in res) / max(scale, 1e-30)
-        return {**latency_stats(res), "rel_err": err, "groups": server.groups,
+        parallel = len(gplan.groups) * int(getattr(gplan, "slots", 1))
+        return {**latency_stats(res, parallel=parallel), "rel_err": err, "groups": server.groups,
                 "frames": [r.to_dict() for r in res]}
 
 

@@ -193,6 +193,7 @@ class ClusterOnDemand(OnDemandModel):
         self.exits, self.base_points = exits, list(points)
         self.points = exits.cluster_points(self.base_points)
         self.exits_taken: list[int] = []
+        self.lost: list[str] = []  # devices left out after a failure
 
     @property
     def devices(self) -> list[str]:
@@ -208,7 +209,21 @@ class ClusterOnDemand(OnDemandModel):
                 min_accuracy: float | None = None) -> Prediction:
         c = self.choose(latency_budget_ms, min_accuracy)
         p = c.point
-        ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None, confidence=p.confidence)
+        try:
+            ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None, confidence=p.confidence)
+        except EdgeweaveError as e:
+            if self.exits.session.broken is None:
+                raise
+            # a device failed: go on with the others (segments planned again over them), once
+            from edgeweave.serving.server import ClusterFailed
+
+            try:
+                self.lost += self.exits.session.recover()
+                self.exits.load_plans()
+                ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None,
+                                       confidence=p.confidence)
+            except EdgeweaveError as e2:
+                raise ClusterFailed(f"inference failed: {e}; after regrouping: {e2}") from None
         self.points = self.exits.cluster_points(self.base_points)  # re-priced on what the frame measured
         self.exits_taken.append(ans.exit_index)
         del self.exits_taken[:-4096]
