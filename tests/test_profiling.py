@@ -74,11 +74,25 @@ def test_fit_kind_holds_out_a_quarter():
     assert fit_kind("conv", F, t).heldout_median_rel_err > 0.1
 
 
+def test_fit_weights_recovers_the_seconds_per_weight_element():
+    from edgeweave.profiling.compute import fit_weights
+
+    a, b, w = 2e-11, 1e-5, 3e-10
+    F = np.array([1e6, 5e6, 2e7, 8e6, 3e6])
+    W = np.array([3.7e4, 1.5e5, 5.9e5, 2.4e6, 5.9e5])
+    fit = fit_weights(a, b, F, W, a * F + b + w * W)
+    assert fit.a == pytest.approx(w) and fit.median_rel_err_with < 1e-9 < fit.median_rel_err_without
+    # strips no slower than the conv line says: no weights term (never a negative one)
+    assert fit_weights(a, b, F, W, 0.9 * (a * F + b)).a == 0.0
+
+
 def test_grid_is_seeded_and_bounded():
     g = grid(quick=True, seed=0)
     assert g == grid(quick=True, seed=0) and g != grid(quick=True, seed=1)
-    assert {s.kind for s in g} == {"conv", "dwconv", "gconv", "linear", "matmul", "pool", "norm", "other"}
-    assert {s.fit_kind for s in g} == set(KINDS)
+    assert {s.kind for s in g} == {"conv", "dwconv", "gconv", "linear", "matmul", "pool", "norm", "other", "strip"}
+    assert {s.fit_kind for s in g} == set(KINDS) | {"weights"}
+    strips = [s for s in g if s.kind == "strip"]  # thin strips of wide layers: what the weights line is fitted on
+    assert strips and max(s.h for s in strips) <= 4 and min(s.cin for s in strips) >= 64
     assert max(s.flops() for s in g) <= 2e9
     assert len(grid(quick=False)) > len(g)
     # conv settings span small and large strips, both kernels and both strides
@@ -128,8 +142,12 @@ def test_timing_orders_layers_by_work():
 
 def test_quick_profile_end_to_end():
     prof, report = profile_device(name="dev0", quick=True, block_s=0.02)
-    assert set(prof.per_kind) == set(KINDS)
-    assert all(a > 0 and b >= 0 for a, b in prof.per_kind.values())
+    assert set(prof.per_kind) == set(KINDS) | {"weights"}
+    assert all(a >= 0 and b >= 0 for a, b in prof.per_kind.values())
+    assert all(a > 0 for k, (a, _b) in prof.per_kind.items() if k != "weights")
+    wf = report["weights_fit"]
+    assert wf["n"] >= 2 and wf["a"] == prof.per_kind["weights"][0]
+    assert wf["median_rel_err_with"] <= wf["median_rel_err_without"] + 1e-9  # the term never fits worse
     assert prof.a > 0 and prof.meta["fit"]["conv"]["n_test"] >= 2
     # the fit predicts held-out settings (the machine is shared, so a generous bound)
     assert report["fits"]["conv"]["heldout_median_rel_err"] < 0.5, report["fits"]["conv"]

@@ -89,6 +89,12 @@ def profile(
         table.add_row(k, f"{f['a']:.3e}", f"{1e-9 / f['a']:.1f}", f"{f['b'] * 1e3:.3f}", f"{f['n_train']}/{f['n_test']}",
                       f"{100 * f['heldout_median_rel_err']:.1f}%", f"{100 * f['heldout_max_rel_err']:.1f}%")
     console.print(table)
+    wf = report.get("weights_fit")
+    if wf:
+        console.print(f"thin strips (1-4 rows of wide layers, {wf['n']}): {1e9 * wf['a']:.3f} ns per weight element read "
+                      f"per call beyond the conv line; median error {100 * wf['median_rel_err_without']:.0f}% without it, "
+                      f"{100 * wf['median_rel_err_with']:.0f}% with it (the planner weighs row strips against channel "
+                      "slices with it)")
     speed = {}
     for b in wanted:
         line = prof.backends[b]
@@ -99,7 +105,7 @@ def profile(
                   "the planner charges it to the leader for every strip it gathers and re-sends)")
     console.print(f"wrote {path} ({len(report['samples'])} settings in {report['seconds']:.1f} s); "
                   f"every setting in {samples_csv}" + (f", the fits plotted in {png}" if png else ""))
-    emit_json({"profile": prof.to_dict(), "fits": report["fits"],
+    emit_json({"profile": prof.to_dict(), "fits": report["fits"], "weights_fit": report.get("weights_fit"),
                "backend_fits": {b: reports[b]["fits"] for b in wanted}, "speed_vs_torch": speed,
                "out": str(path), "samples_csv": str(samples_csv),
                "plot": str(png) if png else None, "seconds": report["seconds"], "settings": len(report["samples"])}, json_out)

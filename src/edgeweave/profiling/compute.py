@@ -68,6 +68,10 @@ residual adds, counted in ReLU-equivalents: ``flops.ELEMENTWISE_OPS``). The prof
 ``a, b`` is one line over all convolutions, the fallback for a kind the profile does not list
 (after ``KIND_FALLBACK``)."""
 
+WEIGHTS_KIND = "weights"
+"""The profile line (``per_kind["weights"] = [seconds per weight element, 0]``) the planner
+prices a convolution call's weight reads with (planning/cost.py ``WEIGHTS``)."""
+
 KIND_FALLBACK = {"conv_strided": "conv", "conv1x1": "conv", "conv_dw": "conv", "conv_grouped": "conv",
                  "matmul": "conv1x1", "norm": "other"}
 """The kind whose line prices a kind a profile does not have (profiles measured before it)."""
@@ -112,7 +116,7 @@ class Setting:
     """One timed layer. For linear layers h=w=k=stride=1 and cin/cout are in/out features; for
     ``matmul`` and ``norm`` layers h is the number of rows (tokens) and w is 1."""
 
-    kind: str  # conv | dwconv | gconv | linear | matmul | pool | norm | other
+    kind: str  # conv | strip | dwconv | gconv | linear | matmul | pool | norm | other
     h: int  # input height
     w: int  # input width
     cin: int
@@ -126,7 +130,11 @@ class Setting:
     def fit_kind(self) -> str:
         if self.kind == "conv":
             return conv_kind((self.k, self.k), (self.stride, self.stride))
-        return {"dwconv": "conv_dw", "gconv": "conv_grouped"}.get(self.kind, self.kind)
+        return {"dwconv": "conv_dw", "gconv": "conv_grouped", "strip": WEIGHTS_KIND}.get(self.kind, self.kind)
+
+    def weights(self) -> int:
+        """Weight elements the layer reads per call (a convolution's filters)."""
+        return self.cin * self.cout * self.k * self.k // max(1, self.groups)
 
     def out_hw(self) -> tuple[int, int]:
         if self.kind == "linear":
@@ -140,7 +148,7 @@ class Setting:
     def flops(self) -> float:
         """The FLOPs the planner counts for this layer (planning/cost.py, profiling/flops.py)."""
         ho, wo = self.out_hw()
-        if self.kind == "conv":
+        if self.kind in ("conv", "strip"):
             return conv_flops(ho, wo, self.cin, self.cout, self.k)
         if self.kind == "dwconv":
             return conv_flops(ho, wo, self.cin, self.cin, self.k, groups=self.cin)
@@ -168,7 +176,7 @@ class Setting:
 
     def _build(self) -> tuple[nn.Module, torch.Tensor]:
         x4 = torch.randn(1, self.cin, self.h, self.w)
-        if self.kind == "conv":
+        if self.kind in ("conv", "strip"):
             return nn.Conv2d(self.cin, self.cout, self.k, self.stride, padding=self.k // 2), x4
         if self.kind == "dwconv":
             return nn.Conv2d(self.cin, self.cin, self.k, self.stride, padding=self.k // 2, groups=self.cin), x4
@@ -218,12 +226,18 @@ def grid(quick: bool = False, seed: int = 0, max_flops: float | None = None) -> 
     widths = [64, 128, 256, 512, 768, 1024, 3072]
     mm_all = [Setting("matmul", t, 1, i, o) for t, i, o in itertools.product(tokens, widths, widths)]
     norm_all = [Setting("norm", t, 1, c, c) for t, c in itertools.product(tokens, widths)]
-    counts = ({"conv": 56, "linear": 12, "pool": 12, "other": 16, "dwconv": 16, "gconv": 12, "matmul": 12, "norm": 8}
+    # thin strips of wide layers: 1-4 output rows of a 14-56 px map, 64-512 channels (a device's
+    # share of a small map split by rows reads all of a layer's weights for a few rows)
+    strip_all = [Setting("strip", h, w, c, c, 3, 1) for h, w, c in itertools.product([1, 2, 4], [14, 28, 56],
+                                                                                      [64, 128, 256, 512])]
+    counts = ({"conv": 56, "linear": 12, "pool": 12, "other": 16, "dwconv": 16, "gconv": 12, "matmul": 12, "norm": 8,
+               "strip": 12}
               if quick else {"conv": 200, "linear": 30, "pool": 30, "other": 40, "dwconv": 40, "gconv": 30, "matmul": 30,
-                             "norm": 20})
+                             "norm": 20, "strip": 30})
     out: list[Setting] = []
     for kind, pool in (("conv", conv_all), ("linear", lin_all), ("pool", pool_all), ("other", other_all),
-                       ("dwconv", dw_all), ("gconv", g_all), ("matmul", mm_all), ("norm", norm_all)):
+                       ("dwconv", dw_all), ("gconv", g_all), ("matmul", mm_all), ("norm", norm_all),
+                       ("strip", strip_all)):
         ok = [s for s in pool if s.flops() <= max_flops]
         out += rng.sample(ok, min(counts[kind], len(ok)))
     return out
@@ -345,6 +359,34 @@ def fit_kind(kind: str, flops: Iterable[float], seconds: Iterable[float], holdou
     return KindFit(kind, a_all, b_all, len(train), n_test, float(np.median(te)), float(np.mean(te)), float(np.max(te)), float(np.median(tr)))
 
 
+@dataclass
+class WeightsFit:
+    """Seconds per weight element a convolution call reads, beyond its FLOPs: what a thin strip
+    of a wide layer costs more than its FLOPs say (the kernels re-read every filter for a few
+    rows). Fitted on the ``strip`` settings' residuals over the conv line; the errors say how
+    well the conv line alone and the line plus this term predict those strips."""
+
+    kind: str
+    a: float
+    n: int
+    median_rel_err_without: float
+    median_rel_err_with: float
+
+
+def fit_weights(a: float, b: float, flops: Iterable[float], weights: Iterable[float],
+                seconds: Iterable[float]) -> WeightsFit:
+    """``w`` minimising sum(((a*F + b + w*W - t) / t)^2) with ``w >= 0`` (``a, b``: the conv line)."""
+    F = np.asarray(list(flops), dtype=float)
+    W = np.asarray(list(weights), dtype=float)
+    T = np.asarray(list(seconds), dtype=float)
+    r = T - (a * F + b)
+    x = W / T
+    w = max(0.0, float((x * (r / T)).sum() / (x * x).sum())) if (x * x).sum() > 0 else 0.0
+    without = np.abs(a * F + b - T) / T
+    with_w = np.abs(a * F + b + w * W - T) / T
+    return WeightsFit(WEIGHTS_KIND, w, len(T), float(np.median(without)), float(np.median(with_w)))
+
+
 def profile_device(
     name: str | None = None,
     quick: bool = False,
@@ -395,14 +437,20 @@ def profile_device(
             fits[kind] = fit_kind(kind, [r["flops"] for r in rows], [r["seconds"] for r in rows], seed=seed)
     convs = [r for r in samples if r["kind"] == "conv"]
     conv = fit_kind("all_conv", [r["flops"] for r in convs], [r["seconds"] for r in convs], seed=seed)
+    strips = [r for r in samples if r["kind"] == "strip"]
+    weights = None
+    if len(strips) >= 2 and "conv" in fits:
+        weights = fit_weights(fits["conv"].a, fits["conv"].b, [r["flops"] for r in strips],
+                              [r["cin"] * r["cout"] * r["k"] * r["k"] for r in strips], [r["seconds"] for r in strips])
     prof = DeviceProfile(
         name=name or socket.gethostname(),
         a=conv.a,
         b=conv.b,
-        per_kind={k: [f.a, f.b] for k, f in fits.items()},
+        per_kind={k: [f.a, f.b] for k, f in fits.items()} | ({WEIGHTS_KIND: [weights.a, 0.0]} if weights else {}),
         backend=backend,
         meta={
             "fit": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)},
+            "weights_fit": asdict(weights) if weights else None,
             "flops_convention": ("conv: 2*H*W*(Cin*K^2/groups+1)*Cout over the output H,W; linear: 2*(in+1)*out; "
                                  "matmul: 2*rows*in*out; norm: 5 per element; other: ReLU-equivalents per element"),
             "threads": threads,
@@ -415,7 +463,9 @@ def profile_device(
             "profile_seconds": time.perf_counter() - t_start,
         },
     )
-    report = {"fits": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)}, "samples": samples, "seconds": time.perf_counter() - t_start}
+    report = {"fits": {k: asdict(f) for k, f in fits.items()} | {"all_conv": asdict(conv)},
+              "weights_fit": asdict(weights) if weights else None,
+              "samples": samples, "seconds": time.perf_counter() - t_start}
     return prof, report
 
 
