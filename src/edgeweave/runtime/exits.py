@@ -218,7 +218,7 @@ class ClusterOnDemand(OnDemandModel):
             from edgeweave.serving.server import ClusterFailed
 
             try:
-                self.lost += self.exits.session.recover()
+                self.lost += self.exits.session.recover(suspects=[e.name] if getattr(e, "name", None) else ())
                 self.exits.load_plans()
                 ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None,
                                        confidence=p.confidence)

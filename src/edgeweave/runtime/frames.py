@@ -105,10 +105,11 @@ class GroupServer:
     def groups(self) -> list[list[str]]:
         return [list(g.devices) for g in self.gplan.groups]
 
-    def _regroup(self, t0: float, why: str) -> None:
+    def _regroup(self, t0: float, why: str, suspects: Sequence[str] = ()) -> None:
         if self.replan is None:
             raise EdgeweaveError(f"a group failed and no re-planning was given: {why}")
-        lost = self.session.recover()
+        # the devices the failures named: the session need not wait its time-out for them
+        lost = self.session.recover(suspects=suspects)
         self.events.append(Event(time.perf_counter() - t0, "failure", f"{why[:300]}; left out: {lost}"))
         self._use(self.replan(self.session.cluster))
         self.events.append(Event(time.perf_counter() - t0, "regrouped", f"{self.session.world} devices",
@@ -138,6 +139,7 @@ class GroupServer:
         cond = threading.Condition()
         t0 = time.perf_counter()
         failed: list[str] = []
+        suspects: list[str] = []  # the devices failures named (PeerError.name)
         next_admit = self.admit_every_s
 
         def worker(g: int, slot: int, pid: int, devices: list[str]) -> None:
@@ -159,6 +161,8 @@ class GroupServer:
                         heapq.heappush(queue, i)
                         retries[i] += 1
                         failed.append(f"{type(e).__name__}: {e}")
+                        if getattr(e, "name", None):
+                            suspects.append(str(e.name))
                         cond.notify_all()
                     return
                 res = FrameResult(i, arrival[i], start, time.perf_counter() - t0, g, devices, retries[i], y)
@@ -190,7 +194,8 @@ class GroupServer:
                 else:
                     if max(retries) > 3:
                         raise EdgeweaveError(f"a frame failed {max(retries)} times; last: {why}")
-                    self._regroup(t0, why)
+                    self._regroup(t0, why, list(suspects))
+                    suspects.clear()
         out = [r for r in results if r is not None]
         assert len(out) == n
         return out

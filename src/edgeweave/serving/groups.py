@@ -111,7 +111,7 @@ class GroupInferenceServer:
                     if attempt == 2:
                         self.counters.add("failed")
                         raise ClusterFailed(f"inference failed: {e}") from None
-                    g = self._recover(g, str(e))
+                    g = self._recover(g, str(e), getattr(e, "name", None))
                     regrouped = True
             service = time.perf_counter() - t1
         finally:
@@ -129,7 +129,7 @@ class GroupInferenceServer:
         return y, {"latency_s": total, "queue_s": queue_s, "service_s": service, "group": g, "devices": devices,
                    "slo_s": self.slo_s, "event": "regrouped" if regrouped else "", "timings_s": tm.total_s}
 
-    def _recover(self, g: int, why: str) -> int:
+    def _recover(self, g: int, why: str, suspect: str | None = None) -> int:
         """Called by a request whose group failed, holding group ``g``: wait until no other
         request runs, recover and re-plan (once, whoever comes first), and take a group again."""
         if self.session.broken is None and not self._recovering:
@@ -142,7 +142,7 @@ class GroupInferenceServer:
                 while self._running > 0:
                     self._cond.wait()
                 try:
-                    lost = self.session.recover()
+                    lost = self.session.recover(suspects=[suspect] if suspect else ())
                     self.lost += lost
                     gplan = self.replan(self.session.cluster)
                     self.groups._use(gplan)  # noqa: SLF001 - the stream's own re-grouping

@@ -133,7 +133,7 @@ def _group_server(session: Any, model: Any, spec: Any, size: int, model_name: st
     from edgeweave.serving.groups import GroupInferenceServer
 
     gm = capture(model, (1, spec.in_channels, size, size))
-    replan = group_planner(session, gm, cfg.run, model_name)
+    replan = group_planner(session, gm, cfg.run, model_name, slots=1)  # one request per group at a time
     gplan = replan(session.cluster)
     if not gplan.feasible:
         console.print(f"[yellow]warning: no grouping is predicted to keep {cfg.run.slo_ms:g} ms; serving on the "
