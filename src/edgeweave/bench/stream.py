@@ -155,8 +155,68 @@ def _run_model(tb: Any, cfg: StreamBenchConfig, name: str, cluster: Any, work: P
                                                        **opts), None)
         for label, slo in (("relaxed", 1.25 * single_s["torch"]), ("tight", 1.5 * one_latency)):
             rows[label] = serve(label, plan_groups(gm, cluster, slo_s=slo, slots=None, **opts), slo)
+        failover = _failover(bc, cfg, name, gm, cluster, rows, 1.25 * single_s["torch"], work, opts)
     return {"checkpoint": str(ckpt), "hash": mhash, "single_s": single_s, "single_times_s": single,
-            "one_frame_latency_s": one_latency, "rows": rows}
+            "one_frame_latency_s": one_latency, "rows": rows, "failover": failover}
+
+
+VICTIM = "w3"
+
+
+def _failover(bc: Any, cfg: StreamBenchConfig, name: str, gm: Any, cluster: Any, rows: dict[str, Any],
+              slo_s: float, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """The relaxed stream at its best offered rate with a follower killed a third of the way in:
+    every frame must be answered; then the four devices left serve a burst, and the stream's
+    rate after the regrouping is compared with it."""
+    import threading
+
+    from edgeweave.planning.throughput import plan_groups
+    from edgeweave.profiling.profile import Cluster
+
+    best = rows["relaxed"]["best"] or rows["relaxed"]["streams"][0]
+    rate = best["offered_fps"]
+    before = plan_groups(gm, cluster, slo_s=slo_s, slots=None, **opts)
+    left = Cluster([d for d in cluster.devices if d.name != VICTIM])
+    after = plan_groups(gm, left, slo_s=slo_s, slots=None, **opts)
+    paths = {}
+    for label, gp in (("before", before), ("after", after)):
+        paths[label] = work / f"{name}-failover-{label}.json"
+        paths[label].write_text(gp.to_json())
+    frames = 2 * cfg.frames
+    kill_at = (frames / rate) / 3
+    timer = threading.Timer(kill_at + 0.5 * len(before.groups), bc.kill, args=(VICTIM,))
+    console.print(f"  failover: {frames} frames offered at {rate:.2f}/s, {VICTIM} killed after ~{kill_at:.1f} s")
+    timer.start()
+    try:
+        r = bc.call({"op": "stream", "path": str(paths["before"]), "fallback": str(paths["after"]),
+                     "frames": frames, "rate": rate}, timeout_s=cfg.timeout_s)
+    finally:
+        timer.cancel()
+    regrouped = next((e for e in r["events"] if e["kind"] == "regrouped"), None)
+    burst = bc.call({"op": "stream", "path": str(paths["after"]), "frames": cfg.frames}, timeout_s=cfg.timeout_s)
+    four = burst["fps_steady"] or burst["fps"]
+    recovery = _recovery(r["frames"], regrouped["at_s"] if regrouped else None, min(rate, four))
+    out = {"victim": VICTIM, "offered_fps": rate, "frames": frames, "answered": r["count"],
+           "lost_frames": frames - r["count"], "events": r["events"], "rel_err": r["rel_err"],
+           "four_device_fps": four, **recovery, "stream": _brief(r), "groups_after": after.to_dict()["groups"]}
+    console.print(f"    answered {r['count']}/{frames}; regrouped at {regrouped['at_s'] if regrouped else None}; "
+                  f"four devices {four:.2f}/s; back within 10 % after {recovery['frames_to_recover']} frames")
+    return out
+
+
+def _recovery(frames: list[dict[str, Any]], at_s: float | None, reference_fps: float, window: int = 3,
+              tol: float = 0.10) -> dict[str, Any]:
+    """Frames answered after the regrouping until the answer rate over ``window`` consecutive
+    answers is within ``tol`` of ``reference_fps`` (the rate the survivors can sustain at the
+    offered rate): None if it never is."""
+    if at_s is None:
+        return {"frames_to_recover": None, "rate_after": None}
+    ends = sorted(f["end_s"] for f in frames if f["end_s"] > at_s)
+    for i in range(len(ends) - window):
+        rate = window / (ends[i + window] - ends[i]) if ends[i + window] > ends[i] else float("inf")
+        if rate >= (1 - tol) * reference_fps:
+            return {"frames_to_recover": i + window, "rate_after": rate}
+    return {"frames_to_recover": None, "rate_after": None}
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +243,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             if row["p95_over_slo"] is not None:
                 over.append(row["p95_over_slo"])
                 s[f"throughput_ratio_{name}_{label}"] = fps / base_fps if fps else None
+        fo = m.get("failover")
+        if fo:
+            lost += fo["lost_frames"]
+            errs.append(fo["rel_err"])
+            s[f"failover_frames_to_recover_{name}"] = fo["frames_to_recover"]
+            s[f"failover_lost_frames_{name}"] = fo["lost_frames"]
     s["p95_over_slo_max"] = max(over) if over else None
     s["lost_frames"] = lost
     s["max_rel_err"] = max(errs) if errs else None

@@ -25,9 +25,13 @@ class StreamDriver(LeaderDriver):
 
         gplan = GroupPlan.from_json(Path(cmd["path"]).read_text())
         x, ref = self.ref_for(gplan.groups[0].plan)
-        server = GroupServer(self.cl, gplan)
+        # after a failure: the groups the orchestrator planned for the devices left (planning
+        # VGG16 again on a 0.25-core leader would take longer than the failover itself)
+        fallback = GroupPlan.from_json(Path(cmd["fallback"]).read_text()) if cmd.get("fallback") else None
+        server = GroupServer(self.cl, gplan, replan=(lambda _cluster: fallback) if fallback else None)
         try:
-            server.serve([x] * len(gplan.groups))
+            if not cmd.get("no_warmup"):
+                server.serve([x] * len(gplan.groups))
             res = server.serve([x] * int(cmd["frames"]), rate=cmd.get("rate"))
         finally:
             server.close()
@@ -35,7 +39,7 @@ class StreamDriver(LeaderDriver):
         err = max(float((r.output - ref).abs().max()) for r in res) / max(scale, 1e-30)
         parallel = len(gplan.groups) * int(getattr(gplan, "slots", 1))
         return {**latency_stats(res, parallel=parallel), "rel_err": err, "groups": server.groups,
-                "frames": [r.to_dict() for r in res]}
+                "frames": [r.to_dict() for r in res], "events": [e.to_dict() for e in server.events]}
 
 
 def main(argv: list[str] | None = None) -> int:
