@@ -181,14 +181,15 @@ WEIGHTS = "weights"  # a pseudo-kind: weight elements a call reads (``node_weigh
 
 
 def node_weights(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float:
-    """Weight elements one call of ``node`` reads, whatever share of its output it computes:
-    a convolution or Linear layer reads all its weights for a strip of two rows as for the whole
-    map. Priced as work of kind ``weights`` (``DeviceProfile.per_kind["weights"]``, fitted by
-    the profiler), it is what makes thin strips of wide layers cost more than their FLOPs say,
-    and a channel slice (1/k of the weights) less."""
+    """Weight elements one call of convolution ``node`` reads, whatever share of its output it
+    computes: all its filters for a strip of two rows as for the whole map. Priced as work of
+    kind ``weights`` (``DeviceProfile.per_kind["weights"]``, fitted by the profiler on thin
+    strips of convolutions, over the conv line), it is what makes thin strips of wide layers cost
+    more than their FLOPs say, and a channel slice (1/k of the filters) less. Linear layers: 0,
+    their line is fitted on weights read from memory already (it would count them twice)."""
     if "ew_weights" not in node.meta:
         w = getattr(gm.get_submodule(str(node.target)), "weight", None) if node.op == "call_module" else None
-        node.meta["ew_weights"] = float(w.numel()) if isinstance(w, torch.Tensor) and w.dim() >= 2 else 0.0
+        node.meta["ew_weights"] = float(w.numel()) if isinstance(w, torch.Tensor) and w.dim() >= 3 else 0.0
     return float(node.meta["ew_weights"])
 
 
