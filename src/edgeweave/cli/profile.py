@@ -78,7 +78,7 @@ def profile(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prof.to_dict(), indent=2) + "\n")
     samples_csv, png = path.with_suffix(".samples.csv"), (path.with_suffix(".png") if plot else None)
-    write_samples_csv(report["samples"], report["fits"], samples_csv)
+    write_samples_csv(report["samples"], report["fits"], samples_csv, report.get("weights_fit"))
     if png is not None:
         plot_fits(report["samples"], report["fits"], png, f"{name}: seconds = a*FLOPs + b ({threads} thread)")
 

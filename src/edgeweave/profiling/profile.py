@@ -29,6 +29,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "latency_s": (lambda v: v >= 0, "one-way seconds per message, a number >= 0"),
     "byte_s": (lambda v: v >= 0, "CPU seconds per byte sent or relayed, a number >= 0"),
 }
+_WEIGHTS_RULE = (lambda v: v >= 0, "seconds per weight element read, a number >= 0")
 # Keys a cluster file must give for every device (the defaults are placeholders for code)
 FILE_REQUIRED = ("a", "bandwidth_bps")
 # The placeholder profile: 10 GFLOP/s, 1 Gbit/s (Cluster.uniform; not a measurement)
@@ -143,7 +144,8 @@ class DeviceProfile:
             if not isinstance(line, (list, tuple)) or len(line) != 2:
                 raise EdgeweaveError(f"{where}: 'per_kind' {kind!r} must be [a, b] (seconds = a * FLOPs + b), "
                                      f"got {line!r}")
-            _check_number(line[0], *_RULES["a"], f"{where}: 'per_kind' {kind!r} a")
+            rule = _WEIGHTS_RULE if kind == "weights" else _RULES["a"]  # weights read may cost nothing measurable
+            _check_number(line[0], *rule, f"{where}: 'per_kind' {kind!r} a")
             _check_number(line[1], *_RULES["b"], f"{where}: 'per_kind' {kind!r} b")
         if d.get("address") is not None and not isinstance(d["address"], str):
             raise EdgeweaveError(f"{where}: 'address' must be a string such as host:port, got {d['address']!r}")

@@ -8,25 +8,43 @@ import csv
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("kind", "fit_kind", "h", "w", "cin", "cout", "k", "stride", "flops", "seconds", "predicted_s", "rel_err")
+from edgeweave.profiling.compute import WEIGHTS_KIND
+
+COLUMNS = ("kind", "fit_kind", "h", "w", "cin", "cout", "k", "stride", "flops", "weights", "seconds", "predicted_s",
+           "rel_err")
 
 
-def with_predictions(samples: list[dict[str, Any]], fits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each sample with its kind's fitted prediction and relative error (all samples; the
-    held-out errors are in the fits)."""
+def predict(sample: dict[str, Any], fits: dict[str, dict[str, Any]], weights_fit: dict[str, Any] | None) -> float | None:
+    """A sample's predicted seconds as the planner would price it: its kind's line, and for the
+    thin strips (fit kind ``weights``) the conv line plus the seconds per weight element read;
+    None where no line was fitted."""
+    if sample["fit_kind"] == WEIGHTS_KIND:
+        conv = fits.get("conv")
+        if conv is None or weights_fit is None:
+            return None
+        return conv["a"] * sample["flops"] + conv["b"] + weights_fit["a"] * sample["weights"]
+    f = fits.get(sample["fit_kind"])
+    return f["a"] * sample["flops"] + f["b"] if f else None
+
+
+def with_predictions(samples: list[dict[str, Any]], fits: dict[str, dict[str, Any]],
+                     weights_fit: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each sample with its predicted seconds and relative error (all samples; the held-out
+    errors are in the fits)."""
     out = []
     for s in samples:
-        f = fits.get(s["fit_kind"])
-        pred = f["a"] * s["flops"] + f["b"] if f else None
+        s = s | {"weights": s["cin"] * s["cout"] * s["k"] * s["k"] // max(1, s.get("groups", 1))}
+        pred = predict(s, fits, weights_fit)
         out.append(s | {"predicted_s": pred, "rel_err": abs(pred - s["seconds"]) / s["seconds"] if pred is not None else None})
     return out
 
 
-def write_samples_csv(samples: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path: Path) -> None:
+def write_samples_csv(samples: list[dict[str, Any]], fits: dict[str, dict[str, Any]], path: Path,
+                      weights_fit: dict[str, Any] | None = None) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(COLUMNS)
-        for s in with_predictions(samples, fits):
+        for s in with_predictions(samples, fits, weights_fit):
             w.writerow([s.get(c) for c in COLUMNS])
 
 
