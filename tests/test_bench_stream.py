@@ -48,3 +48,24 @@ def test_steady_rate_counts_after_every_server_answered_once():
     st = latency_stats(res, parallel=5)
     assert st["fps_steady"] == pytest.approx(2.5)  # 5 frames / 2 s, not 24 / 8 s = 3
     assert latency_stats(res)["fps_steady"] == pytest.approx(3.0)  # counted from the first answer: too high
+
+
+def test_serve_clients_summary_checks_every_refusal_was_counted():
+    from edgeweave.bench.stream_clients import summarize_clients
+
+    answers = [{"end_s": 1.0 + 0.5 * i, "latency_s": 2.0 + 0.01 * i, "rel_err": 1e-7} for i in range(21)]
+    raw = {"answers": answers, "refused": 7, "refused_slo": 7, "errors": 0,
+           "stats": {"refused": 7, "refused_slo": 7}, "metrics": {"refused": 7.0, "refused_slo": 7.0}}
+    r = summarize_clients(raw)
+    assert r["fps"] == pytest.approx(2.0) and r["answered"] == 21 and r["refusals_counted"]
+    assert r["p50_s"] == pytest.approx(2.1) and r["rel_err"] == 1e-7
+    raw["metrics"]["refused"] = 6.0  # one refusal the clients saw that /metrics missed
+    assert not summarize_clients(raw)["refusals_counted"]
+    # the summary reports serve's rate against the bench's relaxed stream
+    sv = {"fps": 1.8, "ratio_to_bench": 0.9, "p95_over_slo": 0.8, "refused": 7, "refusals_counted": True, "errors": 0,
+          "rel_err": 2e-6}
+    res = {"models": {"vgg16": {"single_s": {"torch": 3.0, "ort": 2.0}, "rows": {}, "serve": sv}}}
+    s = summarize(res)
+    assert s["serve_ratio_to_bench_vgg16"] == 0.9 and s["serve_refusals_counted_vgg16"] and s["max_rel_err"] == 2e-6
+    res["models"]["vgg16"]["serve"] = {"error": "the serve clients failed"}
+    assert summarize(res)["serve_error_vgg16"] == "the serve clients failed"

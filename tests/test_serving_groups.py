@@ -97,9 +97,39 @@ def test_concurrent_requests_run_on_the_groups_at_once_exactly(setup):
             server.infer(xs[1])
         r = client.post("/v1/infer", content=encode_raw(xs[1]), headers={"content-type": "application/octet-stream"})
         assert r.status_code == 503 and "SLO" in r.json()["detail"]
+        # when to try again: whole seconds, at least one, at least the fastest group's service time
+        assert int(r.headers["retry-after"]) >= max(1.0, min(server._service))
         s = server.stats()
         assert s["refused_slo"] == 2 and s["refused"] == 2
         assert scrape(client)["edgeweave_refused_slo_total"][()] == 2
+    finally:
+        server.close()
+
+
+def test_many_http_clients_refusals_all_counted(setup):
+    """bench stream's serve clients on loopback: more clients than groups under an SLO that
+    admits about one request per group; the refused ones wait their Retry-After, every answer
+    is exact, and /v1/stats and /metrics count exactly the refusals the clients saw."""
+    from edgeweave.bench.leader_driver import bench_input
+    from edgeweave.bench.serve import Uvicorn
+    from edgeweave.bench.stream_clients import run_clients, summarize_clients
+
+    cl, model, spec, replan = setup
+    gplan = replan(cl.cluster)
+    server = GroupInferenceServer(cl, gplan, replan, spec, NAME, slo_s=10.0, limits=ServerLimits(max_waiting=32))
+    try:
+        server.warm_up()
+        server.slo_s = 1.5 * max(server._service) + 0.05
+        with torch.no_grad():
+            ref = model(bench_input(SIZE))
+        assert float(ref.std()) > 1e-4, "degenerate reference proves nothing"
+        with Uvicorn(create_app(server, NORMALIZATIONS["none"])) as url:
+            raw = run_clients(url, clients=8, seconds=3.0, size=SIZE, ref=ref.flatten().tolist(), timeout_s=60)
+        r = summarize_clients(raw)
+        assert r["answered"] >= 3 and r["errors"] == 0 and r["rel_err"] <= 1e-5, r
+        assert r["refused"] >= 1 and r["refused_slo"] == r["refused"], r  # 8 clients, 3 groups: some refused
+        assert r["refusals_counted"], r
+        assert r["fps"] and r["fps"] > 0
     finally:
         server.close()
 

@@ -49,8 +49,8 @@ class LeaderDriver:
 
     description = "edgeweave benchmark leader (JSON lines on stdin/stdout)"
 
-    def __init__(self, cl: Any, model: torch.nn.Module) -> None:
-        self.cl, self.model = cl, model
+    def __init__(self, cl: Any, model: torch.nn.Module, spec: Any = None) -> None:
+        self.cl, self.model, self.spec = cl, model, spec
         self.refs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def ref_for(self, plan: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None, driver: type[LeaderDriver] = LeaderDrive
     model.eval()
     with RemoteCluster(Cluster.load(a.cluster), a.listen, timeout_s=a.timeout, start_timeout_s=a.timeout) as cl:
         h = cl.load_model(model, spec)
-        d = driver(cl, model)
+        d = driver(cl, model, spec)
         reply({"op": "ready", "names": cl.names, "model_hash": h, "startup_s": time.perf_counter() - t0})
         for line in sys.stdin:
             if not line.strip():

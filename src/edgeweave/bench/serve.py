@@ -84,7 +84,7 @@ def run_serve_bench(cfg: ServeBenchConfig | None = None, *, out_dir: str | Path 
         server = InferenceServer(AdaptiveStream(cl, plan, cl.cluster), spec, cfg.model,
                                  ServerLimits(max_waiting=2 * cfg.clients, wait_timeout_s=60))
         server.warm_up()
-        with _Uvicorn(create_app(server, norm)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        with Uvicorn(create_app(server, norm)) as url, httpx.Client(base_url=url, timeout=120) as client:
             rng = np.random.default_rng(0)
             bar = progress_bar(progress)
             bar.start()
@@ -253,7 +253,7 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class _Uvicorn:
+class Uvicorn:
     """uvicorn in a thread of this process on a free loopback port; the context gives its URL."""
 
     def __init__(self, app: Any):

@@ -48,11 +48,13 @@ class StreamBenchConfig:
     prefix: str = "ewv-"
     subnet: str = "10.77.36.0/24"
     timeout_s: float = 900.0
+    serve_clients: int = 50  # concurrent clients of serve --slo-ms (0: no serve phase)
+    serve_seconds: float = 60.0  # how long they send requests
     quick: bool = False
 
     @classmethod
     def quick_config(cls) -> StreamBenchConfig:
-        return cls(models=["vgg16"], frames=25, single_rounds=3, quick=True)
+        return cls(models=["vgg16"], frames=25, single_rounds=3, serve_seconds=40.0, quick=True)
 
 
 def run_stream_bench(cfg: StreamBenchConfig | None = None, out_dir: Path = Path("results")) -> dict[str, Any]:
@@ -155,9 +157,65 @@ def _run_model(tb: Any, cfg: StreamBenchConfig, name: str, cluster: Any, work: P
                                                        **opts), None)
         for label, slo in (("relaxed", 1.25 * single_s["torch"]), ("tight", 1.5 * one_latency)):
             rows[label] = serve(label, plan_groups(gm, cluster, slo_s=slo, slots=None, **opts), slo)
+        served = None
+        if cfg.serve_clients:
+            try:
+                served = _serve(tb, bc, cfg, name, gm, cluster, rows, 1.25 * single_s["torch"], work, opts)
+            except EdgeweaveError as e:  # reported in the JSON and the summary; the failover still runs
+                console.print(f"[red]  serve phase failed: {e}[/red]")
+                served = {"error": str(e)}
         failover = _failover(bc, cfg, name, gm, cluster, rows, 1.25 * single_s["torch"], work, opts)
     return {"checkpoint": str(ckpt), "hash": mhash, "single_s": single_s, "single_times_s": single,
-            "one_frame_latency_s": one_latency, "rows": rows, "failover": failover}
+            "one_frame_latency_s": one_latency, "rows": rows, "serve": served, "failover": failover}
+
+
+def _serve(tb: Any, bc: Any, cfg: StreamBenchConfig, name: str, gm: Any, cluster: Any, rows: dict[str, Any],
+           slo_s: float, work: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """``serve --slo-ms`` at the relaxed SLO (its groups planned as the command plans them: one
+    request per group) under ``serve_clients`` concurrent clients, against the relaxed stream's
+    figure: answers per second, refusals, and whether ``/v1/stats`` and ``/metrics`` counted
+    every refusal the clients saw."""
+    import subprocess
+    import sys
+
+    from edgeweave.bench.stream_clients import summarize_clients
+    from edgeweave.planning.throughput import plan_groups
+
+    gplan = plan_groups(gm, cluster, slo_s=slo_s, slots=1, **opts)
+    path = (work / f"{name}-serve.json").resolve()
+    path.write_text(gplan.to_json())
+    started = bc.call({"op": "serve_start", "path": str(path), "slo_s": slo_s, "clients": cfg.serve_clients,
+                       "model": name}, timeout_s=cfg.timeout_s)
+    ref = (work / f"{name}-serve-ref.json").resolve()
+    ref.write_text(json.dumps(started["ref"]))
+    console.print(f"  serve --slo-ms {1e3 * slo_s:.0f}: groups "
+                  f"{' | '.join('+'.join(g.devices) for g in gplan.groups)}, {cfg.serve_clients} clients for "
+                  f"{cfg.serve_seconds:g} s...")
+    argv = [sys.executable, "-m", "edgeweave.bench.stream_clients", "--url", started["url"], "--clients",
+            str(cfg.serve_clients), "--seconds", str(cfg.serve_seconds), "--size", str(cfg.size), "--ref", str(ref)]
+    proc = tb.exec(NAMES[0], argv, cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=cfg.serve_seconds + cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    stopped = bc.call({"op": "serve_stop"}, timeout_s=cfg.timeout_s)
+    if proc.returncode != 0 or not out.strip():
+        raise EdgeweaveError(f"bench stream: the serve clients failed (exit {proc.returncode}): {err[-2000:]}")
+    raw = json.loads(out.strip().splitlines()[-1])
+    res = summarize_clients(raw)
+    best = rows["relaxed"]["best"]
+    bench_fps = best["served_fps"] if best else None
+    res |= {"groups": [list(g.devices) for g in gplan.groups], "slo_s": slo_s, "clients": cfg.serve_clients,
+            "seconds": cfg.serve_seconds, "warm_s": started["warm_s"], "bench_relaxed_fps": bench_fps,
+            "ratio_to_bench": res["fps"] / bench_fps if res["fps"] and bench_fps else None,
+            "p95_over_slo": res["p95_s"] / slo_s if res["p95_s"] else None,
+            "server_stats": stopped["stats"], "answers": raw["answers"]}
+    console.print(f"    answered {res['answered']} ({res['fps'] or 0:.2f}/s, "
+                  f"{res['ratio_to_bench'] or 0:.2f} of the relaxed stream's {bench_fps or 0:.2f}/s), p95 "
+                  f"{res['p95_s'] or 0:.2f} s; refused {res['refused']} (counted by the server: "
+                  f"{'yes' if res['refusals_counted'] else 'NO'}), errors {res['errors']}")
+    return res
 
 
 VICTIM = "w3"
@@ -243,6 +301,18 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             if row["p95_over_slo"] is not None:
                 over.append(row["p95_over_slo"])
                 s[f"throughput_ratio_{name}_{label}"] = fps / base_fps if fps else None
+        sv = m.get("serve")
+        if sv and "error" in sv:
+            s[f"serve_error_{name}"] = sv["error"]
+        elif sv:
+            s[f"serve_fps_{name}"] = sv["fps"]
+            s[f"serve_ratio_to_bench_{name}"] = sv["ratio_to_bench"]
+            s[f"serve_p95_over_slo_{name}"] = sv["p95_over_slo"]
+            s[f"serve_refused_{name}"] = sv["refused"]
+            s[f"serve_refusals_counted_{name}"] = sv["refusals_counted"]
+            s[f"serve_errors_{name}"] = sv["errors"]
+            if sv["rel_err"] is not None:
+                errs.append(sv["rel_err"])
         fo = m.get("failover")
         if fo:
             lost += fo["lost_frames"]

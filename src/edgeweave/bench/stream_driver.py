@@ -41,6 +41,38 @@ class StreamDriver(LeaderDriver):
         return {**latency_stats(res, parallel=parallel), "rel_err": err, "groups": server.groups,
                 "frames": [r.to_dict() for r in res], "events": [e.to_dict() for e in server.events]}
 
+    def op_serve_start(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``edgeweave serve --slo-ms``'s server on the groups of the plan at ``path`` (one
+        request per group), its HTTP API on this device's loopback; the reply gives the URL and
+        the whole model's output on the seeded input, for the clients to compare with."""
+        from pathlib import Path
+
+        from edgeweave.bench.serve import Uvicorn
+        from edgeweave.planning.throughput import GroupPlan
+        from edgeweave.serving.app import create_app
+        from edgeweave.serving.groups import GroupInferenceServer
+        from edgeweave.serving.preprocess import NORMALIZATIONS
+        from edgeweave.serving.server import ServerLimits
+
+        gplan = GroupPlan.from_json(Path(cmd["path"]).read_text())
+        _x, ref = self.ref_for(gplan.groups[0].plan)
+        clients = int(cmd["clients"])
+        server = GroupInferenceServer(self.cl, gplan, lambda _cluster: gplan, self.spec, str(cmd.get("model", "model")),
+                                      float(cmd["slo_s"]), ServerLimits(max_waiting=2 * clients, wait_timeout_s=60))
+        warm_s = server.warm_up()
+        web = Uvicorn(create_app(server, NORMALIZATIONS["none"]))
+        url = web.__enter__()
+        self._serving = (server, web)
+        return {"url": url, "warm_s": warm_s, "ref": ref.flatten().tolist()}
+
+    def op_serve_stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        server, web = self._serving
+        server.idle(60)
+        stats = server.stats()
+        web.__exit__(None, None, None)
+        server.close()
+        return {"stats": stats}
+
 
 def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)

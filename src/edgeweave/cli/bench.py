@@ -177,17 +177,26 @@ def stream(
     quick: bool = QuickOpt,
     frames: Optional[int] = typer.Option(None, "--frames", min=2, help="Frames per burst and per offered stream "
                                          "(default 40, quick 25)."),
+    serve_clients: Optional[int] = typer.Option(None, "--serve-clients", min=0, help="Concurrent clients of "
+                                                "serve --slo-ms at the relaxed SLO (default 50; 0: no serve phase)."),
+    serve_seconds: Optional[float] = typer.Option(None, "--serve-seconds", min=5, help="How long the clients send "
+                                                  "requests (default 60, quick 40)."),
     out: Path = OutOpt,
     json_out: Optional[str] = JsonOpt,
 ) -> None:
     """Frames in flight on the emulated cluster (root): one frame at a time, every device a group
     of its own, and the planner's groups under a relaxed and a tight SLO; frames/s over one
-    device (torch and ONNX Runtime) and p95 latency. Writes results/stream/."""
+    device (torch and ONNX Runtime) and p95 latency; serve --slo-ms under concurrent HTTP
+    clients; a follower killed mid-stream. Writes results/stream/."""
     from edgeweave.bench.stream import StreamBenchConfig, run_stream_bench
 
     cfg = StreamBenchConfig.quick_config() if quick else StreamBenchConfig()
     if frames:
         cfg.frames = frames
+    if serve_clients is not None:
+        cfg.serve_clients = serve_clients
+    if serve_seconds is not None:
+        cfg.serve_seconds = serve_seconds
     result = run_stream_bench(cfg, out_dir=out)
     console.rule("bench stream summary")
     for k, v in result["summary"].items():

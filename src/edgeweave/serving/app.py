@@ -25,6 +25,7 @@ from __future__ import annotations
 import hmac
 import html
 import json
+import math
 from typing import Any, Optional
 
 import torch
@@ -50,6 +51,13 @@ def _infer_body() -> dict[str, Any]:
                             "float32 in (C, H, W) order (GET /v1/model says C, H, W).",
                             "content": {t: binary for t in ("image/png", "image/jpeg", "image/bmp", "image/tiff",
                                                             *RAW_TYPES)}}}
+
+
+def _unavailable(e: Exception) -> HTTPException:
+    """A 503 with the refusal's reason, and when to try again where the server knows."""
+    retry = getattr(e, "retry_after_s", None)  # whole seconds (RFC 9110), at least one
+    return HTTPException(503, str(e), headers={"Retry-After": str(max(1, math.ceil(retry)))}
+                         if retry is not None else None)
 
 
 def create_app(server: Any, norm: Norm, max_body_bytes: int = 16 << 20, token: str | None = None,
@@ -116,6 +124,12 @@ def create_app(server: Any, norm: Norm, max_body_bytes: int = 16 << 20, token: s
         if slo and not server.on_demand:
             raise HTTPException(400, f"{' and '.join(slo)} apply to a multi-exit model with operating points "
                                      f"(edgeweave exits calibrate); this server runs {server.model_name} whole")
+        admit = getattr(server, "admit", None)  # serve --slo-ms: refused before the body is read
+        try:
+            if admit is not None:
+                admit()
+        except Busy as e:
+            raise _unavailable(e) from None
         body = await _read_bounded(request, max_body_bytes)
         try:
             if ctype in RAW_TYPES:
@@ -124,7 +138,7 @@ def create_app(server: Any, norm: Norm, max_body_bytes: int = 16 << 20, token: s
                 x = await run_in_threadpool(decode_image, body, server.input_shape[0], server.input_shape[1:], norm)
             y, info = await run_in_threadpool(server.infer, x, **slo)
         except (Busy, ClusterFailed) as e:
-            raise HTTPException(503, str(e)) from None
+            raise _unavailable(e) from None
         except EdgeweaveError as e:  # BadInput: the body cannot be the model's input
             raise HTTPException(400, str(e)) from None
         if server.on_demand:  # the exit's probabilities (or the vote's), not logits

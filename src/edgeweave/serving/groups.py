@@ -2,11 +2,15 @@
 
 The cluster is divided into groups (planning/throughput.py: the most frames per second whose
 groups keep the SLO); each group serves one request at a time and the groups serve at once. A
-request takes the first free group. Before it waits, the server predicts when it would be
-answered (the requests ahead of it shared over the groups, each taking a group's recent service
-time) and refuses it at once (HTTP 503, counted as ``refused_slo``) when that is past its
+request takes the fastest free group (by its recent service time). Before it waits, the server
+predicts when it would be answered (on the fastest free group; with none free, after the
+requests ahead of it shared over the groups, each taking a mean service time) and refuses it at
+once (HTTP 503, counted as ``refused_slo``, with a ``Retry-After``) when that is past its
 deadline: a request that would miss its SLO anyway is better told now than answered late, and
-it no longer delays the ones behind it.
+it no longer delays the ones behind it. The HTTP app asks before it reads the request's body
+(:meth:`GroupInferenceServer.admit`), so a refusal costs the leader little CPU. A group that
+has not served for ``STALE_S`` is predicted no slower than its plan says, so that one slow
+spell does not keep it out for good.
 
 A failure (a follower dies or hangs) stops new requests, lets the other groups finish theirs,
 recovers the session with the devices still alive, plans the groups again and runs the request
@@ -24,6 +28,9 @@ import torch
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.serving.server import Busy, ClusterFailed, Counters, ServerLimits, check_input
+
+
+STALE_S = 30.0  # a group unused this long is predicted no slower than its plan
 
 
 class GroupInferenceServer:
@@ -46,6 +53,7 @@ class GroupInferenceServer:
         self._recovering = False
         self._service = [g.latency_s for g in gplan.groups]  # seconds per frame: predicted, then measured
         self._served = [0] * len(gplan.groups)
+        self._used_at = [time.perf_counter()] * len(gplan.groups)
         self.lost: list[str] = []
 
     # -- what the app asks ---------------------------------------------------------------------
@@ -62,27 +70,44 @@ class GroupInferenceServer:
             self._service[r.group] = r.end_s - r.start_s
         return time.perf_counter() - t0
 
-    def _predicted_wait(self) -> float:
-        """Seconds until a request arriving now would start: nothing if a group is free, else the
-        requests ahead of it spread over the groups, each a mean service time."""
+    def _estimate(self, g: int, now: float) -> float:
+        """Group ``g``'s seconds per request: measured, or no more than its plan's once stale."""
+        if now - self._used_at[g] > STALE_S:
+            return min(self._service[g], self.groups.gplan.groups[g].latency_s)
+        return self._service[g]
+
+    def _predicted_s(self) -> float:
+        """Seconds until a request arriving now would be answered: the fastest free group's service
+        time; with none free, the requests ahead spread over the groups, each a mean service
+        time, then the fastest group's."""
+        now = time.perf_counter()
         if self._free:
-            return 0.0
+            return min(self._estimate(g, now) for g in self._free)
         n = len(self._service)
-        mean = sum(self._service) / n
-        return (self._waiting // n + 1) * mean
+        return (self._waiting // n + 1) * sum(self._service) / n + min(self._service)
+
+    def _check_slo(self) -> None:
+        """Refuse (Busy, counted) a request predicted past the SLO; the caller holds the lock."""
+        predicted = self._predicted_s()
+        if predicted > self.slo_s:
+            self.counters.add("refused")
+            self.counters.add("refused_slo")
+            busy = len(self._service) - len(self._free)
+            # admitted again once the queue ahead has shrunk by what is late: at least a service time
+            raise Busy(f"predicted answer in {1e3 * predicted:.0f} ms ({self._waiting} waiting, {busy} of "
+                       f"{len(self._service)} groups busy), beyond the SLO of {1e3 * self.slo_s:.0f} ms; "
+                       "try again later", retry_after_s=max(min(self._service), predicted - self.slo_s))
+
+    def admit(self) -> None:
+        """Refuse now a request predicted past the SLO (before its body is read); ``infer`` asks again."""
+        with self._cond:
+            self._check_slo()
 
     def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         check_input(x, self.input_shape)
         t0 = time.perf_counter()
         with self._cond:
-            ahead = self._predicted_wait()
-            fastest = min(self._service)
-            if ahead + fastest > self.slo_s:
-                self.counters.add("refused")
-                self.counters.add("refused_slo")
-                raise Busy(f"predicted answer in {1e3 * (ahead + fastest):.0f} ms ({self._waiting} waiting, "
-                           f"{len(self._service)} groups busy), beyond the SLO of {1e3 * self.slo_s:.0f} ms; "
-                           "try again later")
+            self._check_slo()
             if self._waiting >= self.limits.max_waiting:
                 self.counters.add("refused")
                 raise Busy(f"{self._waiting} requests are already waiting; try again later")
@@ -94,7 +119,9 @@ class GroupInferenceServer:
                         self.counters.add("refused")
                         raise Busy(f"waited {self.limits.wait_timeout_s:g} s for a group; try again later")
                     self._cond.wait(timeout=left)
-                g = self._free.pop(0)
+                now = time.perf_counter()
+                g = min(self._free, key=lambda i: (self._estimate(i, now), i))
+                self._free.remove(g)
                 self._running += 1
             finally:
                 self._waiting -= 1
@@ -122,8 +149,9 @@ class GroupInferenceServer:
                     self._free.sort()
                 self._cond.notify_all()
         with self._cond:
-            self._service[g] = 0.8 * self._service[g] + 0.2 * service
+            self._service[g] = 0.8 * self._estimate(g, t1) + 0.2 * service
             self._served[g] += 1
+            self._used_at[g] = time.perf_counter()
         total = time.perf_counter() - t0
         self.counters.served(total, regroups=int(regrouped))
         return y, {"latency_s": total, "queue_s": queue_s, "service_s": service, "group": g, "devices": devices,

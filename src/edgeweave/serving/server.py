@@ -25,7 +25,12 @@ from edgeweave.errors import EdgeweaveError
 
 
 class Busy(EdgeweaveError):
-    """Too many requests waiting, or one waited too long (HTTP 503)."""
+    """Too many requests waiting, or one waited too long (HTTP 503). ``retry_after_s``: when a
+    request is predicted to be admitted (the answer's ``Retry-After``), where the server knows."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ClusterFailed(EdgeweaveError):
