@@ -119,7 +119,7 @@ def test_many_http_clients_refusals_all_counted(setup):
     server = GroupInferenceServer(cl, gplan, replan, spec, NAME, slo_s=10.0, limits=ServerLimits(max_waiting=32))
     try:
         server.warm_up()
-        server.slo_s = 1.5 * max(server._service) + 0.05
+        server.slo_s = 1.05 * max(server._service)  # a request is admitted only while a group is free
         with torch.no_grad():
             ref = model(bench_input(SIZE))
         assert float(ref.std()) > 1e-4, "degenerate reference proves nothing"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from edgeweave.serving.server import Busy, ClusterFailed, Counters, ServerLimits
 
 
 STALE_S = 30.0  # a group unused this long is predicted no slower than its plan
+MAX_RETRY_S = 60.0  # the longest Retry-After a refusal asks for
 
 
 class GroupInferenceServer:
@@ -54,6 +56,7 @@ class GroupInferenceServer:
         self._service = [g.latency_s for g in gplan.groups]  # seconds per frame: predicted, then measured
         self._served = [0] * len(gplan.groups)
         self._used_at = [time.perf_counter()] * len(gplan.groups)
+        self._refused_at: deque[float] = deque(maxlen=4096)  # when recent requests were refused
         self.lost: list[str] = []
 
     # -- what the app asks ---------------------------------------------------------------------
@@ -92,11 +95,23 @@ class GroupInferenceServer:
         if predicted > self.slo_s:
             self.counters.add("refused")
             self.counters.add("refused_slo")
-            busy = len(self._service) - len(self._free)
-            # admitted again once the queue ahead has shrunk by what is late: at least a service time
+            n = len(self._service)
+            busy = n - len(self._free)
             raise Busy(f"predicted answer in {1e3 * predicted:.0f} ms ({self._waiting} waiting, {busy} of "
-                       f"{len(self._service)} groups busy), beyond the SLO of {1e3 * self.slo_s:.0f} ms; "
-                       "try again later", retry_after_s=max(min(self._service), predicted - self.slo_s))
+                       f"{n} groups busy), beyond the SLO of {1e3 * self.slo_s:.0f} ms; try again later",
+                       retry_after_s=self._retry_after(predicted))
+
+    def _retry_after(self, predicted: float) -> float:
+        """When a refused request should come back: once the queue ahead has shrunk by what is
+        late, at least a service time, and no sooner than the requests refused recently can be
+        served at the groups' rate (each refused client one request), so that clients who honour
+        it come back spread over the time the groups need, instead of all hitting the leader again."""
+        now = time.perf_counter()
+        self._refused_at.append(now)
+        n = len(self._service)
+        mean = sum(self._service) / n
+        recent = sum(1 for t in self._refused_at if now - t <= 2 * mean)
+        return min(MAX_RETRY_S, max(min(self._service), predicted - self.slo_s, recent * mean / n))
 
     def admit(self) -> None:
         """Refuse now a request predicted past the SLO (before its body is read); ``infer`` asks again."""
