@@ -342,6 +342,10 @@ def _plot(result: dict[str, Any], path: Path) -> str | None:
             ax.plot(xs, ys, marker="o", label=f"{name} {label}")
             if row["slo_s"]:
                 ax.axvline(row["slo_s"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+        sv = m.get("serve") or {}
+        if sv.get("fps") and sv.get("p95_s"):
+            ax.plot([sv["p95_s"]], [sv["fps"] / base], "*", ms=12, color="black",
+                    label=f"{name} serve --slo-ms, {sv['clients']} HTTP clients")
     ax.set_xlabel("p95 latency of the offered stream (s)")
     ax.set_ylabel("frames/s over one device (torch)")
     ax.set_title("bench stream: throughput vs p95 latency (dotted: SLOs)")
