@@ -39,15 +39,15 @@ def _free_module_caches(request):
         pass
 
 
-# The files whose tests run whole models on several local processes, the emulated testbed or a
-# server: marked ``heavy``. `make test` runs the other files on two workers, then these one after
+# The files whose tests run whole models on several local processes or the emulated testbed:
+# marked ``heavy``. `make test` runs the other files on two workers, then these one after
 # another: two of them at once (VGG at 64 px on five processes holds 13-18 GB) ran the 24 GB CI
-# machine out of memory.
+# machine out of memory. The servers of small models with a few followers (serving, security,
+# bench serve) run with the light files: they wait more than they compute or hold.
 HEAVY = {"test_runtime_cli.py", "test_runtime_models.py", "test_runtime_models_cli.py", "test_runtime_zoo.py",
          "test_models_zoo.py", "test_runtime_channels.py", "test_runtime_plans.py", "test_runtime_reduce.py",
          "test_runtime_session.py", "test_stream_regroup.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py",
-         "test_bench_edgeld_testbed.py", "test_bench_serve.py", "test_demo.py", "test_testbed.py", "test_security.py",
-         "test_backend_choice.py", "test_serving.py", "test_serving_http.py", "test_serving_ondemand.py"}
+         "test_bench_edgeld_testbed.py", "test_demo.py", "test_testbed.py", "test_backend_choice.py"}
 
 
 def pytest_collection_modifyitems(config, items):
