@@ -18,11 +18,12 @@ import time
 from typing import Any
 
 
-def _metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def _counters(text: str) -> dict[str, float]:
+    """The unlabelled samples of a ``/metrics`` scrape, by sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {smp.name: smp.value for fam in text_string_to_metric_families(text) for smp in fam.samples
+            if not smp.labels}
 
 
 def run_clients(url: str, clients: int, seconds: float, size: int, ref: list[float], timeout_s: float = 120.0
@@ -78,7 +79,8 @@ def run_clients(url: str, clients: int, seconds: float, size: int, ref: list[flo
     with httpx.Client(base_url=url, timeout=timeout_s) as http:
         stats = http.get("/v1/stats").json()
         text = http.get("/metrics").text
-    metrics = {k: _metric(text, f"edgeweave_{k}_total") for k in ("served", "refused", "refused_slo")}
+    counters = _counters(text)
+    metrics = {k: counters.get(f"edgeweave_{k}_total") for k in ("served", "refused", "refused_slo")}
     return {"answers": answers, **counts, "seconds": time.perf_counter() - t0, "stats": stats, "metrics": metrics}
 
 

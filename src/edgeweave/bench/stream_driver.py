@@ -4,6 +4,7 @@ which serves frames on the groups of a group plan (planning/throughput.py) and r
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -59,19 +60,18 @@ class StreamDriver(LeaderDriver):
         clients = int(cmd["clients"])
         server = GroupInferenceServer(self.cl, gplan, lambda _cluster: gplan, self.spec, str(cmd.get("model", "model")),
                                       float(cmd["slo_s"]), ServerLimits(max_waiting=2 * clients, wait_timeout_s=60))
-        warm_s = server.warm_up()
-        web = Uvicorn(create_app(server, NORMALIZATIONS["none"]))
-        url = web.__enter__()
-        self._serving = (server, web)
+        with ExitStack() as stack:  # closed here if it cannot start, by serve_stop otherwise
+            stack.callback(server.close)
+            warm_s = server.warm_up()
+            url = stack.enter_context(Uvicorn(create_app(server, NORMALIZATIONS["none"])))
+            self._serving, self._server = stack.pop_all(), server
         return {"url": url, "warm_s": warm_s, "ref": ref.flatten().tolist()}
 
     def op_serve_stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        server, web = self._serving
-        server.idle(60)
-        stats = server.stats()
-        web.__exit__(None, None, None)
-        server.close()
-        return {"stats": stats}
+        """The server's statistics once it is idle; then its HTTP API and groups closed."""
+        with self._serving:
+            self._server.idle(60)
+            return {"stats": self._server.stats()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -423,7 +423,7 @@ def profile_device(
         for i, s in enumerate(settings):
             t = time_setting(s, blocks=2 if quick else 3, block_s=block_s if block_s is not None else (0.09 if quick else 0.15),
                              backend=backend, clock=clock)
-            samples.append({**asdict(s), "flops": s.flops(), "seconds": t})
+            samples.append({**asdict(s), "flops": s.flops(), "weights": s.weights(), "seconds": t})
             if progress:
                 progress(i + 1, len(settings))
     finally:
@@ -441,7 +441,7 @@ def profile_device(
     weights = None
     if len(strips) >= 2 and "conv" in fits:
         weights = fit_weights(fits["conv"].a, fits["conv"].b, [r["flops"] for r in strips],
-                              [r["cin"] * r["cout"] * r["k"] * r["k"] for r in strips], [r["seconds"] for r in strips])
+                              [r["weights"] for r in strips], [r["seconds"] for r in strips])
     prof = DeviceProfile(
         name=name or socket.gethostname(),
         a=conv.a,

@@ -33,7 +33,6 @@ def with_predictions(samples: list[dict[str, Any]], fits: dict[str, dict[str, An
     errors are in the fits)."""
     out = []
     for s in samples:
-        s = s | {"weights": s["cin"] * s["cout"] * s["k"] * s["k"] // max(1, s.get("groups", 1))}
         pred = predict(s, fits, weights_fit)
         out.append(s | {"predicted_s": pred, "rel_err": abs(pred - s["seconds"]) / s["seconds"] if pred is not None else None})
     return out

@@ -107,11 +107,20 @@ class GroupInferenceServer:
         served at the groups' rate (each refused client one request), so that clients who honour
         it come back spread over the time the groups need, instead of all hitting the leader again."""
         now = time.perf_counter()
-        self._refused_at.append(now)
         n = len(self._service)
         mean = sum(self._service) / n
-        recent = sum(1 for t in self._refused_at if now - t <= 2 * mean)
-        return min(MAX_RETRY_S, max(min(self._service), predicted - self.slo_s, recent * mean / n))
+        self._refused_at.append(now)
+        while now - self._refused_at[0] > 2 * mean:  # in time order: only the last two service times count
+            self._refused_at.popleft()
+        return min(MAX_RETRY_S, max(min(self._service), predicted - self.slo_s, len(self._refused_at) * mean / n))
+
+    def _take(self) -> int:
+        """The fastest free group, now running a request; the caller holds the lock."""
+        now = time.perf_counter()
+        g = min(self._free, key=lambda i: (self._estimate(i, now), i))
+        self._free.remove(g)
+        self._running += 1
+        return g
 
     def admit(self) -> None:
         """Refuse now a request predicted past the SLO (before its body is read); ``infer`` asks again."""
@@ -134,10 +143,7 @@ class GroupInferenceServer:
                         self.counters.add("refused")
                         raise Busy(f"waited {self.limits.wait_timeout_s:g} s for a group; try again later")
                     self._cond.wait(timeout=left)
-                now = time.perf_counter()
-                g = min(self._free, key=lambda i: (self._estimate(i, now), i))
-                self._free.remove(g)
-                self._running += 1
+                g = self._take()
             finally:
                 self._waiting -= 1
         queue_s = time.perf_counter() - t0
@@ -161,7 +167,6 @@ class GroupInferenceServer:
                 self._running -= 1
                 if g is not None and g < len(self._service):
                     self._free.append(g)
-                    self._free.sort()
                 self._cond.notify_all()
         with self._cond:
             self._service[g] = 0.8 * self._estimate(g, t1) + 0.2 * service
@@ -191,14 +196,14 @@ class GroupInferenceServer:
                     self.groups._use(gplan)  # noqa: SLF001 - the stream's own re-grouping
                     self._service = [gr.latency_s for gr in gplan.groups]
                     self._served = [0] * len(gplan.groups)
+                    self._used_at = [time.perf_counter()] * len(gplan.groups)
                     self._free = list(range(len(gplan.groups)))
                 finally:
                     self._recovering = False
                     self._cond.notify_all()
             while self._recovering or not self._free:
                 self._cond.wait()
-            self._running += 1
-            return self._free.pop(0)
+            return self._take()
 
     def idle(self, timeout_s: float | None = None) -> bool:
         deadline = None if timeout_s is None else time.perf_counter() + timeout_s
