@@ -101,3 +101,54 @@ def test_load_model_by_name_or_path(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", model, spec)
     again, spec2 = load_model(str(path))
     assert spec2 == spec and model_hash(again) == model_hash(model)
+
+
+class _Mixed(nn.Module):
+    """Odd-sized tensors of several widths: a mapped load needs each one aligned to its width."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        self.bn = nn.BatchNorm2d(5)  # num_batches_tracked: int64
+        self.register_buffer("halves", torch.randn(7).half())
+        self.register_buffer("flags", torch.tensor([True, False, True]))
+
+
+def test_a_loaded_checkpoint_maps_the_file_instead_of_copying_it(tmp_path):
+    import edgeweave.checkpoint as ck
+
+    model = _Mixed().eval()
+    path = tmp_path / "m.safetensors"
+    with path.open("wb") as f:
+        n = ck.write_checkpoint(f, model, _spec())
+    assert n == path.stat().st_size
+    from safetensors.torch import load_file
+
+    plain = load_file(path)  # the file is ordinary safetensors
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+    meta, tensors = ck._map_tensors(path, str(path))
+    size = path.stat().st_size
+    for k, v in model.state_dict().items():
+        assert torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype
+        # a view of one storage the size of the file: its mapping, not a copy
+        assert tensors[k].untyped_storage().nbytes() == size
+    assert meta["hash"] == model_hash(model)
+    tensors["conv.weight"].add_(1.0)  # private: the file does not change
+    assert torch.equal(load_file(path)["conv.weight"], model.conv.weight)
+
+
+def test_a_mapped_checkpoint_with_bad_offsets_is_refused(tmp_path):
+    spec = _spec()
+    path = save_checkpoint(tmp_path / "m.safetensors", spec.build().eval(), spec)
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    head = data[8:8 + n].decode()
+    first = head.index('"data_offsets":[') + len('"data_offsets":[')
+    data[8 + first] = ord("4") if data[8 + first] != ord("4") else ord("8")  # the first tensor starts elsewhere
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(EdgeweaveError, match="corrupt checkpoint"):
+        load_checkpoint(bad)
+    bad.write_bytes(bytes(data[:-4]))  # shorter than its table says
+    with pytest.raises(EdgeweaveError, match="corrupt checkpoint|bad header"):
+        load_checkpoint(bad)

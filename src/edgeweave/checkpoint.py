@@ -3,6 +3,12 @@ rebuilds the model (registry name, classes, input shape, kwargs, anything a work
 
 Why this format: safetensors cannot execute code on load (no pickle), the header is readable
 without loading tensors, and the same bytes can be shipped to followers over the network.
+Checkpoints are written tensor by tensor and loaded by mapping the file (``torch.UntypedStorage.
+from_file``, private: writes to a loaded tensor never reach the file): a loaded model's weights
+are pages of the file that the kernel reads when they are used and may drop again under memory
+pressure, not a second copy in the process's own memory. A 1 GB board can then hold VGG16's
+553 MB of weights beside the runtime, and a follower keeps resident only what its plans touch.
+
 Structural changes (pruned channel counts) need no bookkeeping: after building the registered
 architecture, every Conv2d / Linear / BatchNorm whose stored tensors have another shape is
 replaced by one of the stored shape, so the file alone rebuilds the exact model.
@@ -16,23 +22,30 @@ them back.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
+import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.models import build_model
 
 FORMAT_VERSION = 1
 _META_KEY = "edgeweave"
+_MAX_HEADER = 100 << 20  # bytes of JSON a checkpoint's header may have (safetensors' own bound)
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+_BY_NAME = {v: k for k, v in _DTYPES.items()}
 
 
 @dataclass
@@ -76,7 +89,8 @@ def tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own bytes (a file mapping's pages), not a copy of them
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -92,10 +106,42 @@ def _versions(model: nn.Module) -> dict[str, int]:
             if isinstance(v, dict) and isinstance(v.get("version"), int)}
 
 
-def model_to_bytes(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> bytes:
-    meta = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model),
+def _meta(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model),
             "versions": _versions(model)}
-    return st_save(_tensors(model), metadata={_META_KEY: json.dumps(meta)})
+
+
+def write_checkpoint(f: BinaryIO, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> int:
+    """Write ``model`` to ``f`` in the safetensors format, one tensor at a time (never a copy of
+    the whole model in memory); returns the bytes written. Tensors are laid out widest element
+    first, so every tensor starts at a multiple of its element size (a mapped load needs that)."""
+    state = model.state_dict()
+    for k, t in state.items():
+        if t.dtype not in _DTYPES:
+            raise EdgeweaveError(f"cannot save {k!r}: dtype {t.dtype} is not supported in a checkpoint")
+    names = sorted(state, key=lambda k: (-state[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(_meta(model, spec, extra))}}
+    at = 0
+    for k in names:
+        t = state[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        at += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 8)  # tensors start 8-aligned (safetensors pads with spaces too)
+    f.write(len(head).to_bytes(8, "little"))
+    f.write(head)
+    for k in names:
+        t = state[k].detach().cpu().contiguous()
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    return 8 + len(head) + at
+
+
+def model_to_bytes(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    write_checkpoint(buf, model, spec, extra)
+    return buf.getvalue()
 
 
 def _with_versions(tensors: dict[str, torch.Tensor], versions: Any) -> dict[str, torch.Tensor]:
@@ -170,6 +216,12 @@ def model_from_bytes(data: bytes, where: str = "checkpoint") -> tuple[nn.Module,
         tensors = st_load(data)
     except SafetensorError as e:
         raise EdgeweaveError(f"{where}: corrupt checkpoint ({e})") from None
+    return _assemble(meta, tensors, where)
+
+
+def _assemble(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+              ) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """The model from a checkpoint's metadata and tensors, which it takes as they are (no copy)."""
     if tensors_hash(tensors) != meta.get("hash"):
         raise EdgeweaveError(f"{where}: weights do not match the hash recorded in the checkpoint (corrupt file?)")
     spec = ModelSpec.from_dict(meta["spec"])
@@ -190,20 +242,60 @@ def model_from_bytes(data: bytes, where: str = "checkpoint") -> tuple[nn.Module,
     return model, spec, dict(meta.get("extra", {}))
 
 
+def _map_tensors(p: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint's metadata, and its tensors as views of a private mapping of the file."""
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+            raise EdgeweaveError(f"{where}: not a safetensors checkpoint (bad header length)")
+        raw = f.read(n)
+    meta = _read_header(head + raw, where)
+    try:
+        header = json.loads(raw)
+        entries = [(k, _BY_NAME[v["dtype"]], [int(x) for x in v["shape"]], [int(x) for x in v["data_offsets"]])
+                   for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise EdgeweaveError(f"{where}: corrupt checkpoint (unreadable tensor table)") from None
+    start, end = 8 + n, 0
+    for k, dt, shape, (b, e) in sorted(entries, key=lambda x: x[3][0]):
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+        if b != end or e - b != nbytes or min(shape, default=0) < 0:  # safetensors' rule: tensors tile the data
+            raise EdgeweaveError(f"{where}: corrupt checkpoint (tensor {k!r} has bad offsets or size)")
+        end = e
+    if start + end != size:
+        raise EdgeweaveError(f"{where}: corrupt checkpoint ({size - start} bytes of data, the table says {end})")
+    storage = torch.UntypedStorage.from_file(str(p), shared=False, nbytes=size)
+    tensors = {}
+    for k, dt, shape, (b, _e) in entries:
+        width = torch.empty(0, dtype=dt).element_size()
+        if (start + b) % width == 0:
+            tensors[k] = torch.empty(0, dtype=dt).set_(storage, (start + b) // width, shape)
+        else:  # written by another tool without alignment: this one tensor is copied
+            raw_t = torch.empty(0, dtype=torch.uint8).set_(storage, start + b, (math.prod(shape) * width,))
+            tensors[k] = raw_t.clone().view(dt).reshape(shape)
+    return meta, tensors
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_bytes(model_to_bytes(model, spec, extra))
+    with tmp.open("wb") as f:
+        write_checkpoint(f, model, spec, extra)
     tmp.replace(p)  # atomic: a crash never leaves half a checkpoint behind
     return p
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+def load_checkpoint(path: str | Path, where: str | None = None) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
+    """The model of a checkpoint file, its weights mapped from the file (module docstring).
+    ``where``: how errors name the file (default: its path)."""
     p = Path(path)
     if not p.is_file():
         raise EdgeweaveError(f"checkpoint not found: {p}")
-    return model_from_bytes(p.read_bytes(), where=str(p))
+    meta, tensors = _map_tensors(p, where or str(p))
+    return _assemble(meta, tensors, where or str(p))
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -215,6 +307,19 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         return _read_header(head + f.read(n), str(p))
+
+
+def scratch_dir() -> str | None:
+    """Where model files in transit are written (a follower's received model, the leader's
+    copy for shipping): the user's cache folder on disk, not a RAM-backed /tmp, since a loaded
+    model's weights are pages of its file. None: the system's temporary folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "edgeweave", "models")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+    except OSError:
+        return None
 
 
 def is_checkpoint_path(name: str) -> bool:
