@@ -31,12 +31,9 @@ def _free_module_caches(request):
         if callable(getattr(obj, "cache_clear", None)) and hasattr(obj, "cache_info"):
             obj.cache_clear()
     gc.collect()
-    try:  # hand the freed heap back to the system (glibc keeps it otherwise): the other worker needs it
-        import ctypes
+    from edgeweave.resident import give_back
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    give_back()  # the freed heap back to the system: the other worker needs it
 
 
 # The files whose tests run whole models on several local processes or the emulated testbed:

@@ -69,3 +69,38 @@ def test_receives_posted_together_are_waited_for_together_and_a_missing_one_is_n
     with pytest.raises(PeerError, match=r"device 'b' \(rank 1\) during receiving the sums did not answer"):
         a.wait_all(ticket, [1], "the sums")
     b.flush_sends()
+
+
+def test_a_file_travels_in_pieces_and_arrives_whole(pair, tmp_path, monkeypatch):
+    import edgeweave.runtime.wire as wire
+
+    monkeypatch.setattr(wire, "CHUNK", 1000)  # 3 full pieces and a short one
+    data = bytes(range(256)) * 13 + b"end"
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    a, b = pair
+    with src.open("rb") as f:
+        t = threading.Thread(target=b.send_file, args=(f, 0, 91, "a file"))
+        t.start()
+        n = a.recv_file(tmp_path / "dst.bin", 1, 91, "a file", max_bytes=len(data))
+        t.join(10)
+    assert n == len(data) and (tmp_path / "dst.bin").read_bytes() == data
+
+
+def test_a_file_larger_than_announced_is_refused(pair, tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    a, b = pair
+
+    def send(f):
+        try:
+            b.send_file(f, 0, 92, "a file")
+        except PeerError:  # nobody takes the file's bytes
+            pass
+
+    with src.open("rb") as f:
+        t = threading.Thread(target=send, args=(f,), daemon=True)
+        t.start()
+        with pytest.raises(PeerError, match="announced 100 bytes"):
+            a.recv_file(tmp_path / "dst.bin", 1, 92, "a file", max_bytes=99)
+    assert not (tmp_path / "dst.bin").exists()  # nothing written before the size was checked

@@ -165,6 +165,18 @@ def test_the_tags_that_stand_for_a_model_reveal_nothing_without_the_key():
     assert len(macs) == 7
 
 
+def test_a_file_tag_read_in_pieces_equals_the_tag_of_its_bytes(tmp_path: Path):
+    data = os.urandom(5 << 20) + b"tail"  # more than one piece of tag_file's reads
+    p = tmp_path / "model.bin"
+    p.write_bytes(data)
+    for ctl in (auth.Control(KEY), auth.Control(None)):
+        with p.open("rb") as f:
+            f.read(100)  # from the start, wherever the file stood
+            assert ctl.tag_file("model-bytes", f) == ctl.tag("model-bytes", data)
+        with p.open("rb") as f:
+            assert ctl.tag_file("model-bytes", f) != ctl.tag("model-bytes", data[:-1])
+
+
 # ---- membership through a real store (threads play the followers) -----------------------------
 
 def _client(port: int) -> dist.TCPStore:

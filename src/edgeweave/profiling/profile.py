@@ -28,6 +28,7 @@ _RULES: dict[str, tuple[Callable[[float], bool], str]] = {
     "bandwidth_bps": (lambda v: v > 0, "bits per second of the device's link, a number > 0"),
     "latency_s": (lambda v: v >= 0, "one-way seconds per message, a number >= 0"),
     "byte_s": (lambda v: v >= 0, "CPU seconds per byte sent or relayed, a number >= 0"),
+    "memory_bytes": (lambda v: v >= 0, "bytes of memory the device's process may use, a number >= 0 (0: unknown)"),
 }
 _WEIGHTS_RULE = (lambda v: v >= 0, "seconds per weight element read, a number >= 0")
 # Keys a cluster file must give for every device (the defaults are placeholders for code)
@@ -62,6 +63,10 @@ class DeviceProfile:
     # at 0.25 core (`edgeweave profile`'s loopback probe a lower bound); 0: not modelled.
     byte_s: float = 0.0
     address: str | None = None  # host:port or namespace address, when known
+    # Bytes of memory this device's worker may use (its cgroup's limit or the board's RAM, found at
+    # join; a cluster file or testbed spec may give it): a hard limit for plans (planning/memory.py).
+    # 0: unknown, not checked.
+    memory_bytes: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     backend: str = "torch"  # the compute backend a, b and per_kind describe (engine/backends.py)
     # other backends measured on this device: name -> {"a": .., "b": .., "per_kind": {kind: [a, b]}}
@@ -161,7 +166,8 @@ class DeviceProfile:
             if not isinstance(line, dict) or "a" not in line:
                 raise EdgeweaveError(f"{where}: 'backends' {name_!r} must be an object with a, b and per_kind")
             cls.from_dict({"name": str(name), **line}, where=f"{where}, backend {name_!r}")
-        return cls(**{**d, "per_kind": {str(k): [float(v[0]), float(v[1])] for k, v in per_kind.items()}})
+        return cls(**{**d, "per_kind": {str(k): [float(v[0]), float(v[1])] for k, v in per_kind.items()},
+                      "memory_bytes": int(d.get("memory_bytes", 0))})
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from edgeweave.errors import EdgeweaveError
 from edgeweave.layout import ordinary, to_device_layout
 from edgeweave.planning.plan import Plan
+from edgeweave import resident
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.wire import TAG_CONTROL, TAG_FRAME, TAG_TIMING, Channel, PeerError
@@ -79,7 +80,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     # what the leader learns once we proved we hold the key: our local weights only as a keyed tag
     registration = {"name": name, "pid": os.getpid(), "host": socket.gethostname(), "threads": threads,
                     "profile": prof, "pinned": bool(model_path), "profile_given": profile is not None,
-                    "leader_host": host,
+                    "leader_host": host, "memory": resident.facts(),
                     "model_tag": ctl.tag("model", state.model_hash) if state.model_hash else None}
     hello = {"pid": os.getpid(), "host": socket.gethostname(), "addr": state.gloo_host}
     _log(name, f"cluster key fingerprint {auth.fingerprint(ctl.key)}" if ctl.keyed else
@@ -177,21 +178,30 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
 
 
 def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
-    from edgeweave.checkpoint import model_from_bytes, model_hash
+    import tempfile
+
+    from edgeweave.checkpoint import load_checkpoint, model_hash, scratch_dir
 
     # the command carries keyed tags of the weights' hash and of the bytes, never the hash itself
     want, ctl = str(cmd["tag"]), state.ctl
     rank = ch.rank
     if rank in cmd.get("ship", []):
-        data = ch.recv_bytes(0, TAG_CONTROL, "the model", max_bytes=int(cmd["nbytes"]))
-        if not auth.equal(ctl.tag("model-bytes", data), cmd.get("bytes")):
-            raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the model: the bytes it received are "
-                                 f"not the ones the leader sealed")
-        model, _spec, _extra = model_from_bytes(data, where=f"model shipped to {state.name}")
+        # Received into a file and mapped (checkpoint.py): the weights are pages of the file, resident
+        # where a plan uses them; the file's name goes at once, its mapping keeps it until replaced.
+        with tempfile.TemporaryDirectory(prefix="recv-", dir=scratch_dir()) as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            ch.recv_file(path, 0, TAG_CONTROL, "the model", max_bytes=int(cmd["nbytes"]))
+            with open(path, "rb") as f:
+                if not auth.equal(ctl.tag_file("model-bytes", f), cmd.get("bytes")):
+                    raise EdgeweaveError(f"device {state.name!r} (rank {rank}) refuses the model: the bytes it "
+                                         f"received are not the ones the leader sealed")
+            state.model, state.model_hash = None, None  # the old model's pages go before the new one's come
+            state.plans.clear()
+            state.ranks.clear()
+            state.graphs.clear()
+            model, _spec, _extra = load_checkpoint(path, where=f"model shipped to {state.name}")
         state.model, state.model_hash = to_device_layout(model.eval()), model_hash(model)
-        state.plans.clear()
-        state.ranks.clear()
-        state.graphs.clear()
+        resident.give_back()
     have = ctl.tag("model", state.model_hash) if state.model_hash else "none"
     if not auth.equal(have, want):
         where = " (loaded from its --model path)" if cmd.get("ship") is not None and rank not in cmd["ship"] else ""
@@ -229,6 +239,7 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     prog = prepare(gm, plan, ranks.index(rank))  # compiled now: the first frame runs at this device's real speed
     state.plans[int(cmd["plan_id"])] = prog
     state.ranks[int(cmd["plan_id"])] = ranks
+    resident.give_back()
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "backend": prog.backend, "fallbacks": prog.fallbacks})
 
 

@@ -46,6 +46,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.layout import device_copy, ordinary
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
+from edgeweave import resident
 from edgeweave.runtime import auth
 from edgeweave.runtime import rendezvous as rv
 from edgeweave.runtime.executor import FIELDS as TIMING_FIELDS, StageTiming, check_plan, execute_plan
@@ -58,6 +59,18 @@ from edgeweave.runtime.wire import (
     PeerError,
     wait_store_keys,
 )
+
+
+def _with_memory(profile: dict[str, Any], memory: Any) -> DeviceProfile:
+    """A device's profile with the memory facts its process measured (resident.py)
+    where the profile does not give them."""
+    if isinstance(memory, dict):
+        if not profile.get("memory_bytes") and isinstance(memory.get("memory_bytes"), int):
+            profile = {**profile, "memory_bytes": max(0, memory["memory_bytes"])}
+        meta = dict(profile.get("meta") or {})
+        if "runtime_bytes" not in meta and isinstance(memory.get("runtime_bytes"), int):
+            profile = {**profile, "meta": {**meta, "runtime_bytes": max(0, memory["runtime_bytes"])}}
+    return DeviceProfile.from_dict(profile)
 
 
 @dataclass
@@ -156,6 +169,8 @@ class Session:
         self.broken: str | None = None
         self.model: torch.nn.Module | None = None
         self.model_hash: str | None = None
+        self._model_file: Any = None  # the model as shipped (a checkpoint in a nameless file)
+        self._own_memory = {"memory_bytes": resident.limit_bytes()}  # its own bytes hold the user's model: not measured
         self.plans: dict[int, tuple[Plan, Any]] = {}  # plan id -> (plan, graph module)
         # plan id -> the leader's compiled share (engine.prepare) and what every device runs it on
         self.programs: dict[int, Any] = {}
@@ -182,11 +197,11 @@ class Session:
     @property
     def cluster(self) -> Cluster:
         """Device profiles in rank order (device 0 = leader), for the planner."""
-        devs = [self.leader_profile]
+        devs = [_with_memory(self.leader_profile.to_dict(), self._own_memory)]
         for f in self.followers:
             p = dict(f.info.get("profile") or {})
             p["name"] = f.name
-            devs.append(DeviceProfile.from_dict(p))
+            devs.append(_with_memory(p, f.info.get("memory")))
         return Cluster(devs)
 
     def who(self, rank: int) -> str:
@@ -428,19 +443,24 @@ class Session:
         self._await_acks(self._command({"op": "ping"}), "answer a ping")
 
     def load_model(self, model: torch.nn.Module, spec: Any, extra: dict[str, Any] | None = None) -> str:
-        """Ship ``model`` (safetensors bytes + JSON metadata) to followers that lack it; every
-        follower verifies the sha256 of what it holds. Returns the hash.
+        """Ship ``model`` (a checkpoint: safetensors + JSON metadata) to followers that lack it;
+        every follower verifies the sha256 of what it holds. Returns the hash. The checkpoint is
+        kept in a nameless file for followers that join later, not in memory.
 
         ``model`` is put in eval mode; the leader computes with a copy of its 4-D weights in the
         devices' memory layout (``layout.device_copy``) and leaves ``model`` as it was."""
-        from edgeweave.checkpoint import model_hash, model_to_bytes
+        from edgeweave.checkpoint import model_hash, scratch_dir, write_checkpoint
 
         self._check_usable()
         model.eval()
-        self._model_bytes = model_to_bytes(model, spec, extra)
+        if self._model_file is not None:
+            self._model_file.close()
+        self._model_file = tempfile.TemporaryFile(dir=scratch_dir())  # gone with the process, however it ends
+        write_checkpoint(self._model_file, model, spec, extra)
+        self._model_file.flush()
         self.model, self.model_hash = device_copy(model), model_hash(model)
         # what followers are told: keyed tags (the hash itself never goes to the store)
-        self._model_tags = (self.ctl.tag("model", self.model_hash), self.ctl.tag("model-bytes", self._model_bytes))
+        self._model_tags = (self.ctl.tag("model", self.model_hash), self.ctl.tag_file("model-bytes", self._model_file))
         self._graphs: dict[tuple[int, ...], Any] = {}
         self.plans, self.programs, self.backends, self.ranks = {}, {}, {}, {}  # plans name the old weights' hash; followers dropped theirs too
         self._ship_model()
@@ -452,11 +472,11 @@ class Session:
         tag, bytes_tag = self._model_tags
         ship = [r for r, f in enumerate(self.followers, start=1)
                 if f.info.get("model_tag") != tag and not f.info.get("pinned")]
-        data = self._model_bytes
-        seq = self._command({"op": "model", "tag": tag, "bytes": bytes_tag, "nbytes": len(data), "ship": ship})
+        nbytes = os.fstat(self._model_file.fileno()).st_size
+        seq = self._command({"op": "model", "tag": tag, "bytes": bytes_tag, "nbytes": nbytes, "ship": ship})
         try:
             for r in ship:
-                ch.send_bytes(data, r, TAG_CONTROL, "the model")
+                ch.send_file(self._model_file, r, TAG_CONTROL, "the model")
             self._await_acks(seq, "accept the model")
         except PeerError as e:
             self._fail(e)
@@ -671,6 +691,8 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self._model_file is not None:
+            self._model_file.close()
         try:
             if self.ch is not None and self.broken is None:
                 self._command({"op": "end"})

@@ -14,12 +14,14 @@ the device (name and rank) that did not answer.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,7 @@ TAG_CONTROL = 1 << 28
 TAG_TIMING = TAG_CONTROL + 1
 TAG_FRAME = TAG_CONTROL + 2  # a group's frame: its input to the group's head, its output back
 # Frames in flight on one group at once (slots) keep their messages apart by a tag offset per slot.
+CHUNK = 16 << 20  # bytes per message of a file sent in pieces (Channel.send_file)
 SLOT_TAGS = 1 << 24
 MAX_SLOTS = 8
 
@@ -165,6 +168,35 @@ class Channel:
             return b""
         buf = self.recv(torch.empty(n, dtype=torch.uint8), src, tag, what)
         return buf.numpy().tobytes()
+
+    def send_file(self, f: BinaryIO, dst: int, tag: int = TAG_CONTROL, what: str = "a file") -> None:
+        """Send an open file's bytes, from its start, in pieces of ``CHUNK`` (a model of hundreds
+        of MB never sits in memory whole, on either side); :meth:`recv_file` takes them."""
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        self.send(torch.tensor([size], dtype=torch.int64), dst, tag, f"{what} (header)")
+        while size > 0:
+            piece = f.read(min(CHUNK, size))
+            if not piece:
+                raise EdgeweaveError(f"the file of {what} shrank while it was being sent")
+            self.send(torch.frombuffer(bytearray(piece), dtype=torch.uint8), dst, tag, what)
+            size -= len(piece)
+
+    def recv_file(self, path: str | Path, src: int, tag: int = TAG_CONTROL, what: str = "a file",
+                  max_bytes: int = 1 << 34) -> int:
+        """Receive :meth:`send_file`'s bytes into a new file at ``path``; returns their count."""
+        head = self.recv(torch.zeros(1, dtype=torch.int64), src, tag, f"{what} (header)")
+        n = int(head.item())
+        if n < 0 or n > max_bytes:
+            raise PeerError(f"{self.who(src)} announced {n} bytes for {what}; expected 0..{max_bytes}", src)
+        buf = torch.empty(min(CHUNK, n), dtype=torch.uint8)
+        left = n
+        with open(path, "wb") as f:
+            while left > 0:
+                k = min(CHUNK, left)
+                f.write(self.recv(buf[:k], src, tag, what).numpy().data)
+                left -= k
+        return n
 
     def send_json(self, obj: Any, dst: int, tag: int = TAG_CONTROL, what: str = "a message") -> None:
         self.send_bytes(json.dumps(obj).encode(), dst, tag, what)
