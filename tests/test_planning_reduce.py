@@ -416,18 +416,23 @@ def test_pool_matrix_is_adaptive_average_pooling(n_in: int, n_out: int) -> None:
     assert torch.allclose(x @ pool_matrix(n_out, n_in).T, want, atol=1e-12)
 
 
-@given(h=st.integers(1, 7), w=st.integers(1, 7), oh=st.integers(1, 9), ow=st.integers(1, 9))
+@given(h=st.integers(1, 7), w=st.integers(1, 7), oh=st.integers(1, 9), ow=st.integers(1, 9), data=st.data())
 @settings(max_examples=80, deadline=None)
-def test_a_weight_carried_back_through_the_pool_applies_to_the_map(h: int, w: int, oh: int, ow: int) -> None:
-    """``fc(flatten(adaptive_avg_pool2d(x)))`` equals the folded, rows-first weight applied to ``x``."""
-    from edgeweave.engine import reduce as execute
+def test_a_weight_carried_back_through_the_pool_applies_to_the_map(h: int, w: int, oh: int, ow: int, data) -> None:
+    """``fc(flatten(adaptive_avg_pool2d(x)))`` equals the columns carried back through the pool
+    applied to ``x``: by rows (a strip, channels last) and by channels."""
+    from edgeweave.engine import columns
 
     weight = torch.randn(5, 2 * oh * ow, dtype=torch.float64)
     x = torch.randn(3, 2, h, w, dtype=torch.float64)
-    by_row = execute._rows_first(weight, 2, h, w, (oh, ow))
     want = F.linear(F.adaptive_avg_pool2d(x, (oh, ow)).flatten(1), weight)
-    got = F.linear(x.permute(0, 2, 3, 1).reshape(3, -1), by_row)
+    cut = data.draw(st.integers(0, h))
+    got = sum(F.linear(x[:, :, a:b].permute(0, 2, 3, 1).reshape(3, -1), columns.row_columns(weight, 2, h, w, (oh, ow), (a, b)))
+              for a, b in ((0, cut), (cut, h)) if b > a)
     assert torch.allclose(got, want, atol=1e-10)
+    by_channel = sum(F.linear(x[:, k:k + 1].reshape(3, -1), columns.channel_columns(weight, 2, h, w, (oh, ow), (k, k + 1)))
+                     for k in range(2))
+    assert torch.allclose(by_channel, want, atol=1e-10)
 
 
 def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
@@ -451,35 +456,37 @@ def test_a_flatten_read_by_anything_else_is_not_folded() -> None:
         assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-6
 
 
-def test_partial_products_use_one_reordered_copy_of_the_weight_for_every_row_range() -> None:
-    from edgeweave.engine import reduce as execute
+def test_a_device_copies_only_its_rows_columns_until_they_would_outweigh_the_layer() -> None:
+    from edgeweave.engine import columns
 
     torch.manual_seed(0)
+    columns._KEPT.clear()
     w = torch.randn(7, 2 * 4 * 3)
     x = torch.randn(2, 2, 4, 3)
-    first = execute._rows_first(w, 2, 4, 3)
-    assert execute._rows_first(w, 2, 4, 3) is first  # made once, kept
     full = F.linear(x.reshape(2, -1), w)
     parts = []
     for lo, hi in [(0, 1), (1, 3), (3, 4)]:
+        got = columns.row_columns(w, 2, 4, 3, None, (lo, hi))
+        assert got.shape == (7, (hi - lo) * 6) and columns.row_columns(w, 2, 4, 3, None, (lo, hi)) is got  # made once, kept
         cols = w.view(7, 2, 4, 3)[:, :, lo:hi, :].reshape(7, -1)
         want = F.linear(x[:, :, lo:hi, :].reshape(2, -1), cols)
-        got = F.linear(x[:, :, lo:hi, :].permute(0, 2, 3, 1).reshape(2, -1), first[:, lo * 6:hi * 6])
-        assert torch.allclose(got, want, atol=1e-5)
-        parts.append(got)
+        part = F.linear(x[:, :, lo:hi, :].permute(0, 2, 3, 1).reshape(2, -1), got)
+        assert torch.allclose(part, want, atol=1e-5)
+        parts.append(part)
     assert torch.allclose(sum(parts), full, atol=1e-5)
-    # the same layer served at another input size, with a pool folded in (2x2 map -> 4x3): a
-    # second copy, kept beside the first (alternating sizes must not rebuild them every frame)
-    pooled = execute._rows_first(w, 2, 2, 2, (4, 3))
-    assert pooled.shape == (7, 2 * 2 * 2)
-    assert execute._rows_first(w, 2, 4, 3) is first and execute._rows_first(w, 2, 2, 2, (4, 3)) is pooled
+    # the three shares hold the layer's size once; a fourth would outweigh it: the whole layer,
+    # reordered once, and every row range a view of it
+    assert columns.kept_bytes() == w.numel() * 4
+    other = columns.row_columns(w, 2, 4, 3, None, (1, 2))
+    assert columns.kept_bytes() == w.numel() * 4 and other.untyped_storage().nbytes() == w.numel() * 4
+    assert columns.row_columns(w, 2, 4, 3, None, (0, 4)).data_ptr() == other.data_ptr() - 6 * 4
     with torch.no_grad():
-        w.mul_(2)  # a changed weight is reordered again
-    assert execute._rows_first(w, 2, 4, 3) is not first
-    others = [torch.randn(3, 24) for _ in range(3)]
-    for o in others:
-        execute._rows_first(o, 2, 4, 3)
-    assert len(execute._ROWS_FIRST) <= execute._ROWS_FIRST_KEPT
+        w.mul_(2)  # a changed weight is cut again
+    again = columns.row_columns(w, 2, 4, 3, None, (1, 2))
+    assert torch.equal(again, 2 * other)
+    for _ in range(columns._KEPT_MAX + 3):
+        columns.row_columns(torch.randn(3, 24), 2, 4, 3, None, (0, 1))
+    assert len(columns._KEPT) <= columns._KEPT_MAX
 
 
 @pytest.mark.slow
@@ -588,7 +595,11 @@ def test_a_squeeze_is_priced_as_one_message_delay_not_a_round_trip() -> None:
     assert pl.reduction_s([red, red], [0, 1, 2, 3], [nb, nb]) == pytest.approx(2 * squeeze)
 
 
-def test_prepare_makes_the_reordered_weight_before_the_first_frame_and_only_where_rows_are_owned() -> None:
+def by_name_target(gm, name: str) -> str:
+    return str(next(n.target for n in gm.graph.nodes if n.name == name))
+
+
+def test_prepare_cuts_a_device_s_columns_before_the_first_frame_and_only_where_rows_are_owned() -> None:
     from edgeweave.engine import reduce as execute
 
     torch.manual_seed(0)
@@ -600,14 +611,20 @@ def test_prepare_makes_the_reordered_weight_before_the_first_frame_and_only_wher
     assert linear, "the plan should split the classifier's first layer by rows"
     owners = {d for r in linear for d, rows in r.rows if not is_empty(rows)}
     idle = set(range(3)) - owners
-    execute._ROWS_FIRST.clear()
+    from edgeweave.engine import columns
+
+    columns._KEPT.clear()
     for d in idle:
         execute.prepare_reductions(gm, plan, d)
-    assert not execute._ROWS_FIRST  # nothing to make for a device that owns no rows
-    execute.prepare_reductions(gm, plan, min(owners))
-    assert len(execute._ROWS_FIRST) == 1
-    made = next(iter(execute._ROWS_FIRST.values()))[2]
+    assert not columns._KEPT  # nothing to make for a device that owns no rows
+    device = min(owners)
+    execute.prepare_reductions(gm, plan, device)
+    assert len(columns._KEPT) == 1
+    made = next(iter(columns._KEPT.values()))[2]
+    red = next(r for r in linear if not is_empty(r.owned(device)))
+    assert made.numel() < gm.get_submodule(by_name_target(gm, red.node)).weight.numel()  # its rows' columns only
     with torch.no_grad():
-        assert rel_err(simulate(gm, plan, x), model(x)) <= 1e-5
-    # the frame used the prepared copy: nothing new was made
-    assert len(execute._ROWS_FIRST) == 1 and next(iter(execute._ROWS_FIRST.values()))[2] is made
+        got = simulate(gm, plan, x)
+        assert rel_err(got, model(x)) <= 1e-5
+    # the frame used the prepared copy (simulate runs every device in this process: the others' too)
+    assert any(v[2] is made for v in columns._KEPT.values())

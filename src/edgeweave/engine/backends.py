@@ -33,6 +33,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.resident import give_back
 
 NAMES = ("torch", "ort", "openvino", "openvino-bf16")
 _MODULES = {"ort": "onnxruntime", "openvino": "openvino", "openvino-bf16": "openvino"}
@@ -134,6 +135,8 @@ def _compile_ort(seg: Any, threads: int) -> Callable[..., Any]:
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    del model
+    give_back()  # the export's and the session's transient copies of the weights: a board's peak otherwise
     # the exporter drops unused inputs
     read = [(i.name, names.index(i.name), seg.maps[names.index(i.name)]) for i in sess.get_inputs()]
     run = sess.run

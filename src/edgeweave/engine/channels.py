@@ -14,7 +14,7 @@ when the plan is prepared, so a board holds 1/k of such layers.
 
 Reductions read a channel-split map too: a device's partial sum of a mean over H and W is its
 channels' sums in place (zeros elsewhere: adding them is exact), and its share of a Linear layer
-on the flattened map is its channels' columns of the weight (``channel_columns``).
+on the flattened map is its channels' columns of the weight (``columns.channel_columns``).
 """
 
 from __future__ import annotations
@@ -118,23 +118,3 @@ def lower_channels(gm: torch.fx.GraphModule, stage: Stage, c0: int, c1: int) -> 
     shape = tuple(int(v) for v in node_shape(in_node) or [])
     return Segment(torch.fx.GraphModule(attrs, g, class_name="ChannelSlice"), (in_node.name,), ("__out__",),
                    (shape,), (True,), True)
-
-
-_COLUMNS: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
-_COLUMNS_KEPT = 8  # a device keeps its slice of one or two layers, for a few plans
-
-
-def channel_columns(by_row: torch.Tensor, c: int, h: int, w: int, own: Range) -> torch.Tensor:
-    """The columns of a Linear layer on a flattened ``c x h x w`` map that channels ``own`` meet,
-    in the order of those channels flattened (c, h, w); ``by_row`` is the layer's weight with its
-    columns in (h, w, c) order (``reduce._rows_first``). A contiguous copy, made once and kept."""
-    key = (id(by_row), c, h, w, own)
-    hit = _COLUMNS.get(key)
-    if hit is not None and hit[0] is by_row and hit[1] == by_row._version:
-        return hit[2]
-    out = by_row.shape[0]
-    cols = by_row.view(out, h, w, c)[:, :, :, own[0]:own[1]].permute(0, 3, 1, 2).reshape(out, -1).contiguous()
-    while len(_COLUMNS) >= _COLUMNS_KEPT:
-        del _COLUMNS[next(iter(_COLUMNS))]
-    _COLUMNS[key] = (by_row, by_row._version, cols)
-    return cols

@@ -21,10 +21,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from edgeweave.engine.channels import channel_columns
+from edgeweave.engine.columns import channel_columns, row_columns
 from edgeweave.engine.stage import by_name, call_node, module, stage_io
-from edgeweave.planning.graph import Reduce, is_folded, node_reduce, node_shape, pool_matrix, reduce_partial_shape, \
-    reduce_pool, reduce_source
+from edgeweave.planning.graph import Reduce, is_folded, node_reduce, node_shape, reduce_partial_shape, reduce_pool, \
+    reduce_source
 from edgeweave.planning.halo import Range, is_empty
 from edgeweave.planning.plan import Plan, Reduction, Stage
 
@@ -67,10 +67,11 @@ def partial_sum(gm: torch.fx.GraphModule, node: torch.fx.Node, t: torch.Tensor, 
         return _channel_partial(gm, node, red, t, rows)
     if red.op != "linear":
         return t.sum(dim=(2, 3), keepdim=True)
-    by_row, per_row = _row_weight(gm, node, rows)
-    if by_row is None:  # the whole map: the layer itself
-        return F.linear(t.reshape(t.shape[0], -1), module(gm, node).weight)
-    return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), by_row[:, rows[0] * per_row:rows[1] * per_row])
+    _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
+    weight, pool = module(gm, node).weight, reduce_pool(node)
+    if rows == (0, h) and pool is None:  # the whole unpooled map: the layer itself
+        return F.linear(t.reshape(t.shape[0], -1), weight)
+    return F.linear(t.permute(0, 2, 3, 1).reshape(t.shape[0], -1), row_columns(weight, c, h, w, pool, rows))
 
 
 def _channel_partial(gm: torch.fx.GraphModule, node: torch.fx.Node, red: Reduce, t: torch.Tensor,
@@ -82,69 +83,15 @@ def _channel_partial(gm: torch.fx.GraphModule, node: torch.fx.Node, red: Reduce,
         part = t.new_zeros(t.shape[0], c, 1, 1)
         part[:, own[0]:own[1]] = t.sum(dim=(2, 3), keepdim=True)
         return part
-    cols = channel_columns(_rows_first(module(gm, node).weight, c, h, w, reduce_pool(node)), c, h, w, own)
+    cols = channel_columns(module(gm, node).weight, c, h, w, reduce_pool(node), own)
     return F.linear(t.reshape(t.shape[0], -1), cols)  # (c, h, w) order: a copy of the slice at most
 
 
-def _row_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, rows: Range) -> tuple[torch.Tensor | None, int]:
-    """The linear reduction's weight by rows of its map (``_rows_first``) and its columns per row;
-    None where ``rows`` is the whole unpooled map, which the layer itself multiplies."""
-    _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
-    pool = reduce_pool(node)
-    if rows == (0, h) and pool is None:
-        return None, w * c
-    return _rows_first(module(gm, node).weight, c, h, w, pool), w * c
-
-
-_ROWS_FIRST: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
-# reordered layers kept: a model has one such layer, served at one or a few input sizes (each
-# size whose map is pooled into the layer has its own copy); a new model replaces the old one's
-_ROWS_FIRST_KEPT = 3
-_UNPOOL_CHUNK = 256  # output features per step when folding a pool into a weight (bounds memory)
-
-
-def _rows_first(weight: torch.Tensor, c: int, h: int, w: int, pool: tuple[int, int] | None = None) -> torch.Tensor:
-    """``weight`` with its columns reordered (h, w, c): the columns of any row range are contiguous,
-    in the order of a channels-last strip (layout.py), which is then read without a copy.
-
-    With ``pool`` (the layer reads ``flatten(adaptive_avg_pool2d(map, pool))``, see
-    ``graph._pooled_map``) the weight is first carried back through the pooling, so that it
-    applies to the ``h x w`` map itself: ``W_map[o, c] = P_h^T W[o, c] P_w``.
-
-    Made once per layer and device and kept, so any plan's rows are a view (no copy per frame or
-    per plan). Cutting the columns for each plan instead was ~20 % faster per frame, but a device
-    serving many plans (a benchmark interleaving 16) cut them again every frame once they no
-    longer fitted a bounded cache (+0.35 s at 0.25 core); this costs one copy of the layer.
-    """
-    key = (id(weight), c, h, w, pool)
-    hit = _ROWS_FIRST.get(key)
-    if hit is not None and hit[0] is weight and hit[1] == weight._version:
-        return hit[2]
-    out = weight.shape[0]
-    if pool is None:
-        by_row = weight.view(out, c, h, w).permute(0, 2, 3, 1).reshape(out, -1).contiguous()
-    else:
-        # The pooling's adjoint as two small matrices: torch.func.vjp of adaptive_avg_pool2d gives
-        # the same weight but took 4.5 s for VGG16's fc1 at 200 px against 1.2 s (one core).
-        ph = pool_matrix(pool[0], h).to(weight.dtype)
-        pw = pool_matrix(pool[1], w).to(weight.dtype)
-        w4 = weight.view(out, c, pool[0], pool[1])
-        by_row = weight.new_empty(out, h, w, c)
-        for a in range(0, out, _UNPOOL_CHUNK):
-            by_row[a:a + _UNPOOL_CHUNK] = torch.einsum("ocij,ir,jq->orqc", w4[a:a + _UNPOOL_CHUNK], ph, pw)
-        by_row = by_row.view(out, -1)
-    _ROWS_FIRST.pop(key, None)
-    while len(_ROWS_FIRST) >= _ROWS_FIRST_KEPT:
-        del _ROWS_FIRST[next(iter(_ROWS_FIRST))]
-    _ROWS_FIRST[key] = (weight, weight._version, by_row)
-    return by_row
-
-
 def prepare_reductions(gm: torch.fx.GraphModule, plan: Plan, device: int) -> None:
-    """Make now what ``device``'s first frame under ``plan`` would otherwise make: the reordered
-    weights of the linear reductions it takes part in (``_rows_first``).
+    """Make now what ``device``'s first frame under ``plan`` would otherwise make: its columns of
+    the linear reductions it takes part in (engine/columns.py).
 
-    Why: VGG's fc1 is 100-400 MB, and its reorder made a device's first frame ~10x slower
+    Why: VGG's fc1 is 100-400 MB, and cutting it made a device's first frame ~10x slower
     (vgg11 at 96 px on loopback: 0.45-0.52 s of compute per device against 0.03 s after). Done
     when the plan is accepted, that time falls in loading the plan, which a stream does between
     frames, and never in a frame, so a device that joins late starts at its real speed."""
@@ -154,11 +101,12 @@ def prepare_reductions(gm: torch.fx.GraphModule, plan: Plan, device: int) -> Non
         for red in stage.reductions:
             own, node = red.owned(device), by[red.node]
             if not is_empty(own) and (node_reduce(node) or _no_reduce(node)).op == "linear":
+                _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
+                weight, pool = module(gm, node).weight, reduce_pool(node)
                 if axis == 1:
-                    _, c, h, w = (int(v) for v in node_shape(reduce_source(node)) or [])
-                    channel_columns(_rows_first(module(gm, node).weight, c, h, w, reduce_pool(node)), c, h, w, own)
-                else:
-                    _row_weight(gm, node, own)  # what partial_sum will read
+                    channel_columns(weight, c, h, w, pool, own)
+                elif own != (0, h) or pool is not None:  # what partial_sum will read
+                    row_columns(weight, c, h, w, pool, own)
 
 
 def finish_reduce(gm: torch.fx.GraphModule, node: torch.fx.Node, total: torch.Tensor) -> torch.Tensor:
