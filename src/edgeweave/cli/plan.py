@@ -65,6 +65,7 @@ def build_plan(
     plan = make_plan(gm, cl, partition=partition, fusion=fusion, mode=mode, model_name=model,
                      model_hash=model_hash(net), backend=backend, split=split)
     from edgeweave.planning.coverage import split_report
+    from edgeweave.planning.memory import memory_report
 
     return {
         "model": model,
@@ -81,6 +82,8 @@ def build_plan(
         "stages": len(plan.stages),
         "strip_order": [plan.devices[d] for d in plan.meta["strip_order"]],  # top to bottom
         "profiles": "default" if cl.is_default else "given",  # default: no device measured or described
+        # per device: bytes of weights it holds, peak activations, the process itself, and its limit (0: unknown)
+        "memory": memory_report(plan, [d.memory_bytes for d in cl.devices]),
         **split_report(gm, plan),  # split_flops_fraction, unsplit_nodes, transformer
         "plan": plan.to_dict(),
     }

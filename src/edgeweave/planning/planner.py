@@ -71,6 +71,7 @@ from edgeweave.planning.cost import (
     rows_of,
     schedule_transfers,
 )
+from edgeweave.planning.memory import RUNTIME_BYTES, over_budget, plan_memory
 from edgeweave.planning.fusion import (
     FUSION_MODES,
     Segment,
@@ -689,12 +690,40 @@ def make_plan(
     chosen = choose_backends(gm, cluster, backend)
     cluster = Cluster([d.on(b) for d, b in zip(cluster.devices, chosen)])
     plan = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, split)
+    short = _with_memory(gm, cluster, plan)
+    if short:  # a hard limit: the other ways to cut the blocks, the fastest that fits
+        others = [_make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, s)
+                  for s in ("channels", "rows", "auto") if s != split]
+        fitting = [p for p in others if not _with_memory(gm, cluster, p)]
+        if not fitting:
+            raise EdgeweaveError(_short_message(cluster, plan, short))
+        plan = min(fitting, key=lambda p: p.predicted_s)
+        plan.meta["memory_bound"] = True  # not the fastest plan: the fastest one overfilled a device
     plan.backends = chosen
     plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
     plan.meta["split_request"] = split
     if backend == "auto":
         plan.meta["backend_fallback"] = True  # a graph a device's backend cannot compile runs on torch
     return plan
+
+
+def _with_memory(gm: torch.fx.GraphModule, cluster: Cluster, plan: Plan) -> list[tuple[int, int, int]]:
+    """Record each device's memory in ``plan.meta["memory"]``; the devices it overfills."""
+    mem = plan_memory(gm, plan, [int(d.meta.get("runtime_bytes", RUNTIME_BYTES)) for d in cluster.devices])
+    plan.meta["memory"] = [m.to_dict() for m in mem]
+    return over_budget(mem, [d.memory_bytes for d in cluster.devices])
+
+
+def _short_message(cluster: Cluster, plan: Plan, short: list[tuple[int, int, int]]) -> str:
+    mb = 1 << 20
+    parts = []
+    for d, needs, has in short:
+        m = plan.meta["memory"][d]
+        why = " (the leader keeps the whole model)" if d == 0 else ""
+        parts.append(f"{cluster.devices[d].name} needs {needs / mb:.0f} MB{why}: weights {m['weights'] / mb:.0f}, "
+                     f"activations {m['activations'] / mb:.0f}, runtime {m['runtime'] / mb:.0f}; it has {has / mb:.0f} MB")
+    return ("no plan fits the devices' memory: " + "; ".join(parts) +
+            ". Add devices, give these more memory, or use a compact or pruned model (edgeweave compress)")
 
 
 # auto: among backends priced equal (a profile without measured lines for them), the field's

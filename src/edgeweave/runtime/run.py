@@ -278,6 +278,9 @@ def run_on_session(session: Session, model_name: str, model: torch.nn.Module, sp
     }
     result.update(backend_report(session, plan))
     result.update(split_summary(session, plan))
+    from edgeweave.planning.memory import memory_report
+
+    result["memory"] = memory_report(plan, [d.memory_bytes for d in session.cluster.devices])
     result["breakdown"] = breakdown(result["timings"])
     if frames is not None:
         result["frames"] = frames
@@ -420,6 +423,10 @@ def plan_notes(res: dict[str, Any]) -> list[str]:
         from edgeweave.planning.coverage import report_lines
 
         notes += report_lines(res)
+    if res.get("memory"):  # planning/memory.py
+        from edgeweave.planning.memory import memory_line
+
+        notes.append(memory_line(res["memory"]))
     return notes
 
 
