@@ -18,10 +18,12 @@ MIN_INPUT_SIZE, MAX_INPUT_SIZE = 1, 4096
 # Memory of one local follower process (``edgeweave worker`` started by ``run --workers K``),
 # measured on Linux x86-64, torch 2.x CPU: idle, 376 MiB of private (anonymous) memory, 695 MiB
 # resident of which the rest is torch's shared libraries, counted once for all processes. A model
-# adds about twice its weights (the bytes received, then the module built from them: +89 MiB for
-# cifar_resnet18's 43 MiB, +1.1 GiB for vgg16's 528 MiB).
+# is received into a file and mapped (checkpoint.py); what a follower adds of its own is its 4-D
+# weights in the devices' layout, its share of the layers, a backend's copy of what it compiles
+# and transient copies: 0.6-0.75x of VGG16's 528 MiB on five devices (ONNX Runtime, 224 px),
+# so about the model's size, once.
 FOLLOWER_IDLE_BYTES = 400 << 20
-FOLLOWER_MODEL_COPIES = 2
+FOLLOWER_MODEL_COPIES = 1
 # What the followers may take of the memory available: the rest stays for the leader's own work
 # (the input, the outputs it gathers) and for everything else on the machine.
 MEMORY_SHARE = 0.9

@@ -51,7 +51,7 @@ InputSizeOpt = typer.Option(None, "--input-size", "-n",
                             help=f"Input height and width, {MIN_INPUT_SIZE}-{MAX_INPUT_SIZE} and at least what the "
                             "model needs (32 for VGG; default: the checkpoint's, else 224).")
 WorkersOpt = typer.Option(None, "--workers", "-w", help="Start K local followers (plus the leader); refused where "
-                          "this machine's memory cannot hold them (about 0.4 GB each plus twice the model).")
+                          "this machine's memory cannot hold them (about 0.4 GB each plus the model's size).")
 ClusterOpt = typer.Option(None, "--cluster", help="Cluster file (DeviceProfile JSON/TOML); without --workers, wait "
                           "for followers started by hand with `edgeweave worker --leader HOST:PORT`.")
 ListenOpt = typer.Option("0.0.0.0:29400", "--listen", help="HOST:PORT the leader listens on for followers "
