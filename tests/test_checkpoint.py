@@ -1,3 +1,6 @@
+import io
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -127,12 +130,20 @@ def test_a_loaded_checkpoint_maps_the_file_instead_of_copying_it(tmp_path):
     plain = load_file(path)  # the file is ordinary safetensors
     assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
     meta, tensors = ck._map_tensors(path, str(path))
-    size = path.stat().st_size
+    assert set(tensors) == set(model.state_dict())  # the gaps between tensors are not the model's
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    offsets = {k: 8 + n + v["data_offsets"][0] for k, v in json.loads(path.read_bytes()[8:8 + n]).items()
+               if k in tensors}
+    first = min(offsets, key=offsets.get)
     for k, v in model.state_dict().items():
         assert torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype
-        # a view of one storage the size of the file: its mapping, not a copy
-        assert tensors[k].untyped_storage().nbytes() == size
+        # where the file has it, in one mapping (not a copy), and where kernels want it
+        assert tensors[k].data_ptr() - tensors[first].data_ptr() == offsets[k] - offsets[first]
+        assert tensors[k].data_ptr() % 64 == 0
     assert meta["hash"] == model_hash(model)
+    buf = io.BytesIO()
+    torch.save(tensors, buf)  # each its own storage: torch.save takes tensors of several dtypes
+    assert all(torch.equal(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)[k], v) for k, v in tensors.items())
     tensors["conv.weight"].add_(1.0)  # private: the file does not change
     assert torch.equal(load_file(path)["conv.weight"], model.conv.weight)
 

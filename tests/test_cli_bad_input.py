@@ -241,16 +241,16 @@ def test_run_refuses_more_followers_than_memory_holds_before_loading_the_model()
 
 
 def test_run_counts_the_model_in_each_follower():
-    # vgg16's weights (528 MB) held twice per follower: as many followers as fit 0.9 GB each can
-    # run idle, not with this model
-    import math
+    # vgg16's weights (528 MB) counted once per follower: one follower more than fit with this
+    # model, which would fit well idle
+    from edgeweave.limits import FOLLOWER_MODEL_COPIES
 
     avail = mem_available_bytes()
     assert avail
-    k = max(1, math.ceil(avail * MEMORY_SHARE / 0.9e9))
+    k = int(avail * MEMORY_SHARE // follower_bytes(553_000_000)) + 1
     assert k * follower_bytes(0) < avail * MEMORY_SHARE / 1.5  # idle, they would fit well
     one_line_error(ew("run", "--model", "vgg16", "--input-size", "32", "--workers", str(k)),
-                   f"--workers {k}", "2x the model's")
+                   f"--workers {k}", f"{FOLLOWER_MODEL_COPIES}x the model's")
 
 
 # ---- the worker log folder ----------------------------------------------------------------------

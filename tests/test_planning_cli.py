@@ -57,6 +57,25 @@ def test_plan_command_names_the_strip_order_when_it_is_not_device_order(tmp_path
     assert "strips top to bottom: " + ", ".join(order) in " ".join(res.output.split())
 
 
+def test_plan_command_shows_each_device_s_memory_and_refuses_devices_too_small(tmp_path) -> None:
+    mb = 1 << 20
+    roomy = Cluster([DeviceProfile("pi4", a=2e-10, bandwidth_bps=1e8, memory_bytes=4096 * mb),
+                     DeviceProfile("pi3", a=4e-10, bandwidth_bps=1e8, memory_bytes=2048 * mb)])
+    path = tmp_path / "cluster.json"
+    roomy.save(path)
+    res = CliRunner().invoke(app, ["plan", "--model", "cifar_resnet18", "--cluster", str(path), "--input-size", "32",
+                                   "--json", str(tmp_path / "plan.json")])
+    assert res.exit_code == 0, res.output
+    assert "memory (MB; weights + activations + runtime = total / limit): pi4" in " ".join(res.output.split())
+    mem = json.loads((tmp_path / "plan.json").read_text())["memory"]
+    assert mem["pi3"]["limit"] == 2048 * mb and 0 < mem["pi3"]["total"] < mem["pi3"]["limit"]
+    small = Cluster([roomy.devices[0], DeviceProfile("pi3", a=4e-10, bandwidth_bps=1e8, memory_bytes=64 * mb)])
+    small.save(path)
+    res = CliRunner().invoke(app, ["plan", "--model", "cifar_resnet18", "--cluster", str(path), "--input-size", "32"])
+    assert isinstance(res.exception, EdgeweaveError)  # the CLI's main() prints it on one line, exit 2
+    assert "pi3 needs" in str(res.exception) and "it has 64 MB" in str(res.exception)
+
+
 def test_plan_command_needs_exactly_one_cluster_source() -> None:
     res = CliRunner().invoke(app, ["plan", "--model", "small_cnn"])
     assert isinstance(res.exception, EdgeweaveError)

@@ -96,7 +96,7 @@ def test_memory_is_a_hard_limit_the_planner_plans_around_or_names():
     fit = make_plan(gm, _with_limits(5, between), split="rows")
     assert fit.meta.get("memory_bound") and max(m["total"] for m in fit.meta["memory"][1:]) <= between
     assert any(st.split == "channels" for st in fit.stages)
-    with pytest.raises(EdgeweaveError, match=r"no plan fits the devices' memory: worker\d needs \d+ MB"):
+    with pytest.raises(EdgeweaveError, match=r"no plan fits the devices' memory; the closest needs: worker\d needs \d+ MB"):
         make_plan(gm, _with_limits(5, RUNTIME_BYTES), split="rows")
     # unknown limits (0) are not checked
     assert not make_plan(gm, _with_limits(5, 0), split="rows").meta.get("memory_bound")

@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import math
+import mmap
 import os
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,8 @@ _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
+_ALIGN = 64  # bytes: where every tensor of a checkpoint starts (a cache line; what oneDNN aligns to)
+_PAD = "__edgeweave_pad__/"  # the names of the gaps between tensors (not the model's)
 
 
 @dataclass
@@ -113,28 +117,36 @@ def _meta(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None) -> di
 
 def write_checkpoint(f: BinaryIO, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> int:
     """Write ``model`` to ``f`` in the safetensors format, one tensor at a time (never a copy of
-    the whole model in memory); returns the bytes written. Tensors are laid out widest element
-    first, so every tensor starts at a multiple of its element size (a mapped load needs that)."""
+    the whole model in memory); returns the bytes written. Every tensor starts at a multiple of
+    64 bytes of the file, so a mapped tensor is where the kernels want it (a weight that is not
+    ran another code path of oneDNN and changed the last bits of some models' outputs)."""
     state = model.state_dict()
     for k, t in state.items():
         if t.dtype not in _DTYPES:
             raise EdgeweaveError(f"cannot save {k!r}: dtype {t.dtype} is not supported in a checkpoint")
-    names = sorted(state, key=lambda k: (-state[k].element_size(), k))
     header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(_meta(model, spec, extra))}}
+    layout: list[tuple[str, torch.Tensor | int]] = []  # what follows the header: tensors, and zero bytes
     at = 0
-    for k in names:
+    for k in sorted(state):
         t = state[k]
+        if at % _ALIGN:  # safetensors tiles its data: the gap is a tensor of its own, dropped on load
+            gap = _ALIGN - at % _ALIGN
+            header[f"{_PAD}{len(layout)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [at, at + gap]}
+            layout.append(("", gap))
+            at += gap
         n = t.numel() * t.element_size()
         header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + n]}
+        layout.append((k, t))
         at += n
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-(8 + len(head)) % 8)  # tensors start 8-aligned (safetensors pads with spaces too)
+    head += b" " * (-(8 + len(head)) % _ALIGN)  # the data starts aligned (safetensors pads with spaces too)
     f.write(len(head).to_bytes(8, "little"))
     f.write(head)
-    for k in names:
-        t = state[k].detach().cpu().contiguous()
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    for _k, t in layout:
+        if isinstance(t, int):
+            f.write(bytes(t))
+        elif t.numel():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return 8 + len(head) + at
 
 
@@ -213,7 +225,7 @@ def _resize_to(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 def model_from_bytes(data: bytes, where: str = "checkpoint") -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     meta = _read_header(data, where)
     try:
-        tensors = st_load(data)
+        tensors = {k: v for k, v in st_load(data).items() if not k.startswith(_PAD)}
     except SafetensorError as e:
         raise EdgeweaveError(f"{where}: corrupt checkpoint ({e})") from None
     return _assemble(meta, tensors, where)
@@ -266,15 +278,22 @@ def _map_tensors(p: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.T
         end = e
     if start + end != size:
         raise EdgeweaveError(f"{where}: corrupt checkpoint ({size - start} bytes of data, the table says {end})")
-    storage = torch.UntypedStorage.from_file(str(p), shared=False, nbytes=size)
+    with p.open("rb") as f:  # private: writes to a tensor copy its page, never reach the file
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
-    for k, dt, shape, (b, _e) in entries:
-        width = torch.empty(0, dtype=dt).element_size()
-        if (start + b) % width == 0:
-            tensors[k] = torch.empty(0, dtype=dt).set_(storage, (start + b) // width, shape)
-        else:  # written by another tool without alignment: this one tensor is copied
-            raw_t = torch.empty(0, dtype=torch.uint8).set_(storage, start + b, (math.prod(shape) * width,))
-            tensors[k] = raw_t.clone().view(dt).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "non-writable buffer": it is writable, copy-on-write
+        for k, dt, shape, (b, e) in entries:
+            width = torch.empty(0, dtype=dt).element_size()
+            if k.startswith(_PAD):
+                continue
+            if e == b:
+                tensors[k] = torch.empty(shape, dtype=dt)
+            elif (start + b) % _ALIGN == 0:  # its own storage over its bytes of the mapping
+                tensors[k] = torch.frombuffer(mapped, dtype=dt, count=(e - b) // width, offset=start + b).view(shape)
+            else:  # not where kernels want it (a file of another writer, a small tensor): copied
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=e - b, offset=start + b)
+                tensors[k] = raw.clone().view(dt).view(shape)
     return meta, tensors
 
 

@@ -694,9 +694,11 @@ def make_plan(
     if short:  # a hard limit: the other ways to cut the blocks, the fastest that fits
         others = [_make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, s)
                   for s in ("channels", "rows", "auto") if s != split]
-        fitting = [p for p in others if not _with_memory(gm, cluster, p)]
-        if not fitting:
-            raise EdgeweaveError(_short_message(cluster, plan, short))
+        shorts = [_with_memory(gm, cluster, p) for p in others]
+        fitting = [p for p, sh in zip(others, shorts) if not sh]
+        if not fitting:  # say what the plan that comes closest would need
+            closest = min(zip([plan, *others], [short, *shorts]), key=lambda c: max(n - h for _d, n, h in c[1]))
+            raise EdgeweaveError(_short_message(cluster, *closest))
         plan = min(fitting, key=lambda p: p.predicted_s)
         plan.meta["memory_bound"] = True  # not the fastest plan: the fastest one overfilled a device
     plan.backends = chosen
@@ -722,7 +724,7 @@ def _short_message(cluster: Cluster, plan: Plan, short: list[tuple[int, int, int
         why = " (the leader keeps the whole model)" if d == 0 else ""
         parts.append(f"{cluster.devices[d].name} needs {needs / mb:.0f} MB{why}: weights {m['weights'] / mb:.0f}, "
                      f"activations {m['activations'] / mb:.0f}, runtime {m['runtime'] / mb:.0f}; it has {has / mb:.0f} MB")
-    return ("no plan fits the devices' memory: " + "; ".join(parts) +
+    return ("no plan fits the devices' memory; the closest needs: " + "; ".join(parts) +
             ". Add devices, give these more memory, or use a compact or pruned model (edgeweave compress)")
 
 
