@@ -37,10 +37,13 @@ def _free_module_caches(request):
 
 
 # The files whose tests run whole models on several local processes or the emulated testbed:
-# marked ``heavy``. `make test` runs the other files on two workers, then these one after
-# another: two of them at once (VGG at 64 px on five processes holds 13-18 GB) ran the 24 GB CI
-# machine out of memory. The servers of small models with a few followers (serving, security,
-# bench serve) run with the light files: they wait more than they compute or hold.
+# marked ``heavy``. `make test` runs the other files on two workers, then these two at a time,
+# then the testbed's one after another (CPU caps and timings want the host to themselves). Two
+# heavy files at once ran the 24 GB CI machine out of memory while every follower held two
+# copies of its model (VGG at 64 px on five processes held 13-18 GB); a follower now maps the
+# model it receives and keeps only its share (checkpoint.py, engine/columns.py). The servers of
+# small models with a few followers (serving, security, bench serve) run with the light files:
+# they wait more than they compute or hold.
 HEAVY = {"test_runtime_cli.py", "test_runtime_models.py", "test_runtime_models_cli.py", "test_runtime_zoo.py",
          "test_models_zoo.py", "test_runtime_channels.py", "test_runtime_plans.py", "test_runtime_reduce.py",
          "test_runtime_session.py", "test_stream_regroup.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py",
