@@ -104,3 +104,23 @@ def test_a_file_larger_than_announced_is_refused(pair, tmp_path):
         with pytest.raises(PeerError, match="announced 100 bytes"):
             a.recv_file(tmp_path / "dst.bin", 1, 92, "a file", max_bytes=99)
     assert not (tmp_path / "dst.bin").exists()  # nothing written before the size was checked
+
+
+def test_what_a_killed_follower_was_receiving_is_swept_away(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from edgeweave.runtime.follower import sweep_receipts
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"recv-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    mine = tmp_path / f"recv-{os.getpid()}-def"
+    mine.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    assert sweep_receipts(str(tmp_path)) == [stale.name]
+    assert not stale.exists() and mine.exists() and other.exists()
+    assert sweep_receipts(None) == []

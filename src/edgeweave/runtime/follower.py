@@ -188,7 +188,9 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
     if rank in cmd.get("ship", []):
         # Received into a file and mapped (checkpoint.py): the weights are pages of the file, resident
         # where a plan uses them; the file's name goes at once, its mapping keeps it until replaced.
-        with tempfile.TemporaryDirectory(prefix="recv-", dir=scratch_dir()) as tmp:
+        scratch = scratch_dir()
+        sweep_receipts(scratch)
+        with tempfile.TemporaryDirectory(prefix=f"recv-{os.getpid()}-", dir=scratch) as tmp:
             path = os.path.join(tmp, "model.safetensors")
             ch.recv_file(path, 0, TAG_CONTROL, "the model", max_bytes=int(cmd["nbytes"]))
             with open(path, "rb") as f:
@@ -241,6 +243,28 @@ def _cmd_plan(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: Fo
     state.ranks[int(cmd["plan_id"])] = ranks
     resident.give_back()
     rv.set_json(gstore, f"ack/{seq}/{rank}", {"ok": True, "backend": prog.backend, "fallbacks": prog.fallbacks})
+
+
+def sweep_receipts(scratch: str | None) -> list[str]:
+    """Remove what followers killed while receiving a model left in ``scratch`` (``recv-<pid>-*``
+    of processes that no longer run: a partial file may be hundreds of MB); returns the removed."""
+    import shutil
+
+    gone = []
+    for d in os.listdir(scratch) if scratch and os.path.isdir(scratch) else []:
+        parts = d.split("-")
+        if len(parts) < 3 or parts[0] != "recv" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process: not ours to judge
+            continue
+        shutil.rmtree(os.path.join(scratch, d), ignore_errors=True)
+        gone.append(d)
+    return gone
 
 
 def _check_tag(state: FollowerState, label: str, data: str | bytes, cmd: dict[str, Any]) -> None:
