@@ -62,12 +62,12 @@ def test_the_leader_keeps_the_model_and_a_strip_holds_its_layers_whole():
 
 def test_channel_slices_hold_a_share_of_the_weights():
     gm = _vgg()
-    rows = plan_memory(gm, p_rows := make_plan(gm, Cluster.uniform(5), split="rows"))
-    chans = plan_memory(gm, make_plan(gm, Cluster.uniform(5), split="channels"))
-    assert any(st.split == "channels" for st in make_plan(gm, Cluster.uniform(5), split="channels").stages)
+    p_rows = make_plan(gm, Cluster.uniform(5), split="rows")
+    p_chans = make_plan(gm, Cluster.uniform(5), split="channels")
+    assert not p_rows.meta["leader_only"]  # the reference plan is a real split, not the leader alone
+    assert any(st.split == "channels" for st in p_chans.stages)
+    rows, chans = plan_memory(gm, p_rows), plan_memory(gm, p_chans)
     assert max(m.weights for m in chans[1:]) < max(m.weights for m in rows[1:])
-    assert p_rows.stages  # the reference plan is a real split, not the leader alone
-    assert not p_rows.meta["leader_only"]
 
 
 def test_a_device_without_work_holds_nothing():

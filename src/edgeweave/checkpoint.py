@@ -110,21 +110,23 @@ def _versions(model: nn.Module) -> dict[str, int]:
             if isinstance(v, dict) and isinstance(v.get("version"), int)}
 
 
-def _meta(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {}, "hash": model_hash(model),
-            "versions": _versions(model)}
+def _meta(model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None, digest: str | None) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "extra": extra or {},
+            "hash": digest or model_hash(model), "versions": _versions(model)}
 
 
-def write_checkpoint(f: BinaryIO, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None) -> int:
+def write_checkpoint(f: BinaryIO, model: nn.Module, spec: ModelSpec, extra: dict[str, Any] | None = None,
+                     digest: str | None = None) -> int:
     """Write ``model`` to ``f`` in the safetensors format, one tensor at a time (never a copy of
     the whole model in memory); returns the bytes written. Every tensor starts at a multiple of
     64 bytes of the file, so a mapped tensor is where the kernels want it (a weight that is not
-    ran another code path of oneDNN and changed the last bits of some models' outputs)."""
+    ran another code path of oneDNN and changed the last bits of some models' outputs).
+    ``digest``: ``model_hash(model)`` where the caller has it (hashing VGG16 takes seconds on a board)."""
     state = model.state_dict()
     for k, t in state.items():
         if t.dtype not in _DTYPES:
             raise EdgeweaveError(f"cannot save {k!r}: dtype {t.dtype} is not supported in a checkpoint")
-    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(_meta(model, spec, extra))}}
+    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(_meta(model, spec, extra, digest))}}
     layout: list[tuple[str, torch.Tensor | int]] = []  # what follows the header: tensors, and zero bytes
     at = 0
     for k in sorted(state):
@@ -189,14 +191,19 @@ def _read_header(data: bytes, where: str) -> dict[str, Any]:
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or 8 + n > len(data):
         raise EdgeweaveError(f"{where}: not a safetensors checkpoint (bad header length)")
+    return _parse_header(data[8 : 8 + n], where)[1]
+
+
+def _parse_header(raw: bytes, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The safetensors header's JSON, and edgeweave's metadata in it."""
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(raw)
         meta = json.loads(header.get("__metadata__", {})[_META_KEY])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise EdgeweaveError(f"{where}: safetensors file without edgeweave metadata (was it saved by edgeweave?)") from None
     if meta.get("format") != FORMAT_VERSION:
         raise EdgeweaveError(f"{where}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-    return meta
+    return header, meta
 
 
 def _resize_to(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -256,35 +263,31 @@ def _assemble(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
 
 def _map_tensors(p: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checkpoint's metadata, and its tensors as views of a private mapping of the file."""
-    size = p.stat().st_size
     with p.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         if n <= 0 or n > _MAX_HEADER or 8 + n > size:
             raise EdgeweaveError(f"{where}: not a safetensors checkpoint (bad header length)")
-        raw = f.read(n)
-    meta = _read_header(head + raw, where)
-    try:
-        header = json.loads(raw)
-        entries = [(k, _BY_NAME[v["dtype"]], [int(x) for x in v["shape"]], [int(x) for x in v["data_offsets"]])
-                   for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise EdgeweaveError(f"{where}: corrupt checkpoint (unreadable tensor table)") from None
-    start, end = 8 + n, 0
-    for k, dt, shape, (b, e) in sorted(entries, key=lambda x: x[3][0]):
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dt).element_size()
-        if b != end or e - b != nbytes or min(shape, default=0) < 0:  # safetensors' rule: tensors tile the data
-            raise EdgeweaveError(f"{where}: corrupt checkpoint (tensor {k!r} has bad offsets or size)")
-        end = e
-    if start + end != size:
-        raise EdgeweaveError(f"{where}: corrupt checkpoint ({size - start} bytes of data, the table says {end})")
-    with p.open("rb") as f:  # private: writes to a tensor copy its page, never reach the file
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header, meta = _parse_header(f.read(n), where)
+        try:
+            entries = [(k, _BY_NAME[v["dtype"]], [int(x) for x in v["shape"]], [int(x) for x in v["data_offsets"]])
+                       for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise EdgeweaveError(f"{where}: corrupt checkpoint (unreadable tensor table)") from None
+        start, end = 8 + n, 0
+        for k, dt, shape, (b, e) in sorted(entries, key=lambda x: x[3][0]):
+            if b != end or e - b != math.prod(shape) * dt.itemsize or min(shape, default=0) < 0:
+                raise EdgeweaveError(f"{where}: corrupt checkpoint (tensor {k!r} has bad offsets or size)")  # they tile the data
+            end = e
+        if start + end != size:
+            raise EdgeweaveError(f"{where}: corrupt checkpoint ({size - start} bytes of data, the table says {end})")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: a write copies its page, never reaches the file
     tensors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "non-writable buffer": it is writable, copy-on-write
         for k, dt, shape, (b, e) in entries:
-            width = torch.empty(0, dtype=dt).element_size()
+            width = dt.itemsize
             if k.startswith(_PAD):
                 continue
             if e == b:

@@ -180,7 +180,7 @@ def _serve_generation(store: Any, gen: int, rank: int, info: dict[str, Any], sta
 def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: FollowerState) -> None:
     import tempfile
 
-    from edgeweave.checkpoint import load_checkpoint, model_hash, scratch_dir
+    from edgeweave.checkpoint import load_checkpoint, read_metadata, scratch_dir
 
     # the command carries keyed tags of the weights' hash and of the bytes, never the hash itself
     want, ctl = str(cmd["tag"]), state.ctl
@@ -202,7 +202,8 @@ def _cmd_model(gstore: Any, ch: Channel, seq: int, cmd: dict[str, Any], state: F
             state.ranks.clear()
             state.graphs.clear()
             model, _spec, _extra = load_checkpoint(path, where=f"model shipped to {state.name}")
-        state.model, state.model_hash = to_device_layout(model.eval()), model_hash(model)
+            digest = read_metadata(path)["hash"]  # what load_checkpoint checked the weights against
+        state.model, state.model_hash = to_device_layout(model.eval()), digest
         resident.give_back()
     have = ctl.tag("model", state.model_hash) if state.model_hash else "none"
     if not auth.equal(have, want):

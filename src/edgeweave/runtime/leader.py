@@ -455,10 +455,11 @@ class Session:
         model.eval()
         if self._model_file is not None:
             self._model_file.close()
+        self.model_hash = model_hash(model)
         self._model_file = tempfile.TemporaryFile(dir=scratch_dir())  # gone with the process, however it ends
-        write_checkpoint(self._model_file, model, spec, extra)
+        write_checkpoint(self._model_file, model, spec, extra, digest=self.model_hash)
         self._model_file.flush()
-        self.model, self.model_hash = device_copy(model), model_hash(model)
+        self.model = device_copy(model)
         # what followers are told: keyed tags (the hash itself never goes to the store)
         self._model_tags = (self.ctl.tag("model", self.model_hash), self.ctl.tag_file("model-bytes", self._model_file))
         self._graphs: dict[tuple[int, ...], Any] = {}
