@@ -53,6 +53,7 @@ def test_the_leader_keeps_the_model_and_a_strip_holds_its_layers_whole():
     assert plan.meta["memory"] == [m.to_dict() for m in mem]
     ort_plan = make_plan(gm, Cluster.uniform(4), split="rows", backend="ort")
     ort = plan_memory(gm, ort_plan)
+    assert ort_plan.meta["memory"] == [m.to_dict() for m in ort]  # what the planner checked counts the copies
     same_on_torch = plan_memory(gm, replace(ort_plan, backends=["torch"] * 4))
     for d in range(1, 4):  # a session copies what it compiles: every filter of the device's strips
         strips = [st for st in ort_plan.stages if st.kind == "spatial" and not is_empty(st.assignment(d).out_rows)]

@@ -689,11 +689,18 @@ def make_plan(
         raise EdgeweaveError(f"unknown split {split!r}; expected rows, channels or auto")
     chosen = choose_backends(gm, cluster, backend)
     cluster = Cluster([d.on(b) for d, b in zip(cluster.devices, chosen)])
-    plan = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, split)
+    def made(how: str) -> Plan:
+        p = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, how)
+        p.backends = chosen  # before its memory is counted: a backend's sessions hold copies
+        return p
+
+    plan = made(split)
     short = _with_memory(gm, cluster, plan)
     if short:  # a hard limit: the other ways to cut the blocks, the fastest that fits
-        others = [_make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, s)
-                  for s in ("channels", "rows", "auto") if s != split]
+        def way(how: str) -> str:  # ``auto`` cuts rows only, except with optimal
+            return "rows" if how == "auto" and partition != "optimal" else how
+
+        others = [made(s) for s in dict.fromkeys(map(way, ("channels", "rows", "auto"))) if s != way(split)]
         shorts = [_with_memory(gm, cluster, p) for p in others]
         fitting = [p for p, sh in zip(others, shorts) if not sh]
         if not fitting:  # say what the plan that comes closest would need
@@ -701,7 +708,6 @@ def make_plan(
             raise EdgeweaveError(_short_message(cluster, *closest))
         plan = min(fitting, key=lambda p: p.predicted_s)
         plan.meta["memory_bound"] = True  # not the fastest plan: the fastest one overfilled a device
-    plan.backends = chosen
     plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
     plan.meta["split_request"] = split
     if backend == "auto":
