@@ -36,7 +36,12 @@ def test_recovery_counts_frames_from_the_change():
     r = E.recovery(recs, 1.0)  # one lucky frame (the 2nd) is not a recovery
     assert r["frames_to_recover"] == 5 and r["first_replan_frame"] == 3
     assert r["within_after_recovery"] == pytest.approx(2 / 3)
-    assert E.recovery([{"latency_s": 3.0, "event": ""}], 1.0)["frames_to_recover"] is None
+    assert r["not_recovered"] is None
+    never = E.recovery([{"latency_s": x, "event": e} for x, e in [(3.0, ""), (2.0, "replanned"), (1.5, ""), (1.4, "")]], 1.0)
+    assert never["frames_to_recover"] is None  # and it says how close it came and whether it re-planned
+    assert never["not_recovered"].startswith("the last 3 frames' median 1.500 s is 1.50x the reference 1.000 s")
+    assert "re-planned at frame 2" in never["not_recovered"]
+    assert "no re-plan" in E.recovery([{"latency_s": 3.0, "event": ""}], 1.0)["not_recovered"]
 
 
 def synthetic_result(cfg):
@@ -99,7 +104,7 @@ def test_summary_bounds_targets_and_outputs(tmp_path):
     assert s["speedup_ceiling_4dev"] == pytest.approx(r4["speedup_ceiling"])
     assert s["compact_speedup_4dev"] == pytest.approx(1.0 / (0.25 / 3.2))
     assert s["adapt_frames_to_recover_per_change"] == [3, 1]  # median of 3 frames within 10% from the 3rd frame on
-    assert s["adapt_frames_to_recover"] == 3
+    assert s["adapt_frames_to_recover"] == 3 and s["adapt_not_recovered"] == {}
     assert s["adapt_replans_steady"] == 0 and s["adapt_calibration_replans"] == 1
     tg = E.check_targets(s)
     assert tg["speedup_vs_bound"]["met"] is False and tg["adapt_frames_to_recover"]["met"] is True
