@@ -74,6 +74,19 @@ def test_plan_command_shows_each_device_s_memory_and_refuses_devices_too_small(t
     res = CliRunner().invoke(app, ["plan", "--model", "cifar_resnet18", "--cluster", str(path), "--input-size", "32"])
     assert isinstance(res.exception, EdgeweaveError)  # the CLI's main() prints it on one line, exit 2
     assert "pi3 needs" in str(res.exception) and "it has 64 MB" in str(res.exception)
+    # a third board with room for the process and the model's layout copy only: left out, said so
+    from edgeweave.models import build_model
+    from edgeweave.planning.memory import RUNTIME_BYTES
+
+    layout = sum(t.numel() * t.element_size() for t in build_model("cifar_resnet18").parameters() if t.dim() == 4)
+    Cluster([*roomy.devices, DeviceProfile("zero", a=2e-10, bandwidth_bps=1e8,
+                                           memory_bytes=RUNTIME_BYTES + layout + 2 * mb)]).save(path)
+    res = CliRunner().invoke(app, ["plan", "--model", "cifar_resnet18", "--cluster", str(path), "--input-size", "32",
+                                   "--json", str(tmp_path / "plan.json")])
+    assert res.exit_code == 0, res.output
+    assert "left out: zero (too little memory for any share" in " ".join(res.output.split())
+    out = json.loads((tmp_path / "plan.json").read_text())
+    assert out["plan"]["meta"]["left_out"] == ["zero"] and out["memory"]["zero"]["activations"] == 0
 
 
 def test_plan_command_needs_exactly_one_cluster_source() -> None:

@@ -103,6 +103,41 @@ def test_memory_is_a_hard_limit_the_planner_plans_around_or_names():
     assert not make_plan(gm, _with_limits(5, 0), split="rows").meta.get("memory_bound")
 
 
+def test_a_follower_too_small_for_any_share_is_left_out_and_the_plan_stays_exact():
+    from edgeweave.engine.simulate import simulate
+
+    gm = _vgg()
+    layout = sum(t.numel() * t.element_size() for t in gm.parameters() if t.dim() == 4)
+    base = Cluster.uniform(4)
+    # room for the process and the model's layout copy, not for any share of a stage
+    small = RUNTIME_BYTES + layout + MB
+    c = Cluster([*base.devices[:2], replace(base.devices[2], memory_bytes=small), base.devices[3]])
+    for split in ("rows", "auto"):
+        plan = make_plan(gm, c, split=split)
+        name = c.devices[2].name
+        assert plan.meta["left_out"] == [name] and plan.meta["memory_bound"], plan.meta.get("left_out")
+        m = plan.meta["memory"][2]
+        assert m["activations"] == 0 and m["weights"] == layout and m["total"] <= small
+        for st in plan.stages:  # no rows, channels or features of any stage
+            a = st.assignment(2)
+            assert a is None or is_empty(a.out_rows), (st.index, a)
+        # the other three share the work, and the plan computes what the model computes
+        assert sum(1 for d in (1, 3) if plan.meta["memory"][d]["activations"] > 0) == 2
+        x = torch.randn(1, 3, 64, 64)
+        ref = gm(x)
+        assert ref.abs().max() > 0 and ref.std() > 0  # not a degenerate reference
+        out = simulate(gm, plan, x)
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5), (out - ref).abs().max()
+    # too small even with no work: named, with what it needs
+    tiny = Cluster([*base.devices[:2], replace(base.devices[2], memory_bytes=RUNTIME_BYTES), base.devices[3]])
+    with pytest.raises(EdgeweaveError, match=rf"{c.devices[2].name} needs \d+ MB \(with no work\)"):
+        make_plan(gm, tiny, split="rows")
+    # the leader keeps the whole model: it is never left out
+    lead = Cluster([replace(base.devices[0], memory_bytes=RUNTIME_BYTES), *base.devices[1:]])
+    with pytest.raises(EdgeweaveError, match=r"needs \d+ MB \(the leader keeps the whole model\)"):
+        make_plan(gm, lead, split="rows")
+
+
 def test_a_profile_says_its_memory_and_refuses_a_negative_one():
     assert DeviceProfile.from_dict({"name": "w", "memory_bytes": 1 << 30}).memory_bytes == 1 << 30
     with pytest.raises(EdgeweaveError, match="memory_bytes"):

@@ -73,6 +73,25 @@ def test_strips_in_any_order(cl):
     assert 2 in (order[0], order[-1]) and 0 in (order[0], order[-1]), order  # slow link and leader at the ends
 
 
+@pytest.mark.parametrize("split", ["rows", "auto"])
+def test_a_follower_too_small_for_any_share_sits_out_and_the_rest_stays_exact(cl, split):
+    """A follower whose memory holds its process and the model's layout copy but no share of any
+    stage is left out by the planner (planner._fitting_plan): it computes nothing, the others all."""
+    from dataclasses import replace
+
+    from edgeweave.models import build_model
+    from edgeweave.planning.memory import RUNTIME_BYTES
+
+    layout = sum(t.numel() * t.element_size() for t in build_model("cifar_resnet18").parameters() if t.dim() == 4)
+    devs = list(cl.cluster.devices)
+    own = int(devs[2].meta.get("runtime_bytes", RUNTIME_BYTES))  # what the worker measured at join
+    devs[2] = replace(devs[2], memory_bytes=own + layout + (2 << 20))
+    plan = check(cl, "cifar_resnet18", 32, WORKERS, profiles=Cluster(devs), split=split)
+    assert plan.meta["left_out"] == [devs[2].name]
+    assert not any(a.device == 2 and a.out_rows[1] > a.out_rows[0] for s in plan.stages for a in s.assignments)
+    assert len({a.device for s in plan.stages for a in s.assignments if a.out_rows[1] > a.out_rows[0]}) == WORKERS
+
+
 def test_equal_split_of_a_small_map_has_one_row_strips(cl):
     # layer4 of a CIFAR ResNet18 at 32x32 has 4 rows: with 4 workers, every device gets one
     plan = check(cl, "cifar_resnet18", 32, 3, "equal", "none", "exchange")

@@ -689,30 +689,60 @@ def make_plan(
         raise EdgeweaveError(f"unknown split {split!r}; expected rows, channels or auto")
     chosen = choose_backends(gm, cluster, backend)
     cluster = Cluster([d.on(b) for d, b in zip(cluster.devices, chosen)])
-    def made(how: str) -> Plan:
-        p = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, how)
+    def made(how: str, left_out: frozenset[int] = frozenset()) -> Plan:
+        p = _make_plan_on(gm, cluster, partition, fusion, mode, model_name, model_hash, order, how, left_out)
         p.backends = chosen  # before its memory is counted: a backend's sessions hold copies
         return p
 
     plan = made(split)
-    short = _with_memory(gm, cluster, plan)
-    if short:  # a hard limit: the other ways to cut the blocks, the fastest that fits
-        def way(how: str) -> str:  # ``auto`` cuts rows only, except with optimal
-            return "rows" if how == "auto" and partition != "optimal" else how
-
-        others = [made(s) for s in dict.fromkeys(map(way, ("channels", "rows", "auto"))) if s != way(split)]
-        shorts = [_with_memory(gm, cluster, p) for p in others]
-        fitting = [p for p, sh in zip(others, shorts) if not sh]
-        if not fitting:  # say what the plan that comes closest would need
-            closest = min(zip([plan, *others], [short, *shorts]), key=lambda c: max(n - h for _d, n, h in c[1]))
-            raise EdgeweaveError(_short_message(cluster, *closest))
-        plan = min(fitting, key=lambda p: p.predicted_s)
-        plan.meta["memory_bound"] = True  # not the fastest plan: the fastest one overfilled a device
+    if _with_memory(gm, cluster, plan):
+        plan = _fitting_plan(gm, cluster, made, [split, "channels", "rows", "auto"], partition)
     plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
     plan.meta["split_request"] = split
     if backend == "auto":
         plan.meta["backend_fallback"] = True  # a graph a device's backend cannot compile runs on torch
     return plan
+
+
+def _fitting_plan(gm: torch.fx.GraphModule, cluster: Cluster, made: Callable[[str, frozenset[int]], Plan],
+                  ways: Sequence[str], partition: str | Partitioner) -> Plan:
+    """The fastest plan that fits every device's memory, when the fastest one does not (memory
+    is a hard limit): each other way to cut the blocks (``ways``: the requested one first;
+    ``auto`` cuts rows only, except with optimal), then the same leaving out, one round at a
+    time, the followers that still overfill the plan that comes closest (they hold no work: a
+    board too small for any share does not stop the others). The leader keeps the whole model
+    and is never left out. Raises with what the closest plan needs when none fits."""
+    ways = list(dict.fromkeys("rows" if w == "auto" and partition != "optimal" else w for w in ways))
+    left_out: frozenset[int] = frozenset()
+    while True:
+        tried = [made(w, left_out) for w in ways]
+        shorts = [_with_memory(gm, cluster, p) for p in tried]
+        fitting = [p for p, sh in zip(tried, shorts) if not sh]
+        if fitting:
+            plan = min(fitting, key=lambda p: p.predicted_s)
+            plan.meta["memory_bound"] = True  # not the fastest plan: the fastest one overfilled a device
+            if left_out:
+                plan.meta["left_out"] = [cluster.devices[d].name for d in sorted(left_out)]
+            return plan
+        near, short = min(zip(tried, shorts), key=lambda c: max(n - h for _d, n, h in c[1]))
+        over = {d for d, _n, _h in short}
+        if 0 in over or over <= left_out:  # the leader, or a follower short even without work
+            raise EdgeweaveError(_short_message(cluster, near, short, left_out))
+        left_out |= over
+
+
+def _without(part: Partitioner, left_out: frozenset[int]) -> Partitioner:
+    """``part`` over the devices not in ``left_out``; those get nothing to compute."""
+    def split(costs: Sequence[Callable[[int], float]], total: int, capabilities: Sequence[float] | None = None) -> list[int]:
+        keep = [d for d in range(len(costs)) if d not in left_out]
+        counts = [0] * len(costs)
+        caps = None if capabilities is None else [capabilities[d] for d in keep]
+        for d, n in zip(keep, part([costs[d] for d in keep], total, caps)):
+            counts[d] = n
+        return counts
+
+    split.__name__ = getattr(part, "__name__", "custom")
+    return split
 
 
 def _with_memory(gm: torch.fx.GraphModule, cluster: Cluster, plan: Plan) -> list[tuple[int, int, int]]:
@@ -722,12 +752,13 @@ def _with_memory(gm: torch.fx.GraphModule, cluster: Cluster, plan: Plan) -> list
     return over_budget(mem, [d.memory_bytes for d in cluster.devices])
 
 
-def _short_message(cluster: Cluster, plan: Plan, short: list[tuple[int, int, int]]) -> str:
+def _short_message(cluster: Cluster, plan: Plan, short: list[tuple[int, int, int]],
+                   left_out: frozenset[int] = frozenset()) -> str:
     mb = 1 << 20
     parts = []
     for d, needs, has in short:
         m = plan.meta["memory"][d]
-        why = " (the leader keeps the whole model)" if d == 0 else ""
+        why = " (the leader keeps the whole model)" if d == 0 else " (with no work)" if d in left_out else ""
         parts.append(f"{cluster.devices[d].name} needs {needs / mb:.0f} MB{why}: weights {m['weights'] / mb:.0f}, "
                      f"activations {m['activations'] / mb:.0f}, runtime {m['runtime'] / mb:.0f}; it has {has / mb:.0f} MB")
     return ("no plan fits the devices' memory; the closest needs: " + "; ".join(parts) +
@@ -772,6 +803,7 @@ def _make_plan_on(
     model_hash: str,
     order: Sequence[int] | None,
     split: str,
+    left_out: frozenset[int] = frozenset(),
 ) -> Plan:
     if callable(partition):
         part_fn, part_name = partition, getattr(partition, "__name__", "custom")
@@ -806,6 +838,8 @@ def _make_plan_on(
             # than any other partitioner under that full model either, their plans are built
             # too and the fastest kept (meta["split_from"] says whose split won).
             fns += [PARTITIONERS[o] for o in ("bodp", "ocbp", "equal")]
+        if left_out:  # devices that hold no work (memory: _fitting_plan)
+            fns = [_without(f, left_out) for f in fns]
         made = [(_make_plan(gm, cluster, fn, part_name, *args, order_, split), fn) for fn in fns]
         plan = min((m[0][0] for m in made), key=lambda p: p.predicted_s)  # first of equals: optimal's
         return plan, [(merged, feeds, fn) for (_, merged, feeds), fn in made]

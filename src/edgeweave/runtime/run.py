@@ -427,6 +427,10 @@ def plan_notes(res: dict[str, Any]) -> list[str]:
         from edgeweave.planning.memory import memory_line
 
         notes.append(memory_line(res["memory"]))
+    left = res["plan"].get("meta", {}).get("left_out")
+    if left:  # planner._fitting_plan
+        notes.append(f"left out: {', '.join(left)} (too little memory for any share of the work; "
+                     "it stays in the cluster and computes nothing in this plan)")
     return notes
 
 
