@@ -40,6 +40,16 @@ def check_timeout(seconds: float, flag: str = "--timeout") -> None:
         raise EdgeweaveError(f"{flag} must be a positive number of seconds, got {seconds:g}")
 
 
+def parse_address(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a host and a port 1-65535, or a one-line error."""
+    host, sep, port = addr.strip().rpartition(":")
+    if not sep or not host.strip("[]"):
+        raise EdgeweaveError(f"expected HOST:PORT (for example 127.0.0.1:29400), got {addr!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise EdgeweaveError(f"invalid port {port!r} in {addr!r}: expected HOST:PORT with a port 1-65535")
+    return host.strip("[]"), int(port)
+
+
 def mem_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
     """The kernel's estimate of memory available for new work (MemAvailable), or None where it
     cannot be read (not Linux)."""

@@ -22,7 +22,7 @@ def use_key(path: Optional[Path], listen: Optional[str] = None) -> Optional[byte
     followers started by hand), refuse a non-loopback address when there is no key, before
     anything slow happens."""
     from edgeweave.runtime import auth
-    from edgeweave.runtime.rendezvous import parse_address
+    from edgeweave.limits import parse_address
 
     key = auth.load_key(path) if path is not None else None
     if path is not None:

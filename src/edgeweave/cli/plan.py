@@ -37,13 +37,10 @@ def build_plan(
     split: str = "auto",
 ) -> dict[str, Any]:
     """The library call behind the command: returns the JSON result (plan included)."""
-    from edgeweave.checkpoint import load_model, model_hash
     from edgeweave.limits import check_input_size
-    from edgeweave.planning.graph import capture
-    from edgeweave.planning.planner import make_plan
     from edgeweave.profiling.profile import Cluster
-    from edgeweave.runtime.run import check_input_fits
 
+    # the values and the cluster file are checked before torch is imported: a mistake is told at once
     if (cluster is None) == (workers is None):
         raise EdgeweaveError("give exactly one of --cluster FILE or --workers K")
     if workers is not None and workers < 0:
@@ -52,6 +49,12 @@ def build_plan(
         raise EdgeweaveError(f"--batch must be >= 1, got {batch}")
     check_input_size(input_size)
     cl = Cluster.load(cluster) if cluster is not None else Cluster.uniform(int(workers or 0) + 1)
+
+    from edgeweave.checkpoint import load_model, model_hash
+    from edgeweave.planning.graph import capture
+    from edgeweave.planning.planner import make_plan
+    from edgeweave.runtime.run import check_input_fits
+
     classes = num_classes if num_classes is not None else (1000 if _is_imagenet(model) else 10)
     size = input_size if input_size is not None else (224 if _is_imagenet(model) else 32)
     net, spec = load_model(model, num_classes=classes, in_channels=in_channels, input_size=size)

@@ -48,6 +48,7 @@ def run(
     key: Optional[Path] = KeyOpt,
 ) -> None:
     """One inference distributed over local worker processes or a cluster."""
+    told_early(timeout=timeout, input_size=input_size, cluster=cluster)
     from edgeweave.runtime.run import RunConfig, run as do_run
 
     use_key(key, listen if cluster and workers is None else None)
@@ -65,6 +66,19 @@ def run(
         res["timeline_png"] = plot_timeline(res["timings"], timeline, title)
         console.print(f"timeline: {timeline}")
     emit_json(res, json_out)
+
+
+def told_early(timeout: float | None = None, input_size: int | None = None, cluster: str | None = None) -> None:
+    """The checks a command can make before torch is imported, so that a mistake in a value or
+    in the cluster file is told at once; the library repeats them for its other callers."""
+    from edgeweave.limits import check_input_size, check_timeout
+    from edgeweave.profiling.profile import Cluster
+
+    if timeout is not None:
+        check_timeout(timeout)
+    check_input_size(input_size)
+    if cluster:
+        Cluster.load(cluster)
 
 
 def _print_result(res: dict) -> None:
@@ -95,16 +109,11 @@ def worker(
     key: Optional[Path] = KeyOpt,
 ) -> None:
     """Start a follower: join the leader, receive the model and plans, compute strips."""
-    from edgeweave.limits import check_timeout
+    from edgeweave.limits import check_timeout, parse_address
     from edgeweave.profiling.profile import DeviceProfile
-    from edgeweave.runtime.follower import serve
-    from edgeweave.runtime.rendezvous import parse_address
 
+    # checked before torch is imported: a mistake is told at once
     check_timeout(connect_timeout, "--connect-timeout")
-    if backend != "auto":
-        from edgeweave.engine.backends import check
-
-        check(backend)  # unknown, or not installed on this device: said now
     parse_address(leader)  # an invalid port is told now, not as a failure to reach the leader
     prof = None
     try:
@@ -119,6 +128,12 @@ def worker(
     if prof is not None:  # checked here, not by the leader once we joined
         DeviceProfile.from_dict({**prof, "name": name or "this device"} if isinstance(prof, dict) else prof,
                                 where=f"profile {profile}" if profile is not None else "--profile-json")
+    if backend != "auto":
+        from edgeweave.engine.backends import check
+
+        check(backend)  # unknown, or not installed on this device: said now
+    from edgeweave.runtime.follower import serve
+
     raise typer.Exit(serve(leader, name, threads=threads, model_path=model, profile=prof,
                            connect_timeout_s=connect_timeout, key=use_key(key), backend=backend))
 

@@ -55,6 +55,9 @@ def serve(
     on this device alone instead (no --workers): each request may add ?budget_ms= or
     ?min_accuracy= and runs at the operating point that serves it best. At the end it prints (or
     writes, with --json) the final statistics."""
+    from edgeweave.cli.run import told_early
+
+    told_early(timeout=timeout, input_size=input_size, cluster=cluster)
     from edgeweave.runtime.run import RunConfig
     from edgeweave.serving.serve import ServeConfig, load_token, serve as do_serve
     from edgeweave.serving.server import ServerLimits

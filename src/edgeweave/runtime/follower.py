@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.limits import parse_address
 from edgeweave.layout import ordinary, to_device_layout
 from edgeweave.planning.plan import Plan
 from edgeweave import resident
@@ -56,7 +57,7 @@ def serve(leader: str, name: str | None = None, *, threads: int = 1, model_path:
     cluster key (without one, only a leader on loopback can be joined)."""
     torch.set_num_threads(max(1, threads))
     name = name or f"{socket.gethostname()}-{os.getpid()}"
-    host, port = rv.parse_address(leader)
+    host, port = parse_address(leader)
     auth.require_key_or_loopback(host, key, "follower")
     state = FollowerState(name, ctl=auth.Control(key, log=lambda m: _log(name, m)))
     if model_path:

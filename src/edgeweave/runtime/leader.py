@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from edgeweave.errors import EdgeweaveError
+from edgeweave.limits import parse_address
 from edgeweave.layout import device_copy, ordinary
 from edgeweave.planning.plan import Plan
 from edgeweave.profiling.profile import Cluster, DeviceProfile
@@ -872,7 +873,7 @@ class RemoteCluster(Session):
     def __init__(self, cluster: Cluster | str | Path, listen: str = "0.0.0.0:29400", *, timeout_s: float = 60.0,
                  start_timeout_s: float = 300.0, key: bytes | str | None = ENV_KEY):
         cl = cluster if isinstance(cluster, Cluster) else Cluster.load(cluster)
-        host, port = rv.parse_address(listen)
+        host, port = parse_address(listen)
         key = auth.key_from_env() if isinstance(key, str) else key
         auth.require_key_or_loopback(host, key, "leader")
         if key is None:

@@ -47,15 +47,6 @@ from edgeweave.runtime import auth
 ROOT = "ew/"
 
 
-def parse_address(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.strip().rpartition(":")
-    if not sep or not host.strip("[]"):
-        raise EdgeweaveError(f"expected HOST:PORT (for example 127.0.0.1:29400), got {addr!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise EdgeweaveError(f"invalid port {port!r} in {addr!r}: expected HOST:PORT with a port 1-65535")
-    return host.strip("[]"), int(port)
-
-
 def host_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
     """The leader's store; ``port=0`` picks a free port (read it back from ``store.port``)."""
     try:

@@ -100,7 +100,7 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
     check_tls(cfg.ssl_certfile, cfg.ssl_keyfile)
     if workers is None and cluster_file:  # followers started by hand find us on cfg.listen
         from edgeweave.runtime import auth
-        from edgeweave.runtime.rendezvous import parse_address
+        from edgeweave.limits import parse_address
 
         auth.require_key_or_loopback(parse_address(cfg.listen)[0], auth.key_from_env(), "leader")
     check_port(cfg.host, cfg.port)
