@@ -23,7 +23,9 @@ device on the best backend, cold), and ``max_rel_err`` over every output against
 ``runtime_cpu_per_stage_ms``: what the runtime itself costs a device per stage (posting and
 waiting for transfers, assembling inputs, coding rows: its process's CPU over an inference minus
 its compute's), on loopback with the first model's plan over ``devices`` real processes, the
-median over frames of the busiest device (``runtime`` per device and backend in the JSON).
+median over frames of the busiest device (``runtime`` per device and backend in the JSON);
+``runtime_cpu_fixed_per_stage_ms`` and ``runtime_cpu_per_mb_ms`` split it into a cost per stage
+and one per MB a device moves (a least-squares line over every stage a device takes part in).
 Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` under ``<out>/kernels/``.
 """
 
@@ -227,6 +229,11 @@ def run_kernels_bench(cfg: KernelsConfig | None = None, out_dir: Path = Path("re
             console.print(f"runtime on {b}: {runtime[b]['per_stage_ms']} ms of CPU per stage per device "
                           f"({runtime[b]['stages']} stages)")
         summary["runtime_cpu_per_stage_ms"] = max(r["busiest_ms"] for r in runtime.values())
+        # the same split into a fixed cost per stage and a cost per MB moved (split_fixed_and_bytes)
+        summary["runtime_cpu_fixed_per_stage_ms"] = max((r["fixed_ms"] for r in runtime.values()
+                                                         if r.get("fixed_ms") is not None), default=None)
+        summary["runtime_cpu_per_mb_ms"] = max((r["per_mb_ms"] for r in runtime.values()
+                                                if r.get("per_mb_ms") is not None), default=None)
     targets = {k: {"value": summary.get(k), "target": f"{op} {v}",
                    "met": summary.get(k) is not None and (summary[k] <= v if op == "<=" else summary[k] >= v)}
                for k, (op, v) in TARGETS.items() if k in summary}
@@ -251,17 +258,59 @@ def runtime_overhead(name: str, cfg: KernelsConfig, backend: str) -> dict[str, A
 
     model, x, spec = build(name, cfg.size, cfg.seed)
     per_frame: list[list[float]] = []
+    cells: dict[tuple[int, int], list[float]] = {}  # (stage, device) -> runtime CPU seconds per frame
     with LocalCluster(cfg.devices - 1, timeout_s=120) as cl:
         cl.load_model(model, spec)
         plan = make_plan(capture(model, tuple(x.shape)), cl.cluster, model_hash=str(cl.model_hash), backend=backend)
         pid = cl.load_plan(plan)
+        moved = moved_bytes(plan)
         for i in range(cfg.runtime_frames + 1):
             _y, tm = cl.infer(x, pid)
             if i:  # the first frame warms every device up
                 per_frame.append(tm.runtime_cpu_per_stage())
+                for d, stages in enumerate(tm.per_device):
+                    for s, st in enumerate(stages):
+                        if st.compute_s > 0 or moved[s][d]:  # the device takes part in the stage
+                            cells.setdefault((s, d), []).append(st.runtime_cpu_s)
     per_device = [statistics.median(f[d] for f in per_frame) for d in range(len(per_frame[0]))]
     return {"per_stage_ms": [round(1e3 * v, 3) for v in per_device], "busiest_ms": 1e3 * max(per_device),
-            "stages": len(plan.stages), "devices": cl.names, "frames": cfg.runtime_frames}
+            "stages": len(plan.stages), "devices": cl.names, "frames": cfg.runtime_frames,
+            **split_fixed_and_bytes({c: (moved[c[0]][c[1]], statistics.median(v)) for c, v in cells.items()})}
+
+
+def moved_bytes(plan: Any) -> list[list[int]]:
+    """Per stage, and for the final transfers last, per device: the bytes of the rows it sends
+    and receives (float32, before the wire codec)."""
+    import math
+
+    def add(row: list[int], transfers: Any, shape: list[int], axis: int) -> list[int]:
+        per_row = 4 * math.prod(shape) // max(int(shape[axis]), 1)
+        for tr in transfers:
+            n = max(0, tr.rows[1] - tr.rows[0]) * per_row
+            if n and tr.src != tr.dst:
+                row[tr.src] += n
+                row[tr.dst] += n
+        return row
+
+    k = len(plan.devices)
+    out = [add([0] * k, st.transfers, list(st.input_shape), plan.in_axis(s)) for s, st in enumerate(plan.stages)]
+    return out + [add([0] * k, plan.final_transfers, list(plan.stages[-1].output_shape), plan.out_axis)]
+
+
+def split_fixed_and_bytes(cells: dict[tuple[int, int], tuple[int, float]]) -> dict[str, Any]:
+    """The runtime's CPU per (stage, device) where the device takes part, ``(bytes moved, seconds)``,
+    as a line: a fixed cost per stage (posting, assembling, Python) plus a cost per byte moved
+    (copies, coding, the sockets' kernel time), least squares. What the runtime can cut is mostly
+    the first; the second falls only with fewer bytes."""
+    xs = [float(b) for b, _ in cells.values()]
+    ys = [t for _, t in cells.values()]
+    if len(cells) < 3 or len(set(xs)) < 2:
+        return {"fixed_ms": None, "per_mb_ms": None, "cells": len(cells)}
+    slope, intercept = statistics.linear_regression(xs, ys)
+    quiet = [t for b, t in cells.values() if b == 0]  # stages where the device moves nothing
+    return {"fixed_ms": 1e3 * intercept, "per_mb_ms": 1e3 * slope * (1 << 20), "cells": len(cells),
+            "no_bytes_median_ms": 1e3 * statistics.median(quiet) if quiet else None,
+            "mb_moved_max": max(xs) / (1 << 20)}
 
 
 def _plot(per_model: dict[str, Any], path: str, cfg: KernelsConfig) -> None:

@@ -5,7 +5,8 @@ With an SLO the planner (planning/throughput.py) picks the grouping with the hig
 frame rate whose every group keeps the SLO; without one the cluster stays one group (today's
 lowest-latency plan) and frames queue behind each other. Frame i arrives at ``i / rate``; its
 latency counts from its arrival. A follower that dies mid-stream is left out, the groups are
-planned again over the survivors and its frame runs again (runtime/frames.py).
+planned again over the survivors and its frame runs again (runtime/frames.py); a board that
+comes back (a follower that registers again) is taken into the groups between two frames.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def run_stream(session: Any, model_name: str, model: torch.nn.Module, spec: Any,
     gplan = replan(session.cluster)
     plan_s = time.perf_counter() - t_plan
     check_feasible(gplan, cfg, calibrated=not session.cluster.is_default)
-    server = GroupServer(session, gplan, replan=replan)
+    server = GroupServer(session, gplan, replan=replan, admit=True)
     frames = [x] + stream_frames(cfg.repeat - 1, tuple(x.shape), cfg.seed + 1)
     try:
         server.serve(frames[: len(gplan.groups)])  # warm-up: every group once, not counted
