@@ -48,10 +48,10 @@ def run(
     key: Optional[Path] = KeyOpt,
 ) -> None:
     """One inference distributed over local worker processes or a cluster."""
+    use_key(key, listen if cluster and workers is None else None)
     told_early(timeout=timeout, input_size=input_size, cluster=cluster)
     from edgeweave.runtime.run import RunConfig, run as do_run
 
-    use_key(key, listen if cluster and workers is None else None)
 
     cfg = RunConfig(partition=partition, fusion=fusion, mode=mode, batch=batch, repeat=repeat, check=check,
                     adaptive=adaptive, backend=backend, split=split, rate=rate, slo_ms=slo_ms)

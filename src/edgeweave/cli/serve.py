@@ -57,12 +57,12 @@ def serve(
     writes, with --json) the final statistics."""
     from edgeweave.cli.run import told_early
 
+    use_key(key, listen if cluster and workers is None else None)  # the cluster's key; --listen checked against it
     told_early(timeout=timeout, input_size=input_size, cluster=cluster)
     from edgeweave.runtime.run import RunConfig
     from edgeweave.serving.serve import ServeConfig, load_token, serve as do_serve
     from edgeweave.serving.server import ServerLimits
 
-    use_key(key)  # the cluster's key (serve checks --listen against it)
     cfg = ServeConfig(host=host, port=port, run=RunConfig(partition=partition, fusion=fusion, mode=mode, backend=backend,
                                                            slo_ms=slo_ms),
                       normalize=normalize, max_body_bytes=int(max_body_mb * (1 << 20)),
