@@ -16,28 +16,32 @@ from edgeweave.profiling.profile import Cluster
 pytestmark = pytest.mark.timeout(600)
 
 
-def test_moved_bytes_counts_each_transfer_at_both_ends():
+def test_moved_counts_each_transfer_at_both_ends():
     torch.manual_seed(0)
     model, x, _spec = K.build("small_cnn", 32, 0)
     plan = make_plan(capture(model, tuple(x.shape)), Cluster.uniform(3), mode="gather", split="rows", backend="torch")
-    moved = K.moved_bytes(plan)
-    assert len(moved) == len(plan.stages) + 1 and all(len(r) == 3 for r in moved)
+    traffic = K.moved(plan)
+    assert len(traffic) == len(plan.stages) + 1 and all(len(r) == 3 for r in traffic)
     for s, st in enumerate(plan.stages):
         shape, axis = list(st.input_shape), plan.in_axis(s)
         per_row = 4 * torch.Size(shape).numel() // shape[axis]
-        sent = sum((t.rows[1] - t.rows[0]) * per_row for t in st.transfers if t.src != t.dst)
-        assert sum(moved[s]) == 2 * sent  # once at the sender, once at the receiver
-    assert sum(map(sum, moved)) > 0  # a split plan moves rows
+        sent = [(t.rows[1] - t.rows[0]) * per_row for t in st.transfers if t.src != t.dst and t.rows[1] > t.rows[0]]
+        assert sum(b for b, _m in traffic[s]) == 2 * sum(sent)  # once at the sender, once at the receiver
+        assert sum(m for _b, m in traffic[s]) == 2 * len(sent)
+    assert sum(b for row in traffic for b, _m in row) > 0  # a split plan moves rows
 
 
-def test_split_fixed_and_bytes_recovers_a_line():
-    # 0.2 ms per stage plus 1 ms per MiB, on cells with and without bytes
+def test_split_runtime_cpu_recovers_its_three_costs():
+    # 0.1 ms per stage, 0.3 ms per message, 1 ms per MiB
     mb = 1 << 20
-    cells = {(s, d): (b, 2e-4 + 1e-3 * b / mb) for s, (d, b) in enumerate([(0, 0), (1, mb), (2, 3 * mb), (1, 0)])}
-    r = K.split_fixed_and_bytes(cells)
-    assert r["fixed_ms"] == pytest.approx(0.2) and r["per_mb_ms"] == pytest.approx(1.0)
-    assert r["no_bytes_median_ms"] == pytest.approx(0.2) and r["mb_moved_max"] == pytest.approx(3.0)
-    assert K.split_fixed_and_bytes({(0, 0): (0, 1e-3)})["fixed_ms"] is None  # too few cells to fit a line
+    cases = [(0, 0), (mb, 1), (3 * mb, 2), (mb // 2, 4), (0, 0), (2 * mb, 1)]
+    cells = {(s, 0): (b, m, 1e-4 + 3e-4 * m + 1e-3 * b / mb) for s, (b, m) in enumerate(cases)}
+    r = K.split_runtime_cpu(cells)
+    assert r["fixed_ms"] == pytest.approx(0.1) and r["per_message_ms"] == pytest.approx(0.3)
+    assert r["per_mb_ms"] == pytest.approx(1.0) and r["no_messages_median_ms"] == pytest.approx(0.1)
+    assert r["messages_max"] == 4 and r["mb_max"] == pytest.approx(3.0)
+    short = K.split_runtime_cpu({(0, 0): (0, 0, 1e-3), (1, 0): (mb, 1, 2e-3)})
+    assert short["fixed_ms"] is None and short["no_messages_median_ms"] == pytest.approx(1.0)  # too few to fit
 
 
 def test_the_bench_on_a_small_model(tmp_path):

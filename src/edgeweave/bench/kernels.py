@@ -24,8 +24,10 @@ device on the best backend, cold), and ``max_rel_err`` over every output against
 waiting for transfers, assembling inputs, coding rows: its process's CPU over an inference minus
 its compute's), on loopback with the first model's plan over ``devices`` real processes, the
 median over frames of the busiest device (``runtime`` per device and backend in the JSON);
-``runtime_cpu_fixed_per_stage_ms`` and ``runtime_cpu_per_mb_ms`` split it into a cost per stage
-and one per MB a device moves (a least-squares line over every stage a device takes part in).
+``runtime_cpu_fixed_per_stage_ms``, ``runtime_cpu_per_message_ms`` and ``runtime_cpu_per_mb_ms``
+split it into a cost per stage, per message and per MB a device moves (least squares over every
+stage a device takes part in); ``runtime_cpu_without_messages_ms``: the median where it moves
+nothing.
 Writes ``kernels.json``, ``kernels.csv`` and ``kernels.png`` under ``<out>/kernels/``.
 """
 
@@ -229,11 +231,11 @@ def run_kernels_bench(cfg: KernelsConfig | None = None, out_dir: Path = Path("re
             console.print(f"runtime on {b}: {runtime[b]['per_stage_ms']} ms of CPU per stage per device "
                           f"({runtime[b]['stages']} stages)")
         summary["runtime_cpu_per_stage_ms"] = max(r["busiest_ms"] for r in runtime.values())
-        # the same split into a fixed cost per stage and a cost per MB moved (split_fixed_and_bytes)
-        summary["runtime_cpu_fixed_per_stage_ms"] = max((r["fixed_ms"] for r in runtime.values()
-                                                         if r.get("fixed_ms") is not None), default=None)
-        summary["runtime_cpu_per_mb_ms"] = max((r["per_mb_ms"] for r in runtime.values()
-                                                if r.get("per_mb_ms") is not None), default=None)
+        # the same split into a fixed cost per stage, one per message and one per MB (split_runtime_cpu)
+        for key, field_ in (("fixed_per_stage", "fixed_ms"), ("per_message", "per_message_ms"), ("per_mb", "per_mb_ms"),
+                            ("without_messages", "no_messages_median_ms")):
+            vals = [r[field_] for r in runtime.values() if r.get(field_) is not None]
+            summary[f"runtime_cpu_{key}_ms"] = max(vals) if vals else None
     targets = {k: {"value": summary.get(k), "target": f"{op} {v}",
                    "met": summary.get(k) is not None and (summary[k] <= v if op == "<=" else summary[k] >= v)}
                for k, (op, v) in TARGETS.items() if k in summary}
@@ -263,54 +265,58 @@ def runtime_overhead(name: str, cfg: KernelsConfig, backend: str) -> dict[str, A
         cl.load_model(model, spec)
         plan = make_plan(capture(model, tuple(x.shape)), cl.cluster, model_hash=str(cl.model_hash), backend=backend)
         pid = cl.load_plan(plan)
-        moved = moved_bytes(plan)
+        traffic = moved(plan)
         for i in range(cfg.runtime_frames + 1):
             _y, tm = cl.infer(x, pid)
             if i:  # the first frame warms every device up
                 per_frame.append(tm.runtime_cpu_per_stage())
                 for d, stages in enumerate(tm.per_device):
                     for s, st in enumerate(stages):
-                        if st.compute_s > 0 or moved[s][d]:  # the device takes part in the stage
+                        if st.compute_s > 0 or traffic[s][d][1]:  # the device takes part in the stage
                             cells.setdefault((s, d), []).append(st.runtime_cpu_s)
     per_device = [statistics.median(f[d] for f in per_frame) for d in range(len(per_frame[0]))]
     return {"per_stage_ms": [round(1e3 * v, 3) for v in per_device], "busiest_ms": 1e3 * max(per_device),
             "stages": len(plan.stages), "devices": cl.names, "frames": cfg.runtime_frames,
-            **split_fixed_and_bytes({c: (moved[c[0]][c[1]], statistics.median(v)) for c, v in cells.items()})}
+            **split_runtime_cpu({c: (*traffic[c[0]][c[1]], statistics.median(v)) for c, v in cells.items()})}
 
 
-def moved_bytes(plan: Any) -> list[list[int]]:
-    """Per stage, and for the final transfers last, per device: the bytes of the rows it sends
-    and receives (float32, before the wire codec)."""
+def moved(plan: Any) -> list[list[tuple[int, int]]]:
+    """Per stage, and for the final transfers last, per device: ``(bytes, messages)`` of the rows
+    it sends and receives (float32, before the wire codec; a transfer counts at both ends)."""
     import math
 
-    def add(row: list[int], transfers: Any, shape: list[int], axis: int) -> list[int]:
+    def add(row: list[tuple[int, int]], transfers: Any, shape: list[int], axis: int) -> list[tuple[int, int]]:
         per_row = 4 * math.prod(shape) // max(int(shape[axis]), 1)
         for tr in transfers:
             n = max(0, tr.rows[1] - tr.rows[0]) * per_row
             if n and tr.src != tr.dst:
-                row[tr.src] += n
-                row[tr.dst] += n
+                for d in (tr.src, tr.dst):
+                    row[d] = (row[d][0] + n, row[d][1] + 1)
         return row
 
     k = len(plan.devices)
-    out = [add([0] * k, st.transfers, list(st.input_shape), plan.in_axis(s)) for s, st in enumerate(plan.stages)]
-    return out + [add([0] * k, plan.final_transfers, list(plan.stages[-1].output_shape), plan.out_axis)]
+    out = [add([(0, 0)] * k, st.transfers, list(st.input_shape), plan.in_axis(s)) for s, st in enumerate(plan.stages)]
+    return out + [add([(0, 0)] * k, plan.final_transfers, list(plan.stages[-1].output_shape), plan.out_axis)]
 
 
-def split_fixed_and_bytes(cells: dict[tuple[int, int], tuple[int, float]]) -> dict[str, Any]:
-    """The runtime's CPU per (stage, device) where the device takes part, ``(bytes moved, seconds)``,
-    as a line: a fixed cost per stage (posting, assembling, Python) plus a cost per byte moved
-    (copies, coding, the sockets' kernel time), least squares. What the runtime can cut is mostly
-    the first; the second falls only with fewer bytes."""
-    xs = [float(b) for b, _ in cells.values()]
-    ys = [t for _, t in cells.values()]
-    if len(cells) < 3 or len(set(xs)) < 2:
-        return {"fixed_ms": None, "per_mb_ms": None, "cells": len(cells)}
-    slope, intercept = statistics.linear_regression(xs, ys)
-    quiet = [t for b, t in cells.values() if b == 0]  # stages where the device moves nothing
-    return {"fixed_ms": 1e3 * intercept, "per_mb_ms": 1e3 * slope * (1 << 20), "cells": len(cells),
-            "no_bytes_median_ms": 1e3 * statistics.median(quiet) if quiet else None,
-            "mb_moved_max": max(xs) / (1 << 20)}
+def split_runtime_cpu(cells: dict[tuple[int, int], tuple[int, int, float]]) -> dict[str, Any]:
+    """The runtime's CPU per (stage, device) where the device takes part, ``(bytes, messages,
+    seconds)``, as a fixed cost per stage (the executor's own: Python, posting, assembling) plus
+    a cost per message (the transport's work per send or receive) and one per MB (copies,
+    coding, the sockets' kernel time): least squares. The runtime can cut the first; the
+    others fall only with fewer or smaller messages, or another transport."""
+    import numpy as np
+
+    quiet = [t for b, _m, t in cells.values() if b == 0]  # stages where the device moves nothing
+    out: dict[str, Any] = {"cells": len(cells), "no_messages_median_ms": 1e3 * statistics.median(quiet) if quiet else None,
+                           "fixed_ms": None, "per_message_ms": None, "per_mb_ms": None}
+    rows = np.array([[1.0, m, b / (1 << 20)] for b, m, _t in cells.values()])
+    if len(cells) < 4 or np.linalg.matrix_rank(rows) < 3:
+        return out
+    coef = np.linalg.lstsq(rows, np.array([t for *_x, t in cells.values()]), rcond=None)[0]
+    out.update(fixed_ms=1e3 * float(coef[0]), per_message_ms=1e3 * float(coef[1]), per_mb_ms=1e3 * float(coef[2]),
+               messages_max=int(rows[:, 1].max()), mb_max=float(rows[:, 2].max()))
+    return out
 
 
 def _plot(per_model: dict[str, Any], path: str, cfg: KernelsConfig) -> None:
