@@ -696,7 +696,7 @@ def make_plan(
 
     plan = made(split)
     if _with_memory(gm, cluster, plan):
-        plan = _fitting_plan(gm, cluster, made, [split, "channels", "rows", "auto"], partition)
+        plan = _fitting_plan(gm, cluster, made, [split, "channels", "rows", "auto"], partition, plan)
     plan.meta["backend_request"] = backend  # what a re-plan asks for again (runtime/stream.py)
     plan.meta["split_request"] = split
     if backend == "auto":
@@ -705,17 +705,18 @@ def make_plan(
 
 
 def _fitting_plan(gm: torch.fx.GraphModule, cluster: Cluster, made: Callable[[str, frozenset[int]], Plan],
-                  ways: Sequence[str], partition: str | Partitioner) -> Plan:
+                  ways: Sequence[str], partition: str | Partitioner, first: Plan) -> Plan:
     """The fastest plan that fits every device's memory, when the fastest one does not (memory
     is a hard limit): each other way to cut the blocks (``ways``: the requested one first;
     ``auto`` cuts rows only, except with optimal), then the same leaving out, one round at a
     time, the followers that still overfill the plan that comes closest (they hold no work: a
     board too small for any share does not stop the others). The leader keeps the whole model
-    and is never left out. Raises with what the closest plan needs when none fits."""
+    and is never left out. Raises with what the closest plan needs when none fits. ``first``:
+    the plan of ``ways[0]`` on every device, already made."""
     ways = list(dict.fromkeys("rows" if w == "auto" and partition != "optimal" else w for w in ways))
     left_out: frozenset[int] = frozenset()
     while True:
-        tried = [made(w, left_out) for w in ways]
+        tried = [first if w == ways[0] and not left_out else made(w, left_out) for w in ways]
         shorts = [_with_memory(gm, cluster, p) for p in tried]
         fitting = [p for p, sh in zip(tried, shorts) if not sh]
         if fitting:
