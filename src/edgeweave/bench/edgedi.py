@@ -283,8 +283,8 @@ def _run_model(tb: Any, cfg: EdgediConfig, key: str, ckpt: Path, mhash: str, pro
             solos = {d: stack.enter_context(T.SingleDevice(tb, d, str(ckpt), cfg.size, timeout_s=cfg.timeout_s))
                      for d in single}
             # what a user would compare with: raw ONNX Runtime on the whole model on the leader
-            ort_solo = (stack.enter_context(T.SingleDevice(tb, NAMES[0], str(ckpt), cfg.size, timeout_s=cfg.timeout_s,
-                                                           runtime="ort")) if cfg.ort_baseline else None)
+            ort_solo = (T.ort_baseline(stack, tb, NAMES[0], str(ckpt), cfg.size, cfg.timeout_s)[0]
+                        if cfg.ort_baseline else None)
             for e in live:  # one untimed round: a plan's first frame after the others' warm-ups is slow
                 bc.call({"op": "infer", "plan_id": e["rep"]["plan_id"], "repeat": 1})
             for rnd in range(cfg.repeat):  # round-robin: host load drifts over every configuration alike

@@ -325,8 +325,8 @@ def _run_model(tb: Any, cfg: EdgeldConfig, model: str, runs: list["RunSpec"], pr
                 solo = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s))
                         if adjacent else None)
                 # the runtime a user would compare with: raw ONNX Runtime on the same capped device
-                solo_ort = (stack.enter_context(T.SingleDevice(tb, tb.leader, model, cfg.size, timeout_s=cfg.timeout_s,
-                                                               runtime="ort")) if adjacent and cfg.ort_baseline else None)
+                solo_ort = (T.ort_baseline(stack, tb, tb.leader, model, cfg.size, cfg.timeout_s)[0]
+                            if adjacent and cfg.ort_baseline else None)
                 # One untimed round first: the first frame of a plan after the others' warm-ups
                 # (and after the baseline process started) ran up to 1.8x slower (run L).
                 for e in live:
