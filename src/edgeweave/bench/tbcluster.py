@@ -414,7 +414,7 @@ class SingleDevice:
         line = _read_line(self.p, self.timeout_s, '{"s": ')
         if line is None:
             raise EdgeweaveError(f"single-device baseline gave no time within {self.timeout_s:g} s (exit {self.p.poll()})")
-        return float(line.strip().rstrip("}"))
+        return float(json.loads('{"s": ' + line)["s"])
 
     def close(self) -> None:
         if self.p.poll() is None:

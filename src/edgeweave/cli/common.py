@@ -88,3 +88,16 @@ def emit_json(result: dict[str, Any], target: Optional[str]) -> None:
             console.print(f"[dim]wrote {write_json(target, result, parents=False)}[/dim]")
         except OSError as e:  # the folder went away while the command ran
             raise EdgeweaveError(f"--json {target}: cannot write: {e.strerror or e}") from None
+
+
+def told_early(timeout: float | None = None, input_size: int | None = None, cluster: str | None = None) -> None:
+    """The checks a command can make before torch is imported, so that a mistake in a value or
+    in the cluster file is told at once; the library repeats them for its other callers."""
+    from edgeweave.limits import check_input_size, check_timeout
+    from edgeweave.profiling.profile import Cluster
+
+    if timeout is not None:
+        check_timeout(timeout)
+    check_input_size(input_size)
+    if cluster:
+        Cluster.load(cluster)

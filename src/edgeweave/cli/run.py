@@ -10,7 +10,7 @@ import typer
 
 from edgeweave.cli.common import (
     BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, SplitOpt,
-    WorkersOpt, console, emit_json,
+    WorkersOpt, console, emit_json, told_early,
 )
 from edgeweave.cli.keygen import KeyOpt, use_key
 from edgeweave.errors import EdgeweaveError
@@ -66,19 +66,6 @@ def run(
         res["timeline_png"] = plot_timeline(res["timings"], timeline, title)
         console.print(f"timeline: {timeline}")
     emit_json(res, json_out)
-
-
-def told_early(timeout: float | None = None, input_size: int | None = None, cluster: str | None = None) -> None:
-    """The checks a command can make before torch is imported, so that a mistake in a value or
-    in the cluster file is told at once; the library repeats them for its other callers."""
-    from edgeweave.limits import check_input_size, check_timeout
-    from edgeweave.profiling.profile import Cluster
-
-    if timeout is not None:
-        check_timeout(timeout)
-    check_input_size(input_size)
-    if cluster:
-        Cluster.load(cluster)
 
 
 def _print_result(res: dict) -> None:

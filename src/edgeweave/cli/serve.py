@@ -9,7 +9,7 @@ import typer
 
 from edgeweave.cli.common import (
     BackendOpt, ClusterOpt, FusionOpt, InputSizeOpt, JsonOpt, ListenOpt, ModeOpt, ModelOpt, PartitionOpt, WorkersOpt,
-    console, emit_json,
+    console, emit_json, told_early,
 )
 from edgeweave.cli.keygen import KeyOpt, use_key
 
@@ -55,8 +55,6 @@ def serve(
     on this device alone instead (no --workers): each request may add ?budget_ms= or
     ?min_accuracy= and runs at the operating point that serves it best. At the end it prints (or
     writes, with --json) the final statistics."""
-    from edgeweave.cli.run import told_early
-
     use_key(key, listen if cluster and workers is None else None)  # the cluster's key; --listen checked against it
     told_early(timeout=timeout, input_size=input_size, cluster=cluster)
     from edgeweave.runtime.run import RunConfig
