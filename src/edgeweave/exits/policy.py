@@ -13,6 +13,12 @@ carries the closest point: the fastest point for a budget nobody meets, the most
 for an accuracy nobody reaches, and for both, the point with the smallest relative shortfall.
 Accuracies are fractions in [0, 1]; latencies are milliseconds.
 
+Variants: a deployment may hold several variants of the task (models/variants.py: the full
+multi-exit model, a distilled compact student, ...), each with its own calibrated points.
+``variant_points`` names every point ``VARIANT/POINT`` in one list, so the same choice runs over
+every (variant, operating point) pair: the most accurate configuration meeting a budget, the
+fastest meeting an accuracy target; ``split_name`` reads the pair back.
+
 Load: calibrated latencies were measured under the load of calibration time; a shared device
 may be busier when serving. ``LoadTracker`` keeps the recent ratios of measured latency to the
 chosen point's calibrated median; their median (never below 1: we only react to slowdowns) scales
@@ -22,8 +28,8 @@ with faster points (or says it cannot meet the budget now) instead of missing bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
 
 from edgeweave.errors import EdgeweaveError
 from edgeweave.exits.calibrate import OperatingPoint
@@ -112,3 +118,16 @@ def choose(points: Sequence[OperatingPoint], *, latency_budget_ms: float | None 
         why = (f"no operating point meets both {latency_budget_ms:g} ms and accuracy {min_accuracy:.4f}; closest is "
                f"{p.name} ({lat(p):.3f} ms, accuracy {p.accuracy:.4f})")
     return Choice(p, False, why)
+
+
+def variant_points(points: Mapping[str, Sequence[OperatingPoint]]) -> list[OperatingPoint]:
+    """Every variant's points in one list, each named ``VARIANT/POINT`` (see the module docstring)."""
+    return [replace(p, name=f"{v}/{p.name}") for v, pts in points.items() for p in pts]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``VARIANT/POINT`` -> (variant, point)."""
+    variant, sep, point = name.partition("/")
+    if not sep:
+        raise EdgeweaveError(f"{name!r} names no variant (expected VARIANT/POINT)")
+    return variant, point

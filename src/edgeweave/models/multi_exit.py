@@ -142,10 +142,18 @@ def is_multi_exit(model: nn.Module) -> bool:
 def exit_part(model: nn.Module, part: dict | None) -> nn.Module:
     """The piece of a multi-exit model a distributed plan runs (``plan.meta["part"]``): segment
     ``k`` alone (``{"segment": k}``; its head runs where the output lands), or with its head
-    (``{"segment": k, "head": true}``, the last exit's). None: the whole model. Leader and
-    followers build the same piece from the same weights, so a plan names it, not its bytes."""
+    (``{"segment": k, "head": true}``, the last exit's). None: the whole model. In a variant set
+    (models/variants.py) ``"variant": NAME`` first picks the variant (alone: all of it). Leader
+    and followers build the same piece from the same weights, so a plan names it, not its bytes."""
     if part is None:
         return model
+    if "variant" in part:
+        from edgeweave.models.variants import VariantSet
+
+        if not isinstance(model, VariantSet):
+            raise EdgeweaveError(f"a plan for variant {part['variant']!r} cannot run on {type(model).__name__}")
+        rest = {k: v for k, v in part.items() if k != "variant"}
+        return exit_part(model.variant(str(part["variant"])), rest or None)
     if not isinstance(model, MultiExitNet):
         raise EdgeweaveError(f"a plan for a piece of a multi-exit model ({part}) cannot run on {type(model).__name__}")
     k = int(part["segment"])

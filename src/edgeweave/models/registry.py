@@ -71,6 +71,7 @@ def _ensure_builtin_models_loaded() -> None:
     # Importing the model files registers them (one architecture per file, like torchvision).
     from edgeweave.models import cifar_resnet, compact_blocks, small  # noqa: F401
     from edgeweave.models import multi_exit_resnet, multi_exit_small, multi_exit_torchvision  # noqa: F401
+    from edgeweave.models import variants  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -20,7 +20,7 @@ accuracy, which does not depend on where the trunk runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ from edgeweave.errors import EdgeweaveError
 from edgeweave.exits.confidence import confidence as confidence_of
 from edgeweave.exits.inference import check_thresholds
 from edgeweave.exits.ondemand import OnDemandModel, Prediction
+from edgeweave.exits.policy import Choice
 from edgeweave.exits.voting import check_weights, vote_probs
 from edgeweave.models.multi_exit import MultiExitNet, exit_part
 
@@ -52,13 +53,14 @@ class ExitAnswer:
 class ClusterExits:
     """``model`` (already loaded on ``session`` with ``load_model``) planned segment by segment
     over the session's devices. ``plan_kwargs`` go to ``make_plan`` (partition, fusion, split,
-    backend, ...)."""
+    backend, ...). ``variant``: the session holds a variant set (models/variants.py) and
+    ``model`` is its variant of that name."""
 
     def __init__(self, session: Any, model: MultiExitNet, input_shape: Sequence[int], *, model_name: str = "",
-                 **plan_kwargs: Any):
+                 variant: str | None = None, **plan_kwargs: Any):
         if not isinstance(model, MultiExitNet):
             raise EdgeweaveError("exits over the cluster need a multi-exit model")
-        self.session, self.model, self.model_name = session, model.eval(), model_name
+        self.session, self.model, self.model_name, self.variant = session, model.eval(), model_name, variant
         self.input_shape = tuple(int(v) for v in input_shape)
         self.plan_kwargs = plan_kwargs
         self.plans: list[Any] = []
@@ -73,7 +75,8 @@ class ClusterExits:
 
     def parts(self) -> list[dict[str, Any]]:
         k = self.num_exits
-        return [{"segment": i, **({"head": True} if i == k - 1 else {})} for i in range(k)]
+        named = {"variant": self.variant} if self.variant is not None else {}
+        return [{**named, "segment": i, **({"head": True} if i == k - 1 else {})} for i in range(k)]
 
     def load_plans(self) -> None:
         """Plan every segment over the session's devices as they are now (again after a regroup)."""
@@ -88,9 +91,10 @@ class ClusterExits:
         with torch.no_grad():
             h = torch.zeros(shape)
             for part in self.parts():
-                piece = exit_part(self.model, part)
+                piece = exit_part(self.model, {k: v for k, v in part.items() if k != "variant"})
                 gm = capture(piece, shape)
-                plan = make_plan(gm, s.cluster, model_name=f"{self.model_name}#{part['segment']}",
+                name = f"{self.model_name}:{self.variant}" if self.variant is not None else self.model_name
+                plan = make_plan(gm, s.cluster, model_name=f"{name}#{part['segment']}",
                                  model_hash=str(s.model_hash), **self.plan_kwargs)
                 plan.meta["part"] = part
                 self.plans.append(plan)
@@ -98,7 +102,7 @@ class ClusterExits:
                 self.flops.append(sum(node_flops(gm, n) for n in gm.graph.nodes))
                 h = piece(h)
                 shape = tuple(h.shape)
-        self._seconds = [None] * self.num_exits
+        self.forget_times()
 
     # -- one frame -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,6 +136,10 @@ class ClusterExits:
                 self._learn(seconds)
                 return ExitAnswer(probs, k, voted, conf, seconds, logits)
         raise AssertionError("unreachable: the last exit always answers")
+
+    def forget_times(self) -> None:
+        """Price the segments on their plans' predictions again until frames are measured."""
+        self._seconds = [None] * self.num_exits
 
     def _learn(self, seconds: list[float]) -> None:
         for k, sec in enumerate(seconds):
@@ -200,14 +208,23 @@ class ClusterOnDemand(OnDemandModel):
         return list(self.exits.session.names)
 
     def warm_up(self) -> None:
-        """Every segment once (the last exit forced), so the points are priced on measured times."""
+        """Every segment twice (the last exit forced), so the points are priced on measured
+        times; the first frame's are forgotten (a plan's first frame pays for lazy set-up: on the
+        testbed at 0.25 core it took up to 2.5x a later one)."""
         k = self.exits.num_exits
-        self.exits.infer(torch.zeros(self.exits.input_shape), [2.0] * (k - 1) + [0.0])
+        for _ in range(2):
+            self.exits.forget_times()
+            self.exits.infer(torch.zeros(self.exits.input_shape), [2.0] * (k - 1) + [0.0])
         self.points = self.exits.cluster_points(self.base_points)
 
     def predict(self, x: torch.Tensor, latency_budget_ms: float | None = None,
                 min_accuracy: float | None = None) -> Prediction:
-        c = self.choose(latency_budget_ms, min_accuracy)
+        return self.run(x, self.choose(latency_budget_ms, min_accuracy))
+
+    def run(self, x: torch.Tensor, c: Choice, replan: Callable[[], None] | None = None) -> Prediction:
+        """One frame at the chosen point. A device failing during it: the session regroups
+        without it, ``replan`` (default: this model's segments) plans again, and the frame runs
+        once more on the devices left."""
         p = c.point
         try:
             ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None, confidence=p.confidence)
@@ -219,7 +236,7 @@ class ClusterOnDemand(OnDemandModel):
 
             try:
                 self.lost += self.exits.session.recover(suspects=[e.name] if getattr(e, "name", None) else ())
-                self.exits.load_plans()
+                (replan or self.exits.load_plans)()
                 ans = self.exits.infer(x, p.thresholds, voting_weights=p.voting_weights or None,
                                        confidence=p.confidence)
             except EdgeweaveError as e2:
