@@ -134,6 +134,48 @@ def test_a_multi_exit_checkpoint_served_with_its_trunk_over_workers(ckpt, tmp_pa
     assert "on leader, worker1, worker2, early exits on demand" in end["stderr"]
 
 
+def test_variants_combined_and_served_over_workers_each_request_picks_variant_and_point(ckpt, tmp_path):
+    """`exits combine` deploys two calibrated checkpoints as one variant set; served over workers,
+    a request's budget or accuracy target picks among both variants' points; alone, or with
+    checkpoints of different tasks, the user gets a clear error."""
+    torch.manual_seed(1)
+    bundle = load_dataset("synthetic", input_size=16, in_channels=1, num_classes=4, samples=160, noise=1.0)
+    kw = {"width": 2, "head_hidden": 4}
+    small = save_checkpoint(tmp_path / "small.safetensors", build_model("multi_exit_small", num_classes=4, in_channels=1, **kw),
+                            ModelSpec("multi_exit_small", 4, 1, (16, 16), kw, bundle.classes))
+    calibrate_checkpoint(small, bundle, limit=20)
+    other = save_checkpoint(tmp_path / "other.safetensors", build_model("multi_exit_small", num_classes=3, in_channels=1, **kw),
+                            ModelSpec("multi_exit_small", 3, 1, (16, 16), kw))
+    calibrate_checkpoint(other, load_dataset("synthetic", input_size=16, in_channels=1, num_classes=3, samples=60), limit=10)
+
+    def edgeweave(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edgeweave", *args], capture_output=True, text=True, timeout=120)
+
+    vset = tmp_path / "set.safetensors"
+    out = edgeweave("exits", "combine", f"big={ckpt}", f"small={other}", "--out", str(vset))
+    assert out.returncode == 2 and "classifies 3 classes" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = edgeweave("exits", "combine", f"big={ckpt}", f"small={small}", "--out", str(vset))
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = edgeweave("serve", "--model", str(vset))
+    assert out.returncode == 2 and "--workers" in out.stderr, out.stderr[-2000:]
+    names = {f"{v}/{p.name}" for v, c in (("big", ckpt), ("small", small)) for p in OnDemandModel.load(c).points}
+    with serve_command(["--model", str(vset), "--workers", "2"], up_within_s=180) as (url, end):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            m = client.get("/v1/model").json()
+            assert {p["name"] for p in m["operating_points"]} == names and m["exits"] == 3
+            x = encode_raw(torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(3)))
+            best = max(p["accuracy"] for p in m["operating_points"])
+            for q in ("", "?budget_ms=100000", f"?min_accuracy={best}", "?budget_ms=0.001"):
+                r = client.post(f"/v1/infer{q}", content=x, headers=RAW)
+                assert r.status_code == 200 and r.json()["point"] in names, r.text
+                if q == f"?min_accuracy={best}":
+                    assert r.json()["point_accuracy"] == best
+                if q == "?budget_ms=0.001":
+                    assert not r.json()["satisfied"]  # the closest point: the fastest as priced now
+            assert client.get("/v1/stats").json()["served"] == 4
+    assert end["returncode"] == 0, end["stderr"][-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_edgeweave_serve_on_demand_answers_until_interrupted(ckpt, tmp_path):

@@ -1,6 +1,6 @@
-"""`edgeweave exits train|calibrate|predict`: multi-exit training strategies, operating points
-measured on this device (stored in the checkpoint), and on-demand prediction under a latency
-budget or an accuracy target."""
+"""`edgeweave exits train|calibrate|predict|combine`: multi-exit training strategies, operating
+points measured on this device (stored in the checkpoint), on-demand prediction under a latency
+budget or an accuracy target, and several calibrated variants deployed as one checkpoint."""
 
 from __future__ import annotations
 
@@ -144,6 +144,35 @@ def predict(
     emit_json({**res.to_dict(), "indices": idx, "true_labels": y}, json_out)
     if strict and not res.choice.satisfied:
         raise EdgeweaveError(res.choice.message)
+
+
+@exits_app.command("combine")
+def combine(
+    variants: list[str] = typer.Argument(..., help="NAME=CHECKPOINT, one per variant: calibrated multi-exit checkpoints of the same task."),
+    out: Path = typer.Option(..., "--out", "-o", help="The variant set's checkpoint."),
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Deploy several variants of a task as one checkpoint (e.g. full=teacher.safetensors
+    student=student.safetensors): served with --workers or --cluster, each request's budget or
+    accuracy target picks the variant and the operating point."""
+    from edgeweave.errors import EdgeweaveError
+    from edgeweave.runtime.variants import combine_checkpoints
+
+    pairs = {}
+    for v in variants:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise EdgeweaveError(f"give each variant as NAME=CHECKPOINT, got {v!r}")
+        if name in pairs:
+            raise EdgeweaveError(f"variant {name!r} given twice")
+        pairs[name] = path
+    target, points = combine_checkpoints(pairs, out)
+    for name, pts in points.items():
+        console.print(f"{name}: {len(pts)} operating points, accuracy {min(p.accuracy for p in pts):.4f}"
+                      f"-{max(p.accuracy for p in pts):.4f}")
+    console.print(f"wrote {target}: serve it with `edgeweave serve {target} --workers N` (or --cluster)")
+    emit_json({"checkpoint": str(target), "variants": {n: [p.to_dict() for p in pts] for n, pts in points.items()}},
+              json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -79,6 +79,10 @@ class OnDemandModel:
         od.measured_on = dict((extra or {}).get(EXTRA_KEY, {}).get("measured_on", {}))
         return od
 
+    def num_exits(self, point: OperatingPoint) -> int:
+        """How many exits the model a point runs has (one model here; a variant set's differ)."""
+        return self.model.num_exits
+
     def choose(self, latency_budget_ms: float | None = None, min_accuracy: float | None = None) -> Choice:
         scale = self.load_tracker.factor() if self.load_tracker is not None else 1.0
         c = choose(self.points, latency_budget_ms=latency_budget_ms, min_accuracy=min_accuracy, default=self.default,

@@ -69,7 +69,7 @@ class OnDemandServer:
         c, exit_k = p.choice, int(p.exits[0])
         info = {
             "latency_s": p.latency_ms / 1e3, "queue_s": queue_s, "exit": exit_k,
-            "exits": self.od.model.num_exits, "voted": bool(p.voted[0]), "confidence": float(p.confidence[0]),
+            "exits": self.od.num_exits(c.point), "voted": bool(p.voted[0]), "confidence": float(p.confidence[0]),
             "point": c.point.name, "satisfied": c.satisfied, "message": c.message,
             "point_accuracy": c.point.accuracy, "point_p95_ms": c.point.p95_ms,
         }
@@ -87,11 +87,13 @@ class OnDemandServer:
 
     def model_info(self) -> dict[str, Any]:
         """What ``/v1/model`` adds: the operating points a request can be served at."""
-        return {"devices": self._devices(), "exits": self.od.model.num_exits,
+        points = self.od.points
+        return {"devices": self._devices(), "exits": max(self.od.num_exits(p) for p in points),
                 "default_point": self.od.choose(None, None).point.name,
                 "operating_points": [{"name": p.name, "accuracy": p.accuracy, "mean_ms": p.mean_ms,
-                                      "p95_ms": p.p95_ms, "exit_proportions": p.exit_proportions}
-                                     for p in self.od.points]}
+                                      "p95_ms": p.p95_ms, "exits": self.od.num_exits(p),
+                                      "exit_proportions": p.exit_proportions}
+                                     for p in points]}
 
     def stats(self) -> dict[str, Any]:
         tracker = self.od.load_tracker

@@ -105,6 +105,8 @@ def serve(model_name: str, input_size: int | None, workers: int | None, cluster_
         auth.require_key_or_loopback(parse_address(cfg.listen)[0], auth.key_from_env(), "leader")
     check_port(cfg.host, cfg.port)
     if on_demand and not on_cluster:
+        if _is_variant_set(model_name):
+            raise EdgeweaveError(f"{model_name} holds several variants: serve it with --workers N or --cluster")
         return _serve_on_demand(model_name, input_size, norm, cfg)
     torch.set_num_threads(1)
     model, spec, size = load_sized(model_name, input_size)
@@ -144,16 +146,25 @@ def _group_server(session: Any, model: Any, spec: Any, size: int, model_name: st
 
 
 def _cluster_on_demand(session: Any, model_name: str, model: Any, spec: Any, size: int, cfg: ServeConfig) -> Any:
-    """A calibrated multi-exit model with its trunk over the cluster, each request at its point."""
+    """A calibrated multi-exit model with its trunk over the cluster, each request at its point;
+    or a variant set (``exits combine``), each request at its variant and point."""
     from edgeweave.checkpoint import read_metadata
     from edgeweave.exits.ondemand import points_from_extra
     from edgeweave.runtime.exits import ClusterExits, ClusterOnDemand
+    from edgeweave.runtime.variants import VariantsOnDemand, points_from_variants_extra
     from edgeweave.serving.ondemand import OnDemandServer
 
-    points = points_from_extra(read_metadata(model_name).get("extra", {}))
+    extra = read_metadata(model_name).get("extra", {})
     r = cfg.run
-    ce = ClusterExits(session, model, (1, spec.in_channels, size, size), model_name=model_name,
-                      partition=r.partition, fusion=r.fusion, mode=r.mode, backend=r.backend, split=r.split)
+    plan_kwargs = dict(partition=r.partition, fusion=r.fusion, mode=r.mode, backend=r.backend, split=r.split)
+    by_variant = points_from_variants_extra(extra)
+    if by_variant:  # several variants: each request picks the variant and its point
+        od = VariantsOnDemand(session, model, by_variant, (1, spec.in_channels, size, size), model_name=model_name,
+                              **plan_kwargs)
+        od.model_spec = spec
+        return OnDemandServer(od, spec, model_name, cfg.limits)
+    points = points_from_extra(extra)
+    ce = ClusterExits(session, model, (1, spec.in_channels, size, size), model_name=model_name, **plan_kwargs)
     return OnDemandServer(ClusterOnDemand(ce, points, model_spec=spec), spec, model_name, cfg.limits)
 
 
@@ -163,9 +174,18 @@ def has_operating_points(model_name: str) -> bool:
     from edgeweave.checkpoint import is_checkpoint_path, read_metadata
     from edgeweave.exits.ondemand import points_from_extra
 
+    from edgeweave.runtime.variants import points_from_variants_extra
+
     if not is_checkpoint_path(model_name):
         return False
-    return bool(points_from_extra(read_metadata(model_name).get("extra", {})))
+    extra = read_metadata(model_name).get("extra", {})
+    return bool(points_from_extra(extra) or points_from_variants_extra(extra))
+
+
+def _is_variant_set(model_name: str) -> bool:
+    from edgeweave.checkpoint import read_metadata
+
+    return read_metadata(model_name).get("spec", {}).get("name") == "variant_set"
 
 
 def _serve_on_demand(model_name: str, input_size: int | None, norm: Any, cfg: ServeConfig) -> dict[str, Any]:
