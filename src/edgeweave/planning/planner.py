@@ -210,6 +210,7 @@ class _Planner:
         self.capabilities = [d.capability for d in self.devices]
         # Strip pricing is a pure function of the graph: share it across make_plan calls.
         self._memo: dict[tuple[str, str, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_memo", {})
+        self._walks: dict[tuple[str, str, Range], tuple[Range, Work]] = gm.meta.setdefault("ew_chain_walks", {})
         # Cost tables depend on the block and the devices, not on the partitioner: make_plan
         # shares them among the partitioners it tries on the same cluster.
         self._tables: dict[tuple, list[list[float]]] = tables if tables is not None else {}
@@ -245,6 +246,15 @@ class _Planner:
             need = required_rows(self.gm, block.nodes, block.output, out, extra)
             work = self._work(block.nodes, need) + self._small_work(block.nodes, extra)
             return need.get(block.input.name, EMPTY), aggregate(work)
+        # the walk from a block's end up to each of its segments is the same for every block that
+        # ends there and reaches that far: the fusion DP prices blocks [i, j) for every i, so
+        # each walk is kept (shared by the partitioners, like the per-segment memo) and a
+        # shorter block ending at j reads it instead of walking again (O(n^2) -> O(n) segment
+        # steps per block end and strip)
+        end = block.output.name if block.output is not None else ""
+        walked = self._walks.get((end, block.segs[0].input.name, out))
+        if walked is not None:
+            return walked
         total: Work = {}
         r = out
         for seg in reversed(block.segs):
@@ -260,6 +270,7 @@ class _Planner:
                 self._memo[key] = hit
             r, w = hit
             total = add_work(total, w)
+            self._walks[(end, seg.input.name, out)] = (r, total)
             if is_empty(r):
                 break  # windows reading padding only: nothing further up is needed
         return r, total
