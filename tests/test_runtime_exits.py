@@ -70,6 +70,13 @@ def test_operating_points_are_priced_on_the_cluster(setup):
     pe, pl = ce.cluster_points([early, late])
     assert pe.mean_ms == pytest.approx(1e3 * secs[0]) and pl.mean_ms == pytest.approx(1e3 * sum(secs))
     assert pe.accuracy == 0.5 and pe.p95_ms < pl.p95_ms
+    # 95 % leave by the second to last exit: the p95 is still priced at the last (one point of
+    # margin), from each segment's own p95 over its recent frames
+    edge = OperatingPoint("edge", [0.5] * k, 0.8, 1.0, 1.0, [0.91] + [0.04 / (k - 2)] * (k - 2) + [0.05], 0.0, 0)
+    (pb,) = ce.cluster_points([edge])
+    p95s = ce.segment_p95_seconds()
+    assert pb.p95_ms == pytest.approx(1e3 * sum(p95s))
+    assert pb.mean_ms < pb.p95_ms
     assert ce.skipped_fraction([0]) == pytest.approx(1.0) and ce.skipped_fraction([k - 1]) == 0.0
 
 
