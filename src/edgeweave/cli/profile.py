@@ -98,7 +98,9 @@ def profile(
     speed = {}
     for b in wanted:
         line = prof.backends[b]
-        speed[b] = {k: (prof.per_kind[k][0] / v[0]) for k, v in line["per_kind"].items() if k in prof.per_kind}
+        # a kind whose fitted slope is 0 (thin-strip weight reads a backend's kernels hide) has no ratio
+        speed[b] = {k: (prof.per_kind[k][0] / v[0]) for k, v in line["per_kind"].items()
+                    if k in prof.per_kind and v[0] > 0}
         console.print(f"{b}: " + ", ".join(f"{k} {r:.2f}x" for k, r in speed[b].items())
                       + " torch's FLOPs per second (a over a)")
     console.print(f"CPU per byte sent or relayed: {1e9 * prof.byte_s:.2f} ms per MB (loopback: a lower bound; "
