@@ -47,7 +47,7 @@ def _free_module_caches(request):
 HEAVY = {"test_runtime_cli.py", "test_runtime_models.py", "test_runtime_models_cli.py", "test_runtime_zoo.py",
          "test_models_zoo.py", "test_runtime_channels.py", "test_runtime_plans.py", "test_runtime_reduce.py",
          "test_runtime_session.py", "test_stream_regroup.py", "test_bench_edgedi.py", "test_bench_edgedi_testbed.py",
-         "test_bench_edgeld_testbed.py", "test_demo.py", "test_testbed.py", "test_backend_choice.py"}
+         "test_bench_edgeld_testbed.py", "test_bench_ondemand_testbed.py", "test_demo.py", "test_testbed.py", "test_backend_choice.py"}
 
 
 def pytest_collection_modifyitems(config, items):

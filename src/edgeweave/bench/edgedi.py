@@ -569,11 +569,9 @@ def summarize(result: dict[str, Any], cfg: EdgediConfig) -> dict[str, Any]:
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, (op, thr) in TARGETS.items():
-        v = summary.get(key)
-        out[key] = {"value": v, "target": f"{op} {thr}", "met": None if v is None else (v >= thr if op == ">=" else v <= thr)}
-    return out
+    from edgeweave.bench.targets import targets_met
+
+    return targets_met(summary, TARGETS)
 
 
 # ------------------------------------------------------------------------------------ outputs

@@ -470,11 +470,9 @@ def ratio_interval(base: list[float], other: list[float], level: float = 0.9, n:
 
 
 def check_targets(summary: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, (op, thr) in TARGETS.items():
-        v = summary.get(key)
-        met = None if v is None else (v >= thr if op == ">=" else v <= thr)
-        out[key] = {"value": v, "target": f"{op} {thr}", "met": met}
+    from edgeweave.bench.targets import targets_met
+
+    out = targets_met(summary, TARGETS)
     v = summary.get("optimal_never_slower_than_ocbp")
     out["optimal_never_slower_than_ocbp"] = {"value": summary.get("optimal_vs_ocbp"), "target": "ocbp/optimal - 1 >= 0 in every mode", "met": v}
     return out

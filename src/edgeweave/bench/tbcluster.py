@@ -84,10 +84,11 @@ def write_checkpoint(model_name: str, path: Path, input_size: int = 224, seed: i
 
 # ------------------------------------------------------------------------------------ profiling
 def profile_caps(tb: Testbed, caps: Sequence[float], quick: bool = True, workdir: Path | None = None,
-                 timeout_s: float = 600.0) -> dict[float, dict[str, Any]]:
+                 timeout_s: float = 600.0, backends: str = "torch") -> dict[float, dict[str, Any]]:
     """Run ``edgeweave profile`` inside a capped device for every distinct cap, in parallel on
     different devices (their caps are restored afterwards). Returns cap -> {"profile": dict,
-    "fits": dict, "seconds": s}. Needs as many devices as distinct caps."""
+    "fits": dict, "seconds": s}. Needs as many devices as distinct caps. ``backends``: what
+    ``edgeweave profile --backend`` measures besides torch (``torch``: nothing else)."""
     caps = sorted(set(float(c) for c in caps))
     if len(caps) > len(tb.devices):
         raise EdgeweaveError(f"profile_caps: {len(caps)} caps but only {len(tb.devices)} devices")
@@ -100,11 +101,11 @@ def profile_caps(tb: Testbed, caps: Sequence[float], quick: bool = True, workdir
             tb.set_cpu(dev, cap)
             out = workdir / f"profile-{cap:g}.json"
             rep = workdir / f"report-{cap:g}.json"
-            # torch only: the bench clusters compute with torch, and every other backend's lines
+            # torch only by default: the bench clusters compute with torch, and every other backend's lines
             # multiply the profiling time (at 0.05 core each compiled layer costs seconds); no
             # plot: drawing it took 3 of a quick profile's 7.5 minutes at 0.05 core
             argv = [sys.executable, "-m", "edgeweave", "profile", "--name", f"cap{cap:g}", "--out", str(out),
-                    "--json", str(rep), "--backend", "torch", "--no-plot"]
+                    "--json", str(rep), "--backend", backends, "--no-plot"]
             if quick:
                 argv.append("--quick")
             procs.append((cap, rep, tb.exec(dev, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))

@@ -105,6 +105,35 @@ def edgedi(
     emit_json(result, json_out)
 
 
+@bench_app.command("ondemand")
+def ondemand(
+    quick: bool = QuickOpt,
+    size: Optional[int] = typer.Option(None, "--input-size", "-n", min=16, max=512, help="Frame size in pixels (default 112, quick 64)."),
+    requests: Optional[int] = typer.Option(None, "--requests", min=1, help="Budgeted requests (default 200, quick 60)."),
+    out: Path = OutOpt,
+    json_out: Optional[str] = JsonOpt,
+) -> None:
+    """Every knob per request on the emulated testbed (root): a multi-exit ResNet18 and its
+    distilled compact student on five 0.25-core devices; each request's latency budget picks the
+    variant, the exit thresholds and runs them over the cluster's plans. Writes results/ondemand/."""
+    from edgeweave.bench.ondemand import OndemandConfig, run_ondemand_bench
+
+    cfg = OndemandConfig.quick_config() if quick else OndemandConfig()
+    if size is not None:
+        cfg.size = size
+    if requests is not None:
+        cfg.requests = requests
+    result = run_ondemand_bench(cfg, out_dir=out)
+    console.rule("bench ondemand summary")
+    for k, t in result["targets"].items():
+        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
+    for k in ("full_accuracy", "full_cluster_ms", "full_single_torch_ms", "full_single_ort_ms", "config_at_1pct_loss",
+              "budget_unsatisfied", "followers_skipped_fraction"):
+        console.print(f"{k}: {result['summary'].get(k)}")
+    console.print(f"report {result['files']['report']}")
+    emit_json(result, json_out)
+
+
 @bench_app.command("serve")
 def serve(
     quick: bool = QuickOpt,

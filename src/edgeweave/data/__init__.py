@@ -15,13 +15,13 @@ DATASETS = ("mnist5k", "digits", "cifar100", "neucls", "synthetic")
 
 
 def load_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, **options: Any) -> DatasetBundle:
-    """Options: ``input_size`` (neucls, synthetic), ``in_channels``/``num_classes``/``samples`` (synthetic),
+    """Options: ``input_size`` (mnist5k, neucls, synthetic), ``in_channels``/``num_classes``/``samples`` (synthetic),
     ``augment`` (cifar100)."""
     options = {k: v for k, v in options.items() if v is not None}
     if name == "mnist5k":
         from edgeweave.data.digits import load_mnist5k
 
-        return load_mnist5k(seed)
+        return load_mnist5k(seed, **{k: v for k, v in options.items() if k == "input_size"})
     if name == "digits":
         from edgeweave.data.digits import load_digits
 

@@ -294,3 +294,23 @@ def calibrate(model: MultiExitNet, cal_set, measure_set, *, confidence: str = "m
         bar.add_task(f"measuring {len(settings)} settings on {xs.shape[0]} samples, batch 1", total=None)
         points, _ = measure_settings(model, xs, ys, settings, voting_weights=voting_weights, confidence=confidence)
     return points
+
+
+def accuracy_points(settings: Sequence[Setting], probs: torch.Tensor, labels: torch.Tensor, *,
+                    confidence: str = "max_softmax", voting_weights: Sequence[float] | None = None) -> list[OperatingPoint]:
+    """Every setting's accuracy and exit proportions from precomputed per-exit probabilities
+    (N, K, C), without timing anything: for points whose latencies are priced elsewhere (on a
+    cluster, from measured segment times: ``runtime.exits.ClusterExits.cluster_points``).
+    Latencies are left at 0 until then."""
+    k_exits = probs.shape[1]
+    weights = check_weights(voting_weights, k_exits)
+    points = []
+    for s in settings:
+        r = simulate(probs, s.thresholds, voting_weights=weights, confidence=confidence)
+        points.append(OperatingPoint(
+            name=s.name, thresholds=[float(t) for t in s.thresholds],
+            accuracy=float((r.pred == labels).float().mean()), mean_ms=0.0, p95_ms=0.0, p50_ms=0.0,
+            exit_proportions=exit_proportions(r.exit_index, k_exits), voted_fraction=float(r.voted.float().mean()),
+            peak_memory_bytes=0, confidence=confidence, voting_weights=weights,
+            target_proportions=s.target_proportions, forced_exit=s.forced_exit))
+    return points
