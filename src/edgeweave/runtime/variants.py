@@ -148,8 +148,10 @@ class VariantsOnDemand:
         variant, _ = split_name(c.point.name)
         member = self.members[variant]
         pred = member.run(x, c, replan=self.replan)
-        for m in self.members.values():  # a regroup re-planned every variant: re-price them all
-            m.points = m.exits.cluster_points(m.base_points)
+        if self.lost:  # a regroup re-planned every variant: re-price the others too
+            for m in self.members.values():
+                if m is not member:
+                    m.points = m.exits.cluster_points(m.base_points)
         self.exits_taken.append((variant, int(pred.exits[0])))
         del self.exits_taken[:-4096]
         return pred
