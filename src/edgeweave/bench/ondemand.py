@@ -389,7 +389,7 @@ def _plot(result: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> str
         a.scatter([r["mean_ms"] for r in rs], [100 * r["test_accuracy"] for r in rs], s=18, c=f"C{i}",
                   label=f"{v}: exits and thresholds over 5 devices")
     a.scatter([s["full_cluster_ms"]], [100 * s["full_accuracy"]], marker="*", s=150, c="C3",
-              label="full model, one plan over 5 devices")
+              label="full model, one plan (the planner's choice of devices)")
     a.axvline(s["full_single_torch_ms"], ls="--", c="grey", lw=1, label="full model on one device (torch)")
     if s["full_single_ort_ms"]:
         a.axvline(s["full_single_ort_ms"], ls=":", c="k", lw=1, label="full model on one device (ONNX Runtime)")
