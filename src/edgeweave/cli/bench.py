@@ -24,6 +24,16 @@ QuickOpt = typer.Option(False, "--quick", help="Smaller run (minutes on a laptop
 OutOpt = typer.Option(Path("results"), "--out", "-o", help="Folder for plots, CSV and checkpoints.")
 
 
+def _print_summary(name: str, result: dict, keys: tuple[str, ...]) -> None:
+    """A testbed bench's targets (value, target, met), then ``keys`` of its summary, then its report."""
+    console.rule(f"bench {name} summary")
+    for k, t in result["targets"].items():
+        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
+    for k in keys:
+        console.print(f"{k}: {result['summary'].get(k)}")
+    console.print(f"report {result['files']['report']}")
+
+
 @bench_app.command("exits")
 def exits(
     quick: bool = QuickOpt,
@@ -96,12 +106,7 @@ def edgedi(
     if repeat is not None:
         cfg.repeat = repeat
     result = run_edgedi_bench(cfg, out_dir=out)
-    console.rule("bench edgedi summary")
-    for k, t in result["targets"].items():
-        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
-    for k in ("compact_flops_ratio", "compact_speedup_4dev", "speedup_4dev", "bound_4dev"):
-        console.print(f"{k}: {result['summary'].get(k)}")
-    console.print(f"report {result['files']['report']}")
+    _print_summary("edgedi", result, ("compact_flops_ratio", "compact_speedup_4dev", "speedup_4dev", "bound_4dev"))
     emit_json(result, json_out)
 
 
@@ -124,13 +129,8 @@ def ondemand(
     if requests is not None:
         cfg.requests = requests
     result = run_ondemand_bench(cfg, out_dir=out)
-    console.rule("bench ondemand summary")
-    for k, t in result["targets"].items():
-        console.print(f"{k}: {t['value']} (target {t['target']}, met: {t['met']})")
-    for k in ("full_accuracy", "full_cluster_ms", "full_single_torch_ms", "full_single_ort_ms", "config_at_1pct_loss",
-              "budget_unsatisfied", "followers_skipped_fraction"):
-        console.print(f"{k}: {result['summary'].get(k)}")
-    console.print(f"report {result['files']['report']}")
+    _print_summary("ondemand", result, ("full_accuracy", "full_cluster_ms", "full_single_torch_ms", "full_single_ort_ms",
+                                        "config_at_1pct_loss", "budget_unsatisfied", "followers_skipped_fraction"))
     emit_json(result, json_out)
 
 

@@ -176,13 +176,13 @@ class ClusterExits:
         total = sum(props) or 1.0
         mean = sum(p * c for p, c in zip(props, cum)) / total
 
-        def quantile(q: float, times: list[float]) -> float:
+        def quantile(q: float, reach_ms: list[float]) -> float:
             acc = 0.0
-            for p, c in zip(props, times):
+            for p, c in zip(props, reach_ms):
                 acc += p / total
                 if acc >= q - 1e-12:
                     return c
-            return times[-1]
+            return reach_ms[-1]
 
         return {"mean_ms": mean, "p50_ms": quantile(0.5, cum), "p95_ms": quantile(0.96, cum95)}
 

@@ -34,16 +34,14 @@ from edgeweave.runtime.exits import ClusterExits, ClusterOnDemand
 EXTRA_KEY = "variant_points"
 
 
-def variants_extra(points: Mapping[str, Sequence[OperatingPoint]], **info: Any) -> dict[str, Any]:
+def variants_extra(points: Mapping[str, Sequence[OperatingPoint]]) -> dict[str, Any]:
     """What a variant set's checkpoint stores: every variant's calibrated points."""
-    return {name: {"operating_points": [p.to_dict() for p in pts]} for name, pts in points.items()} | (
-        {"_measured_on": info} if info else {})
+    return {name: {"operating_points": [p.to_dict() for p in pts]} for name, pts in points.items()}
 
 
 def points_from_variants_extra(extra: Mapping[str, Any]) -> dict[str, list[OperatingPoint]]:
     data = (extra or {}).get(EXTRA_KEY, {})
-    return {name: [OperatingPoint.from_dict(d) for d in v.get("operating_points", [])]
-            for name, v in data.items() if not name.startswith("_")}
+    return {name: [OperatingPoint.from_dict(d) for d in v.get("operating_points", [])] for name, v in data.items()}
 
 
 def combine_checkpoints(variants: Mapping[str, str | Path], out: str | Path) -> tuple[Path, dict[str, list[OperatingPoint]]]:
